@@ -1,0 +1,75 @@
+//! The classifier's input: everything known about one request, already parsed and checked.
+//!
+//! Built by the edges (geo lookup, proto conversion); the core never sees an unchecked string.
+
+use crate::classify::ownership::Organization;
+use crate::region::{CountryCode, RegionCode};
+
+/// Where in the product the request comes from; thresholds are per flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Flow {
+    #[default]
+    ApiRequest,
+    Signup,
+    Login,
+}
+
+impl Flow {
+    pub const ALL: [Flow; 3] = [Flow::ApiRequest, Flow::Signup, Flow::Login];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::ApiRequest => "api_request",
+            Flow::Signup => "signup",
+            Flow::Login => "login",
+        }
+    }
+}
+
+/// Anonymizer flags from an Anonymous-IP database; all false when unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnonymizerFlags {
+    pub vpn: bool,
+    pub tor: bool,
+    pub public_proxy: bool,
+    pub residential_proxy: bool,
+    pub hosting: bool,
+}
+
+/// What the geo databases say about the IP.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IpFacts {
+    pub country: Option<CountryCode>,
+    /// ISO 3166-2 subdivisions, least to most specific.
+    pub subdivisions: Vec<RegionCode>,
+    pub anonymizer: AnonymizerFlags,
+}
+
+/// What the caller told us about the account.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccountFacts {
+    pub billing_country: Option<CountryCode>,
+    pub phone_country: Option<CountryCode>,
+    pub payment_country: Option<CountryCode>,
+    pub declared_country: Option<CountryCode>,
+    pub created_at_unix: Option<i64>,
+    pub organization: Option<Organization>,
+}
+
+/// Client hints, parsed: regions named by Accept-Language and the IANA time zone.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HintFacts {
+    pub language_regions: Vec<CountryCode>,
+    pub timezone: Option<String>,
+}
+
+/// One request's facts, borrowed from wherever the edges keep them.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub flow: Flow,
+    /// "Now", in seconds since the Unix epoch: an argument, never read from a clock here.
+    pub now_unix: i64,
+    pub ip: &'a IpFacts,
+    pub account: &'a AccountFacts,
+    pub hints: &'a HintFacts,
+}

@@ -1,0 +1,93 @@
+//! The reason codes: defined here once, with whether each is a compliance rule or a score.
+//!
+//! The strings are part of the public API (stable UPPER_SNAKE); the README table lists them.
+
+use std::fmt;
+
+macro_rules! reason_codes {
+    ($($variant:ident = $text:literal, $hard:literal, $doc:literal;)*) => {
+        /// Why a decision came out as it did.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ReasonCode {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl ReasonCode {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [ReasonCode] = &[$(ReasonCode::$variant,)*];
+
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ReasonCode::$variant => $text,)* }
+            }
+
+            /// A hard code is a compliance rule: it denies whatever the score.
+            pub const fn is_hard(self) -> bool {
+                match self { $(ReasonCode::$variant => $hard,)* }
+            }
+
+            /// What the code means, for humans (README table, reason messages).
+            pub const fn description(self) -> &'static str {
+                match self { $(ReasonCode::$variant => $doc,)* }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(ReasonCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+reason_codes! {
+    RegionSanctioned = "REGION_SANCTIONED", true,
+        "The IP is located in a sanctioned country or subdivision.";
+    RegionUnsupported = "REGION_UNSUPPORTED", true,
+        "The IP is located in a country or subdivision the service is not offered in.";
+    BillingCountryRestricted = "BILLING_COUNTRY_RESTRICTED", true,
+        "The account's billing country is on a restricted list.";
+    PaymentCountryRestricted = "PAYMENT_COUNTRY_RESTRICTED", true,
+        "The payment instrument's issuing country is on a restricted list.";
+    PhoneCountryRestricted = "PHONE_COUNTRY_RESTRICTED", true,
+        "The account's phone number country is on a restricted list.";
+    DeclaredCountryRestricted = "DECLARED_COUNTRY_RESTRICTED", true,
+        "The country the account holder declared is on a restricted list.";
+    OwnershipRestricted = "OWNERSHIP_RESTRICTED", true,
+        "The organisation is headquartered in, or effectively owned above the policy threshold by entities in, a restricted region.";
+    AnonymizerVpn = "ANONYMIZER_VPN", false,
+        "The IP belongs to an anonymous VPN service.";
+    AnonymizerTor = "ANONYMIZER_TOR", false,
+        "The IP is a Tor exit node.";
+    AnonymizerPublicProxy = "ANONYMIZER_PUBLIC_PROXY", false,
+        "The IP is a public proxy.";
+    AnonymizerResidentialProxy = "ANONYMIZER_RESIDENTIAL_PROXY", false,
+        "The IP is a residential proxy (traffic relayed through consumer devices).";
+    HostingProvider = "HOSTING_PROVIDER", false,
+        "The IP belongs to a hosting or cloud provider rather than an access network.";
+    CountryMismatch = "COUNTRY_MISMATCH", false,
+        "The IP's country differs from one or more of the account's countries.";
+    LocaleHintsRestrictedRegion = "LOCALE_HINTS_RESTRICTED_REGION", false,
+        "The client's Accept-Language region or time zone points to a restricted region.";
+    NewAccount = "NEW_ACCOUNT", false,
+        "The account is younger than the policy's new-account age.";
+    IpLocationUnknown = "IP_LOCATION_UNKNOWN", false,
+        "No database knows the IP's country (private, reserved or unlisted address); the policy's unknown-location setting applies.";
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_upper_snake() {
+        for &code in ReasonCode::ALL {
+            assert_eq!(ReasonCode::parse(code.as_str()), Some(code));
+            assert!(code.as_str().bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+        }
+        assert_eq!(ReasonCode::parse("NOPE"), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! regionguard decides, in the request path, whether an account may use a product from where it is.
+//!
+//! The major components are:
+//! - [`region`]: ISO 3166 country and subdivision codes, parsed once at the edges.
+//! - [`classify`]: the pure core, `classify(&Facts, &Policy) -> Decision`; no IO, no clock.
+//! - [`policy`]: the policy file's model, validation and compiled lookup tables.
+//! - [`geo`]: MaxMind-format database readers, the prefix cache and hot reload.
+//! - [`engine`]: joins geo lookups, the current policy and the clock into decisions.
+//! - [`grpc`]: tonic services; translates proto <-> domain and maps errors to `Status`.
+//! - [`server`]: the listener, health, reflection and graceful shutdown.
+//! - [`config`]: the one typed configuration, from file, environment and flags.
+
+pub mod classify;
+pub mod policy;
+pub mod region;

@@ -1,0 +1,328 @@
+//! Parsing and validation of the policy TOML into a compiled [`Policy`].
+//!
+//! Every error names the file, line and field, so an operator can fix a bad policy without
+//! reading code. Unknown keys are errors too: a typo must not silently disable a rule.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::{Attribute, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation};
+use crate::classify::{Flow, ReasonCode};
+use crate::region::RegionCode;
+
+/// A policy that cannot be used, with where the problem is.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{source_name}:{line}: {field}: {message}")]
+pub struct PolicyError {
+    pub source_name: String,
+    /// 1-based; 0 when the problem has no single place (e.g. a missing table).
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    policy: RawHeader,
+    sanctioned: RawList,
+    unsupported: RawList,
+    ownership: RawOwnership,
+    new_account: RawNewAccount,
+    unknown_location: RawUnknownLocation,
+    weights: BTreeMap<Spanned<String>, Spanned<i64>>,
+    thresholds: BTreeMap<Spanned<String>, Spanned<RawThresholds>>,
+    #[serde(default)]
+    verifications: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    #[serde(default)]
+    timezones: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    #[allow(dead_code)]
+    name: String,
+    date: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawList {
+    applies_to: Vec<Spanned<String>>,
+    regions: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOwnership {
+    threshold_percent: Spanned<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNewAccount {
+    max_age_days: Spanned<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnknownLocation {
+    action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThresholds {
+    review: i64,
+    deny: i64,
+}
+
+/// Parses and validates a policy. `source_name` is how errors name the file.
+pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
+    let ctx = Ctx { text, source_name };
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(0, |span| ctx.line(span.start));
+        ctx.error_at_line(line, "policy", e.message().trim().to_owned())
+    })?;
+
+    let date = raw.policy.date.get_ref();
+    if !is_iso_date(date) {
+        return Err(ctx.error(&raw.policy.date, "policy.date", format!("{date:?} is not a YYYY-MM-DD date")));
+    }
+    let digest = Sha256::digest(text.as_bytes());
+    let hash: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let version = PolicyVersion(format!("{date}+{hash}").into());
+
+    let mut applies_to = [0u8; 2];
+    let mut countries = Box::new([0u8; 676]);
+    let mut subdivisions = HashMap::new();
+    for (list, raw_list) in [(ListKind::Sanctioned, &raw.sanctioned), (ListKind::Unsupported, &raw.unsupported)] {
+        let name = list.as_str();
+        for (i, attr) in raw_list.applies_to.iter().enumerate() {
+            let found = Attribute::ALL.into_iter().find(|a| a.as_str() == attr.get_ref());
+            let Some(found) = found else {
+                let known: Vec<_> = Attribute::ALL.iter().map(|a| a.as_str()).collect();
+                return Err(ctx.error(attr, &format!("{name}.applies_to[{i}]"), format!("unknown attribute {:?}; expected one of {}", attr.get_ref(), known.join(", "))));
+            };
+            applies_to[list as usize] |= found.bit();
+        }
+        for (i, entry) in raw_list.regions.iter().enumerate() {
+            let field = format!("{name}.regions[{i}]");
+            let region = RegionCode::parse(entry.get_ref()).map_err(|e| ctx.error(entry, &field, e.to_string()))?;
+            let slot = if region.is_subdivision() {
+                subdivisions.entry(region).or_insert(0u8)
+            } else {
+                &mut countries[region.country().index()]
+            };
+            if *slot != 0 {
+                return Err(ctx.error(entry, &field, format!("{region} is listed more than once")));
+            }
+            *slot |= list.bit();
+        }
+    }
+
+    let threshold_percent = *raw.ownership.threshold_percent.get_ref();
+    if !(0.0..100.0).contains(&threshold_percent) {
+        return Err(ctx.error(&raw.ownership.threshold_percent, "ownership.threshold_percent", format!("{threshold_percent} must be at least 0 and below 100")));
+    }
+    let max_age_days = *raw.new_account.max_age_days.get_ref();
+    if !(0..=3650).contains(&max_age_days) {
+        return Err(ctx.error(&raw.new_account.max_age_days, "new_account.max_age_days", format!("{max_age_days} must be between 0 and 3650")));
+    }
+    let unknown_location = match raw.unknown_location.action.get_ref().as_str() {
+        "score" => UnknownLocation::Score,
+        "review" => UnknownLocation::Review,
+        "deny" => UnknownLocation::Deny,
+        other => {
+            return Err(ctx.error(&raw.unknown_location.action, "unknown_location.action", format!("{other:?} must be \"score\", \"review\" or \"deny\"")));
+        }
+    };
+
+    let mut weights = HashMap::new();
+    for (key, value) in &raw.weights {
+        let field = format!("weights.{}", key.get_ref());
+        let code = ctx.soft_code(key, &field)?;
+        let weight = u8::try_from(*value.get_ref()).ok().filter(|w| *w <= 100);
+        let weight = weight.ok_or_else(|| ctx.error(value, &field, format!("{} must be between 0 and 100", value.get_ref())))?;
+        weights.insert(code, weight);
+    }
+    if let Some(missing) = ReasonCode::ALL.iter().find(|c| !c.is_hard() && !weights.contains_key(c)) {
+        return Err(ctx.error_at_line(0, "weights", format!("missing a weight for {missing}")));
+    }
+
+    let mut thresholds = [None; 3];
+    for (key, value) in &raw.thresholds {
+        let field = format!("thresholds.{}", key.get_ref());
+        let Some(flow) = Flow::ALL.into_iter().find(|f| f.as_str() == key.get_ref()) else {
+            return Err(ctx.error(key, &field, "unknown flow; expected api_request, signup or login".to_owned()));
+        };
+        let t = value.get_ref();
+        let in_range = |v: i64| u8::try_from(v).ok().filter(|v| (1..=100).contains(v));
+        let (Some(review), Some(deny)) = (in_range(t.review), in_range(t.deny)) else {
+            return Err(ctx.error(value, &field, "review and deny must be between 1 and 100".to_owned()));
+        };
+        if review > deny {
+            return Err(ctx.error(value, &field, format!("review ({review}) is above deny ({deny})")));
+        }
+        thresholds[flow as usize] = Some(Thresholds { review, deny });
+    }
+    let mut compiled_thresholds = [Thresholds { review: 0, deny: 0 }; 3];
+    for flow in Flow::ALL {
+        compiled_thresholds[flow as usize] = thresholds[flow as usize]
+            .ok_or_else(|| ctx.error_at_line(0, "thresholds", format!("missing thresholds for {}", flow.as_str())))?;
+    }
+
+    let mut verifications = HashMap::new();
+    for (key, list) in &raw.verifications {
+        let field = format!("verifications.{}", key.get_ref());
+        let code = ctx.soft_code(key, &field)?;
+        let mut names = Vec::new();
+        for (i, name) in list.iter().enumerate() {
+            let text = name.get_ref();
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b.is_ascii_digit()) {
+                return Err(ctx.error(name, &format!("{field}[{i}]"), format!("{text:?} must be an UPPER_SNAKE verification name")));
+            }
+            names.push(text.clone());
+        }
+        verifications.insert(code, names);
+    }
+
+    let mut timezones = HashMap::new();
+    for (key, value) in &raw.timezones {
+        let field = format!("timezones.\"{}\"", key.get_ref());
+        let region = RegionCode::parse(value.get_ref()).map_err(|e| ctx.error(value, &field, e.to_string()))?;
+        timezones.insert(key.get_ref().clone(), region);
+    }
+
+    Ok(Policy {
+        version,
+        applies_to,
+        countries,
+        subdivisions,
+        weights,
+        thresholds: compiled_thresholds,
+        verifications,
+        ownership_threshold_percent: threshold_percent,
+        new_account_max_age_secs: max_age_days * 86_400,
+        unknown_location,
+        timezones,
+    })
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    source_name: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn error<T>(&self, at: &Spanned<T>, field: &str, message: String) -> PolicyError {
+        self.error_at_line(self.line(at.span().start), field, message)
+    }
+
+    fn error_at_line(&self, line: usize, field: &str, message: String) -> PolicyError {
+        PolicyError { source_name: self.source_name.to_owned(), line, field: field.to_owned(), message }
+    }
+
+    fn soft_code(&self, key: &Spanned<String>, field: &str) -> Result<ReasonCode, PolicyError> {
+        match ReasonCode::parse(key.get_ref()) {
+            Some(code) if !code.is_hard() => Ok(code),
+            Some(code) => Err(self.error(key, field, format!("{code} is a hard rule; it takes no weight or verification"))),
+            None => Err(self.error(key, field, "unknown reason code".to_owned())),
+        }
+    }
+}
+
+fn is_iso_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && (1..=12).contains(&s[5..7].parse::<u8>().unwrap_or(0))
+        && (1..=31).contains(&s[8..10].parse::<u8>().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::EMBEDDED_POLICY;
+    use proptest::prelude::*;
+
+    fn region(s: &str) -> RegionCode {
+        RegionCode::parse(s).unwrap()
+    }
+
+    #[test]
+    fn embedded_policy_is_valid_and_has_the_documented_defaults() {
+        let policy = parse_policy(EMBEDDED_POLICY, "data/policy.toml").unwrap();
+        for code in ["CU", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"] {
+            assert_eq!(policy.restriction(region(code), Attribute::Ip), Some(ListKind::Sanctioned), "{code}");
+        }
+        for code in ["CN", "HK", "MO", "RU", "BY", "SY", "VE", "AF", "UA-23", "UA-65"] {
+            assert!(policy.restriction(region(code), Attribute::Ip).is_some(), "{code}");
+        }
+        assert_eq!(policy.restriction(region("UA-30"), Attribute::Ip), None, "Kyiv is not restricted");
+        assert_eq!(policy.restriction(region("DE"), Attribute::Ip), None);
+        assert!(policy.version().as_str().starts_with("20"));
+    }
+
+    fn with_line(replace: &str, by: &str) -> PolicyError {
+        let text = EMBEDDED_POLICY.replacen(replace, by, 1);
+        assert_ne!(text, EMBEDDED_POLICY, "fixture text {replace:?} not found");
+        parse_policy(&text, "p.toml").unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let err = with_line("\"CU\",", "\"XX\",");
+        assert_eq!(err.field, "sanctioned.regions[0]");
+        let expected_line = EMBEDDED_POLICY.lines().position(|l| l.contains("\"CU\",")).unwrap() + 1;
+        assert_eq!(err.line, expected_line);
+        assert!(err.to_string().starts_with(&format!("p.toml:{expected_line}: sanctioned.regions[0]:")), "{err}");
+
+        assert_eq!(with_line("ANONYMIZER_TOR = ", "REGION_SANCTIONED = ").field, "weights.REGION_SANCTIONED");
+        assert_eq!(with_line("action = \"score\"", "action = \"maybe\"").field, "unknown_location.action");
+        assert_eq!(with_line("threshold_percent = 50.0", "threshold_percent = 150.0").field, "ownership.threshold_percent");
+        let typo = with_line("[new_account]", "[new_account]\nmax_age_dayz = 3");
+        assert!(typo.message.contains("max_age_dayz"), "{typo}");
+        assert!(typo.line > 0);
+    }
+
+    #[test]
+    fn duplicate_region_is_refused() {
+        let err = with_line("\"CU\",", "\"CU\", \"CU\",");
+        assert!(err.message.contains("more than once"), "{err}");
+    }
+
+    #[test]
+    fn version_changes_with_content() {
+        let a = parse_policy(EMBEDDED_POLICY, "a").unwrap();
+        let b = parse_policy(&format!("{EMBEDDED_POLICY}\n# edited\n"), "b").unwrap();
+        assert_ne!(a.version(), b.version());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = parse_policy(&text, "fuzz");
+        }
+
+        #[test]
+        fn mutated_policy_never_panics(at in 0usize..4000, junk in "[\\[\\]=\"a-z0-9 \n.,-]{0,6}") {
+            let mut text = EMBEDDED_POLICY.to_owned();
+            let mut at = at.min(text.len());
+            while !text.is_char_boundary(at) { at -= 1; }
+            text.insert_str(at, &junk);
+            let _ = parse_policy(&text, "fuzz");
+        }
+    }
+}

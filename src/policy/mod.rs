@@ -1,0 +1,219 @@
+//! The policy: which regions are restricted and for what, signal weights, thresholds.
+//!
+//! Policy is data (`data/policy.toml`); [`load`] parses and validates it into this compiled,
+//! read-only form whose lookups cost no allocation. A `Policy` is swapped whole on reload.
+
+mod load;
+
+pub use load::{PolicyError, parse_policy};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::classify::{Flow, ReasonCode};
+use crate::region::{CountryCode, RegionCode};
+
+/// The policy's restricted lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListKind {
+    Sanctioned,
+    Unsupported,
+}
+
+impl ListKind {
+    pub const ALL: [ListKind; 2] = [ListKind::Sanctioned, ListKind::Unsupported];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListKind::Sanctioned => "sanctioned",
+            ListKind::Unsupported => "unsupported",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            ListKind::Sanctioned => 1,
+            ListKind::Unsupported => 2,
+        }
+    }
+}
+
+/// The account or request attributes a restricted list can apply to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Attribute {
+    Ip,
+    Billing,
+    Payment,
+    Phone,
+    Declared,
+    Ownership,
+    Hints,
+}
+
+impl Attribute {
+    pub const ALL: [Attribute; 7] = [
+        Attribute::Ip,
+        Attribute::Billing,
+        Attribute::Payment,
+        Attribute::Phone,
+        Attribute::Declared,
+        Attribute::Ownership,
+        Attribute::Hints,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribute::Ip => "ip",
+            Attribute::Billing => "billing",
+            Attribute::Payment => "payment",
+            Attribute::Phone => "phone",
+            Attribute::Declared => "declared",
+            Attribute::Ownership => "ownership",
+            Attribute::Hints => "hints",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Scores at or above `review` give REVIEW; at or above `deny`, DENY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thresholds {
+    pub review: u8,
+    pub deny: u8,
+}
+
+/// What an IP with no known country leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownLocation {
+    /// Adds the IP_LOCATION_UNKNOWN weight to the score, nothing more.
+    Score,
+    /// As `Score`, and the verdict is at least REVIEW.
+    Review,
+    /// IP_LOCATION_UNKNOWN becomes a hard reason: DENY.
+    Deny,
+}
+
+/// `<declared date>+<first 12 hex digits of the file's SHA-256>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyVersion(Arc<str>);
+
+impl PolicyVersion {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PolicyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated, compiled policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    version: PolicyVersion,
+    /// Per list: the attributes it applies to (bit set of [`Attribute::bit`]).
+    applies_to: [u8; 2],
+    /// Per country index: the lists naming the whole country (bit set of [`ListKind::bit`]).
+    countries: Box<[u8; 676]>,
+    subdivisions: HashMap<RegionCode, u8>,
+    weights: HashMap<ReasonCode, u8>,
+    thresholds: [Thresholds; 3],
+    verifications: HashMap<ReasonCode, Vec<String>>,
+    ownership_threshold_percent: f64,
+    new_account_max_age_secs: i64,
+    unknown_location: UnknownLocation,
+    timezones: HashMap<String, RegionCode>,
+}
+
+impl Policy {
+    pub fn version(&self) -> &PolicyVersion {
+        &self.version
+    }
+
+    /// The list that restricts `region` for `attribute`, sanctions first. A subdivision is
+    /// restricted if it is listed itself or its whole country is.
+    pub fn restriction(&self, region: RegionCode, attribute: Attribute) -> Option<ListKind> {
+        let mut lists = self.countries[region.country().index()];
+        if region.is_subdivision() {
+            lists |= self.subdivisions.get(&region).copied().unwrap_or(0);
+        }
+        ListKind::ALL.into_iter().find(|list| {
+            lists & list.bit() != 0 && self.applies_to[*list as usize] & attribute.bit() != 0
+        })
+    }
+
+    pub fn country_restriction(&self, country: CountryCode, attribute: Attribute) -> Option<ListKind> {
+        self.restriction(RegionCode::country_only(country), attribute)
+    }
+
+    /// Whether any list applies to `attribute` at all (used to skip work).
+    pub fn applies(&self, list: ListKind, attribute: Attribute) -> bool {
+        self.applies_to[list as usize] & attribute.bit() != 0
+    }
+
+    /// The contribution of a soft reason; hard reasons are not weighted.
+    pub fn weight(&self, code: ReasonCode) -> u8 {
+        self.weights.get(&code).copied().unwrap_or(0)
+    }
+
+    pub fn thresholds(&self, flow: Flow) -> Thresholds {
+        self.thresholds[flow as usize]
+    }
+
+    /// Verifications that would clear a soft reason on signup (e.g. PHONE).
+    pub fn verifications(&self, code: ReasonCode) -> &[String] {
+        self.verifications.get(&code).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn ownership_threshold_percent(&self) -> f64 {
+        self.ownership_threshold_percent
+    }
+
+    pub fn new_account_max_age_secs(&self) -> i64 {
+        self.new_account_max_age_secs
+    }
+
+    pub fn unknown_location(&self) -> UnknownLocation {
+        self.unknown_location
+    }
+
+    /// The region an IANA time zone name points to, where the policy maps it.
+    pub fn timezone_region(&self, timezone: &str) -> Option<RegionCode> {
+        self.timezones.get(timezone).copied()
+    }
+
+    /// Every listed region with its list, for reports (`policy check`).
+    pub fn listed_regions(&self) -> Vec<(RegionCode, ListKind)> {
+        let mut out = Vec::new();
+        for list in ListKind::ALL {
+            for (index, bits) in self.countries.iter().enumerate() {
+                if bits & list.bit() != 0 {
+                    let code = [b'A' + (index / 26) as u8, b'A' + (index % 26) as u8];
+                    let text = std::str::from_utf8(&code).unwrap_or("??");
+                    if let Some(country) = CountryCode::from_record(text) {
+                        out.push((RegionCode::country_only(country), list));
+                    }
+                }
+            }
+            let mut subs: Vec<_> =
+                self.subdivisions.iter().filter(|(_, bits)| *bits & list.bit() != 0).map(|(r, _)| *r).collect();
+            subs.sort();
+            out.extend(subs.into_iter().map(|r| (r, list)));
+        }
+        out
+    }
+}
+
+/// The default policy shipped in `data/policy.toml`, compiled into the binary.
+pub const EMBEDDED_POLICY: &str = include_str!("../../data/policy.toml");
+
+/// The embedded default policy, parsed (it is tested to be valid).
+pub fn embedded_policy() -> Result<Policy, PolicyError> {
+    parse_policy(EMBEDDED_POLICY, "data/policy.toml")
+}
