@@ -11,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("regionguard_descriptor.bin"),
         fds.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // serde on messages lets the CLI read and print requests and responses as JSON.
+        .message_attribute(
+            ".regionguard.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        )
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

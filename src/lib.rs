@@ -10,6 +10,13 @@
 //! - [`server`]: the listener, health, reflection and graceful shutdown.
 //! - [`config`]: the one typed configuration, from file, environment and flags.
 
+pub mod app;
 pub mod classify;
+pub mod config;
+pub mod engine;
+pub mod geo;
+pub mod grpc;
 pub mod policy;
 pub mod region;
+pub mod reload;
+pub mod server;

@@ -1,1 +1,283 @@
-fn main(){}
+//! The `regionguard` command: parses arguments, builds the config, calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use regionguard::config::Config;
+use regionguard::engine::ClassifyInput;
+use regionguard::grpc::{convert, pb};
+use regionguard::reload::Reloader;
+use regionguard::server::{self, ServerSettings};
+use regionguard::{app, policy};
+
+#[derive(Parser)]
+#[command(
+    name = "regionguard",
+    version,
+    about = "Decides whether an account may use a product from where it is."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (Classifier, health, reflection).
+    Serve(ServeArgs),
+    /// Decide one request locally, without a server, and print the decision as JSON.
+    Classify(ClassifyArgs),
+    /// Print what the databases say of one IP, as JSON.
+    Lookup {
+        ip: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Validate a policy file and print its version and lists.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Exit 0 if FILE is a valid policy; else print the error (file:line: field: problem).
+    Check { file: PathBuf },
+}
+
+/// Where the data comes from; each overrides the config file.
+#[derive(Args, Clone, Default)]
+struct DataArgs {
+    /// TOML config file (see README: Configuration).
+    #[arg(long, env = "REGIONGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Policy file [default: data/policy.toml, else the embedded copy].
+    #[arg(long, env = "REGIONGUARD_POLICY")]
+    policy: Option<PathBuf>,
+    /// Location database (GeoIP2/GeoLite2 City or Country, or a flat country_code database).
+    #[arg(long, env = "REGIONGUARD_LOCATION_DB")]
+    location_db: Option<PathBuf>,
+    /// Anonymous-IP (or Anonymous Plus) database.
+    #[arg(long, env = "REGIONGUARD_ANONYMOUS_DB")]
+    anonymous_db: Option<PathBuf>,
+    /// ASN database.
+    #[arg(long, env = "REGIONGUARD_ASN_DB")]
+    asn_db: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "REGIONGUARD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    /// The whole request as JSON (ClassifyRequest field names; flow as "FLOW_SIGNUP" or a number).
+    #[arg(long, conflicts_with_all = ["ip", "flow", "billing_country", "declared_country"])]
+    json: Option<String>,
+    #[arg(long)]
+    ip: Option<String>,
+    /// api_request, signup or login.
+    #[arg(long)]
+    flow: Option<String>,
+    #[arg(long)]
+    billing_country: Option<String>,
+    #[arg(long)]
+    declared_country: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+impl DataArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let overlay = |slot: &mut Option<PathBuf>, value: &Option<PathBuf>| {
+            if value.is_some() {
+                slot.clone_from(value);
+            }
+        };
+        overlay(&mut config.policy, &self.policy);
+        overlay(&mut config.location_db, &self.location_db);
+        overlay(&mut config.anonymous_db, &self.anonymous_db);
+        overlay(&mut config.asn_db, &self.asn_db);
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("regionguard: {error:#}");
+            // 78 = EX_CONFIG: the operator must fix something before a retry helps.
+            ExitCode::from(78)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args),
+        Command::Classify(args) => classify(args),
+        Command::Lookup { ip, data } => {
+            let loaded = app::load(&data.config()?)?;
+            let ip = convert::parse_ip("ip", &ip)?;
+            let (lookup, databases) = loaded.engine.lookup(ip)?;
+            let location = convert::location(&lookup, &databases);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&location_json(
+                    &lookup.ip.to_string(),
+                    lookup.record.found,
+                    &location
+                ))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Check { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match policy::parse_policy(&text, &file.display().to_string()) {
+                Ok(policy) => {
+                    println!("ok: {} version {}", file.display(), policy.version());
+                    for (region, list) in policy.listed_regions() {
+                        println!("  {:<12} {region}", list.as_str());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("invalid policy: {error}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = args.data.config()?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    config.validate()?;
+    tracing::info!(?config, "starting");
+    let loaded = app::load(&config)?;
+    let engine = Arc::new(loaded.engine);
+    tracing::info!(policy_version = %engine.policy().version(), databases = ?engine.geo().databases(), watching = ?loaded.targets, "loaded");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        tracing::info!(address = %listener.local_addr()?, "serving regionguard.v1.Classifier, grpc.health.v1, reflection");
+        let (stop_reload, stop_reload_rx) = tokio::sync::watch::channel(false);
+        let reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
+        let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
+        let settings = ServerSettings { max_request_bytes: config.max_request_bytes, shutdown_grace: config.shutdown_grace() };
+        server::run(listener, engine, settings, shutdown_signal()).await?;
+        let _ = stop_reload.send(true);
+        let _ = reload_task.await;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    let request = match &args.json {
+        Some(json) => request_from_json(json)?,
+        None => pb::ClassifyRequest {
+            ip: args.ip.clone().unwrap_or_default(),
+            flow: match args.flow.as_deref() {
+                None => 0,
+                Some(name) => pb::Flow::from_str_name(&format!("FLOW_{}", name.to_uppercase()))
+                    .with_context(|| {
+                        format!("--flow {name:?}: expected api_request, signup or login")
+                    })? as i32,
+            },
+            account: Some(pb::Account {
+                billing_country: args.billing_country.clone().unwrap_or_default(),
+                declared_country: args.declared_country.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let loaded = app::load(&args.data.config()?)?;
+    let input = ClassifyInput::try_from(&request)?;
+    let outcome = loaded.engine.classify(&input)?;
+    let response = pb::ClassifyResponse::from(&outcome);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&response_json(&response))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a ClassifyRequest from JSON; `flow` may be a name ("FLOW_SIGNUP", "signup") or a number.
+fn request_from_json(json: &str) -> anyhow::Result<pb::ClassifyRequest> {
+    let mut value: serde_json::Value =
+        serde_json::from_str(json).context("--json is not valid JSON")?;
+    if let Some(name) = value
+        .get("flow")
+        .and_then(|f| f.as_str())
+        .map(str::to_owned)
+    {
+        let upper = name.to_uppercase();
+        let full = if upper.starts_with("FLOW_") {
+            upper
+        } else {
+            format!("FLOW_{upper}")
+        };
+        let flow = pb::Flow::from_str_name(&full)
+            .with_context(|| format!("flow: unknown value {name:?}"))?;
+        value["flow"] = serde_json::Value::from(flow as i32);
+    }
+    serde_json::from_value(value).context("--json does not match ClassifyRequest")
+}
+
+fn response_json(response: &pb::ClassifyResponse) -> serde_json::Value {
+    let mut value = serde_json::to_value(response).unwrap_or_default();
+    let name =
+        pb::Verdict::try_from(response.verdict).map_or("VERDICT_UNSPECIFIED", |v| v.as_str_name());
+    value["verdict"] = serde_json::Value::from(name);
+    value
+}
+
+fn location_json(ip: &str, found: bool, location: &pb::Location) -> serde_json::Value {
+    serde_json::json!({ "ip": ip, "found": found, "location": location })
+}

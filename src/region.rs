@@ -92,7 +92,11 @@ pub struct RegionCode {
 
 impl RegionCode {
     pub fn country_only(country: CountryCode) -> Self {
-        Self { country, sub: [0; 3], len: 0 }
+        Self {
+            country,
+            sub: [0; 3],
+            len: 0,
+        }
     }
 
     /// Joins a country and a database subdivision code ("UA" + "43" = "UA-43").
@@ -105,7 +109,11 @@ impl RegionCode {
         for (slot, b) in sub.iter_mut().zip(bytes) {
             *slot = b.to_ascii_uppercase();
         }
-        Some(Self { country, sub, len: bytes.len() as u8 })
+        Some(Self {
+            country,
+            sub,
+            len: bytes.len() as u8,
+        })
     }
 
     /// Parses "CC" or "CC-XXX" from caller or policy input; the country must be assigned.
@@ -162,9 +170,18 @@ mod tests {
     #[test]
     fn parses_countries_case_insensitively() {
         assert_eq!(CountryCode::parse("ir").unwrap().as_str(), "IR");
-        assert!(matches!(CountryCode::parse("QQ"), Err(RegionCodeError::Unassigned(_))));
-        assert!(matches!(CountryCode::parse("USA"), Err(RegionCodeError::Malformed(_))));
-        assert!(matches!(CountryCode::parse(""), Err(RegionCodeError::Malformed(_))));
+        assert!(matches!(
+            CountryCode::parse("QQ"),
+            Err(RegionCodeError::Unassigned(_))
+        ));
+        assert!(matches!(
+            CountryCode::parse("USA"),
+            Err(RegionCodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            CountryCode::parse(""),
+            Err(RegionCodeError::Malformed(_))
+        ));
     }
 
     #[test]

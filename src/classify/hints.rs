@@ -20,11 +20,14 @@ pub fn accept_language_regions(header: &str) -> Vec<CountryCode> {
     for range in header[..end].split(',').take(MAX_RANGES) {
         let tag = range.split(';').next().unwrap_or("").trim();
         // language[-script][-region][-...]: the region is the first 2-letter subtag after the first.
-        let region = tag.split(['-', '_']).skip(1).find(|sub| sub.len() == 2 && sub.bytes().all(|b| b.is_ascii_alphabetic()));
-        if let Some(code) = region.and_then(|r| CountryCode::parse(r).ok()) {
-            if !regions.contains(&code) {
-                regions.push(code);
-            }
+        let region = tag
+            .split(['-', '_'])
+            .skip(1)
+            .find(|sub| sub.len() == 2 && sub.bytes().all(|b| b.is_ascii_alphabetic()));
+        if let Some(code) = region.and_then(|r| CountryCode::parse(r).ok())
+            && !regions.contains(&code)
+        {
+            regions.push(code);
         }
     }
     regions
@@ -36,7 +39,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn codes(header: &str) -> Vec<String> {
-        accept_language_regions(header).iter().map(|c| c.to_string()).collect()
+        accept_language_regions(header)
+            .iter()
+            .map(|c| c.to_string())
+            .collect()
     }
 
     #[test]
@@ -46,7 +52,10 @@ mod tests {
         assert_eq!(codes("en_gb"), ["GB"]);
         assert!(codes("fa, ru").is_empty());
         assert!(codes("*").is_empty());
-        assert!(codes("en-QQ").is_empty(), "unassigned codes are not regions");
+        assert!(
+            codes("en-QQ").is_empty(),
+            "unassigned codes are not regions"
+        );
     }
 
     proptest! {

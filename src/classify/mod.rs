@@ -59,26 +59,52 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
         }
     }
 
-    Decision { verdict, risk_score, reasons, required_verifications, policy_version: policy.version().clone() }
+    Decision {
+        verdict,
+        risk_score,
+        reasons,
+        required_verifications,
+        policy_version: policy.version().clone(),
+    }
 }
 
 fn hard(code: ReasonCode, message: String, evidence: Vec<(&'static str, String)>) -> Reason {
-    Reason { code, message, contribution: HARD_CONTRIBUTION, hard: true, evidence }
+    Reason {
+        code,
+        message,
+        contribution: HARD_CONTRIBUTION,
+        hard: true,
+        evidence,
+    }
 }
 
-fn soft(code: ReasonCode, policy: &Policy, message: String, evidence: Vec<(&'static str, String)>) -> Reason {
-    Reason { code, message, contribution: policy.weight(code), hard: false, evidence }
+fn soft(
+    code: ReasonCode,
+    policy: &Policy,
+    message: String,
+    evidence: Vec<(&'static str, String)>,
+) -> Reason {
+    Reason {
+        code,
+        message,
+        contribution: policy.weight(code),
+        hard: false,
+        evidence,
+    }
 }
 
 /// REGION_SANCTIONED / REGION_UNSUPPORTED from the IP's country or any of its subdivisions.
 fn ip_region(ip: &IpFacts, policy: &Policy, out: &mut Vec<Reason>) {
     let Some(country) = ip.country else { return };
-    let regions = std::iter::once(RegionCode::country_only(country)).chain(ip.subdivisions.iter().copied());
+    let regions =
+        std::iter::once(RegionCode::country_only(country)).chain(ip.subdivisions.iter().copied());
     let mut found: Option<(ListKind, RegionCode)> = None;
     for region in regions {
         if let Some(list) = policy.restriction(region, Attribute::Ip) {
             // Sanctions outrank unsupported; among equals keep the first (the widest region).
-            if found.is_none_or(|(kind, _)| kind == ListKind::Unsupported && list == ListKind::Sanctioned) {
+            if found.is_none_or(|(kind, _)| {
+                kind == ListKind::Unsupported && list == ListKind::Sanctioned
+            }) {
                 found = Some((list, region));
             }
         }
@@ -88,48 +114,90 @@ fn ip_region(ip: &IpFacts, policy: &Policy, out: &mut Vec<Reason>) {
             ListKind::Sanctioned => ReasonCode::RegionSanctioned,
             ListKind::Unsupported => ReasonCode::RegionUnsupported,
         };
-        out.push(hard(code, format!("IP located in {region}, on the {} list", list.as_str()), vec![
-            ("region", region.to_string()),
-            ("list", list.as_str().to_owned()),
-        ]));
+        out.push(hard(
+            code,
+            format!("IP located in {region}, on the {} list", list.as_str()),
+            vec![
+                ("region", region.to_string()),
+                ("list", list.as_str().to_owned()),
+            ],
+        ));
     }
 }
 
 fn account_countries(account: &AccountFacts, policy: &Policy, out: &mut Vec<Reason>) {
     let checks = [
-        (account.billing_country, Attribute::Billing, ReasonCode::BillingCountryRestricted, "billing_country"),
-        (account.payment_country, Attribute::Payment, ReasonCode::PaymentCountryRestricted, "payment_country"),
-        (account.phone_country, Attribute::Phone, ReasonCode::PhoneCountryRestricted, "phone_country"),
-        (account.declared_country, Attribute::Declared, ReasonCode::DeclaredCountryRestricted, "declared_country"),
+        (
+            account.billing_country,
+            Attribute::Billing,
+            ReasonCode::BillingCountryRestricted,
+            "billing_country",
+        ),
+        (
+            account.payment_country,
+            Attribute::Payment,
+            ReasonCode::PaymentCountryRestricted,
+            "payment_country",
+        ),
+        (
+            account.phone_country,
+            Attribute::Phone,
+            ReasonCode::PhoneCountryRestricted,
+            "phone_country",
+        ),
+        (
+            account.declared_country,
+            Attribute::Declared,
+            ReasonCode::DeclaredCountryRestricted,
+            "declared_country",
+        ),
     ];
     for (country, attribute, code, field) in checks {
         let Some(country) = country else { continue };
         if let Some(list) = policy.country_restriction(country, attribute) {
-            out.push(hard(code, format!("account {field} {country} is on the {} list", list.as_str()), vec![
-                (field, country.to_string()),
-                ("list", list.as_str().to_owned()),
-            ]));
+            out.push(hard(
+                code,
+                format!("account {field} {country} is on the {} list", list.as_str()),
+                vec![
+                    (field, country.to_string()),
+                    ("list", list.as_str().to_owned()),
+                ],
+            ));
         }
     }
 }
 
 fn ownership(account: &AccountFacts, policy: &Policy, out: &mut Vec<Reason>) {
-    let Some(org) = &account.organization else { return };
-    if let Some(hq) = org.headquarters() {
-        if let Some(list) = policy.restriction(hq, Attribute::Ownership) {
-            out.push(hard(ReasonCode::OwnershipRestricted, format!("organisation headquartered in {hq}, on the {} list", list.as_str()), vec![
+    let Some(org) = &account.organization else {
+        return;
+    };
+    let hq_list = org
+        .headquarters()
+        .and_then(|hq| Some((hq, policy.restriction(hq, Attribute::Ownership)?)));
+    if let Some((hq, list)) = hq_list {
+        out.push(hard(
+            ReasonCode::OwnershipRestricted,
+            format!(
+                "organisation headquartered in {hq}, on the {} list",
+                list.as_str()
+            ),
+            vec![
                 ("headquarters_country", hq.to_string()),
                 ("list", list.as_str().to_owned()),
-            ]));
-            return;
-        }
+            ],
+        ));
+        return;
     }
-    let share = org.restricted_share(&|region| policy.restriction(region, Attribute::Ownership).is_some());
+    let share =
+        org.restricted_share(&|region| policy.restriction(region, Attribute::Ownership).is_some());
     let threshold = policy.ownership_threshold_percent();
     if share.percent > threshold {
         out.push(hard(
             ReasonCode::OwnershipRestricted,
-            format!("entities in restricted regions effectively own {:.2}% (threshold {threshold}%)", share.percent),
+            format!(
+                "entities in restricted regions effectively own {:.2}% (threshold {threshold}%)",
+                share.percent
+            ),
             vec![
                 ("restricted_share_percent", format!("{:.2}", share.percent)),
                 ("threshold_percent", threshold.to_string()),
@@ -144,19 +212,38 @@ fn anonymizers(ip: &IpFacts, policy: &Policy, out: &mut Vec<Reason>) {
     let checks = [
         (flags.tor, ReasonCode::AnonymizerTor, "Tor exit node"),
         (flags.vpn, ReasonCode::AnonymizerVpn, "anonymous VPN"),
-        (flags.public_proxy, ReasonCode::AnonymizerPublicProxy, "public proxy"),
-        (flags.residential_proxy, ReasonCode::AnonymizerResidentialProxy, "residential proxy"),
-        (flags.hosting, ReasonCode::HostingProvider, "hosting provider"),
+        (
+            flags.public_proxy,
+            ReasonCode::AnonymizerPublicProxy,
+            "public proxy",
+        ),
+        (
+            flags.residential_proxy,
+            ReasonCode::AnonymizerResidentialProxy,
+            "residential proxy",
+        ),
+        (
+            flags.hosting,
+            ReasonCode::HostingProvider,
+            "hosting provider",
+        ),
     ];
     for (set, code, what) in checks {
         if set {
-            out.push(soft(code, policy, format!("IP is a {what}"), vec![("source", "anonymous-ip database".to_owned())]));
+            out.push(soft(
+                code,
+                policy,
+                format!("IP is a {what}"),
+                vec![("source", "anonymous-ip database".to_owned())],
+            ));
         }
     }
 }
 
 fn country_mismatch(facts: &Facts<'_>, policy: &Policy, out: &mut Vec<Reason>) {
-    let Some(ip_country) = facts.ip.country else { return };
+    let Some(ip_country) = facts.ip.country else {
+        return;
+    };
     let account = facts.account;
     let fields: [(&'static str, Option<CountryCode>); 4] = [
         ("billing_country", account.billing_country),
@@ -166,13 +253,19 @@ fn country_mismatch(facts: &Facts<'_>, policy: &Policy, out: &mut Vec<Reason>) {
     ];
     let mismatched: Vec<(&'static str, String)> = fields
         .into_iter()
-        .filter_map(|(field, c)| c.filter(|c| *c != ip_country).map(|c| (field, c.to_string())))
+        .filter_map(|(field, c)| {
+            c.filter(|c| *c != ip_country)
+                .map(|c| (field, c.to_string()))
+        })
         .collect();
     if mismatched.is_empty() {
         return;
     }
     let names: Vec<&str> = mismatched.iter().map(|(f, _)| *f).collect();
-    let message = format!("IP country {ip_country} differs from the account's {}", names.join(", "));
+    let message = format!(
+        "IP country {ip_country} differs from the account's {}",
+        names.join(", ")
+    );
     let mut evidence = vec![("ip_country", ip_country.to_string())];
     evidence.extend(mismatched);
     out.push(soft(ReasonCode::CountryMismatch, policy, message, evidence));
@@ -180,39 +273,68 @@ fn country_mismatch(facts: &Facts<'_>, policy: &Policy, out: &mut Vec<Reason>) {
 
 fn locale_hints(hints: &HintFacts, policy: &Policy, out: &mut Vec<Reason>) {
     let mut evidence = Vec::new();
-    if let Some(country) = hints.language_regions.iter().find(|c| policy.country_restriction(**c, Attribute::Hints).is_some()) {
+    if let Some(country) = hints
+        .language_regions
+        .iter()
+        .find(|c| policy.country_restriction(**c, Attribute::Hints).is_some())
+    {
         evidence.push(("accept_language_region", country.to_string()));
     }
-    if let Some(tz) = &hints.timezone {
-        if let Some(region) = policy.timezone_region(tz).filter(|r| policy.restriction(*r, Attribute::Hints).is_some()) {
-            evidence.push(("timezone", tz.clone()));
-            evidence.push(("timezone_region", region.to_string()));
-        }
+    let tz_region = hints.timezone.as_ref().and_then(|tz| {
+        let region = policy.timezone_region(tz)?;
+        policy
+            .restriction(region, Attribute::Hints)
+            .map(|_| (tz, region))
+    });
+    if let Some((tz, region)) = tz_region {
+        evidence.push(("timezone", tz.clone()));
+        evidence.push(("timezone_region", region.to_string()));
     }
     if !evidence.is_empty() {
-        out.push(soft(ReasonCode::LocaleHintsRestrictedRegion, policy, "client language or time zone points to a restricted region".to_owned(), evidence));
+        out.push(soft(
+            ReasonCode::LocaleHintsRestrictedRegion,
+            policy,
+            "client language or time zone points to a restricted region".to_owned(),
+            evidence,
+        ));
     }
 }
 
 fn new_account(facts: &Facts<'_>, policy: &Policy, out: &mut Vec<Reason>) {
-    let Some(created) = facts.account.created_at_unix else { return };
+    let Some(created) = facts.account.created_at_unix else {
+        return;
+    };
     let age = facts.now_unix.saturating_sub(created);
     if age < policy.new_account_max_age_secs() {
         let days = age.max(0) / 86_400;
-        out.push(soft(ReasonCode::NewAccount, policy, format!("account is {days} day(s) old"), vec![("account_age_seconds", age.to_string())]));
+        out.push(soft(
+            ReasonCode::NewAccount,
+            policy,
+            format!("account is {days} day(s) old"),
+            vec![("account_age_seconds", age.to_string())],
+        ));
     }
 }
 
-fn unknown_location(ip: &IpFacts, policy: &Policy, out: &mut Vec<Reason>) -> Option<UnknownLocation> {
+fn unknown_location(
+    ip: &IpFacts,
+    policy: &Policy,
+    out: &mut Vec<Reason>,
+) -> Option<UnknownLocation> {
     if ip.country.is_some() {
         return None;
     }
     let action = policy.unknown_location();
-    let evidence = vec![("unknown_location_action", format!("{action:?}").to_lowercase())];
+    let evidence = vec![(
+        "unknown_location_action",
+        format!("{action:?}").to_lowercase(),
+    )];
     let message = "no database knows where this IP is".to_owned();
     out.push(match action {
         UnknownLocation::Deny => hard(ReasonCode::IpLocationUnknown, message, evidence),
-        UnknownLocation::Score | UnknownLocation::Review => soft(ReasonCode::IpLocationUnknown, policy, message, evidence),
+        UnknownLocation::Score | UnknownLocation::Review => {
+            soft(ReasonCode::IpLocationUnknown, policy, message, evidence)
+        }
     });
     Some(action)
 }

@@ -50,11 +50,17 @@ pub struct RestrictedOwnership {
 }
 
 impl Organization {
-    pub fn new(headquarters: Option<RegionCode>, owners: Vec<Owner>) -> Result<Self, OwnershipError> {
+    pub fn new(
+        headquarters: Option<RegionCode>,
+        owners: Vec<Owner>,
+    ) -> Result<Self, OwnershipError> {
         let mut ancestors = Vec::new();
         let mut count = 0;
         check_level(&owners, "owners", 1, &mut ancestors, &mut count)?;
-        Ok(Self { headquarters, owners })
+        Ok(Self {
+            headquarters,
+            owners,
+        })
     }
 
     pub fn headquarters(&self) -> Option<RegionCode> {
@@ -66,7 +72,10 @@ impl Organization {
     }
 
     /// Effective share held by owners for which `is_restricted` holds.
-    pub fn restricted_share(&self, is_restricted: &dyn Fn(RegionCode) -> bool) -> RestrictedOwnership {
+    pub fn restricted_share(
+        &self,
+        is_restricted: &dyn Fn(RegionCode) -> bool,
+    ) -> RestrictedOwnership {
         let mut found = RestrictedOwnership::default();
         let fraction = walk(&self.owners, is_restricted, &mut found.owners);
         found.percent = (fraction * 100.0).clamp(0.0, 100.0);
@@ -75,7 +84,11 @@ impl Organization {
 }
 
 /// Fraction (0..=1) of an entity held from restricted regions through `owners`.
-fn walk(owners: &[Owner], is_restricted: &dyn Fn(RegionCode) -> bool, names: &mut Vec<String>) -> f64 {
+fn walk(
+    owners: &[Owner],
+    is_restricted: &dyn Fn(RegionCode) -> bool,
+    names: &mut Vec<String>,
+) -> f64 {
     owners
         .iter()
         .map(|owner| {
@@ -109,33 +122,57 @@ fn check_level<'a>(
     }
     let error = |field: String, problem: String| Err(OwnershipError { field, problem });
     if depth > MAX_OWNERSHIP_DEPTH {
-        return error(path.to_owned(), format!("ownership chain deeper than {MAX_OWNERSHIP_DEPTH} levels"));
+        return error(
+            path.to_owned(),
+            format!("ownership chain deeper than {MAX_OWNERSHIP_DEPTH} levels"),
+        );
     }
     *count += owners.len();
     if *count > MAX_OWNERS {
-        return error(path.to_owned(), format!("more than {MAX_OWNERS} owners in one graph"));
+        return error(
+            path.to_owned(),
+            format!("more than {MAX_OWNERS} owners in one graph"),
+        );
     }
     let mut sum = 0.0;
     for (i, owner) in owners.iter().enumerate() {
         let here = format!("{path}[{i}]");
         let share = owner.share_percent;
         if !share.is_finite() || !(0.0..=100.0).contains(&share) {
-            return error(format!("{here}.share_percent"), format!("{share} is not between 0 and 100"));
+            return error(
+                format!("{here}.share_percent"),
+                format!("{share} is not between 0 and 100"),
+            );
         }
         sum += share;
         if !owner.name.is_empty() && ancestors.contains(&owner.name.as_str()) {
-            return error(format!("{here}.name"), format!("ownership cycle: {:?} owns itself through a chain", owner.name));
+            return error(
+                format!("{here}.name"),
+                format!(
+                    "ownership cycle: {:?} owns itself through a chain",
+                    owner.name
+                ),
+            );
         }
         if !owner.name.is_empty() {
             ancestors.push(&owner.name);
         }
-        check_level(&owner.owners, &format!("{here}.owners"), depth + 1, ancestors, count)?;
+        check_level(
+            &owner.owners,
+            &format!("{here}.owners"),
+            depth + 1,
+            ancestors,
+            count,
+        )?;
         if !owner.name.is_empty() {
             ancestors.pop();
         }
     }
     if sum > 100.0 + SHARE_SUM_SLACK {
-        return error(path.to_owned(), format!("shares add up to {sum}%, more than 100%"));
+        return error(
+            path.to_owned(),
+            format!("shares add up to {sum}%, more than 100%"),
+        );
     }
     Ok(())
 }
@@ -147,7 +184,12 @@ mod tests {
 
     fn owner(name: &str, region: &str, share: f64, owners: Vec<Owner>) -> Owner {
         let region = (!region.is_empty()).then(|| RegionCode::parse(region).unwrap());
-        Owner { name: name.into(), region, share_percent: share, owners }
+        Owner {
+            name: name.into(),
+            region,
+            share_percent: share,
+            owners,
+        }
     }
 
     fn is_ir(region: RegionCode) -> bool {
@@ -157,10 +199,18 @@ mod tests {
     #[test]
     fn multiplies_along_chains_and_sums_across_paths() {
         // 60% of a holding that owns 90% -> 54%; plus a direct 10% -> 64%.
-        let org = Organization::new(None, vec![
-            owner("Holding", "AE", 90.0, vec![owner("Parent", "IR", 60.0, vec![])]),
-            owner("Direct", "IR", 10.0, vec![]),
-        ])
+        let org = Organization::new(
+            None,
+            vec![
+                owner(
+                    "Holding",
+                    "AE",
+                    90.0,
+                    vec![owner("Parent", "IR", 60.0, vec![])],
+                ),
+                owner("Direct", "IR", 10.0, vec![]),
+            ],
+        )
         .unwrap();
         let share = org.restricted_share(&is_ir);
         assert!((share.percent - 64.0).abs() < 1e-9, "{share:?}");
@@ -169,13 +219,27 @@ mod tests {
 
     #[test]
     fn restricted_owner_counts_whole_stake_without_walking_further() {
-        let org = Organization::new(None, vec![owner("P", "IR", 40.0, vec![owner("Q", "IR", 100.0, vec![])])]).unwrap();
+        let org = Organization::new(
+            None,
+            vec![owner(
+                "P",
+                "IR",
+                40.0,
+                vec![owner("Q", "IR", 100.0, vec![])],
+            )],
+        )
+        .unwrap();
         assert!((org.restricted_share(&is_ir).percent - 40.0).abs() < 1e-9);
     }
 
     #[test]
     fn refuses_cycles_bad_shares_and_deep_graphs() {
-        let cycle = vec![owner("A", "AE", 50.0, vec![owner("B", "AE", 50.0, vec![owner("A", "IR", 50.0, vec![])])])];
+        let cycle = vec![owner(
+            "A",
+            "AE",
+            50.0,
+            vec![owner("B", "AE", 50.0, vec![owner("A", "IR", 50.0, vec![])])],
+        )];
         let err = Organization::new(None, cycle).unwrap_err();
         assert_eq!(err.field, "owners[0].owners[0].owners[0].name");
 
@@ -185,7 +249,11 @@ mod tests {
         assert_eq!(over.field, "owners[0].share_percent");
         let nan = Organization::new(None, vec![owner("A", "", f64::NAN, vec![])]).unwrap_err();
         assert_eq!(nan.field, "owners[0].share_percent");
-        let sum = Organization::new(None, vec![owner("A", "", 60.0, vec![]), owner("B", "", 60.0, vec![])]).unwrap_err();
+        let sum = Organization::new(
+            None,
+            vec![owner("A", "", 60.0, vec![]), owner("B", "", 60.0, vec![])],
+        )
+        .unwrap_err();
         assert_eq!(sum.field, "owners");
 
         let mut deep = owner("leaf", "IR", 100.0, vec![]);
@@ -197,9 +265,8 @@ mod tests {
     }
 
     fn arb_owner() -> impl Strategy<Value = Owner> {
-        let leaf = (0.0..=100.0f64, prop::bool::ANY).prop_map(|(share, ir)| {
-            owner("", if ir { "IR" } else { "DE" }, share, vec![])
-        });
+        let leaf = (0.0..=100.0f64, prop::bool::ANY)
+            .prop_map(|(share, ir)| owner("", if ir { "IR" } else { "DE" }, share, vec![]));
         leaf.prop_recursive(4, 32, 3, |inner| {
             (prop::collection::vec(inner, 0..3), prop::bool::ANY).prop_map(|(mut owners, ir)| {
                 let n = owners.len().max(1) as f64;

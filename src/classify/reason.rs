@@ -86,7 +86,11 @@ mod tests {
     fn codes_round_trip_and_are_upper_snake() {
         for &code in ReasonCode::ALL {
             assert_eq!(ReasonCode::parse(code.as_str()), Some(code));
-            assert!(code.as_str().bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+            assert!(
+                code.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'_')
+            );
         }
         assert_eq!(ReasonCode::parse("NOPE"), None);
     }

@@ -19,13 +19,26 @@ fn ip_in(code: &str) -> IpFacts {
     let region = RegionCode::parse(code).unwrap();
     IpFacts {
         country: Some(region.country()),
-        subdivisions: if region.is_subdivision() { vec![region] } else { vec![] },
+        subdivisions: if region.is_subdivision() {
+            vec![region]
+        } else {
+            vec![]
+        },
         anonymizer: AnonymizerFlags::default(),
     }
 }
 
 fn decide(ip: &IpFacts, account: &AccountFacts, hints: &HintFacts, flow: Flow) -> Decision {
-    classify(&Facts { flow, now_unix: NOW, ip, account, hints }, &policy())
+    classify(
+        &Facts {
+            flow,
+            now_unix: NOW,
+            ip,
+            account,
+            hints,
+        },
+        &policy(),
+    )
 }
 
 fn codes(d: &Decision) -> Vec<&'static str> {
@@ -34,7 +47,12 @@ fn codes(d: &Decision) -> Vec<&'static str> {
 
 #[test]
 fn ordinary_request_is_allowed_with_no_reasons() {
-    let d = decide(&ip_in("DE"), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
+    let d = decide(
+        &ip_in("DE"),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(d.verdict, Verdict::Allow);
     assert_eq!(d.risk_score, 0);
     assert!(d.reasons.is_empty());
@@ -42,31 +60,76 @@ fn ordinary_request_is_allowed_with_no_reasons() {
 
 #[test]
 fn sanctioned_and_unsupported_ips_deny() {
-    let d = decide(&ip_in("IR"), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
-    assert_eq!((d.verdict, codes(&d)), (Verdict::Deny, vec!["REGION_SANCTIONED"]));
-    let d = decide(&ip_in("CN"), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
-    assert_eq!((d.verdict, codes(&d)), (Verdict::Deny, vec!["REGION_UNSUPPORTED"]));
+    let d = decide(
+        &ip_in("IR"),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
+    assert_eq!(
+        (d.verdict, codes(&d)),
+        (Verdict::Deny, vec!["REGION_SANCTIONED"])
+    );
+    let d = decide(
+        &ip_in("CN"),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
+    assert_eq!(
+        (d.verdict, codes(&d)),
+        (Verdict::Deny, vec!["REGION_UNSUPPORTED"])
+    );
 }
 
 #[test]
 fn subdivision_rules_apply_only_to_the_subdivision() {
-    let d = decide(&ip_in("UA-43"), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
+    let d = decide(
+        &ip_in("UA-43"),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.reasons[0].evidence[0], ("region", "UA-43".to_owned()));
-    let d = decide(&ip_in("UA-30"), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
+    let d = decide(
+        &ip_in("UA-30"),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(d.verdict, Verdict::Allow);
 }
 
 #[test]
 fn account_countries_are_hard_rules() {
-    let account = AccountFacts { billing_country: Some(country("CU")), phone_country: Some(country("KP")), ..Default::default() };
-    let d = decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest);
+    let account = AccountFacts {
+        billing_country: Some(country("CU")),
+        phone_country: Some(country("KP")),
+        ..Default::default()
+    };
+    let d = decide(
+        &ip_in("DE"),
+        &account,
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(d.verdict, Verdict::Deny);
-    assert!(d.has(ReasonCode::BillingCountryRestricted) && d.has(ReasonCode::PhoneCountryRestricted));
+    assert!(
+        d.has(ReasonCode::BillingCountryRestricted) && d.has(ReasonCode::PhoneCountryRestricted)
+    );
     assert!(d.has(ReasonCode::CountryMismatch));
     // Phone is not on the unsupported list's attributes.
-    let account = AccountFacts { phone_country: Some(country("CN")), ..Default::default() };
-    let d = decide(&ip_in("CN"), &account, &HintFacts::default(), Flow::ApiRequest);
+    let account = AccountFacts {
+        phone_country: Some(country("CN")),
+        ..Default::default()
+    };
+    let d = decide(
+        &ip_in("CN"),
+        &account,
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert!(!d.has(ReasonCode::PhoneCountryRestricted));
 }
 
@@ -75,13 +138,25 @@ fn tor_alone_reviews_vpn_or_hosting_alone_do_not() {
     for flow in Flow::ALL {
         let mut ip = ip_in("DE");
         ip.anonymizer.tor = true;
-        assert_eq!(decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict, Verdict::Review, "{flow:?}");
+        assert_eq!(
+            decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict,
+            Verdict::Review,
+            "{flow:?}"
+        );
         let mut ip = ip_in("DE");
         ip.anonymizer.vpn = true;
-        assert_eq!(decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict, Verdict::Allow, "{flow:?}");
+        assert_eq!(
+            decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict,
+            Verdict::Allow,
+            "{flow:?}"
+        );
         let mut ip = ip_in("DE");
         ip.anonymizer.hosting = true;
-        assert_eq!(decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict, Verdict::Allow, "{flow:?}");
+        assert_eq!(
+            decide(&ip, &AccountFacts::default(), &HintFacts::default(), flow).verdict,
+            Verdict::Allow,
+            "{flow:?}"
+        );
     }
 }
 
@@ -91,69 +166,175 @@ fn ownership_above_threshold_denies() {
         name: "Holding".into(),
         region: Some(RegionCode::parse("AE").unwrap()),
         share_percent: 80.0,
-        owners: vec![Owner { name: "Parent".into(), region: Some(RegionCode::parse("IR").unwrap()), share_percent: 70.0, owners: vec![] }],
+        owners: vec![Owner {
+            name: "Parent".into(),
+            region: Some(RegionCode::parse("IR").unwrap()),
+            share_percent: 70.0,
+            owners: vec![],
+        }],
     }];
-    let account = AccountFacts { organization: Some(Organization::new(None, owners.clone()).unwrap()), ..Default::default() };
-    let d = decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest);
+    let account = AccountFacts {
+        organization: Some(Organization::new(None, owners.clone()).unwrap()),
+        ..Default::default()
+    };
+    let d = decide(
+        &ip_in("DE"),
+        &account,
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(d.verdict, Verdict::Deny, "56% > 50%");
-    let reason = d.reasons.iter().find(|r| r.code == ReasonCode::OwnershipRestricted).unwrap();
-    assert!(reason.evidence.contains(&("restricted_share_percent", "56.00".into())));
+    let reason = d
+        .reasons
+        .iter()
+        .find(|r| r.code == ReasonCode::OwnershipRestricted)
+        .unwrap();
+    assert!(
+        reason
+            .evidence
+            .contains(&("restricted_share_percent", "56.00".into()))
+    );
 
     let mut half = owners;
     half[0].share_percent = 50.0; // 35%
-    let account = AccountFacts { organization: Some(Organization::new(None, half).unwrap()), ..Default::default() };
-    assert_eq!(decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest).verdict, Verdict::Allow);
+    let account = AccountFacts {
+        organization: Some(Organization::new(None, half).unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide(
+            &ip_in("DE"),
+            &account,
+            &HintFacts::default(),
+            Flow::ApiRequest
+        )
+        .verdict,
+        Verdict::Allow
+    );
 
     let hq = Organization::new(Some(RegionCode::parse("UA-43").unwrap()), vec![]).unwrap();
-    let account = AccountFacts { organization: Some(hq), ..Default::default() };
-    assert!(decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest).has(ReasonCode::OwnershipRestricted));
+    let account = AccountFacts {
+        organization: Some(hq),
+        ..Default::default()
+    };
+    assert!(
+        decide(
+            &ip_in("DE"),
+            &account,
+            &HintFacts::default(),
+            Flow::ApiRequest
+        )
+        .has(ReasonCode::OwnershipRestricted)
+    );
 }
 
 #[test]
 fn signup_gets_verifications_unless_hard_denied() {
     let mut ip = ip_in("DE");
     ip.anonymizer.vpn = true;
-    let account = AccountFacts { billing_country: Some(country("FR")), ..Default::default() };
+    let account = AccountFacts {
+        billing_country: Some(country("FR")),
+        ..Default::default()
+    };
     let d = decide(&ip, &account, &HintFacts::default(), Flow::Signup);
-    assert_eq!(d.verdict, Verdict::Review, "VPN 20 + mismatch 20 = 40 reaches signup review");
-    assert_eq!(d.required_verifications, vec!["PHONE".to_owned(), "ID_DOCUMENT".to_owned()]);
-    assert!(decide(&ip, &account, &HintFacts::default(), Flow::ApiRequest).required_verifications.is_empty());
+    assert_eq!(
+        d.verdict,
+        Verdict::Review,
+        "VPN 20 + mismatch 20 = 40 reaches signup review"
+    );
+    assert_eq!(
+        d.required_verifications,
+        vec!["PHONE".to_owned(), "ID_DOCUMENT".to_owned()]
+    );
+    assert!(
+        decide(&ip, &account, &HintFacts::default(), Flow::ApiRequest)
+            .required_verifications
+            .is_empty()
+    );
 
     let mut ip = ip_in("IR");
     ip.anonymizer.vpn = true;
-    let d = decide(&ip, &AccountFacts::default(), &HintFacts::default(), Flow::Signup);
+    let d = decide(
+        &ip,
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::Signup,
+    );
     assert_eq!(d.verdict, Verdict::Deny);
     assert!(d.required_verifications.is_empty());
 }
 
 #[test]
 fn locale_hints_and_new_accounts_are_soft() {
-    let hints = HintFacts { language_regions: vec![country("IR")], timezone: Some("Asia/Tehran".into()) };
-    let d = decide(&ip_in("DE"), &AccountFacts::default(), &hints, Flow::ApiRequest);
+    let hints = HintFacts {
+        language_regions: vec![country("IR")],
+        timezone: Some("Asia/Tehran".into()),
+    };
+    let d = decide(
+        &ip_in("DE"),
+        &AccountFacts::default(),
+        &hints,
+        Flow::ApiRequest,
+    );
     assert_eq!(codes(&d), vec!["LOCALE_HINTS_RESTRICTED_REGION"]);
     assert_eq!(d.verdict, Verdict::Allow);
-    let account = AccountFacts { created_at_unix: Some(NOW - 3600), ..Default::default() };
-    let d = decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest);
+    let account = AccountFacts {
+        created_at_unix: Some(NOW - 3600),
+        ..Default::default()
+    };
+    let d = decide(
+        &ip_in("DE"),
+        &account,
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(codes(&d), vec!["NEW_ACCOUNT"]);
-    let account = AccountFacts { created_at_unix: Some(NOW - 30 * 86_400), ..Default::default() };
-    assert!(decide(&ip_in("DE"), &account, &HintFacts::default(), Flow::ApiRequest).reasons.is_empty());
+    let account = AccountFacts {
+        created_at_unix: Some(NOW - 30 * 86_400),
+        ..Default::default()
+    };
+    assert!(
+        decide(
+            &ip_in("DE"),
+            &account,
+            &HintFacts::default(),
+            Flow::ApiRequest
+        )
+        .reasons
+        .is_empty()
+    );
 }
 
 #[test]
 fn unknown_location_follows_the_policy() {
-    let d = decide(&IpFacts::default(), &AccountFacts::default(), &HintFacts::default(), Flow::ApiRequest);
+    let d = decide(
+        &IpFacts::default(),
+        &AccountFacts::default(),
+        &HintFacts::default(),
+        Flow::ApiRequest,
+    );
     assert_eq!(codes(&d), vec!["IP_LOCATION_UNKNOWN"]);
     assert_eq!(d.verdict, Verdict::Allow);
     for (action, verdict) in [("review", Verdict::Review), ("deny", Verdict::Deny)] {
-        let text = crate::policy::EMBEDDED_POLICY.replace("action = \"score\"", &format!("action = \"{action}\""));
+        let text = crate::policy::EMBEDDED_POLICY
+            .replace("action = \"score\"", &format!("action = \"{action}\""));
         let policy = crate::policy::parse_policy(&text, "t").unwrap();
-        let facts = Facts { flow: Flow::ApiRequest, now_unix: NOW, ip: &IpFacts::default(), account: &AccountFacts::default(), hints: &HintFacts::default() };
+        let facts = Facts {
+            flow: Flow::ApiRequest,
+            now_unix: NOW,
+            ip: &IpFacts::default(),
+            account: &AccountFacts::default(),
+            hints: &HintFacts::default(),
+        };
         assert_eq!(classify(&facts, &policy).verdict, verdict, "{action}");
     }
 }
 
 fn arb_country() -> impl Strategy<Value = Option<CountryCode>> {
-    prop::option::of(prop::sample::select(vec!["DE", "US", "FR", "IR", "CU", "CN", "RU", "UA", "GB"]).prop_map(country))
+    prop::option::of(
+        prop::sample::select(vec!["DE", "US", "FR", "IR", "CU", "CN", "RU", "UA", "GB"])
+            .prop_map(country),
+    )
 }
 
 prop_compose! {

@@ -91,7 +91,11 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
 
     let date = raw.policy.date.get_ref();
     if !is_iso_date(date) {
-        return Err(ctx.error(&raw.policy.date, "policy.date", format!("{date:?} is not a YYYY-MM-DD date")));
+        return Err(ctx.error(
+            &raw.policy.date,
+            "policy.date",
+            format!("{date:?} is not a YYYY-MM-DD date"),
+        ));
     }
     let digest = Sha256::digest(text.as_bytes());
     let hash: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
@@ -100,19 +104,33 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     let mut applies_to = [0u8; 2];
     let mut countries = Box::new([0u8; 676]);
     let mut subdivisions = HashMap::new();
-    for (list, raw_list) in [(ListKind::Sanctioned, &raw.sanctioned), (ListKind::Unsupported, &raw.unsupported)] {
+    for (list, raw_list) in [
+        (ListKind::Sanctioned, &raw.sanctioned),
+        (ListKind::Unsupported, &raw.unsupported),
+    ] {
         let name = list.as_str();
         for (i, attr) in raw_list.applies_to.iter().enumerate() {
-            let found = Attribute::ALL.into_iter().find(|a| a.as_str() == attr.get_ref());
+            let found = Attribute::ALL
+                .into_iter()
+                .find(|a| a.as_str() == attr.get_ref());
             let Some(found) = found else {
                 let known: Vec<_> = Attribute::ALL.iter().map(|a| a.as_str()).collect();
-                return Err(ctx.error(attr, &format!("{name}.applies_to[{i}]"), format!("unknown attribute {:?}; expected one of {}", attr.get_ref(), known.join(", "))));
+                return Err(ctx.error(
+                    attr,
+                    &format!("{name}.applies_to[{i}]"),
+                    format!(
+                        "unknown attribute {:?}; expected one of {}",
+                        attr.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
             };
             applies_to[list as usize] |= found.bit();
         }
         for (i, entry) in raw_list.regions.iter().enumerate() {
             let field = format!("{name}.regions[{i}]");
-            let region = RegionCode::parse(entry.get_ref()).map_err(|e| ctx.error(entry, &field, e.to_string()))?;
+            let region = RegionCode::parse(entry.get_ref())
+                .map_err(|e| ctx.error(entry, &field, e.to_string()))?;
             let slot = if region.is_subdivision() {
                 subdivisions.entry(region).or_insert(0u8)
             } else {
@@ -127,18 +145,30 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
 
     let threshold_percent = *raw.ownership.threshold_percent.get_ref();
     if !(0.0..100.0).contains(&threshold_percent) {
-        return Err(ctx.error(&raw.ownership.threshold_percent, "ownership.threshold_percent", format!("{threshold_percent} must be at least 0 and below 100")));
+        return Err(ctx.error(
+            &raw.ownership.threshold_percent,
+            "ownership.threshold_percent",
+            format!("{threshold_percent} must be at least 0 and below 100"),
+        ));
     }
     let max_age_days = *raw.new_account.max_age_days.get_ref();
     if !(0..=3650).contains(&max_age_days) {
-        return Err(ctx.error(&raw.new_account.max_age_days, "new_account.max_age_days", format!("{max_age_days} must be between 0 and 3650")));
+        return Err(ctx.error(
+            &raw.new_account.max_age_days,
+            "new_account.max_age_days",
+            format!("{max_age_days} must be between 0 and 3650"),
+        ));
     }
     let unknown_location = match raw.unknown_location.action.get_ref().as_str() {
         "score" => UnknownLocation::Score,
         "review" => UnknownLocation::Review,
         "deny" => UnknownLocation::Deny,
         other => {
-            return Err(ctx.error(&raw.unknown_location.action, "unknown_location.action", format!("{other:?} must be \"score\", \"review\" or \"deny\"")));
+            return Err(ctx.error(
+                &raw.unknown_location.action,
+                "unknown_location.action",
+                format!("{other:?} must be \"score\", \"review\" or \"deny\""),
+            ));
         }
     };
 
@@ -147,10 +177,19 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         let field = format!("weights.{}", key.get_ref());
         let code = ctx.soft_code(key, &field)?;
         let weight = u8::try_from(*value.get_ref()).ok().filter(|w| *w <= 100);
-        let weight = weight.ok_or_else(|| ctx.error(value, &field, format!("{} must be between 0 and 100", value.get_ref())))?;
+        let weight = weight.ok_or_else(|| {
+            ctx.error(
+                value,
+                &field,
+                format!("{} must be between 0 and 100", value.get_ref()),
+            )
+        })?;
         weights.insert(code, weight);
     }
-    if let Some(missing) = ReasonCode::ALL.iter().find(|c| !c.is_hard() && !weights.contains_key(c)) {
+    if let Some(missing) = ReasonCode::ALL
+        .iter()
+        .find(|c| !c.is_hard() && !weights.contains_key(c))
+    {
         return Err(ctx.error_at_line(0, "weights", format!("missing a weight for {missing}")));
     }
 
@@ -158,22 +197,39 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     for (key, value) in &raw.thresholds {
         let field = format!("thresholds.{}", key.get_ref());
         let Some(flow) = Flow::ALL.into_iter().find(|f| f.as_str() == key.get_ref()) else {
-            return Err(ctx.error(key, &field, "unknown flow; expected api_request, signup or login".to_owned()));
+            return Err(ctx.error(
+                key,
+                &field,
+                "unknown flow; expected api_request, signup or login".to_owned(),
+            ));
         };
         let t = value.get_ref();
         let in_range = |v: i64| u8::try_from(v).ok().filter(|v| (1..=100).contains(v));
         let (Some(review), Some(deny)) = (in_range(t.review), in_range(t.deny)) else {
-            return Err(ctx.error(value, &field, "review and deny must be between 1 and 100".to_owned()));
+            return Err(ctx.error(
+                value,
+                &field,
+                "review and deny must be between 1 and 100".to_owned(),
+            ));
         };
         if review > deny {
-            return Err(ctx.error(value, &field, format!("review ({review}) is above deny ({deny})")));
+            return Err(ctx.error(
+                value,
+                &field,
+                format!("review ({review}) is above deny ({deny})"),
+            ));
         }
         thresholds[flow as usize] = Some(Thresholds { review, deny });
     }
     let mut compiled_thresholds = [Thresholds { review: 0, deny: 0 }; 3];
     for flow in Flow::ALL {
-        compiled_thresholds[flow as usize] = thresholds[flow as usize]
-            .ok_or_else(|| ctx.error_at_line(0, "thresholds", format!("missing thresholds for {}", flow.as_str())))?;
+        compiled_thresholds[flow as usize] = thresholds[flow as usize].ok_or_else(|| {
+            ctx.error_at_line(
+                0,
+                "thresholds",
+                format!("missing thresholds for {}", flow.as_str()),
+            )
+        })?;
     }
 
     let mut verifications = HashMap::new();
@@ -183,8 +239,16 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         let mut names = Vec::new();
         for (i, name) in list.iter().enumerate() {
             let text = name.get_ref();
-            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b.is_ascii_digit()) {
-                return Err(ctx.error(name, &format!("{field}[{i}]"), format!("{text:?} must be an UPPER_SNAKE verification name")));
+            if text.is_empty()
+                || !text
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'_' || b.is_ascii_digit())
+            {
+                return Err(ctx.error(
+                    name,
+                    &format!("{field}[{i}]"),
+                    format!("{text:?} must be an UPPER_SNAKE verification name"),
+                ));
             }
             names.push(text.clone());
         }
@@ -194,7 +258,8 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     let mut timezones = HashMap::new();
     for (key, value) in &raw.timezones {
         let field = format!("timezones.\"{}\"", key.get_ref());
-        let region = RegionCode::parse(value.get_ref()).map_err(|e| ctx.error(value, &field, e.to_string()))?;
+        let region = RegionCode::parse(value.get_ref())
+            .map_err(|e| ctx.error(value, &field, e.to_string()))?;
         timezones.insert(key.get_ref().clone(), region);
     }
 
@@ -221,7 +286,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn line(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     fn error<T>(&self, at: &Spanned<T>, field: &str, message: String) -> PolicyError {
@@ -229,13 +298,22 @@ impl Ctx<'_> {
     }
 
     fn error_at_line(&self, line: usize, field: &str, message: String) -> PolicyError {
-        PolicyError { source_name: self.source_name.to_owned(), line, field: field.to_owned(), message }
+        PolicyError {
+            source_name: self.source_name.to_owned(),
+            line,
+            field: field.to_owned(),
+            message,
+        }
     }
 
     fn soft_code(&self, key: &Spanned<String>, field: &str) -> Result<ReasonCode, PolicyError> {
         match ReasonCode::parse(key.get_ref()) {
             Some(code) if !code.is_hard() => Ok(code),
-            Some(code) => Err(self.error(key, field, format!("{code} is a hard rule; it takes no weight or verification"))),
+            Some(code) => Err(self.error(
+                key,
+                field,
+                format!("{code} is a hard rule; it takes no weight or verification"),
+            )),
             None => Err(self.error(key, field, "unknown reason code".to_owned())),
         }
     }
@@ -246,7 +324,9 @@ fn is_iso_date(s: &str) -> bool {
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
         && (1..=12).contains(&s[5..7].parse::<u8>().unwrap_or(0))
         && (1..=31).contains(&s[8..10].parse::<u8>().unwrap_or(0))
 }
@@ -265,12 +345,25 @@ mod tests {
     fn embedded_policy_is_valid_and_has_the_documented_defaults() {
         let policy = parse_policy(EMBEDDED_POLICY, "data/policy.toml").unwrap();
         for code in ["CU", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"] {
-            assert_eq!(policy.restriction(region(code), Attribute::Ip), Some(ListKind::Sanctioned), "{code}");
+            assert_eq!(
+                policy.restriction(region(code), Attribute::Ip),
+                Some(ListKind::Sanctioned),
+                "{code}"
+            );
         }
-        for code in ["CN", "HK", "MO", "RU", "BY", "SY", "VE", "AF", "UA-23", "UA-65"] {
-            assert!(policy.restriction(region(code), Attribute::Ip).is_some(), "{code}");
+        for code in [
+            "CN", "HK", "MO", "RU", "BY", "SY", "VE", "AF", "UA-23", "UA-65",
+        ] {
+            assert!(
+                policy.restriction(region(code), Attribute::Ip).is_some(),
+                "{code}"
+            );
         }
-        assert_eq!(policy.restriction(region("UA-30"), Attribute::Ip), None, "Kyiv is not restricted");
+        assert_eq!(
+            policy.restriction(region("UA-30"), Attribute::Ip),
+            None,
+            "Kyiv is not restricted"
+        );
         assert_eq!(policy.restriction(region("DE"), Attribute::Ip), None);
         assert!(policy.version().as_str().starts_with("20"));
     }
@@ -285,13 +378,30 @@ mod tests {
     fn errors_name_line_and_field() {
         let err = with_line("\"CU\",", "\"XX\",");
         assert_eq!(err.field, "sanctioned.regions[0]");
-        let expected_line = EMBEDDED_POLICY.lines().position(|l| l.contains("\"CU\",")).unwrap() + 1;
+        let expected_line = EMBEDDED_POLICY
+            .lines()
+            .position(|l| l.contains("\"CU\","))
+            .unwrap()
+            + 1;
         assert_eq!(err.line, expected_line);
-        assert!(err.to_string().starts_with(&format!("p.toml:{expected_line}: sanctioned.regions[0]:")), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("p.toml:{expected_line}: sanctioned.regions[0]:")),
+            "{err}"
+        );
 
-        assert_eq!(with_line("ANONYMIZER_TOR = ", "REGION_SANCTIONED = ").field, "weights.REGION_SANCTIONED");
-        assert_eq!(with_line("action = \"score\"", "action = \"maybe\"").field, "unknown_location.action");
-        assert_eq!(with_line("threshold_percent = 50.0", "threshold_percent = 150.0").field, "ownership.threshold_percent");
+        assert_eq!(
+            with_line("ANONYMIZER_TOR = ", "REGION_SANCTIONED = ").field,
+            "weights.REGION_SANCTIONED"
+        );
+        assert_eq!(
+            with_line("action = \"score\"", "action = \"maybe\"").field,
+            "unknown_location.action"
+        );
+        assert_eq!(
+            with_line("threshold_percent = 50.0", "threshold_percent = 150.0").field,
+            "ownership.threshold_percent"
+        );
         let typo = with_line("[new_account]", "[new_account]\nmax_age_dayz = 3");
         assert!(typo.message.contains("max_age_dayz"), "{typo}");
         assert!(typo.line > 0);

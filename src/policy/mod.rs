@@ -148,7 +148,11 @@ impl Policy {
         })
     }
 
-    pub fn country_restriction(&self, country: CountryCode, attribute: Attribute) -> Option<ListKind> {
+    pub fn country_restriction(
+        &self,
+        country: CountryCode,
+        attribute: Attribute,
+    ) -> Option<ListKind> {
         self.restriction(RegionCode::country_only(country), attribute)
     }
 
@@ -201,8 +205,12 @@ impl Policy {
                     }
                 }
             }
-            let mut subs: Vec<_> =
-                self.subdivisions.iter().filter(|(_, bits)| *bits & list.bit() != 0).map(|(r, _)| *r).collect();
+            let mut subs: Vec<_> = self
+                .subdivisions
+                .iter()
+                .filter(|(_, bits)| *bits & list.bit() != 0)
+                .map(|(r, _)| *r)
+                .collect();
             subs.sort();
             out.extend(subs.into_iter().map(|r| (r, list)));
         }

@@ -1,0 +1,77 @@
+//! Assembles a running [`Engine`] from a [`Config`]: loads the policy and databases (files or
+//! the embedded defaults) and lists the files the [`Reloader`] should watch.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
+use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
+use crate::reload::Target;
+
+/// The default location database, compiled in (see data/README.md for source and licence).
+pub const EMBEDDED_LOCATION_DB: &[u8] = include_bytes!("../data/geo-whois-asn-country.mmdb");
+
+/// Why the service cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("reading policy {path}: {error}")]
+    ReadPolicy { path: String, error: std::io::Error },
+    #[error(transparent)]
+    Geo(#[from] GeoError),
+}
+
+/// A loaded engine and the files to watch for it.
+pub struct Loaded {
+    pub engine: Engine,
+    pub targets: Vec<Target>,
+}
+
+pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| StartError::ReadPolicy {
+                path: path.display().to_string(),
+                error,
+            })?;
+            Ok(parse_policy(&text, &path.display().to_string())?)
+        }
+        None => Ok(parse_policy(EMBEDDED_POLICY, "embedded data/policy.toml")?),
+    }
+}
+
+pub fn load(config: &Config) -> Result<Loaded, StartError> {
+    let mut targets = Vec::new();
+    let policy_path = config.policy_path();
+    let policy = load_policy(policy_path.as_deref())?;
+    if let Some(path) = policy_path {
+        targets.push(Target::Policy(path));
+    }
+    let location = match config.location_db_path() {
+        Some(path) => {
+            targets.push(Target::Database(DbRole::Location, path.clone()));
+            GeoDatabase::open(DbRole::Location, &path)?
+        }
+        None => GeoDatabase::from_bytes(
+            DbRole::Location,
+            EMBEDDED_LOCATION_DB.to_vec(),
+            "embedded data/geo-whois-asn-country.mmdb",
+        )?,
+    };
+    let mut optional = |role: DbRole,
+                        path: &Option<std::path::PathBuf>|
+     -> Result<Option<GeoDatabase>, StartError> {
+        let Some(path) = path else { return Ok(None) };
+        targets.push(Target::Database(role, path.clone()));
+        Ok(Some(GeoDatabase::open(role, path)?))
+    };
+    let anonymous = optional(DbRole::Anonymous, &config.anonymous_db)?;
+    let asn = optional(DbRole::Asn, &config.asn_db)?;
+    let geo = Geo::new(Some(location), anonymous, asn, config.cache_capacity);
+    Ok(Loaded {
+        engine: Engine::new(policy, geo, config.max_db_age()),
+        targets,
+    })
+}

@@ -1,0 +1,160 @@
+//! The one typed configuration: defaults, then a TOML file, then environment and flags.
+//!
+//! `main` fills [`Config`] from the file and overlays what flags and `REGIONGUARD_*` variables
+//! set; everything else takes a `Config`. Paths left unset fall back to the repository's
+//! `data/` files when present, else to the copies compiled into the binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the default policy and database live in a checkout.
+pub const DEFAULT_POLICY_PATH: &str = "data/policy.toml";
+pub const DEFAULT_LOCATION_DB_PATH: &str = "data/geo-whois-asn-country.mmdb";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    pub policy: Option<PathBuf>,
+    pub location_db: Option<PathBuf>,
+    pub anonymous_db: Option<PathBuf>,
+    pub asn_db: Option<PathBuf>,
+    /// How often watched files are checked for replacement.
+    pub reload_interval_ms: u64,
+    /// Databases older than this are reported stale (0 disables the check).
+    pub max_db_age_days: u64,
+    /// Networks the lookup cache holds at most.
+    pub cache_capacity: u64,
+    /// Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
+    /// How long in-flight requests may run after shutdown begins.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            policy: None,
+            location_db: None,
+            anonymous_db: None,
+            asn_db: None,
+            reload_interval_ms: 1000,
+            max_db_age_days: 60,
+            cache_capacity: 100_000,
+            max_request_bytes: 256 * 1024,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("config {path}: {error}")]
+    Parse {
+        path: String,
+        error: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.display().to_string(),
+            error,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: source_name.to_owned(),
+            error,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.reload_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "reload_interval_ms must be above 0".into(),
+            ));
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "max_request_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.cache_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "cache_capacity must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
+    }
+
+    pub fn max_db_age(&self) -> Option<Duration> {
+        (self.max_db_age_days > 0).then(|| Duration::from_secs(self.max_db_age_days * 86_400))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The policy file to read and watch: the configured one, else `data/policy.toml` if it
+    /// exists here; `None` means the embedded copy.
+    pub fn policy_path(&self) -> Option<PathBuf> {
+        self.policy
+            .clone()
+            .or_else(|| existing(DEFAULT_POLICY_PATH))
+    }
+
+    /// As [`Config::policy_path`], for the location database.
+    pub fn location_db_path(&self) -> Option<PathBuf> {
+        self.location_db
+            .clone()
+            .or_else(|| existing(DEFAULT_LOCATION_DB_PATH))
+    }
+}
+
+fn existing(path: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(path);
+    path.is_file().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_typos_are_errors() {
+        let config = Config::from_toml(
+            "listen = \"0.0.0.0:9000\"\nanonymous_db = \"/x/anon.mmdb\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.anonymous_db, Some(PathBuf::from("/x/anon.mmdb")));
+        assert_eq!(
+            config.reload_interval_ms,
+            Config::default().reload_interval_ms
+        );
+        let err = Config::from_toml("lisen = \"0.0.0.0:9000\"", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        assert!(Config::from_toml("reload_interval_ms = 0", "c.toml").is_err());
+    }
+}

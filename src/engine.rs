@@ -1,0 +1,143 @@
+//! The application layer: joins the geo lookup, the current policy and the clock into a decision.
+//!
+//! This is where IO meets the pure core: it reads the clock, loads the current policy and geo
+//! snapshots (lock-free `ArcSwap` loads), builds [`Facts`] and calls [`classify`]. It holds no
+//! policy logic of its own and knows nothing of gRPC.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, classify};
+use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
+use crate::policy::Policy;
+
+/// One request, parsed and checked at the edge.
+#[derive(Clone, Debug)]
+pub struct ClassifyInput {
+    pub ip: IpAddr,
+    pub flow: Flow,
+    pub account: AccountFacts,
+    pub hints: HintFacts,
+    pub request_id: String,
+}
+
+/// A database as it stood for one answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseStatus {
+    pub meta: DatabaseMeta,
+    /// Older than the configured maximum age.
+    pub stale: bool,
+}
+
+/// A decision with everything the caller is told about it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub decision: Decision,
+    pub location: GeoLookup,
+    pub databases: Vec<DatabaseStatus>,
+    /// Unique per decision: a UUIDv7, so ids sort by time.
+    pub decision_id: String,
+    pub request_id: String,
+}
+
+pub struct Engine {
+    policy: ArcSwap<Policy>,
+    geo: Geo,
+    max_db_age: Option<Duration>,
+}
+
+impl Engine {
+    pub fn new(policy: Policy, geo: Geo, max_db_age: Option<Duration>) -> Self {
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            geo,
+            max_db_age,
+        }
+    }
+
+    pub fn geo(&self) -> &Geo {
+        &self.geo
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Swaps in a new, already validated policy; requests in flight finish on the old one.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    pub fn classify(&self, input: &ClassifyInput) -> Result<Outcome, GeoError> {
+        self.classify_at(input, SystemTime::now())
+    }
+
+    /// As [`Engine::classify`], at a given time (tests, replays).
+    pub fn classify_at(&self, input: &ClassifyInput, now: SystemTime) -> Result<Outcome, GeoError> {
+        let location = self.geo.lookup(input.ip)?;
+        let policy = self.policy.load();
+        let now_unix = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let facts = Facts {
+            flow: input.flow,
+            now_unix,
+            ip: &location.record.facts,
+            account: &input.account,
+            hints: &input.hints,
+        };
+        let decision = classify(&facts, &policy);
+        let databases = self.database_status(&location.databases, now);
+        Ok(Outcome {
+            decision,
+            location,
+            databases,
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            request_id: input.request_id.clone(),
+        })
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Result<(GeoLookup, Vec<DatabaseStatus>), GeoError> {
+        let location = self.geo.lookup(ip)?;
+        let databases = self.database_status(&location.databases, SystemTime::now());
+        Ok((location, databases))
+    }
+
+    fn database_status(&self, databases: &[DatabaseMeta], now: SystemTime) -> Vec<DatabaseStatus> {
+        databases
+            .iter()
+            .map(|meta| DatabaseStatus {
+                meta: meta.clone(),
+                stale: is_stale(meta.build_epoch, self.max_db_age, now),
+            })
+            .collect()
+    }
+}
+
+/// Whether a database built at `build_epoch` is older than `max_age` at `now`.
+pub fn is_stale(build_epoch: u64, max_age: Option<Duration>, now: SystemTime) -> bool {
+    let Some(max_age) = max_age else { return false };
+    let built = UNIX_EPOCH + Duration::from_secs(build_epoch);
+    now.duration_since(built).is_ok_and(|age| age > max_age)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_compares_build_time_with_max_age() {
+        let now = UNIX_EPOCH + Duration::from_secs(100 * 86_400);
+        let day = Duration::from_secs(86_400);
+        assert!(is_stale(0, Some(day * 30), now));
+        assert!(!is_stale(90 * 86_400, Some(day * 30), now));
+        assert!(!is_stale(0, None, now));
+        assert!(
+            !is_stale(200 * 86_400, Some(day), now),
+            "built in the future is not stale"
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Proto <-> domain translation. Input is parsed once here into checked domain types; any
+//! problem names the request field it came from.
+
+use std::collections::HashMap;
+
+use crate::classify::hints::accept_language_regions;
+use crate::classify::ownership::{Organization, Owner};
+use crate::classify::{AccountFacts, Flow, HintFacts, Verdict};
+use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
+use crate::geo::GeoLookup;
+use crate::grpc::{ApiError, pb};
+use crate::region::{CountryCode, RegionCode};
+
+const MAX_ID_BYTES: usize = 256;
+const MAX_REQUEST_ID_BYTES: usize = 128;
+const MAX_HINT_BYTES: usize = 1024;
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("{} bytes, more than {max}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+pub fn parse_ip(field: &str, text: &str) -> Result<std::net::IpAddr, ApiError> {
+    if text.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    text.trim().parse().map_err(|_| {
+        ApiError::invalid(
+            field,
+            format!("{:?} is not an IPv4 or IPv6 address", truncate(text)),
+        )
+    })
+}
+
+fn truncate(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn country(field: &str, text: &str) -> Result<Option<CountryCode>, ApiError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    CountryCode::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, e.to_string()))
+}
+
+fn region(field: &str, text: &str) -> Result<Option<RegionCode>, ApiError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    RegionCode::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, e.to_string()))
+}
+
+pub fn flow(value: i32) -> Result<Flow, ApiError> {
+    match pb::Flow::try_from(value) {
+        Ok(pb::Flow::Unspecified | pb::Flow::ApiRequest) => Ok(Flow::ApiRequest),
+        Ok(pb::Flow::Signup) => Ok(Flow::Signup),
+        Ok(pb::Flow::Login) => Ok(Flow::Login),
+        Err(_) => Err(ApiError::invalid("flow", format!("unknown value {value}"))),
+    }
+}
+
+fn owners(path: &str, owners: &[pb::Owner]) -> Result<Vec<Owner>, ApiError> {
+    owners
+        .iter()
+        .enumerate()
+        .map(|(i, owner)| {
+            let here = format!("{path}[{i}]");
+            check_len(&format!("{here}.name"), &owner.name, MAX_ID_BYTES)?;
+            Ok(Owner {
+                name: owner.name.clone(),
+                region: region(&format!("{here}.country"), &owner.country)?,
+                share_percent: owner.share_percent,
+                owners: self::owners(&format!("{here}.owners"), &owner.owners)?,
+            })
+        })
+        .collect()
+}
+
+fn organization(org: &pb::Organization) -> Result<Organization, ApiError> {
+    const PATH: &str = "account.organization";
+    check_len(&format!("{PATH}.name"), &org.name, MAX_ID_BYTES)?;
+    check_len(&format!("{PATH}.domain"), &org.domain, MAX_ID_BYTES)?;
+    let headquarters = region(
+        &format!("{PATH}.headquarters_country"),
+        &org.headquarters_country,
+    )?;
+    let owners = owners(&format!("{PATH}.owners"), &org.owners)?;
+    Organization::new(headquarters, owners)
+        .map_err(|e| ApiError::invalid(format!("{PATH}.{}", e.field), e.problem))
+}
+
+pub fn account(account: &pb::Account) -> Result<AccountFacts, ApiError> {
+    check_len("account.account_id", &account.account_id, MAX_ID_BYTES)?;
+    check_len(
+        "account.payment_fingerprint",
+        &account.payment_fingerprint,
+        MAX_ID_BYTES,
+    )?;
+    let created_at_unix = match account.created_at_unix {
+        0 => None,
+        t if t < 0 => {
+            return Err(ApiError::invalid(
+                "account.created_at_unix",
+                format!("{t} is before 1970"),
+            ));
+        }
+        t => Some(t),
+    };
+    Ok(AccountFacts {
+        billing_country: country("account.billing_country", &account.billing_country)?,
+        phone_country: country("account.phone_country", &account.phone_country)?,
+        payment_country: country("account.payment_country", &account.payment_country)?,
+        declared_country: country("account.declared_country", &account.declared_country)?,
+        created_at_unix,
+        organization: account
+            .organization
+            .as_ref()
+            .map(organization)
+            .transpose()?,
+    })
+}
+
+pub fn hints(hints: &pb::ClientHints) -> Result<HintFacts, ApiError> {
+    check_len(
+        "hints.accept_language",
+        &hints.accept_language,
+        MAX_HINT_BYTES,
+    )?;
+    check_len("hints.user_agent", &hints.user_agent, MAX_HINT_BYTES)?;
+    let tz = hints.timezone.trim();
+    let valid_tz = tz.len() <= 64
+        && tz
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b));
+    if !valid_tz {
+        return Err(ApiError::invalid(
+            "hints.timezone",
+            format!("{:?} is not an IANA time zone name", truncate(tz)),
+        ));
+    }
+    Ok(HintFacts {
+        language_regions: accept_language_regions(&hints.accept_language),
+        timezone: (!tz.is_empty()).then(|| tz.to_owned()),
+    })
+}
+
+impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
+    type Error = ApiError;
+
+    fn try_from(request: &pb::ClassifyRequest) -> Result<Self, ApiError> {
+        check_len("request_id", &request.request_id, MAX_REQUEST_ID_BYTES)?;
+        Ok(ClassifyInput {
+            ip: parse_ip("ip", &request.ip)?,
+            flow: flow(request.flow)?,
+            account: request
+                .account
+                .as_ref()
+                .map(account)
+                .transpose()?
+                .unwrap_or_default(),
+            hints: request
+                .hints
+                .as_ref()
+                .map(hints)
+                .transpose()?
+                .unwrap_or_default(),
+            request_id: request.request_id.clone(),
+        })
+    }
+}
+
+fn verdict(verdict: Verdict) -> pb::Verdict {
+    match verdict {
+        Verdict::Allow => pb::Verdict::Allow,
+        Verdict::Review => pb::Verdict::Review,
+        Verdict::Deny => pb::Verdict::Deny,
+    }
+}
+
+pub fn location(lookup: &GeoLookup, databases: &[DatabaseStatus]) -> pb::Location {
+    let record = &lookup.record;
+    let text = |c: Option<CountryCode>| c.map(|c| c.to_string()).unwrap_or_default();
+    let subdivisions: Vec<String> = record
+        .facts
+        .subdivisions
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let flags = record.facts.anonymizer;
+    pb::Location {
+        country: text(record.facts.country),
+        subdivision: subdivisions.last().cloned().unwrap_or_default(),
+        registered_country: text(record.registered_country),
+        asn: record.asn.unwrap_or(0),
+        as_org: record.as_org.clone().unwrap_or_default(),
+        network: record.network.to_string(),
+        anonymizer: Some(pb::Anonymizer {
+            vpn: flags.vpn,
+            tor: flags.tor,
+            public_proxy: flags.public_proxy,
+            residential_proxy: flags.residential_proxy,
+            hosting: flags.hosting,
+        }),
+        accuracy_radius_km: record.accuracy_radius_km.map_or(0, u32::from),
+        subdivisions,
+        databases: databases
+            .iter()
+            .map(|db| pb::DatabaseInfo {
+                role: db.meta.role.as_str().to_owned(),
+                database_type: db.meta.database_type.clone(),
+                build_epoch: db.meta.build_epoch,
+                stale: db.stale,
+            })
+            .collect(),
+    }
+}
+
+impl From<&Outcome> for pb::ClassifyResponse {
+    fn from(outcome: &Outcome) -> Self {
+        let decision = &outcome.decision;
+        pb::ClassifyResponse {
+            verdict: verdict(decision.verdict).into(),
+            risk_score: u32::from(decision.risk_score),
+            reasons: decision
+                .reasons
+                .iter()
+                .map(|r| pb::Reason {
+                    code: r.code.as_str().to_owned(),
+                    message: r.message.clone(),
+                    contribution: i32::from(r.contribution),
+                    hard: r.hard,
+                    evidence: r
+                        .evidence
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .collect::<HashMap<_, _>>(),
+                })
+                .collect(),
+            location: Some(location(&outcome.location, &outcome.databases)),
+            policy_version: decision.policy_version.to_string(),
+            decision_id: outcome.decision_id.clone(),
+            required_verifications: decision.required_verifications.clone(),
+            request_id: outcome.request_id.clone(),
+            error: None,
+        }
+    }
+}
+
+/// A stream response for a request that was rejected: no verdict, the error named.
+pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
+    pb::ClassifyResponse {
+        request_id: request_id.to_owned(),
+        error: Some(pb::RequestError {
+            code: error.code_name().to_owned(),
+            field: error.field().to_owned(),
+            message: error.to_string(),
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,20 @@
+//! The gRPC edge: generated types, proto <-> domain translation, and the tonic services.
+//!
+//! Proto types stop here: the domain never imports `pb`. Handlers are convert, call, convert
+//! back; every error becomes a `Status` in one place ([`ApiError`]).
+
+mod classifier;
+pub mod convert;
+mod status;
+
+pub use classifier::ClassifierService;
+pub use status::ApiError;
+
+/// Code generated from `proto/regionguard/v1/regionguard.proto`.
+pub mod pb {
+    tonic::include_proto!("regionguard.v1");
+
+    /// The encoded descriptor set that server reflection serves.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/regionguard_descriptor.bin"));
+}

@@ -1,0 +1,183 @@
+//! Hot reload: watches the policy and database files and swaps in valid replacements.
+//!
+//! Polls each file's identity (inode, size, modification time) every interval, so an atomic
+//! rename, an in-place rewrite and a `touch` are all noticed without OS-specific watchers. A new
+//! file is read and fully validated off the request path (a blocking task); only a valid one is
+//! swapped in. An invalid or missing file is logged once and the old snapshot keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::engine::{Engine, is_stale};
+use crate::geo::{DbRole, GeoDatabase};
+use crate::policy::parse_policy;
+
+/// A watched file and what it feeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Policy(PathBuf),
+    Database(DbRole, PathBuf),
+}
+
+impl Target {
+    fn path(&self) -> &Path {
+        match self {
+            Target::Policy(path) | Target::Database(_, path) => path,
+        }
+    }
+}
+
+/// What one poll did, for logs and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadEvent {
+    Reloaded { path: PathBuf, detail: String },
+    Refused { path: PathBuf, error: String },
+    Missing { path: PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Fingerprint {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode,
+    })
+}
+
+struct Watched {
+    target: Target,
+    seen: Option<Fingerprint>,
+}
+
+/// Polls the targets and applies changes to the engine.
+pub struct Reloader {
+    engine: Arc<Engine>,
+    watched: Vec<Watched>,
+    max_db_age: Option<Duration>,
+    warned_stale: Vec<(String, u64)>,
+}
+
+impl Reloader {
+    /// Starts from the files as they are now (they were just loaded).
+    pub fn new(engine: Arc<Engine>, targets: Vec<Target>, max_db_age: Option<Duration>) -> Self {
+        let watched = targets
+            .into_iter()
+            .map(|target| Watched {
+                seen: fingerprint(target.path()),
+                target,
+            })
+            .collect();
+        Self {
+            engine,
+            watched,
+            max_db_age,
+            warned_stale: Vec::new(),
+        }
+    }
+
+    /// Checks every target once; blocking (reads and validates files).
+    pub fn poll_once(&mut self) -> Vec<ReloadEvent> {
+        let mut events = Vec::new();
+        for watched in &mut self.watched {
+            let path = watched.target.path().to_path_buf();
+            let now = fingerprint(&path);
+            if now == watched.seen {
+                continue;
+            }
+            watched.seen = now;
+            let event = if now.is_none() {
+                tracing::warn!(path = %path.display(), "watched file is missing; still serving the loaded copy");
+                ReloadEvent::Missing { path }
+            } else {
+                match apply(&self.engine, &watched.target) {
+                    Ok(detail) => {
+                        tracing::info!(path = %path.display(), %detail, "reloaded");
+                        ReloadEvent::Reloaded { path, detail }
+                    }
+                    Err(error) => {
+                        tracing::error!(path = %path.display(), %error, "refused replacement; still serving the loaded copy");
+                        ReloadEvent::Refused { path, error }
+                    }
+                }
+            };
+            events.push(event);
+        }
+        self.warn_stale();
+        events
+    }
+
+    /// Logs each stale database once per build.
+    fn warn_stale(&mut self) {
+        for meta in self.engine.geo().databases().iter() {
+            let key = (meta.source.clone(), meta.build_epoch);
+            if is_stale(meta.build_epoch, self.max_db_age, SystemTime::now())
+                && !self.warned_stale.contains(&key)
+            {
+                tracing::warn!(source = %meta.source, build_epoch = meta.build_epoch, "database is older than max_db_age_days");
+                self.warned_stale.push(key);
+            }
+        }
+    }
+
+    /// Polls every `interval` until `shutdown` turns true.
+    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        self.warn_stale();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            match tokio::task::spawn_blocking(move || {
+                self.poll_once();
+                self
+            })
+            .await
+            {
+                Ok(me) => self = me,
+                Err(error) => {
+                    tracing::error!(%error, "reload task failed; hot reload stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn apply(engine: &Engine, target: &Target) -> Result<String, String> {
+    match target {
+        Target::Policy(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let policy =
+                parse_policy(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+            let version = policy.version().to_string();
+            engine.set_policy(policy);
+            Ok(format!("policy version {version}"))
+        }
+        Target::Database(role, path) => {
+            let db = GeoDatabase::open(*role, path).map_err(|e| e.to_string())?;
+            let detail = format!(
+                "{} database {} built {}",
+                role.as_str(),
+                db.database_type(),
+                db.build_epoch()
+            );
+            engine.geo().replace(*role, Some(db));
+            Ok(detail)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The gRPC server: Classifier plus grpc.health.v1 and server reflection, on a listener the
+//! caller binds, stopped by a future the caller resolves.
+//!
+//! Shutdown order: health reports NOT_SERVING, the listener stops accepting, in-flight calls
+//! drain for at most the grace period, then the server returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::engine::Engine;
+use crate::grpc::ClassifierService;
+use crate::grpc::pb::{self, classifier_server::ClassifierServer};
+
+/// Limits and timings the server needs.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerSettings {
+    pub max_request_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Serves until `shutdown` resolves, then drains.
+pub async fn run(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor sets are built by build.rs and valid");
+
+    let classifier =
+        ClassifierServer::new(ClassifierService::new(engine, settings.max_request_bytes))
+            // The handler answers RESOURCE_EXHAUSTED above max_request_bytes; this backstop stops
+            // a far larger message before it is decoded at all.
+            .max_decoding_message_size(settings.max_request_bytes.saturating_mul(4));
+
+    let (began, mut began_rx) = watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+        health
+            .set_not_serving::<ClassifierServer<ClassifierService>>()
+            .await;
+        let _ = began.send(true);
+    };
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(classifier)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            if began_rx.wait_for(|b| *b).await.is_err() {
+                // The signal future is gone only when the server already returned.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(settings.shutdown_grace).await;
+        } => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; dropping unfinished requests");
+            Ok(())
+        }
+    }
+}

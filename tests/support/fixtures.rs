@@ -1,0 +1,135 @@
+//! Small MaxMind-format databases written with `mmdb-writer`, so the repository tests itself.
+//!
+//! The networks mirror MaxMind's public test databases where they can (same addresses for the
+//! sanctioned, unsupported, VPN, Tor and hosting cases), and add locations MaxMind's files lack
+//! (a Crimean subdivision, a located VPN). Shared by unit tests (via `#[path]`) and `tests/`.
+#![allow(dead_code)]
+
+use mmdb_writer::{Value, Writer};
+
+fn iso(code: &str) -> Value {
+    Value::map([
+        ("iso_code", Value::from(code)),
+        ("names", Value::map([("en", Value::from(code))])),
+    ])
+}
+
+/// Typed as MaxMind types them (accuracy_radius is a uint16), so the reader is held to it.
+fn city(country: &str, subdivisions: &[&str], registered: &str) -> Value {
+    Value::map([
+        ("country", iso(country)),
+        ("registered_country", iso(registered)),
+        (
+            "subdivisions",
+            subdivisions.iter().map(|s| iso(s)).collect::<Value>(),
+        ),
+        (
+            "location",
+            Value::map([("accuracy_radius", Value::from(100u16))]),
+        ),
+    ])
+}
+
+fn flags(names: &[&str]) -> Value {
+    names
+        .iter()
+        .map(|n| ((*n).to_owned(), Value::from(true)))
+        .collect()
+}
+
+fn asn(number: u32, org: &str) -> Value {
+    Value::map([
+        ("autonomous_system_number", Value::from(number)),
+        ("autonomous_system_organization", Value::from(org)),
+    ])
+}
+
+fn country_code(code: &str) -> Value {
+    Value::map([("country_code", Value::from(code))])
+}
+
+fn write(database_type: &str, entries: &[(&str, Value)]) -> Vec<u8> {
+    let mut writer = Writer::builder(database_type)
+        .description(&[("en", "regionguard test fixture")])
+        .build();
+    for (network, value) in entries {
+        let network: ipnet::IpNet = network.parse().expect("fixture network");
+        writer
+            .insert_value(network, value.clone())
+            .expect("fixture insert");
+    }
+    writer.to_bytes().expect("fixture write")
+}
+
+/// A City-shaped location database.
+pub fn city_db() -> Vec<u8> {
+    write(
+        "RegionGuard-Test-City",
+        &[
+            ("216.160.83.56/29", city("US", &["WA"], "US")),
+            ("5.1.0.0/16", city("IR", &[], "IR")),
+            ("2a02:d2c0::/29", city("IR", &[], "IR")),
+            ("175.16.199.0/24", city("CN", &["22"], "CN")),
+            ("46.0.0.0/16", city("UA", &["43"], "UA")),
+            ("46.1.0.0/16", city("UA", &["30"], "UA")),
+            ("81.2.69.142/31", city("GB", &["ENG"], "US")),
+            ("81.2.69.160/27", city("GB", &["ENG"], "GB")),
+            ("1.2.0.0/16", city("DE", &["BE"], "DE")),
+            ("65.0.0.0/13", city("NL", &[], "NL")),
+            ("71.160.223.0/24", city("US", &["CA"], "US")),
+            ("2001:db8:1::/48", city("DE", &[], "DE")),
+        ],
+    )
+}
+
+/// The same world with every located network moved to another country: a reload target.
+pub fn city_db_moved() -> Vec<u8> {
+    write(
+        "RegionGuard-Test-City",
+        &[
+            ("216.160.83.56/29", city("IR", &[], "IR")),
+            ("175.16.199.0/24", city("CN", &["22"], "CN")),
+        ],
+    )
+}
+
+/// The flat `{"country_code": "US"}` layout of the ip-location-db databases.
+pub fn flat_country_db() -> Vec<u8> {
+    write(
+        "geo-whois-asn-country",
+        &[
+            ("216.160.83.0/24", country_code("US")),
+            ("5.1.0.0/16", country_code("IR")),
+            ("175.16.199.0/24", country_code("CN")),
+        ],
+    )
+}
+
+pub fn anonymous_db() -> Vec<u8> {
+    write(
+        "GeoIP2-Anonymous-IP",
+        &[
+            ("1.2.0.0/16", flags(&["is_anonymous", "is_anonymous_vpn"])),
+            ("65.0.0.0/13", flags(&["is_anonymous", "is_tor_exit_node"])),
+            (
+                "71.160.223.0/24",
+                flags(&["is_anonymous", "is_hosting_provider"]),
+            ),
+            (
+                "6.1.0.4/32",
+                flags(&["is_anonymous", "is_residential_proxy"]),
+            ),
+            ("8.8.8.0/24", flags(&[])),
+        ],
+    )
+}
+
+pub fn asn_db() -> Vec<u8> {
+    write(
+        "GeoLite2-ASN",
+        &[
+            ("216.160.83.0/24", asn(209, "CenturyLink")),
+            ("1.2.0.0/16", asn(64500, "Example VPN Ltd")),
+        ],
+    )
+}
