@@ -27,7 +27,7 @@ pub struct Config {
     pub reload_interval_ms: u64,
     /// Databases older than this are reported stale (0 disables the check).
     pub max_db_age_days: u64,
-    /// Networks the lookup cache holds at most.
+    /// Networks the lookup cache holds at most; 0 turns the cache off.
     pub cache_capacity: u64,
     /// Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
@@ -93,11 +93,6 @@ impl Config {
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_request_bytes must be at least 1024".into(),
-            ));
-        }
-        if self.cache_capacity == 0 {
-            return Err(ConfigError::Invalid(
-                "cache_capacity must be above 0".into(),
             ));
         }
         Ok(())

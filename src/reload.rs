@@ -123,7 +123,7 @@ impl Reloader {
     /// Logs each stale database once per build.
     fn warn_stale(&mut self) {
         for meta in self.engine.geo().databases().iter() {
-            let key = (meta.source.clone(), meta.build_epoch);
+            let key = (meta.source.to_string(), meta.build_epoch);
             if is_stale(meta.build_epoch, self.max_db_age, SystemTime::now())
                 && !self.warned_stale.contains(&key)
             {

@@ -54,9 +54,9 @@ impl GeoRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseMeta {
     pub role: DbRole,
-    pub database_type: String,
+    pub database_type: Arc<str>,
     pub build_epoch: u64,
-    pub source: String,
+    pub source: Arc<str>,
 }
 
 /// One lookup's answer, with the snapshot it came from.
@@ -89,9 +89,9 @@ impl GeoSnapshot {
             .flatten()
             .map(|db| DatabaseMeta {
                 role: db.role(),
-                database_type: db.database_type().to_owned(),
+                database_type: db.database_type().into(),
                 build_epoch: db.build_epoch(),
-                source: db.source_name().to_owned(),
+                source: db.source_name().into(),
             })
             .collect();
         Self {
@@ -120,7 +120,9 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
 /// The geolocation service: current databases plus the cache.
 pub struct Geo {
     snapshot: ArcSwap<GeoSnapshot>,
-    cache: PrefixCache,
+    /// `None` when configured off (capacity 0): for flat databases a lookup is cheaper than a
+    /// cache probe (see README, Performance).
+    cache: Option<PrefixCache>,
     generations: AtomicU64,
 }
 
@@ -139,7 +141,7 @@ impl Geo {
         );
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            cache: PrefixCache::new(cache_capacity),
+            cache: (cache_capacity > 0).then(|| PrefixCache::new(cache_capacity)),
             generations: AtomicU64::new(1),
         }
     }
@@ -170,18 +172,33 @@ impl Geo {
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.stats()
+        self.cache
+            .as_ref()
+            .map(PrefixCache::stats)
+            .unwrap_or_default()
+    }
+
+    /// Looks `ip` up in every loaded database, bypassing the cache (benchmark baseline,
+    /// diagnostics). Requests use [`Geo::lookup`].
+    pub fn lookup_uncached(&self, ip: IpAddr) -> Result<GeoRecord, GeoError> {
+        lookup_uncached(&self.snapshot.load(), normalize(ip))
     }
 
     /// Looks `ip` up in every loaded database, through the cache.
     pub fn lookup(&self, ip: IpAddr) -> Result<GeoLookup, GeoError> {
         let ip = normalize(ip);
         let snapshot = self.snapshot.load();
-        let record = match self.cache.get(snapshot.generation, ip) {
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.get(snapshot.generation, ip));
+        let record = match cached {
             Some(record) => record,
             None => {
                 let record = Arc::new(lookup_uncached(&snapshot, ip)?);
-                self.cache.insert(snapshot.generation, ip, record.clone());
+                if let Some(cache) = &self.cache {
+                    cache.insert(snapshot.generation, ip, record.clone());
+                }
                 record
             }
         };

@@ -152,3 +152,20 @@ fn missing_location_database_is_an_error_not_a_panic() {
         Err(GeoError::NoLocationDatabase)
     ));
 }
+
+#[test]
+fn cache_can_be_turned_off() {
+    let geo = Geo::new(
+        Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
+        None,
+        None,
+        0,
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            country(&geo.lookup(ip("175.16.199.10")).unwrap()).as_deref(),
+            Some("CN")
+        );
+    }
+    assert_eq!(geo.cache_stats(), CacheStats::default());
+}

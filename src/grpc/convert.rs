@@ -220,7 +220,7 @@ pub fn location(lookup: &GeoLookup, databases: &[DatabaseStatus]) -> pb::Locatio
             .iter()
             .map(|db| pb::DatabaseInfo {
                 role: db.meta.role.as_str().to_owned(),
-                database_type: db.meta.database_type.clone(),
+                database_type: db.meta.database_type.to_string(),
                 build_epoch: db.meta.build_epoch,
                 stale: db.stale,
             })
