@@ -237,8 +237,15 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
     };
+    let input = match ClassifyInput::try_from(&request) {
+        Ok(input) => input,
+        Err(error) => {
+            eprintln!("regionguard: invalid request: {error}");
+            // 65 = EX_DATAERR: the request, not the configuration, is at fault.
+            return Ok(ExitCode::from(65));
+        }
+    };
     let loaded = app::load(&args.data.config()?)?;
-    let input = ClassifyInput::try_from(&request)?;
     let outcome = loaded.engine.classify(&input)?;
     let response = pb::ClassifyResponse::from(&outcome);
     println!(

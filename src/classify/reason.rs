@@ -95,3 +95,21 @@ mod tests {
         assert_eq!(ReasonCode::parse("NOPE"), None);
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::ReasonCode;
+
+    #[test]
+    fn readme_documents_every_code() {
+        let readme = include_str!("../../README.md");
+        for code in ReasonCode::ALL {
+            let kind = if code.is_hard() { "hard" } else { "soft" };
+            let row = format!("| `{}` | {kind}", code.as_str());
+            assert!(
+                readme.contains(&row),
+                "README.md has no row starting {row:?}"
+            );
+        }
+    }
+}
