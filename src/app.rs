@@ -52,13 +52,20 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     let location = match config.location_db_path() {
         Some(path) => {
             targets.push(Target::Database(DbRole::Location, path.clone()));
-            GeoDatabase::open(DbRole::Location, &path)?
+            match GeoDatabase::open(DbRole::Location, &path) {
+                Ok(db) => Some(db),
+                Err(error) if config.start_without_location_db => {
+                    tracing::error!(%error, "starting without a location database; waiting for a valid file");
+                    None
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
-        None => GeoDatabase::from_bytes(
+        None => Some(GeoDatabase::from_bytes(
             DbRole::Location,
             EMBEDDED_LOCATION_DB.to_vec(),
             "embedded data/geo-whois-asn-country.mmdb",
-        )?,
+        )?),
     };
     let mut optional = |role: DbRole,
                         path: &Option<std::path::PathBuf>|
@@ -69,7 +76,7 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     };
     let anonymous = optional(DbRole::Anonymous, &config.anonymous_db)?;
     let asn = optional(DbRole::Asn, &config.asn_db)?;
-    let geo = Geo::new(Some(location), anonymous, asn, config.cache_capacity);
+    let geo = Geo::new(location, anonymous, asn, config.cache_capacity);
     Ok(Loaded {
         engine: Engine::new(policy, geo, config.max_db_age()),
         targets,

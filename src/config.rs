@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::gateway::GatewayConfig;
+
 /// Where the default policy and database live in a checkout.
 pub const DEFAULT_POLICY_PATH: &str = "data/policy.toml";
 pub const DEFAULT_LOCATION_DB_PATH: &str = "data/geo-whois-asn-country.mmdb";
@@ -33,6 +35,11 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace_ms: u64,
+    /// Start even when the location database cannot be loaded: Classify answers UNAVAILABLE and
+    /// gateway checks answer per `gateway.on_error` until a valid file appears at the path.
+    pub start_without_location_db: bool,
+    /// Envoy ext_authz settings (`[gateway]` table).
+    pub gateway: GatewayConfig,
 }
 
 impl Default for Config {
@@ -48,6 +55,8 @@ impl Default for Config {
             cache_capacity: 100_000,
             max_request_bytes: 256 * 1024,
             shutdown_grace_ms: 5000,
+            start_without_location_db: false,
+            gateway: GatewayConfig::default(),
         }
     }
 }
@@ -90,6 +99,7 @@ impl Config {
                 "reload_interval_ms must be above 0".into(),
             ));
         }
+        self.gateway.validate().map_err(ConfigError::Invalid)?;
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_request_bytes must be at least 1024".into(),
@@ -151,5 +161,13 @@ mod tests {
         let err = Config::from_toml("lisen = \"0.0.0.0:9000\"", "c.toml").unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
         assert!(Config::from_toml("reload_interval_ms = 0", "c.toml").is_err());
+        let gateway = Config::from_toml(
+            "[gateway]\ntrusted_hops = 1\non_error = \"allow\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(gateway.gateway.trusted_hops, 1);
+        let err = Config::from_toml("[gateway]\ndeny_status = 451\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("deny_status"), "{err}");
     }
 }

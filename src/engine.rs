@@ -78,6 +78,15 @@ impl Engine {
     /// As [`Engine::classify`], at a given time (tests, replays).
     pub fn classify_at(&self, input: &ClassifyInput, now: SystemTime) -> Result<Outcome, GeoError> {
         let location = self.geo.lookup(input.ip)?;
+        Ok(self.decide_at(input, location, now))
+    }
+
+    /// Decides with a location already looked up (callers that key a cache on it).
+    pub fn decide(&self, input: &ClassifyInput, location: GeoLookup) -> Outcome {
+        self.decide_at(input, location, SystemTime::now())
+    }
+
+    fn decide_at(&self, input: &ClassifyInput, location: GeoLookup, now: SystemTime) -> Outcome {
         let policy = self.policy.load();
         let now_unix = now
             .duration_since(UNIX_EPOCH)
@@ -91,13 +100,13 @@ impl Engine {
         };
         let decision = classify(&facts, &policy);
         let databases = self.database_status(&location.databases, now);
-        Ok(Outcome {
+        Outcome {
             decision,
             location,
             databases,
             decision_id: uuid::Uuid::now_v7().to_string(),
             request_id: input.request_id.clone(),
-        })
+        }
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Result<(GeoLookup, Vec<DatabaseStatus>), GeoError> {

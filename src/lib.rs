@@ -14,6 +14,7 @@ pub mod app;
 pub mod classify;
 pub mod config;
 pub mod engine;
+pub mod gateway;
 pub mod geo;
 pub mod grpc;
 pub mod policy;

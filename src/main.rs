@@ -190,7 +190,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let (stop_reload, stop_reload_rx) = tokio::sync::watch::channel(false);
         let reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
-        let settings = ServerSettings { max_request_bytes: config.max_request_bytes, shutdown_grace: config.shutdown_grace() };
+        let settings = ServerSettings::from_config(&config);
         server::run(listener, engine, settings, shutdown_signal()).await?;
         let _ = stop_reload.send(true);
         let _ = reload_task.await;

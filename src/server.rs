@@ -1,4 +1,5 @@
-//! The gRPC server: Classifier plus grpc.health.v1 and server reflection, on a listener the
+//! The gRPC server: Classifier, Envoy ext_authz Authorization, grpc.health.v1 and server
+//! reflection, on a listener the
 //! caller binds, stopped by a future the caller resolves.
 //!
 //! Shutdown order: health reports NOT_SERVING, the listener stops accepting, in-flight calls
@@ -13,15 +14,38 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
 use crate::engine::Engine;
+use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
 use crate::grpc::ClassifierService;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
 
-/// Limits and timings the server needs.
-#[derive(Clone, Copy, Debug)]
+/// Limits, timings and the gateway adapter's settings.
+#[derive(Clone, Debug)]
 pub struct ServerSettings {
     pub max_request_bytes: usize,
     pub shutdown_grace: Duration,
+    pub gateway: GatewayConfig,
+}
+
+impl ServerSettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_request_bytes: config.max_request_bytes,
+            shutdown_grace: config.shutdown_grace(),
+            gateway: config.gateway.clone(),
+        }
+    }
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gateway config: {0}")]
+    Gateway(String),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }
 
 /// Serves until `shutdown` resolves, then drains.
@@ -30,7 +54,7 @@ pub async fn run(
     engine: Arc<Engine>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ClassifierServer<ClassifierService>>()
@@ -38,9 +62,14 @@ pub async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(ENVOY_FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the descriptor sets are built by build.rs and valid");
 
+    let gateway = GatewayService::new(engine.clone(), settings.gateway.clone())
+        .map_err(ServeError::Gateway)?;
+    let authorization = AuthorizationServer::new(gateway)
+        .max_decoding_message_size(settings.max_request_bytes.saturating_mul(4));
     let classifier =
         ClassifierServer::new(ClassifierService::new(engine, settings.max_request_bytes))
             // The handler answers RESOURCE_EXHAUSTED above max_request_bytes; this backstop stops
@@ -60,10 +89,11 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(classifier)
+        .add_service(authorization)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result,
+        result = &mut server => Ok(result?),
         _ = async {
             if began_rx.wait_for(|b| *b).await.is_err() {
                 // The signal future is gone only when the server already returned.

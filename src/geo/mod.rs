@@ -66,6 +66,8 @@ pub struct GeoLookup {
     pub ip: IpAddr,
     pub record: Arc<GeoRecord>,
     pub databases: Arc<[DatabaseMeta]>,
+    /// The snapshot's generation: changes whenever any database is replaced.
+    pub generation: u64,
 }
 
 /// The databases in use at one moment; replaced whole on reload.
@@ -206,6 +208,7 @@ impl Geo {
             ip,
             record,
             databases: snapshot.databases.clone(),
+            generation: snapshot.generation,
         })
     }
 }

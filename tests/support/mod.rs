@@ -167,8 +167,8 @@ impl TestServer {
         let reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
         tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
         let settings = ServerSettings {
-            max_request_bytes: config.max_request_bytes,
             shutdown_grace: Duration::from_secs(2),
+            ..ServerSettings::from_config(&config)
         };
         let task = tokio::spawn(async move {
             server::run(listener, engine, settings, async {

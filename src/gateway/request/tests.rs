@@ -1,0 +1,173 @@
+use super::*;
+use crate::gateway::config::{AccountHeaders, MetadataField};
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::google::protobuf::Value;
+
+#[path = "../../../tests/support/envoy.rs"]
+mod envoy;
+use envoy::check_request;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn hops(n: u32) -> GatewayConfig {
+    GatewayConfig {
+        trusted_hops: n,
+        ..Default::default()
+    }
+    .normalized()
+}
+
+#[test]
+fn source_address_is_the_client_by_default_and_xff_is_ignored() {
+    let check = check_request("203.0.113.7", "/v1", &[("x-forwarded-for", "1.1.1.1")], &[]);
+    assert_eq!(
+        map_check(&check, &hops(0)).unwrap().input.ip,
+        ip("203.0.113.7")
+    );
+}
+
+#[test]
+fn trusted_hops_pick_the_right_most_untrusted_address() {
+    // client 5.1.2.3 -> spoofed 9.9.9.9 prepended; proxy A (10.0.0.1) adds 5.1.2.3; Envoy sees source 10.0.0.1.
+    let check = check_request(
+        "10.0.0.1",
+        "/v1",
+        &[("x-forwarded-for", "9.9.9.9, 5.1.2.3")],
+        &[],
+    );
+    assert_eq!(map_check(&check, &hops(1)).unwrap().input.ip, ip("5.1.2.3"));
+    assert_eq!(map_check(&check, &hops(2)).unwrap().input.ip, ip("9.9.9.9"));
+    assert_eq!(
+        map_check(&check, &hops(3)).unwrap().input.ip,
+        ip("10.0.0.1"),
+        "fewer entries than hops: the source"
+    );
+    let no_xff = check_request("10.0.0.1", "/v1", &[], &[]);
+    assert_eq!(
+        map_check(&no_xff, &hops(1)).unwrap().input.ip,
+        ip("10.0.0.1")
+    );
+    let ported = check_request(
+        "10.0.0.1",
+        "/v1",
+        &[("x-forwarded-for", "[2001:db8::1]:443")],
+        &[],
+    );
+    assert_eq!(
+        map_check(&ported, &hops(1)).unwrap().input.ip,
+        ip("2001:db8::1")
+    );
+}
+
+#[test]
+fn malformed_addresses_are_mapping_errors() {
+    let err = map_check(&check_request("not-an-ip", "/", &[], &[]), &hops(0)).unwrap_err();
+    assert_eq!(
+        err.field,
+        "attributes.source.address.socket_address.address"
+    );
+    let err = map_check(
+        &check_request("10.0.0.1", "/", &[("x-forwarded-for", "bogus")], &[]),
+        &hops(1),
+    )
+    .unwrap_err();
+    assert_eq!(err.field, "headers[x-forwarded-for]");
+    let err = map_check(&CheckRequest::default(), &hops(0)).unwrap_err();
+    assert_eq!(err.field, "attributes");
+}
+
+#[test]
+fn account_from_header_context_or_metadata() {
+    let config = GatewayConfig {
+        account_metadata: Some(MetadataField {
+            namespace: "envoy.filters.http.jwt_authn".into(),
+            path: "jwt_payload.sub".into(),
+        }),
+        ..Default::default()
+    }
+    .normalized();
+    let check = check_request(
+        "8.8.8.8",
+        "/",
+        &[("x-account-id", "acct-1")],
+        &[("regionguard.account_id", "acct-2")],
+    );
+    assert_eq!(
+        map_check(&check, &config).unwrap().account_id.as_deref(),
+        Some("acct-1")
+    );
+    let check = check_request("8.8.8.8", "/", &[], &[("regionguard.account_id", "acct-2")]);
+    assert_eq!(
+        map_check(&check, &config).unwrap().account_id.as_deref(),
+        Some("acct-2")
+    );
+
+    let mut check = check_request("8.8.8.8", "/", &[], &[]);
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let payload = Struct {
+        fields: [("sub".to_owned(), string("acct-3"))].into(),
+    };
+    let jwt = Struct {
+        fields: [(
+            "jwt_payload".to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(payload)),
+            },
+        )]
+        .into(),
+    };
+    check.attributes.as_mut().unwrap().metadata_context = Some(Metadata {
+        filter_metadata: [("envoy.filters.http.jwt_authn".to_owned(), jwt)].into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        map_check(&check, &config).unwrap().account_id.as_deref(),
+        Some("acct-3")
+    );
+
+    let none = check_request("8.8.8.8", "/", &[], &[]);
+    assert_eq!(map_check(&none, &config).unwrap().account_id, None);
+}
+
+#[test]
+fn flow_and_account_headers() {
+    let config = GatewayConfig {
+        account_headers: AccountHeaders {
+            billing_country: Some("X-Billing-Country".into()),
+            created_at_unix: Some("x-account-created".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .normalized();
+    let check = check_request(
+        "8.8.8.8",
+        "/",
+        &[
+            ("x-billing-country", "ir"),
+            ("x-account-created", "1700000000"),
+            ("accept-language", "fa-IR"),
+        ],
+        &[(FLOW_KEY, "signup")],
+    );
+    let mapped = map_check(&check, &config).unwrap();
+    assert_eq!(mapped.input.flow, Flow::Signup);
+    assert_eq!(mapped.input.account.billing_country.unwrap().as_str(), "IR");
+    assert_eq!(mapped.input.account.created_at_unix, Some(1_700_000_000));
+    assert_eq!(mapped.input.hints.language_regions[0].as_str(), "IR");
+
+    let bad = check_request("8.8.8.8", "/", &[("x-billing-country", "Iran")], &[]);
+    assert_eq!(
+        map_check(&bad, &config).unwrap_err().field,
+        "headers[x-billing-country]"
+    );
+    let bad_flow = check_request("8.8.8.8", "/", &[], &[(FLOW_KEY, "checkout")]);
+    assert_eq!(
+        map_check(&bad_flow, &config).unwrap_err().field,
+        "context_extensions[regionguard.flow]"
+    );
+}
