@@ -90,7 +90,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(classifier)
         .add_service(authorization)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => Ok(result?),
@@ -105,4 +105,19 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// Accepted connections, with Nagle's algorithm off: small gRPC frames must not wait for ACKs.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted
+            && let Err(error) = stream.set_nodelay(true)
+        {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        accepted
+    })
 }

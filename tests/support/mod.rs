@@ -1,6 +1,7 @@
 //! Test support: fixture worlds (scenarios) and a real server on an ephemeral loopback port.
 #![allow(dead_code)]
 
+pub mod envoy;
 pub mod fixtures;
 
 use std::path::{Path, PathBuf};
