@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
-use crate::reload::Target;
+use crate::reload::{Target, Watched};
 
 /// The default location database, compiled in (see data/README.md for source and licence).
 pub const EMBEDDED_LOCATION_DB: &[u8] = include_bytes!("../data/geo-whois-asn-country.mmdb");
@@ -26,7 +26,7 @@ pub enum StartError {
 /// A loaded engine and the files to watch for it.
 pub struct Loaded {
     pub engine: Engine,
-    pub targets: Vec<Target>,
+    pub targets: Vec<Watched>,
 }
 
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
@@ -45,13 +45,16 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
 pub fn load(config: &Config) -> Result<Loaded, StartError> {
     let mut targets = Vec::new();
     let policy_path = config.policy_path();
-    let policy = load_policy(policy_path.as_deref())?;
-    if let Some(path) = policy_path {
-        targets.push(Target::Policy(path));
+    if let Some(path) = &policy_path {
+        targets.push(Watched::before_load(Target::Policy(path.clone())));
     }
+    let policy = load_policy(policy_path.as_deref())?;
     let location = match config.location_db_path() {
         Some(path) => {
-            targets.push(Target::Database(DbRole::Location, path.clone()));
+            targets.push(Watched::before_load(Target::Database(
+                DbRole::Location,
+                path.clone(),
+            )));
             match GeoDatabase::open(DbRole::Location, &path) {
                 Ok(db) => Some(db),
                 Err(error) if config.start_without_location_db => {
@@ -71,7 +74,7 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
                         path: &Option<std::path::PathBuf>|
      -> Result<Option<GeoDatabase>, StartError> {
         let Some(path) = path else { return Ok(None) };
-        targets.push(Target::Database(role, path.clone()));
+        targets.push(Watched::before_load(Target::Database(role, path.clone())));
         Ok(Some(GeoDatabase::open(role, path)?))
     };
     let anonymous = optional(DbRole::Anonymous, &config.anonymous_db)?;

@@ -113,7 +113,8 @@ impl Config {
     }
 
     pub fn max_db_age(&self) -> Option<Duration> {
-        (self.max_db_age_days > 0).then(|| Duration::from_secs(self.max_db_age_days * 86_400))
+        (self.max_db_age_days > 0)
+            .then(|| Duration::from_secs(self.max_db_age_days.saturating_mul(86_400)))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -247,7 +247,7 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     };
     let loaded = app::load(&args.data.config()?)?;
     let outcome = loaded.engine.classify(&input)?;
-    let response = pb::ClassifyResponse::from(&outcome);
+    let response = pb::ClassifyResponse::from(outcome);
     println!(
         "{}",
         serde_json::to_string_pretty(&response_json(&response))?

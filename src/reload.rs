@@ -58,9 +58,26 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
-struct Watched {
+/// A target with the identity its file had when it was last read.
+#[derive(Clone, Debug)]
+pub struct Watched {
     target: Target,
     seen: Option<Fingerprint>,
+}
+
+impl Watched {
+    /// Call just before the initial load reads the file: a replacement written while it loads
+    /// then differs from this stamp and is picked up by the first poll.
+    pub fn before_load(target: Target) -> Self {
+        Self {
+            seen: fingerprint(target.path()),
+            target,
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
 }
 
 /// Polls the targets and applies changes to the engine.
@@ -72,15 +89,8 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Starts from the files as they are now (they were just loaded).
-    pub fn new(engine: Arc<Engine>, targets: Vec<Target>, max_db_age: Option<Duration>) -> Self {
-        let watched = targets
-            .into_iter()
-            .map(|target| Watched {
-                seen: fingerprint(target.path()),
-                target,
-            })
-            .collect();
+    /// Starts from the stamps taken when the files were loaded.
+    pub fn new(engine: Arc<Engine>, watched: Vec<Watched>, max_db_age: Option<Duration>) -> Self {
         Self {
             engine,
             watched,
@@ -103,7 +113,12 @@ impl Reloader {
                 tracing::warn!(path = %path.display(), "watched file is missing; still serving the loaded copy");
                 ReloadEvent::Missing { path }
             } else {
-                match apply(&self.engine, &watched.target) {
+                let result = apply(&self.engine, &watched.target);
+                if fingerprint(&path) != now {
+                    // Written to while being read: read it again on the next poll.
+                    watched.seen = None;
+                }
+                match result {
                     Ok(detail) => {
                         tracing::info!(path = %path.display(), %detail, "reloaded");
                         ReloadEvent::Reloaded { path, detail }

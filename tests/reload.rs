@@ -158,11 +158,35 @@ async fn database_reload_under_load_fails_no_request() {
 }
 
 #[tokio::test]
-async fn a_missing_file_keeps_the_loaded_copy() {
+async fn a_missing_file_keeps_the_loaded_copy_until_it_returns() {
     let scenario = &scenarios()[0];
     let server = TestServer::start(scenario).await;
     std::fs::remove_file(&server.policy_path).unwrap();
     std::fs::remove_file(&server.location_path).unwrap();
     still(&server, scenario.ips.sanctioned, Verdict::Deny).await;
+    still(&server, scenario.ips.unsupported, Verdict::Deny).await;
+    // The policy comes back without CN: the reloader noticed the gap and takes the new file.
+    std::fs::write(
+        &server.policy_path,
+        scenario.policy.replacen("  \"CN\",", "", 1),
+    )
+    .unwrap();
+    eventually(&server, scenario.ips.unsupported, Verdict::Allow).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_in_place_rewrite_is_picked_up() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    // Same inode, new content (no rename): what an editor or `cp` over the file does.
+    std::fs::write(
+        &server.policy_path,
+        scenario.policy.replacen("  \"CN\",", "", 1),
+    )
+    .unwrap();
+    eventually(&server, scenario.ips.unsupported, Verdict::Allow).await;
+    std::fs::write(&server.location_path, fixtures::city_db_moved()).unwrap();
+    eventually(&server, scenario.ips.allowed, Verdict::Deny).await;
     server.shutdown().await;
 }

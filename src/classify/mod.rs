@@ -305,8 +305,9 @@ fn new_account(facts: &Facts<'_>, policy: &Policy, out: &mut Vec<Reason>) {
         return;
     };
     let age = facts.now_unix.saturating_sub(created);
-    if age < policy.new_account_max_age_secs() {
-        let days = age.max(0) / 86_400;
+    // A creation time in the future is bad data, not a new account.
+    if (0..policy.new_account_max_age_secs()).contains(&age) {
+        let days = age / 86_400;
         out.push(soft(
             ReasonCode::NewAccount,
             policy,

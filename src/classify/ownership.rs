@@ -54,9 +54,7 @@ impl Organization {
         headquarters: Option<RegionCode>,
         owners: Vec<Owner>,
     ) -> Result<Self, OwnershipError> {
-        let mut ancestors = Vec::new();
-        let mut count = 0;
-        check_level(&owners, "owners", 1, &mut ancestors, &mut count)?;
+        check_level(&owners, &mut Vec::new(), &mut Vec::new(), &mut 0)?;
         Ok(Self {
             headquarters,
             owners,
@@ -110,10 +108,21 @@ fn walk(
         .sum()
 }
 
+/// The field path of `leaf` below the owners at `path` (indices from the organisation down):
+/// `owner_field(&[0, 1], "name")` is `owners[0].owners[1].name`; `owner_field(&[0], "owners")`
+/// is `owners[0].owners`. Built only when there is an error to report.
+pub fn owner_field(path: &[usize], leaf: &str) -> String {
+    let mut field = String::new();
+    for index in path {
+        field.push_str(&format!("owners[{index}]."));
+    }
+    field.push_str(leaf);
+    field
+}
+
 fn check_level<'a>(
     owners: &'a [Owner],
-    path: &str,
-    depth: usize,
+    path: &mut Vec<usize>,
     ancestors: &mut Vec<&'a str>,
     count: &mut usize,
 ) -> Result<(), OwnershipError> {
@@ -121,56 +130,52 @@ fn check_level<'a>(
         return Ok(());
     }
     let error = |field: String, problem: String| Err(OwnershipError { field, problem });
-    if depth > MAX_OWNERSHIP_DEPTH {
+    if path.len() >= MAX_OWNERSHIP_DEPTH {
         return error(
-            path.to_owned(),
+            owner_field(path, "owners"),
             format!("ownership chain deeper than {MAX_OWNERSHIP_DEPTH} levels"),
         );
     }
     *count += owners.len();
     if *count > MAX_OWNERS {
         return error(
-            path.to_owned(),
+            owner_field(path, "owners"),
             format!("more than {MAX_OWNERS} owners in one graph"),
         );
     }
     let mut sum = 0.0;
     for (i, owner) in owners.iter().enumerate() {
-        let here = format!("{path}[{i}]");
+        path.push(i);
         let share = owner.share_percent;
         if !share.is_finite() || !(0.0..=100.0).contains(&share) {
             return error(
-                format!("{here}.share_percent"),
+                owner_field(path, "share_percent"),
                 format!("{share} is not between 0 and 100"),
             );
         }
         sum += share;
-        if !owner.name.is_empty() && ancestors.contains(&owner.name.as_str()) {
+        let named = !owner.name.is_empty();
+        if named && ancestors.contains(&owner.name.as_str()) {
             return error(
-                format!("{here}.name"),
+                owner_field(path, "name"),
                 format!(
                     "ownership cycle: {:?} owns itself through a chain",
                     owner.name
                 ),
             );
         }
-        if !owner.name.is_empty() {
+        if named {
             ancestors.push(&owner.name);
         }
-        check_level(
-            &owner.owners,
-            &format!("{here}.owners"),
-            depth + 1,
-            ancestors,
-            count,
-        )?;
-        if !owner.name.is_empty() {
+        check_level(&owner.owners, path, ancestors, count)?;
+        if named {
             ancestors.pop();
         }
+        path.pop();
     }
     if sum > 100.0 + SHARE_SUM_SLACK {
         return error(
-            path.to_owned(),
+            owner_field(path, "owners"),
             format!("shares add up to {sum}%, more than 100%"),
         );
     }
@@ -286,6 +291,22 @@ mod tests {
             let org = Organization::new(None, owners).unwrap();
             let share = org.restricted_share(&is_ir).percent;
             prop_assert!((0.0..=100.0).contains(&share));
+        }
+
+        /// Restricting more regions never lowers the restricted share, and restricting every
+        /// region gives exactly the share held by the direct owners.
+        #[test]
+        fn restricting_more_never_lowers_the_share(owners in prop::collection::vec(arb_owner(), 0..3)) {
+            let n = owners.len().max(1) as f64;
+            let owners: Vec<Owner> = owners.into_iter().map(|mut o| { o.share_percent /= n; o }).collect();
+            let direct: f64 = owners.iter().map(|o| o.share_percent).sum();
+            let org = Organization::new(None, owners).unwrap();
+            let ir = org.restricted_share(&is_ir).percent;
+            let ir_or_de = org.restricted_share(&|r: RegionCode| matches!(r.country().as_str(), "IR" | "DE")).percent;
+            let nothing = org.restricted_share(&|_| false).percent;
+            prop_assert!(ir_or_de + 1e-9 >= ir, "{ir_or_de} < {ir}");
+            prop_assert_eq!(nothing, 0.0);
+            prop_assert!((ir_or_de - direct.min(100.0)).abs() < 1e-6, "{ir_or_de} vs {direct}");
         }
     }
 }

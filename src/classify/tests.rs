@@ -362,14 +362,30 @@ fn arb_flow() -> impl Strategy<Value = Flow> {
 
 proptest! {
     #[test]
-    fn score_is_bounded_and_decision_deterministic(ip in arb_ip(), account in arb_account(), flow in arb_flow()) {
+    fn hard_reasons_deny_and_the_verdict_follows_the_score(ip in arb_ip(), account in arb_account(), flow in arb_flow()) {
+        let d = decide(&ip, &account, &HintFacts::default(), flow);
+        let t = policy().thresholds(flow);
+        let sum: u32 = d.reasons.iter().map(|r| u32::from(r.contribution)).sum();
+        prop_assert_eq!(u32::from(d.risk_score), sum.min(100));
+        if d.reasons.iter().any(|r| r.hard) {
+            prop_assert_eq!(d.verdict, Verdict::Deny);
+        } else {
+            // Default policy: unknown location only scores, so the thresholds alone decide.
+            let expected = if d.risk_score >= t.deny { Verdict::Deny } else if d.risk_score >= t.review { Verdict::Review } else { Verdict::Allow };
+            prop_assert_eq!(d.verdict, expected);
+        }
+    }
+
+    #[test]
+    fn knowing_less_about_the_account_never_adds_a_reason(ip in arb_ip(), account in arb_account(), flow in arb_flow()) {
         let hints = HintFacts::default();
-        let a = decide(&ip, &account, &hints, flow);
-        let b = decide(&ip, &account, &hints, flow);
-        prop_assert!(a.risk_score <= 100);
-        prop_assert_eq!(&a, &b);
-        let hard = a.reasons.iter().any(|r| r.hard);
-        if hard { prop_assert_eq!(a.verdict, Verdict::Deny); }
+        let full = decide(&ip, &account, &hints, flow);
+        let bare = decide(&ip, &AccountFacts::default(), &hints, flow);
+        for reason in &bare.reasons {
+            prop_assert!(full.has(reason.code), "{} appeared without account facts", reason.code);
+        }
+        prop_assert!(bare.risk_score <= full.risk_score);
+        prop_assert_eq!(decide(&ip, &account, &hints, flow), full, "same input, same output");
     }
 
     #[test]

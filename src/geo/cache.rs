@@ -115,6 +115,12 @@ impl PrefixCache {
             self.cache.insert(key, Slot::Whole(record));
             return;
         }
+        // A full bucket stays as it is: rebuilding it on every miss would churn for nothing.
+        if let Some(Slot::Split(list)) = self.cache.get(&key)
+            && list.len() >= MAX_SPLIT
+        {
+            return;
+        }
         self.cache.entry(key).and_upsert_with(|existing| {
             let mut list: Vec<Arc<GeoRecord>> = match existing.map(|e| e.into_value()) {
                 Some(Slot::Split(list)) => list
@@ -182,6 +188,27 @@ mod tests {
             "81.2.69.160/27"
         );
         assert!(cache.get(1, ip("81.2.69.1")).is_none());
+    }
+
+    #[test]
+    fn a_full_bucket_keeps_its_networks_and_still_answers() {
+        let cache = PrefixCache::new(1000);
+        for i in 0..(MAX_SPLIT as u8 + 8) {
+            let addr = format!("81.2.69.{i}");
+            cache.insert(1, ip(&addr), record(&format!("{addr}/32")));
+        }
+        assert!(cache.get(1, ip("81.2.69.0")).is_some());
+        assert!(
+            cache
+                .get(1, ip(&format!("81.2.69.{}", MAX_SPLIT - 1)))
+                .is_some()
+        );
+        assert!(
+            cache
+                .get(1, ip(&format!("81.2.69.{}", MAX_SPLIT)))
+                .is_none(),
+            "past the bound: looked up uncached"
+        );
     }
 
     #[test]

@@ -218,7 +218,10 @@ fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<GeoRecord, GeoE
         .location
         .as_ref()
         .ok_or(GeoError::NoLocationDatabase)?;
-    let (location, mut network) = location_db.location(ip)?;
+    let (location, network) = location_db.location(ip)?;
+    // Compare prefixes only within the query's family: a match above the IPv4 subtree comes back
+    // as an IPv6 network and must be expressed as IPv4 before a narrower IPv4 answer can win.
+    let mut network = same_family(network, ip);
     let mut found = location.is_some();
     let location = location.unwrap_or_default();
     let mut narrow = |other: IpNetwork| {
@@ -241,7 +244,6 @@ fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<GeoRecord, GeoE
         found |= record.is_some();
         asn = record.unwrap_or_default();
     }
-    let network = same_family(network, ip);
     Ok(GeoRecord {
         facts: IpFacts {
             country: location.country,

@@ -68,11 +68,43 @@ fn empty_anonymous_record_reads_as_no_flags() {
 #[test]
 fn ipv4_mapped_ipv6_answers_exactly_as_ipv4() {
     let geo = geo();
-    let v4 = geo.lookup(ip("175.16.199.10")).unwrap();
     let mapped = geo.lookup(ip("::ffff:175.16.199.10")).unwrap();
     assert_eq!(mapped.ip, ip("175.16.199.10"));
-    assert_eq!(v4.record, mapped.record);
     assert_eq!(country(&mapped).as_deref(), Some("CN"));
+    // Uncached on both sides, so the cache cannot make them agree.
+    let plain = geo.lookup_uncached(ip("175.16.199.10")).unwrap();
+    assert_eq!(
+        geo.lookup_uncached(ip("::ffff:175.16.199.10")).unwrap(),
+        plain
+    );
+    assert_eq!(*mapped.record, plain);
+}
+
+#[test]
+fn narrower_network_of_another_database_wins_across_families() {
+    // The location database answers 6.1.0.5 from above the IPv4 subtree (an IPv6 network);
+    // the anonymous database's /32 around 6.1.0.4 must still bound the cached answer.
+    let geo = Geo::new(
+        Some(
+            GeoDatabase::from_bytes(DbRole::Location, fixtures::ipv6_only_city_db(), "v6")
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        Some(GeoDatabase::from_bytes(DbRole::Anonymous, fixtures::anonymous_db(), "anon").unwrap()),
+        None,
+        1000,
+    );
+    let proxy = geo.lookup(ip("6.1.0.4")).unwrap();
+    assert!(proxy.record.facts.anonymizer.residential_proxy);
+    assert_eq!(proxy.record.network.to_string(), "6.1.0.4/32");
+    let neighbour = geo.lookup(ip("6.1.0.5")).unwrap();
+    assert!(
+        !neighbour.record.facts.anonymizer.residential_proxy,
+        "the /32 answer must not serve its neighbour"
+    );
+    assert_eq!(
+        *neighbour.record,
+        geo.lookup_uncached(ip("6.1.0.5")).unwrap()
+    );
 }
 
 #[test]
@@ -113,10 +145,16 @@ fn cache_serves_a_subnet_and_reload_changes_generation() {
     geo.lookup(ip("175.16.199.10")).unwrap();
     geo.lookup(ip("175.16.199.200")).unwrap();
     assert_eq!(
+        country(&geo.lookup(ip("216.160.83.57")).unwrap()).as_deref(),
+        Some("US"),
+        "cached before the swap"
+    );
+    assert_eq!(
         geo.cache_stats().hits,
         1,
         "second address in the same /24 hits"
     );
+    assert_eq!(geo.cache_stats().misses, 2);
     geo.replace(
         DbRole::Location,
         Some(

@@ -39,7 +39,7 @@ impl ClassifierService {
         }
         let input = ClassifyInput::try_from(request)?;
         let outcome = self.engine.classify(&input)?;
-        Ok(pb::ClassifyResponse::from(&outcome))
+        Ok(pb::ClassifyResponse::from(outcome))
     }
 }
 

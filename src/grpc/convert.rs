@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use crate::classify::hints::accept_language_regions;
-use crate::classify::ownership::{Organization, Owner};
+use crate::classify::ownership::{
+    MAX_OWNERS, MAX_OWNERSHIP_DEPTH, Organization, Owner, owner_field,
+};
 use crate::classify::{AccountFacts, Flow, HintFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::geo::GeoLookup;
@@ -72,21 +74,57 @@ pub fn flow(value: i32) -> Result<Flow, ApiError> {
     }
 }
 
-fn owners(path: &str, owners: &[pb::Owner]) -> Result<Vec<Owner>, ApiError> {
-    owners
-        .iter()
-        .enumerate()
-        .map(|(i, owner)| {
-            let here = format!("{path}[{i}]");
-            check_len(&format!("{here}.name"), &owner.name, MAX_ID_BYTES)?;
-            Ok(Owner {
-                name: owner.name.clone(),
-                region: region(&format!("{here}.country"), &owner.country)?,
-                share_percent: owner.share_percent,
-                owners: self::owners(&format!("{here}.owners"), &owner.owners)?,
-            })
-        })
-        .collect()
+/// Converts an owner tree, refusing it as soon as it passes the depth or size bounds (before
+/// doing the work a huge tree would cost). Field paths are built only for errors.
+fn owners(
+    owners: &[pb::Owner],
+    path: &mut Vec<usize>,
+    count: &mut usize,
+) -> Result<Vec<Owner>, ApiError> {
+    const PATH: &str = "account.organization";
+    let field = |path: &[usize], leaf: &str| format!("{PATH}.{}", owner_field(path, leaf));
+    if owners.is_empty() {
+        return Ok(Vec::new());
+    }
+    if path.len() >= MAX_OWNERSHIP_DEPTH {
+        return Err(ApiError::invalid(
+            field(path, "owners"),
+            format!("ownership chain deeper than {MAX_OWNERSHIP_DEPTH} levels"),
+        ));
+    }
+    *count += owners.len();
+    if *count > MAX_OWNERS {
+        return Err(ApiError::invalid(
+            field(path, "owners"),
+            format!("more than {MAX_OWNERS} owners in one graph"),
+        ));
+    }
+    let mut converted = Vec::with_capacity(owners.len());
+    for (i, owner) in owners.iter().enumerate() {
+        path.push(i);
+        if owner.name.len() > MAX_ID_BYTES {
+            return Err(ApiError::invalid(
+                field(path, "name"),
+                format!("{} bytes, more than {MAX_ID_BYTES}", owner.name.len()),
+            ));
+        }
+        let region = match owner.country.as_str() {
+            "" => None,
+            text => Some(
+                RegionCode::parse(text)
+                    .map_err(|e| ApiError::invalid(field(path, "country"), e.to_string()))?,
+            ),
+        };
+        let children = self::owners(&owner.owners, path, count)?;
+        path.pop();
+        converted.push(Owner {
+            name: owner.name.clone(),
+            region,
+            share_percent: owner.share_percent,
+            owners: children,
+        });
+    }
+    Ok(converted)
 }
 
 fn organization(org: &pb::Organization) -> Result<Organization, ApiError> {
@@ -97,7 +135,7 @@ fn organization(org: &pb::Organization) -> Result<Organization, ApiError> {
         &format!("{PATH}.headquarters_country"),
         &org.headquarters_country,
     )?;
-    let owners = owners(&format!("{PATH}.owners"), &org.owners)?;
+    let owners = owners(&org.owners, &mut Vec::new(), &mut 0)?;
     Organization::new(headquarters, owners)
         .map_err(|e| ApiError::invalid(format!("{PATH}.{}", e.field), e.problem))
 }
@@ -228,32 +266,33 @@ pub fn location(lookup: &GeoLookup, databases: &[DatabaseStatus]) -> pb::Locatio
     }
 }
 
-impl From<&Outcome> for pb::ClassifyResponse {
-    fn from(outcome: &Outcome) -> Self {
-        let decision = &outcome.decision;
+impl From<Outcome> for pb::ClassifyResponse {
+    fn from(outcome: Outcome) -> Self {
+        let location = location(&outcome.location, &outcome.databases);
+        let decision = outcome.decision;
         pb::ClassifyResponse {
             verdict: verdict(decision.verdict).into(),
             risk_score: u32::from(decision.risk_score),
             reasons: decision
                 .reasons
-                .iter()
+                .into_iter()
                 .map(|r| pb::Reason {
                     code: r.code.as_str().to_owned(),
-                    message: r.message.clone(),
+                    message: r.message,
                     contribution: i32::from(r.contribution),
                     hard: r.hard,
                     evidence: r
                         .evidence
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
                         .collect::<HashMap<_, _>>(),
                 })
                 .collect(),
-            location: Some(location(&outcome.location, &outcome.databases)),
+            location: Some(location),
             policy_version: decision.policy_version.to_string(),
-            decision_id: outcome.decision_id.clone(),
-            required_verifications: decision.required_verifications.clone(),
-            request_id: outcome.request_id.clone(),
+            decision_id: outcome.decision_id,
+            required_verifications: decision.required_verifications,
+            request_id: outcome.request_id,
             error: None,
         }
     }

@@ -172,7 +172,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         }
     };
 
-    let mut weights = HashMap::new();
+    let mut weights = vec![None; ReasonCode::ALL.len()];
     for (key, value) in &raw.weights {
         let field = format!("weights.{}", key.get_ref());
         let code = ctx.soft_code(key, &field)?;
@@ -184,11 +184,11 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
                 format!("{} must be between 0 and 100", value.get_ref()),
             )
         })?;
-        weights.insert(code, weight);
+        weights[code as usize] = Some(weight);
     }
     if let Some(missing) = ReasonCode::ALL
         .iter()
-        .find(|c| !c.is_hard() && !weights.contains_key(c))
+        .find(|c| !c.is_hard() && weights[**c as usize].is_none())
     {
         return Err(ctx.error_at_line(0, "weights", format!("missing a weight for {missing}")));
     }
@@ -232,7 +232,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         })?;
     }
 
-    let mut verifications = HashMap::new();
+    let mut verifications = vec![Vec::new(); ReasonCode::ALL.len()];
     for (key, list) in &raw.verifications {
         let field = format!("verifications.{}", key.get_ref());
         let code = ctx.soft_code(key, &field)?;
@@ -252,7 +252,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
             }
             names.push(text.clone());
         }
-        verifications.insert(code, names);
+        verifications[code as usize] = names;
     }
 
     let mut timezones = HashMap::new();
@@ -268,9 +268,9 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         applies_to,
         countries,
         subdivisions,
-        weights,
+        weights: weights.into_iter().map(Option::unwrap_or_default).collect(),
         thresholds: compiled_thresholds,
-        verifications,
+        verifications: verifications.into(),
         ownership_threshold_percent: threshold_percent,
         new_account_max_age_secs: max_age_days * 86_400,
         unknown_location,

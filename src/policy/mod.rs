@@ -122,9 +122,11 @@ pub struct Policy {
     /// Per country index: the lists naming the whole country (bit set of [`ListKind::bit`]).
     countries: Box<[u8; 676]>,
     subdivisions: HashMap<RegionCode, u8>,
-    weights: HashMap<ReasonCode, u8>,
+    /// Indexed by `ReasonCode as usize`.
+    weights: Box<[u8]>,
     thresholds: [Thresholds; 3],
-    verifications: HashMap<ReasonCode, Vec<String>>,
+    /// Indexed by `ReasonCode as usize`.
+    verifications: Box<[Vec<String>]>,
     ownership_threshold_percent: f64,
     new_account_max_age_secs: i64,
     unknown_location: UnknownLocation,
@@ -163,7 +165,7 @@ impl Policy {
 
     /// The contribution of a soft reason; hard reasons are not weighted.
     pub fn weight(&self, code: ReasonCode) -> u8 {
-        self.weights.get(&code).copied().unwrap_or(0)
+        self.weights.get(code as usize).copied().unwrap_or(0)
     }
 
     pub fn thresholds(&self, flow: Flow) -> Thresholds {
@@ -172,7 +174,9 @@ impl Policy {
 
     /// Verifications that would clear a soft reason on signup (e.g. PHONE).
     pub fn verifications(&self, code: ReasonCode) -> &[String] {
-        self.verifications.get(&code).map_or(&[], Vec::as_slice)
+        self.verifications
+            .get(code as usize)
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn ownership_threshold_percent(&self) -> f64 {

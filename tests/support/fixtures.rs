@@ -133,3 +133,12 @@ pub fn asn_db() -> Vec<u8> {
         ],
     )
 }
+
+/// A location database with no IPv4 data at all: IPv4 lookups match above the IPv4 subtree.
+pub fn ipv6_only_city_db() -> Vec<u8> {
+    // A network deep on the all-zeros path, so the IPv4 walk ends at depth 48 with an IPv6 answer.
+    write(
+        "RegionGuard-Test-City-v6",
+        &[("0:0:1::/48", city("DE", &[], "DE"))],
+    )
+}
