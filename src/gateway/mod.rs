@@ -14,3 +14,7 @@ pub use service::GatewayService;
 /// The encoded descriptor set of `envoy.service.auth.v3` (and its imports), for reflection.
 pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/envoy_ext_authz_descriptor.bin"));
+
+#[cfg(test)]
+#[path = "../../tests/support/envoy.rs"]
+pub(crate) mod test_envoy;

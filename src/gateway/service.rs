@@ -116,3 +116,105 @@ impl Authorization for GatewayService {
         Ok(Response::new(self.answer(request.get_ref())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::response::DECISION_ID_HEADER;
+    use crate::geo::{DbRole, Geo, GeoDatabase, fixtures};
+    use crate::policy::{EMBEDDED_POLICY, parse_policy};
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+
+    use crate::gateway::test_envoy as envoy;
+
+    fn engine(with_location: bool) -> Arc<Engine> {
+        let location = with_location.then(|| {
+            GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()
+        });
+        Arc::new(Engine::new(
+            parse_policy(EMBEDDED_POLICY, "p").unwrap(),
+            Geo::new(location, None, None, 100),
+            None,
+        ))
+    }
+
+    fn decision_id(response: &CheckResponse) -> Option<String> {
+        let headers = match response.http_response.as_ref()? {
+            HttpResponse::OkResponse(ok) => &ok.headers,
+            HttpResponse::DeniedResponse(denied) => &denied.headers,
+            _ => return None,
+        };
+        headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == DECISION_ID_HEADER)
+            .map(|h| h.value.clone())
+    }
+
+    fn check(account: &str) -> CheckRequest {
+        envoy::check_request("216.160.83.57", "/", &[("x-account-id", account)], &[])
+    }
+
+    #[test]
+    fn identical_checks_reuse_the_decision_until_something_changes() {
+        let engine = engine(true);
+        let service = GatewayService::new(engine.clone(), GatewayConfig::default()).unwrap();
+        let first = decision_id(&service.answer(&check("a"))).unwrap();
+        assert_eq!(
+            decision_id(&service.answer(&check("a"))).unwrap(),
+            first,
+            "same check, same decision"
+        );
+        let neighbour = envoy::check_request("216.160.83.58", "/", &[("x-account-id", "a")], &[]);
+        assert_eq!(
+            decision_id(&service.answer(&neighbour)).unwrap(),
+            first,
+            "same network, same decision"
+        );
+        assert_ne!(
+            decision_id(&service.answer(&check("b"))).unwrap(),
+            first,
+            "another account"
+        );
+        engine.set_policy(
+            parse_policy(&format!("{EMBEDDED_POLICY}\n# new version\n"), "p2").unwrap(),
+        );
+        assert_ne!(
+            decision_id(&service.answer(&check("a"))).unwrap(),
+            first,
+            "a new policy decides anew"
+        );
+    }
+
+    #[test]
+    fn without_a_ttl_every_check_is_decided() {
+        let config = GatewayConfig {
+            decision_cache_ttl_ms: 0,
+            ..Default::default()
+        };
+        let service = GatewayService::new(engine(true), config).unwrap();
+        assert_ne!(
+            decision_id(&service.answer(&check("a"))),
+            decision_id(&service.answer(&check("a")))
+        );
+    }
+
+    #[test]
+    fn failures_are_not_cached() {
+        let engine = engine(false);
+        let service = GatewayService::new(engine.clone(), GatewayConfig::default()).unwrap();
+        assert_eq!(
+            decision_id(&service.answer(&check("a"))),
+            None,
+            "no database: an error answer"
+        );
+        engine.geo().replace(
+            DbRole::Location,
+            Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
+        );
+        assert!(
+            decision_id(&service.answer(&check("a"))).is_some(),
+            "decided as soon as the database is there"
+        );
+    }
+}

@@ -3,9 +3,7 @@ use crate::gateway::config::{AccountHeaders, MetadataField};
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::google::protobuf::Value;
 
-#[path = "../../../tests/support/envoy.rs"]
-mod envoy;
-use envoy::check_request;
+use crate::gateway::test_envoy::check_request;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
