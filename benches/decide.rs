@@ -64,6 +64,7 @@ fn bench_classify(c: &mut Criterion) {
             ip: &clean,
             account: &AccountFacts::default(),
             hints: &HintFacts::default(),
+            usage: None,
         };
         b.iter(|| classify(black_box(&facts), &policy))
     });
@@ -73,7 +74,7 @@ fn bench_classify(c: &mut Criterion) {
             now_unix: 1_790_000_000,
             ip: &busy,
             account: &account,
-            hints: &hints,
+            hints: &hints, usage: None,
         };
         b.iter(|| classify(black_box(&facts), &policy))
     });
@@ -167,6 +168,7 @@ fn bench_engine(c: &mut Criterion) {
                 flow: Flow::ApiRequest,
                 account: AccountFacts::default(),
                 hints: HintFacts::default(),
+                usage: None,
                 request_id: String::new(),
             };
             engine.classify(black_box(&input)).unwrap()

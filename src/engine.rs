@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, classify};
+use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, UsageFacts, classify};
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
 use crate::policy::Policy;
 
@@ -21,6 +21,8 @@ pub struct ClassifyInput {
     pub flow: Flow,
     pub account: AccountFacts,
     pub hints: HintFacts,
+    /// Usage history: inline from the caller, else filled from the aggregator by the engine.
+    pub usage: Option<UsageFacts>,
     pub request_id: String,
 }
 
@@ -97,6 +99,7 @@ impl Engine {
             ip: &location.record.facts,
             account: &input.account,
             hints: &input.hints,
+            usage: input.usage.as_ref(),
         };
         let decision = classify(&facts, &policy);
         let databases = self.database_status(&location.databases, now);

@@ -63,6 +63,32 @@ pub struct HintFacts {
     pub timezone: Option<String>,
 }
 
+/// What the account's recent history shows: from the usage aggregator, or sent inline by a
+/// caller that keeps its own counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UsageFacts {
+    pub requests_1h: u64,
+    /// Average requests per hour over the 7 days before the last hour.
+    pub baseline_requests_per_hour: f64,
+    pub requests_24h: u64,
+    /// Requests in 24 hours that came through an anonymizer or hosting network.
+    pub anonymized_requests_24h: u64,
+    pub distinct_countries_24h: u32,
+    pub distinct_ips_24h: u32,
+    pub distinct_networks_24h: u32,
+    pub distinct_asns_24h: u32,
+    pub country_switches_24h: u32,
+    /// The shortest time between use from one country and use from another, in 24 hours.
+    pub fastest_country_switch_secs: Option<u64>,
+    pub api_keys_24h: u32,
+    /// Accounts (this one included) seen with the same payment fingerprint.
+    pub accounts_sharing_payment: u32,
+    /// Accounts (this one included) seen on this request's /24 or /48 in 24 hours.
+    pub accounts_sharing_network: u32,
+    /// Countries and subdivisions the account was used from in 7 days.
+    pub regions_7d: Vec<RegionCode>,
+}
+
 /// One request's facts, borrowed from wherever the edges keep them.
 #[derive(Clone, Copy, Debug)]
 pub struct Facts<'a> {
@@ -72,4 +98,5 @@ pub struct Facts<'a> {
     pub ip: &'a IpFacts,
     pub account: &'a AccountFacts,
     pub hints: &'a HintFacts,
+    pub usage: Option<&'a UsageFacts>,
 }

@@ -10,9 +10,10 @@ mod facts;
 pub mod hints;
 pub mod ownership;
 mod reason;
+mod usage;
 
 pub use decision::{Decision, Reason, Verdict};
-pub use facts::{AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts};
+pub use facts::{AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, UsageFacts};
 pub use reason::ReasonCode;
 
 use crate::policy::{Attribute, ListKind, Policy, UnknownLocation};
@@ -31,6 +32,9 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     country_mismatch(facts, policy, &mut reasons);
     locale_hints(facts.hints, policy, &mut reasons);
     new_account(facts, policy, &mut reasons);
+    if let Some(usage) = facts.usage {
+        usage::usage_reasons(usage, policy, &mut reasons);
+    }
     let unknown = unknown_location(facts.ip, policy, &mut reasons);
 
     let score: u32 = reasons.iter().map(|r| u32::from(r.contribution)).sum();

@@ -70,6 +70,20 @@ reason_codes! {
         "The account is younger than the policy's new-account age.";
     IpLocationUnknown = "IP_LOCATION_UNKNOWN", false,
         "No database knows the IP's country (private, reserved or unlisted address); the policy's unknown-location setting applies.";
+    UsageCountryHopping = "USAGE_COUNTRY_HOPPING", false,
+        "The account was used from at least the policy's number of distinct countries in 24 hours.";
+    UsageImpossibleTravel = "USAGE_IMPOSSIBLE_TRAVEL", false,
+        "The account switched countries faster than the policy's minimum travel time.";
+    UsageAnonymizerShare = "USAGE_ANONYMIZER_SHARE", false,
+        "At least the policy's share of the account's requests in 24 hours came through anonymizers or hosting.";
+    UsageVolumeSpike = "USAGE_VOLUME_SPIKE", false,
+        "Requests in the last hour are far above the account's own hourly baseline over 7 days.";
+    UsageSharedPayment = "USAGE_SHARED_PAYMENT", false,
+        "The payment fingerprint is used by at least the policy's number of accounts.";
+    UsageSharedNetwork = "USAGE_SHARED_NETWORK", false,
+        "At least the policy's number of accounts used this network prefix (/24 or /48) in 24 hours.";
+    UsageRestrictedRegionHistory = "USAGE_RESTRICTED_REGION_HISTORY", false,
+        "The account was used from a restricted region in the last 7 days.";
 }
 
 impl fmt::Display for ReasonCode {

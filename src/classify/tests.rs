@@ -36,6 +36,7 @@ fn decide(ip: &IpFacts, account: &AccountFacts, hints: &HintFacts, flow: Flow) -
             ip,
             account,
             hints,
+            usage: None,
         },
         &policy(),
     )
@@ -325,6 +326,7 @@ fn unknown_location_follows_the_policy() {
             ip: &IpFacts::default(),
             account: &AccountFacts::default(),
             hints: &HintFacts::default(),
+            usage: None,
         };
         assert_eq!(classify(&facts, &policy).verdict, verdict, "{action}");
     }

@@ -112,6 +112,7 @@ pub fn map_check(
             flow,
             account,
             hints,
+            usage: None,
             request_id: http(check).map(|h| h.id.clone()).unwrap_or_default(),
         },
         account_id,

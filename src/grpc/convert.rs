@@ -215,6 +215,7 @@ impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
                 .map(hints)
                 .transpose()?
                 .unwrap_or_default(),
+            usage: None,
             request_id: request.request_id.clone(),
         })
     }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use super::{Attribute, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation};
+use super::{Attribute, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation, UsageRules};
 use crate::classify::{Flow, ReasonCode};
 use crate::region::RegionCode;
 
@@ -33,6 +33,7 @@ struct RawPolicy {
     ownership: RawOwnership,
     new_account: RawNewAccount,
     unknown_location: RawUnknownLocation,
+    usage: RawUsage,
     weights: BTreeMap<Spanned<String>, Spanned<i64>>,
     thresholds: BTreeMap<Spanned<String>, Spanned<RawThresholds>>,
     #[serde(default)]
@@ -72,6 +73,19 @@ struct RawNewAccount {
 #[serde(deny_unknown_fields)]
 struct RawUnknownLocation {
     action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    country_hopping_min_countries: Spanned<i64>,
+    impossible_travel_max_minutes: Spanned<i64>,
+    anonymizer_share_min_percent: Spanned<f64>,
+    anonymizer_share_min_requests: Spanned<i64>,
+    volume_spike_factor: Spanned<f64>,
+    volume_spike_min_requests: Spanned<i64>,
+    shared_payment_min_accounts: Spanned<i64>,
+    shared_network_min_accounts: Spanned<i64>,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +185,8 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
             ));
         }
     };
+
+    let usage = usage_rules(&ctx, &raw.usage)?;
 
     let mut weights = vec![None; ReasonCode::ALL.len()];
     for (key, value) in &raw.weights {
@@ -275,6 +291,36 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         new_account_max_age_secs: max_age_days * 86_400,
         unknown_location,
         timezones,
+        usage,
+    })
+}
+
+fn usage_rules(ctx: &Ctx<'_>, raw: &RawUsage) -> Result<UsageRules, PolicyError> {
+    let count = |value: &Spanned<i64>, name: &str, max: i64| -> Result<u64, PolicyError> {
+        let v = *value.get_ref();
+        if (1..=max).contains(&v) {
+            Ok(v as u64)
+        } else {
+            Err(ctx.error(value, &format!("usage.{name}"), format!("{v} must be between 1 and {max}")))
+        }
+    };
+    let factor = *raw.volume_spike_factor.get_ref();
+    if !(factor.is_finite() && factor >= 1.0) {
+        return Err(ctx.error(&raw.volume_spike_factor, "usage.volume_spike_factor", format!("{factor} must be at least 1")));
+    }
+    let share = *raw.anonymizer_share_min_percent.get_ref();
+    if !(share > 0.0 && share <= 100.0) {
+        return Err(ctx.error(&raw.anonymizer_share_min_percent, "usage.anonymizer_share_min_percent", format!("{share} must be above 0 and at most 100")));
+    }
+    Ok(UsageRules {
+        country_hopping_min_countries: count(&raw.country_hopping_min_countries, "country_hopping_min_countries", 250)? as u32,
+        impossible_travel_max_secs: count(&raw.impossible_travel_max_minutes, "impossible_travel_max_minutes", 7 * 24 * 60)? * 60,
+        anonymizer_share_min: share / 100.0,
+        anonymizer_share_min_requests: count(&raw.anonymizer_share_min_requests, "anonymizer_share_min_requests", 1_000_000_000)?,
+        volume_spike_factor: factor,
+        volume_spike_min_requests: count(&raw.volume_spike_min_requests, "volume_spike_min_requests", 1_000_000_000)?,
+        shared_payment_min_accounts: count(&raw.shared_payment_min_accounts, "shared_payment_min_accounts", 1_000_000)? as u32,
+        shared_network_min_accounts: count(&raw.shared_network_min_accounts, "shared_network_min_accounts", 1_000_000)? as u32,
     })
 }
 

@@ -97,6 +97,20 @@ pub enum UnknownLocation {
     Deny,
 }
 
+/// Thresholds for the usage-history signals (USAGE_* reasons).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UsageRules {
+    pub country_hopping_min_countries: u32,
+    pub impossible_travel_max_secs: u64,
+    /// 0..=1.
+    pub anonymizer_share_min: f64,
+    pub anonymizer_share_min_requests: u64,
+    pub volume_spike_factor: f64,
+    pub volume_spike_min_requests: u64,
+    pub shared_payment_min_accounts: u32,
+    pub shared_network_min_accounts: u32,
+}
+
 /// `<declared date>+<first 12 hex digits of the file's SHA-256>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyVersion(Arc<str>);
@@ -131,6 +145,7 @@ pub struct Policy {
     new_account_max_age_secs: i64,
     unknown_location: UnknownLocation,
     timezones: HashMap<String, RegionCode>,
+    usage: UsageRules,
 }
 
 impl Policy {
@@ -194,6 +209,10 @@ impl Policy {
     /// The region an IANA time zone name points to, where the policy maps it.
     pub fn timezone_region(&self, timezone: &str) -> Option<RegionCode> {
         self.timezones.get(timezone).copied()
+    }
+
+    pub fn usage(&self) -> &UsageRules {
+        &self.usage
     }
 
     /// Every listed region with its list, for reports (`policy check`).
