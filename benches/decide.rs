@@ -74,7 +74,8 @@ fn bench_classify(c: &mut Criterion) {
             now_unix: 1_790_000_000,
             ip: &busy,
             account: &account,
-            hints: &hints, usage: None,
+            hints: &hints,
+            usage: None,
         };
         b.iter(|| classify(black_box(&facts), &policy))
     });

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod region;
 pub mod reload;
 pub mod server;
+pub mod usage;

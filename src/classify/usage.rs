@@ -8,56 +8,111 @@ use crate::policy::{Attribute, Policy};
 
 pub(super) fn usage_reasons(usage: &UsageFacts, policy: &Policy, out: &mut Vec<Reason>) {
     let rules = policy.usage();
-    let mut push = |code, message: String, evidence: Vec<(&'static str, String)>| out.push(soft(code, policy, message, evidence));
+    let mut push = |code, message: String, evidence: Vec<(&'static str, String)>| {
+        out.push(soft(code, policy, message, evidence))
+    };
 
     if usage.distinct_countries_24h >= rules.country_hopping_min_countries {
         push(
             ReasonCode::UsageCountryHopping,
-            format!("used from {} countries in 24 hours", usage.distinct_countries_24h),
-            vec![("distinct_countries_24h", usage.distinct_countries_24h.to_string()), ("country_switches_24h", usage.country_switches_24h.to_string())],
+            format!(
+                "used from {} countries in 24 hours",
+                usage.distinct_countries_24h
+            ),
+            vec![
+                (
+                    "distinct_countries_24h",
+                    usage.distinct_countries_24h.to_string(),
+                ),
+                (
+                    "country_switches_24h",
+                    usage.country_switches_24h.to_string(),
+                ),
+            ],
         );
     }
-    if let Some(gap) = usage.fastest_country_switch_secs.filter(|gap| *gap < rules.impossible_travel_max_secs) {
+    if let Some(gap) = usage
+        .fastest_country_switch_secs
+        .filter(|gap| *gap < rules.impossible_travel_max_secs)
+    {
         push(
             ReasonCode::UsageImpossibleTravel,
             format!("switched countries within {} minutes", gap / 60),
-            vec![("fastest_country_switch_seconds", gap.to_string()), ("max_seconds", rules.impossible_travel_max_secs.to_string())],
+            vec![
+                ("fastest_country_switch_seconds", gap.to_string()),
+                ("max_seconds", rules.impossible_travel_max_secs.to_string()),
+            ],
         );
     }
     if usage.requests_24h >= rules.anonymizer_share_min_requests && usage.requests_24h > 0 {
-        let share = usage.anonymized_requests_24h.min(usage.requests_24h) as f64 / usage.requests_24h as f64;
+        let share = usage.anonymized_requests_24h.min(usage.requests_24h) as f64
+            / usage.requests_24h as f64;
         if share >= rules.anonymizer_share_min {
             push(
                 ReasonCode::UsageAnonymizerShare,
-                format!("{:.0}% of 24-hour requests via anonymizers or hosting", share * 100.0),
-                vec![("anonymized_requests_24h", usage.anonymized_requests_24h.to_string()), ("requests_24h", usage.requests_24h.to_string())],
+                format!(
+                    "{:.0}% of 24-hour requests via anonymizers or hosting",
+                    share * 100.0
+                ),
+                vec![
+                    (
+                        "anonymized_requests_24h",
+                        usage.anonymized_requests_24h.to_string(),
+                    ),
+                    ("requests_24h", usage.requests_24h.to_string()),
+                ],
             );
         }
     }
     // A new account's baseline is taken as at least one request an hour.
     let baseline = usage.baseline_requests_per_hour.max(1.0);
-    if usage.requests_1h >= rules.volume_spike_min_requests && usage.requests_1h as f64 >= rules.volume_spike_factor * baseline {
+    if usage.requests_1h >= rules.volume_spike_min_requests
+        && usage.requests_1h as f64 >= rules.volume_spike_factor * baseline
+    {
         push(
             ReasonCode::UsageVolumeSpike,
-            format!("{} requests in the last hour against a baseline of {baseline:.1} an hour", usage.requests_1h),
-            vec![("requests_1h", usage.requests_1h.to_string()), ("baseline_requests_per_hour", format!("{baseline:.1}"))],
+            format!(
+                "{} requests in the last hour against a baseline of {baseline:.1} an hour",
+                usage.requests_1h
+            ),
+            vec![
+                ("requests_1h", usage.requests_1h.to_string()),
+                ("baseline_requests_per_hour", format!("{baseline:.1}")),
+            ],
         );
     }
     if usage.accounts_sharing_payment >= rules.shared_payment_min_accounts {
         push(
             ReasonCode::UsageSharedPayment,
-            format!("payment fingerprint used by {} accounts", usage.accounts_sharing_payment),
-            vec![("accounts_sharing_payment", usage.accounts_sharing_payment.to_string())],
+            format!(
+                "payment fingerprint used by {} accounts",
+                usage.accounts_sharing_payment
+            ),
+            vec![(
+                "accounts_sharing_payment",
+                usage.accounts_sharing_payment.to_string(),
+            )],
         );
     }
     if usage.accounts_sharing_network >= rules.shared_network_min_accounts {
         push(
             ReasonCode::UsageSharedNetwork,
-            format!("{} accounts on this network in 24 hours", usage.accounts_sharing_network),
-            vec![("accounts_sharing_network", usage.accounts_sharing_network.to_string())],
+            format!(
+                "{} accounts on this network in 24 hours",
+                usage.accounts_sharing_network
+            ),
+            vec![(
+                "accounts_sharing_network",
+                usage.accounts_sharing_network.to_string(),
+            )],
         );
     }
-    let restricted: Vec<String> = usage.regions_7d.iter().filter(|r| policy.restriction(**r, Attribute::Ip).is_some()).map(ToString::to_string).collect();
+    let restricted: Vec<String> = usage
+        .regions_7d
+        .iter()
+        .filter(|r| policy.restriction(**r, Attribute::Ip).is_some())
+        .map(ToString::to_string)
+        .collect();
     if !restricted.is_empty() {
         push(
             ReasonCode::UsageRestrictedRegionHistory,

@@ -301,26 +301,62 @@ fn usage_rules(ctx: &Ctx<'_>, raw: &RawUsage) -> Result<UsageRules, PolicyError>
         if (1..=max).contains(&v) {
             Ok(v as u64)
         } else {
-            Err(ctx.error(value, &format!("usage.{name}"), format!("{v} must be between 1 and {max}")))
+            Err(ctx.error(
+                value,
+                &format!("usage.{name}"),
+                format!("{v} must be between 1 and {max}"),
+            ))
         }
     };
     let factor = *raw.volume_spike_factor.get_ref();
     if !(factor.is_finite() && factor >= 1.0) {
-        return Err(ctx.error(&raw.volume_spike_factor, "usage.volume_spike_factor", format!("{factor} must be at least 1")));
+        return Err(ctx.error(
+            &raw.volume_spike_factor,
+            "usage.volume_spike_factor",
+            format!("{factor} must be at least 1"),
+        ));
     }
     let share = *raw.anonymizer_share_min_percent.get_ref();
     if !(share > 0.0 && share <= 100.0) {
-        return Err(ctx.error(&raw.anonymizer_share_min_percent, "usage.anonymizer_share_min_percent", format!("{share} must be above 0 and at most 100")));
+        return Err(ctx.error(
+            &raw.anonymizer_share_min_percent,
+            "usage.anonymizer_share_min_percent",
+            format!("{share} must be above 0 and at most 100"),
+        ));
     }
     Ok(UsageRules {
-        country_hopping_min_countries: count(&raw.country_hopping_min_countries, "country_hopping_min_countries", 250)? as u32,
-        impossible_travel_max_secs: count(&raw.impossible_travel_max_minutes, "impossible_travel_max_minutes", 7 * 24 * 60)? * 60,
+        country_hopping_min_countries: count(
+            &raw.country_hopping_min_countries,
+            "country_hopping_min_countries",
+            250,
+        )? as u32,
+        impossible_travel_max_secs: count(
+            &raw.impossible_travel_max_minutes,
+            "impossible_travel_max_minutes",
+            7 * 24 * 60,
+        )? * 60,
         anonymizer_share_min: share / 100.0,
-        anonymizer_share_min_requests: count(&raw.anonymizer_share_min_requests, "anonymizer_share_min_requests", 1_000_000_000)?,
+        anonymizer_share_min_requests: count(
+            &raw.anonymizer_share_min_requests,
+            "anonymizer_share_min_requests",
+            1_000_000_000,
+        )?,
         volume_spike_factor: factor,
-        volume_spike_min_requests: count(&raw.volume_spike_min_requests, "volume_spike_min_requests", 1_000_000_000)?,
-        shared_payment_min_accounts: count(&raw.shared_payment_min_accounts, "shared_payment_min_accounts", 1_000_000)? as u32,
-        shared_network_min_accounts: count(&raw.shared_network_min_accounts, "shared_network_min_accounts", 1_000_000)? as u32,
+        volume_spike_min_requests: count(
+            &raw.volume_spike_min_requests,
+            "volume_spike_min_requests",
+            1_000_000_000,
+        )?,
+        shared_payment_min_accounts: count(
+            &raw.shared_payment_min_accounts,
+            "shared_payment_min_accounts",
+            1_000_000,
+        )? as u32,
+        shared_network_min_accounts: count(
+            &raw.shared_network_min_accounts,
+            "shared_network_min_accounts",
+            1_000_000,
+        )? as u32,
     })
 }
 
