@@ -170,6 +170,8 @@ fn bench_engine(c: &mut Criterion) {
                 account: AccountFacts::default(),
                 hints: HintFacts::default(),
                 usage: None,
+                account_id: None,
+                payment_fingerprint: None,
                 request_id: String::new(),
             };
             engine.classify(black_box(&input)).unwrap()

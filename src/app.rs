@@ -8,6 +8,7 @@ use crate::engine::Engine;
 use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
 use crate::reload::{Target, Watched};
+use crate::usage::UsageAggregator;
 
 /// The default location database, compiled in (see data/README.md for source and licence).
 pub const EMBEDDED_LOCATION_DB: &[u8] = include_bytes!("../data/geo-whois-asn-country.mmdb");
@@ -80,8 +81,13 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     let anonymous = optional(DbRole::Anonymous, &config.anonymous_db)?;
     let asn = optional(DbRole::Asn, &config.asn_db)?;
     let geo = Geo::new(location, anonymous, asn, config.cache_capacity);
-    Ok(Loaded {
-        engine: Engine::new(policy, geo, config.max_db_age()),
-        targets,
-    })
+    let engine = Engine::new(policy, geo, config.max_db_age());
+    let engine = if config.usage.enabled {
+        engine.with_usage(UsageAggregator::new(
+            config.usage.max_memory_mb.saturating_mul(1 << 20),
+        ))
+    } else {
+        engine
+    };
+    Ok(Loaded { engine, targets })
 }

@@ -40,6 +40,26 @@ pub struct Config {
     pub start_without_location_db: bool,
     /// Envoy ext_authz settings (`[gateway]` table).
     pub gateway: GatewayConfig,
+    /// Usage history settings (`[usage]` table).
+    pub usage: UsageConfig,
+}
+
+/// Usage history (`Usage/Report` and the USAGE_* reasons).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    pub enabled: bool,
+    /// Ceiling for the aggregator's estimated memory; accounts are evicted beyond it.
+    pub max_memory_mb: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_memory_mb: 512,
+        }
+    }
 }
 
 impl Default for Config {
@@ -57,6 +77,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             start_without_location_db: false,
             gateway: GatewayConfig::default(),
+            usage: UsageConfig::default(),
         }
     }
 }

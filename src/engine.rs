@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, UsageFacts, classify};
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
 use crate::policy::Policy;
+use crate::usage::{EventLocation, UsageAggregator, UsageEvent};
 
 /// One request, parsed and checked at the edge.
 #[derive(Clone, Debug)]
@@ -23,6 +24,9 @@ pub struct ClassifyInput {
     pub hints: HintFacts,
     /// Usage history: inline from the caller, else filled from the aggregator by the engine.
     pub usage: Option<UsageFacts>,
+    /// Keys into the usage aggregator (the core never sees them).
+    pub account_id: Option<String>,
+    pub payment_fingerprint: Option<String>,
     pub request_id: String,
 }
 
@@ -42,6 +46,8 @@ pub struct Outcome {
     pub databases: Vec<DatabaseStatus>,
     /// Unique per decision: a UUIDv7, so ids sort by time.
     pub decision_id: String,
+    /// The usage history the decision saw.
+    pub usage: Option<UsageFacts>,
     pub request_id: String,
 }
 
@@ -49,6 +55,7 @@ pub struct Engine {
     policy: ArcSwap<Policy>,
     geo: Geo,
     max_db_age: Option<Duration>,
+    usage: Option<UsageAggregator>,
 }
 
 impl Engine {
@@ -57,7 +64,45 @@ impl Engine {
             policy: ArcSwap::from_pointee(policy),
             geo,
             max_db_age,
+            usage: None,
         }
+    }
+
+    /// Keeps usage history in `aggregator` (fed by [`Engine::record_usage`]).
+    pub fn with_usage(mut self, aggregator: UsageAggregator) -> Self {
+        self.usage = Some(aggregator);
+        self
+    }
+
+    pub fn usage(&self) -> Option<&UsageAggregator> {
+        self.usage.as_ref()
+    }
+
+    /// Records one usage event, located by the geo databases (unlocated when they cannot say).
+    /// Returns false when usage history is turned off.
+    pub fn record_usage(&self, event: &UsageEvent) -> bool {
+        let Some(aggregator) = &self.usage else {
+            return false;
+        };
+        let location = match self.geo.lookup(event.ip) {
+            Ok(found) => {
+                let facts = &found.record.facts;
+                let a = facts.anonymizer;
+                EventLocation {
+                    country: facts.country,
+                    subdivisions: facts.subdivisions.clone(),
+                    asn: found.record.asn,
+                    anonymized: a.vpn
+                        || a.tor
+                        || a.public_proxy
+                        || a.residential_proxy
+                        || a.hosting,
+                }
+            }
+            Err(_) => EventLocation::default(),
+        };
+        aggregator.record(event, &location);
+        true
     }
 
     pub fn geo(&self) -> &Geo {
@@ -93,13 +138,22 @@ impl Engine {
         let now_unix = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
+        let usage = input.usage.clone().or_else(|| {
+            let aggregator = self.usage.as_ref()?;
+            aggregator.facts(
+                input.account_id.as_deref(),
+                location.ip,
+                input.payment_fingerprint.as_deref(),
+                now_unix,
+            )
+        });
         let facts = Facts {
             flow: input.flow,
             now_unix,
             ip: &location.record.facts,
             account: &input.account,
             hints: &input.hints,
-            usage: input.usage.as_ref(),
+            usage: usage.as_ref(),
         };
         let decision = classify(&facts, &policy);
         let databases = self.database_status(&location.databases, now);
@@ -108,6 +162,7 @@ impl Engine {
             location,
             databases,
             decision_id: uuid::Uuid::now_v7().to_string(),
+            usage,
             request_id: input.request_id.clone(),
         }
     }

@@ -18,8 +18,9 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
-use crate::grpc::ClassifierService;
+use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
+use crate::grpc::{ClassifierService, UsageService};
 
 /// Limits, timings and the gateway adapter's settings.
 #[derive(Clone, Debug)]
@@ -66,6 +67,7 @@ pub async fn run(
         .build_v1()
         .expect("the descriptor sets are built by build.rs and valid");
 
+    let usage_engine = engine.clone();
     let gateway = GatewayService::new(engine.clone(), settings.gateway.clone())
         .map_err(ServeError::Gateway)?;
     let authorization = AuthorizationServer::new(gateway)
@@ -90,6 +92,10 @@ pub async fn run(
         .add_service(reflection)
         .add_service(classifier)
         .add_service(authorization)
+        .add_service(
+            UsageServer::new(UsageService::new(usage_engine))
+                .max_decoding_message_size(settings.max_request_bytes),
+        )
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {

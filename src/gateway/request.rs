@@ -42,7 +42,6 @@ fn error(field: impl Into<String>, message: impl Into<String>) -> MappingError {
 #[derive(Clone, Debug)]
 pub struct GatewayRequest {
     pub input: ClassifyInput,
-    pub account_id: Option<String>,
 }
 
 /// The request path, for the bypass list.
@@ -113,9 +112,10 @@ pub fn map_check(
             account,
             hints,
             usage: None,
+            account_id,
+            payment_fingerprint: None,
             request_id: http(check).map(|h| h.id.clone()).unwrap_or_default(),
         },
-        account_id,
     })
 }
 

@@ -71,7 +71,7 @@ impl GatewayService {
             policy: self.engine.policy().version().clone(),
             network: location.record.network,
             flow: request.input.flow,
-            account_id: request.account_id.clone(),
+            account_id: request.input.account_id.clone(),
             countries: [
                 account.billing_country,
                 account.phone_country,

@@ -7,7 +7,7 @@ use crate::classify::hints::accept_language_regions;
 use crate::classify::ownership::{
     MAX_OWNERS, MAX_OWNERSHIP_DEPTH, Organization, Owner, owner_field,
 };
-use crate::classify::{AccountFacts, Flow, HintFacts, Verdict};
+use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::geo::GeoLookup;
 use crate::grpc::{ApiError, pb};
@@ -215,7 +215,19 @@ impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
                 .map(hints)
                 .transpose()?
                 .unwrap_or_default(),
-            usage: None,
+            usage: request.usage.as_ref().map(usage_facts).transpose()?,
+            account_id: request
+                .account
+                .as_ref()
+                .map(|a| a.account_id.trim())
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned),
+            payment_fingerprint: request
+                .account
+                .as_ref()
+                .map(|a| a.payment_fingerprint.trim())
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned),
             request_id: request.request_id.clone(),
         })
     }
@@ -295,7 +307,74 @@ impl From<Outcome> for pb::ClassifyResponse {
             required_verifications: decision.required_verifications,
             request_id: outcome.request_id,
             error: None,
+            usage: outcome.usage.as_ref().map(usage_summary),
         }
+    }
+}
+
+/// Inline usage from a caller, checked.
+pub fn usage_facts(usage: &pb::UsageSummary) -> Result<UsageFacts, ApiError> {
+    const MAX_REGIONS: usize = 64;
+    let baseline = usage.baseline_requests_per_hour;
+    if !baseline.is_finite() || baseline < 0.0 {
+        return Err(ApiError::invalid(
+            "usage.baseline_requests_per_hour",
+            format!("{baseline} is not a count"),
+        ));
+    }
+    if usage.regions_7d.len() > MAX_REGIONS {
+        return Err(ApiError::invalid(
+            "usage.regions_7d",
+            format!(
+                "{} regions, more than {MAX_REGIONS}",
+                usage.regions_7d.len()
+            ),
+        ));
+    }
+    let regions_7d = usage
+        .regions_7d
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            RegionCode::parse(r)
+                .map_err(|e| ApiError::invalid(format!("usage.regions_7d[{i}]"), e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(UsageFacts {
+        requests_1h: usage.requests_1h,
+        baseline_requests_per_hour: baseline,
+        requests_24h: usage.requests_24h,
+        anonymized_requests_24h: usage.anonymized_requests_24h,
+        distinct_countries_24h: usage.distinct_countries_24h,
+        distinct_ips_24h: usage.distinct_ips_24h,
+        distinct_networks_24h: usage.distinct_networks_24h,
+        distinct_asns_24h: usage.distinct_asns_24h,
+        country_switches_24h: usage.country_switches_24h,
+        fastest_country_switch_secs: (usage.fastest_country_switch_seconds > 0)
+            .then_some(usage.fastest_country_switch_seconds),
+        api_keys_24h: usage.api_keys_24h,
+        accounts_sharing_payment: usage.accounts_sharing_payment,
+        accounts_sharing_network: usage.accounts_sharing_network,
+        regions_7d,
+    })
+}
+
+fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
+    pb::UsageSummary {
+        requests_1h: usage.requests_1h,
+        baseline_requests_per_hour: usage.baseline_requests_per_hour,
+        requests_24h: usage.requests_24h,
+        anonymized_requests_24h: usage.anonymized_requests_24h,
+        distinct_countries_24h: usage.distinct_countries_24h,
+        country_switches_24h: usage.country_switches_24h,
+        fastest_country_switch_seconds: usage.fastest_country_switch_secs.unwrap_or(0),
+        accounts_sharing_payment: usage.accounts_sharing_payment,
+        accounts_sharing_network: usage.accounts_sharing_network,
+        regions_7d: usage.regions_7d.iter().map(ToString::to_string).collect(),
+        distinct_ips_24h: usage.distinct_ips_24h,
+        distinct_networks_24h: usage.distinct_networks_24h,
+        distinct_asns_24h: usage.distinct_asns_24h,
+        api_keys_24h: usage.api_keys_24h,
     }
 }
 

@@ -6,9 +6,11 @@
 mod classifier;
 pub mod convert;
 mod status;
+mod usage;
 
 pub use classifier::ClassifierService;
 pub use status::ApiError;
+pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.
 pub mod pb {

@@ -66,8 +66,14 @@ pub struct NetworkKey {
 impl NetworkKey {
     pub fn of(ip: IpAddr) -> Self {
         match ip.to_canonical() {
-            IpAddr::V4(v4) => Self { bits: u128::from(u32::from(v4) & 0xffff_ff00), v6: false },
-            IpAddr::V6(v6) => Self { bits: u128::from(v6) & (u128::MAX << 80), v6: true },
+            IpAddr::V4(v4) => Self {
+                bits: u128::from(u32::from(v4) & 0xffff_ff00),
+                v6: false,
+            },
+            IpAddr::V6(v6) => Self {
+                bits: u128::from(v6) & (u128::MAX << 80),
+                v6: true,
+            },
         }
     }
 }
@@ -139,7 +145,9 @@ pub struct UsageAggregator {
     networks: Cache<NetworkKey, Shared<Recent<Arc<str>>>>,
 }
 
-fn shared_cache<K: std::hash::Hash + Eq + Send + Sync + 'static>(max_bytes: u64) -> Cache<K, Shared<Recent<Arc<str>>>> {
+fn shared_cache<K: std::hash::Hash + Eq + Send + Sync + 'static>(
+    max_bytes: u64,
+) -> Cache<K, Shared<Recent<Arc<str>>>> {
     Cache::builder()
         .max_capacity(max_bytes)
         .time_to_idle(Duration::from_secs(HISTORY_SECS as u64))
@@ -149,7 +157,9 @@ fn shared_cache<K: std::hash::Hash + Eq + Send + Sync + 'static>(max_bytes: u64)
 
 /// Bytes one shared-key entry (payment fingerprint or network) costs with `accounts` accounts.
 fn shared_entry_bytes(accounts: usize) -> u32 {
-    (std::mem::size_of::<Recent<Arc<str>>>() + 64 + accounts * (std::mem::size_of::<(Arc<str>, i64)>() + 24)) as u32
+    (std::mem::size_of::<Recent<Arc<str>>>()
+        + 64
+        + accounts * (std::mem::size_of::<(Arc<str>, i64)>() + 24)) as u32
 }
 
 impl UsageAggregator {
@@ -161,7 +171,9 @@ impl UsageAggregator {
             accounts: Cache::builder()
                 .max_capacity(max_bytes / 100 * 70)
                 .time_to_idle(idle)
-                .weigher(|k: &Arc<str>, v: &Shared<AccountState>| (lock(v).bytes() + k.len() + 64).min(u32::MAX as usize) as u32)
+                .weigher(|k: &Arc<str>, v: &Shared<AccountState>| {
+                    (lock(v).bytes() + k.len() + 64).min(u32::MAX as usize) as u32
+                })
                 .build(),
             payments: shared_cache(max_bytes / 100 * 15),
             networks: shared_cache(max_bytes / 100 * 15),
@@ -170,13 +182,19 @@ impl UsageAggregator {
 
     pub fn record(&self, event: &UsageEvent, location: &EventLocation) {
         let t = event.timestamp;
-        let entry = self.accounts.get_with(event.account_id.clone(), || Arc::new(Mutex::new(AccountState::new(t))));
+        let entry = self.accounts.get_with(event.account_id.clone(), || {
+            Arc::new(Mutex::new(AccountState::new(t)))
+        });
         let reweigh = {
             let mut state = lock(&entry);
             let counts = Counts {
                 requests: event.requests,
                 tokens: event.input_tokens.saturating_add(event.output_tokens),
-                anonymized: if location.anonymized { event.requests } else { 0 },
+                anonymized: if location.anonymized {
+                    event.requests
+                } else {
+                    0
+                },
             };
             state.series.add(t, counts);
             state.oldest = state.oldest.min(t);
@@ -198,7 +216,8 @@ impl UsageAggregator {
                 state.api_keys.touch(key.clone(), t);
             }
             let bytes = state.bytes();
-            let drifted = bytes > state.weighed + state.weighed / 4 || bytes + bytes / 4 < state.weighed;
+            let drifted =
+                bytes > state.weighed + state.weighed / 4 || bytes + bytes / 4 < state.weighed;
             if drifted {
                 state.weighed = bytes;
             }
@@ -210,14 +229,25 @@ impl UsageAggregator {
         if let Some(fingerprint) = &event.payment_fingerprint {
             Self::touch_shared(&self.payments, fingerprint.clone(), &event.account_id, t);
         }
-        Self::touch_shared(&self.networks, NetworkKey::of(event.ip), &event.account_id, t);
+        Self::touch_shared(
+            &self.networks,
+            NetworkKey::of(event.ip),
+            &event.account_id,
+            t,
+        );
     }
 
-    fn touch_shared<K>(cache: &Cache<K, Shared<Recent<Arc<str>>>>, key: K, account: &Arc<str>, t: i64)
-    where
+    fn touch_shared<K>(
+        cache: &Cache<K, Shared<Recent<Arc<str>>>>,
+        key: K,
+        account: &Arc<str>,
+        t: i64,
+    ) where
         K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
     {
-        let entry = cache.get_with(key.clone(), || Arc::new(Mutex::new(Recent::new(MAX_ACCOUNTS_PER_KEY))));
+        let entry = cache.get_with(key.clone(), || {
+            Arc::new(Mutex::new(Recent::new(MAX_ACCOUNTS_PER_KEY)))
+        });
         let grew = {
             let mut accounts = lock(&entry);
             let before = accounts.len();
@@ -232,14 +262,24 @@ impl UsageAggregator {
 
     /// The account's usage facts at `now`, counting shared keys with this request's IP and
     /// payment fingerprint (this account included). `None` when nothing is known.
-    pub fn facts(&self, account_id: Option<&str>, ip: IpAddr, payment_fingerprint: Option<&str>, now: i64) -> Option<UsageFacts> {
+    pub fn facts(
+        &self,
+        account_id: Option<&str>,
+        ip: IpAddr,
+        payment_fingerprint: Option<&str>,
+        now: i64,
+    ) -> Option<UsageFacts> {
         let sharing = |set: Option<Shared<Recent<Arc<str>>>>, since: i64| -> Option<u32> {
             let set = set?;
             let set = lock(&set);
-            let others = set.since(since).filter(|a| Some(&***a) != account_id).count() as u32;
+            let others = set
+                .since(since)
+                .filter(|a| Some(&***a) != account_id)
+                .count() as u32;
             Some(others + u32::from(account_id.is_some()))
         };
-        let payment = payment_fingerprint.and_then(|f| sharing(self.payments.get(f), now - HISTORY_SECS));
+        let payment =
+            payment_fingerprint.and_then(|f| sharing(self.payments.get(f), now - HISTORY_SECS));
         let network = sharing(self.networks.get(&NetworkKey::of(ip)), now - DAY);
         let state = account_id.and_then(|id| self.accounts.get(id));
         if state.is_none() && payment.is_none() && network.is_none() {
@@ -258,7 +298,8 @@ impl UsageAggregator {
             let observed_hours = ((now - state.oldest) / HOUR).clamp(1, HISTORY_SECS / HOUR - 1);
             let (switches, fastest) = state.runs.switches_since(now - DAY);
             facts.requests_1h = hour.requests;
-            facts.baseline_requests_per_hour = week.requests.saturating_sub(hour.requests) as f64 / observed_hours as f64;
+            facts.baseline_requests_per_hour =
+                week.requests.saturating_sub(hour.requests) as f64 / observed_hours as f64;
             facts.requests_24h = day.requests;
             facts.anonymized_requests_24h = day.anonymized;
             facts.distinct_countries_24h = state.countries.count_since(now - DAY);
@@ -274,14 +315,20 @@ impl UsageAggregator {
     }
 
     pub fn stats(&self) -> UsageStats {
-        for cache in [&self.accounts as &dyn Pending, &self.payments, &self.networks] {
+        for cache in [
+            &self.accounts as &dyn Pending,
+            &self.payments,
+            &self.networks,
+        ] {
             cache.pending();
         }
         UsageStats {
             accounts: self.accounts.entry_count(),
             payment_fingerprints: self.payments.entry_count(),
             networks: self.networks.entry_count(),
-            bytes: self.accounts.weighted_size() + self.payments.weighted_size() + self.networks.weighted_size(),
+            bytes: self.accounts.weighted_size()
+                + self.payments.weighted_size()
+                + self.networks.weighted_size(),
         }
     }
 }
@@ -291,7 +338,9 @@ trait Pending {
     fn pending(&self);
 }
 
-impl<K: std::hash::Hash + Eq + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Pending for Cache<K, V> {
+impl<K: std::hash::Hash + Eq + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Pending
+    for Cache<K, V>
+{
     fn pending(&self) {
         self.run_pending_tasks();
     }

@@ -16,7 +16,10 @@ fn event(account: &str, ip: &str, t: i64) -> UsageEvent {
 }
 
 fn located(country: &str) -> EventLocation {
-    EventLocation { country: CountryCode::parse(country).ok(), ..Default::default() }
+    EventLocation {
+        country: CountryCode::parse(country).ok(),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -27,15 +30,46 @@ fn shared_payment_and_network_count_accounts_including_this_one() {
         e.payment_fingerprint = Some("card-1".into());
         usage.record(&e, &located("US"));
     }
-    let facts = usage.facts(Some("fleet-0"), "198.51.100.200".parse().unwrap(), Some("card-1"), NOW).unwrap();
+    let facts = usage
+        .facts(
+            Some("fleet-0"),
+            "198.51.100.200".parse().unwrap(),
+            Some("card-1"),
+            NOW,
+        )
+        .unwrap();
     assert_eq!(facts.accounts_sharing_payment, 5);
     assert_eq!(facts.accounts_sharing_network, 5, "same /24");
-    let newcomer = usage.facts(Some("new"), "198.51.100.9".parse().unwrap(), Some("card-1"), NOW).unwrap();
-    assert_eq!(newcomer.accounts_sharing_payment, 6, "a new account on the card is the sixth");
+    let newcomer = usage
+        .facts(
+            Some("new"),
+            "198.51.100.9".parse().unwrap(),
+            Some("card-1"),
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(
+        newcomer.accounts_sharing_payment, 6,
+        "a new account on the card is the sixth"
+    );
     assert_eq!(newcomer.requests_24h, 0);
-    assert!(usage.facts(Some("nobody"), "203.0.113.1".parse().unwrap(), None, NOW).is_none());
-    let tomorrow = usage.facts(Some("x"), "198.51.100.9".parse().unwrap(), None, NOW + 2 * DAY).unwrap();
-    assert_eq!(tomorrow.accounts_sharing_network, 1, "network sharing is a 24-hour window");
+    assert!(
+        usage
+            .facts(Some("nobody"), "203.0.113.1".parse().unwrap(), None, NOW)
+            .is_none()
+    );
+    let tomorrow = usage
+        .facts(
+            Some("x"),
+            "198.51.100.9".parse().unwrap(),
+            None,
+            NOW + 2 * DAY,
+        )
+        .unwrap();
+    assert_eq!(
+        tomorrow.accounts_sharing_network, 1,
+        "network sharing is a 24-hour window"
+    );
 }
 
 #[test]
@@ -43,12 +77,17 @@ fn account_history_counts_countries_switches_and_volume() {
     let usage = UsageAggregator::new(64 << 20);
     let hops = [("US", 0), ("DE", 600), ("US", 1200), ("JP", 1500)];
     for (country, offset) in hops {
-        usage.record(&event("a", "203.0.113.7", NOW - 3000 + offset), &located(country));
+        usage.record(
+            &event("a", "203.0.113.7", NOW - 3000 + offset),
+            &located(country),
+        );
     }
     let mut burst = event("a", "203.0.113.7", NOW - 60);
     burst.requests = 900;
     usage.record(&burst, &located("JP"));
-    let facts = usage.facts(Some("a"), "203.0.113.7".parse().unwrap(), None, NOW).unwrap();
+    let facts = usage
+        .facts(Some("a"), "203.0.113.7".parse().unwrap(), None, NOW)
+        .unwrap();
     assert_eq!(facts.distinct_countries_24h, 3);
     assert_eq!(facts.country_switches_24h, 3);
     assert_eq!(facts.fastest_country_switch_secs, Some(300));
@@ -63,7 +102,10 @@ fn memory_stays_under_the_ceiling_by_evicting() {
     let usage = UsageAggregator::new(ceiling);
     for i in 0..50_000u32 {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i * 256);
-        usage.record(&event(&format!("acct-{i}"), &ip.to_string(), NOW), &located("US"));
+        usage.record(
+            &event(&format!("acct-{i}"), &ip.to_string(), NOW),
+            &located("US"),
+        );
     }
     let stats = usage.stats();
     assert!(stats.bytes <= ceiling, "{stats:?}");
@@ -76,11 +118,20 @@ fn bytes_per_typical_account_are_bounded() {
     let usage = UsageAggregator::new(1 << 30);
     // A day of use: a request every 5 minutes, two networks, one country.
     for step in 0..288 {
-        let ip = if step % 2 == 0 { "203.0.113.7" } else { "198.51.100.7" };
-        usage.record(&event("typical", ip, NOW - DAY + step * 300), &located("DE"));
+        let ip = if step % 2 == 0 {
+            "203.0.113.7"
+        } else {
+            "198.51.100.7"
+        };
+        usage.record(
+            &event("typical", ip, NOW - DAY + step * 300),
+            &located("DE"),
+        );
     }
     let stats = usage.stats();
     let per_account = stats.bytes as f64;
-    println!("weighted bytes for one account with a full day of 5-minute buckets: {per_account} ({stats:?})");
+    println!(
+        "weighted bytes for one account with a full day of 5-minute buckets: {per_account} ({stats:?})"
+    );
     assert!(per_account < 16_384.0, "{per_account}");
 }

@@ -78,6 +78,8 @@ pub fn city_db() -> Vec<u8> {
             ("65.0.0.0/13", city("NL", &[], "NL")),
             ("71.160.223.0/24", city("US", &["CA"], "US")),
             ("2001:db8:1::/48", city("DE", &[], "DE")),
+            // Ordinary residential users in usage simulations: one /24 each.
+            ("24.0.0.0/8", city("US", &["NY"], "US")),
         ],
     )
 }

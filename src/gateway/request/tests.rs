@@ -93,12 +93,20 @@ fn account_from_header_context_or_metadata() {
         &[("regionguard.account_id", "acct-2")],
     );
     assert_eq!(
-        map_check(&check, &config).unwrap().account_id.as_deref(),
+        map_check(&check, &config)
+            .unwrap()
+            .input
+            .account_id
+            .as_deref(),
         Some("acct-1")
     );
     let check = check_request("8.8.8.8", "/", &[], &[("regionguard.account_id", "acct-2")]);
     assert_eq!(
-        map_check(&check, &config).unwrap().account_id.as_deref(),
+        map_check(&check, &config)
+            .unwrap()
+            .input
+            .account_id
+            .as_deref(),
         Some("acct-2")
     );
 
@@ -123,12 +131,16 @@ fn account_from_header_context_or_metadata() {
         ..Default::default()
     });
     assert_eq!(
-        map_check(&check, &config).unwrap().account_id.as_deref(),
+        map_check(&check, &config)
+            .unwrap()
+            .input
+            .account_id
+            .as_deref(),
         Some("acct-3")
     );
 
     let none = check_request("8.8.8.8", "/", &[], &[]);
-    assert_eq!(map_check(&none, &config).unwrap().account_id, None);
+    assert_eq!(map_check(&none, &config).unwrap().input.account_id, None);
 }
 
 #[test]

@@ -1,0 +1,180 @@
+//! `regionguard.v1.Usage/Report`: usage events in, one summary out.
+//!
+//! Each event is checked on its own: a bad one is counted and named (index, field, problem) and
+//! the stream goes on, so good events are never lost because a neighbour was bad.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::Engine;
+use crate::grpc::ApiError;
+use crate::grpc::convert::parse_ip;
+use crate::grpc::pb::{self, usage_server::Usage};
+use crate::usage::UsageEvent;
+use crate::usage::window::HISTORY_SECS;
+
+/// Rejections listed by name in one summary; the rest are only counted.
+const MAX_LISTED: usize = 100;
+const MAX_ID_BYTES: usize = 256;
+/// How far ahead of the server's clock an event may be (clock skew).
+const MAX_FUTURE_SECS: i64 = 300;
+const MAX_REQUESTS: u64 = 1_000_000;
+const MAX_TOKENS: u64 = 1_000_000_000;
+
+pub struct UsageService {
+    engine: Arc<Engine>,
+}
+
+impl UsageService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+fn id(field: &str, value: &str, required: bool) -> Result<Option<Arc<str>>, ApiError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return if required {
+            Err(ApiError::invalid(field, "required"))
+        } else {
+            Ok(None)
+        };
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!("{} bytes, more than {MAX_ID_BYTES}", value.len()),
+        ));
+    }
+    Ok(Some(value.into()))
+}
+
+/// Checks one event against the server's clock `now` (seconds).
+pub fn usage_event(event: &pb::UsageEvent, now: i64) -> Result<UsageEvent, ApiError> {
+    let account_id = id("account_id", &event.account_id, true)?.unwrap_or_else(|| "".into());
+    let ip: IpAddr = parse_ip("ip", &event.ip)?;
+    let ms = event.timestamp_unix_ms;
+    if ms <= 0 {
+        return Err(ApiError::invalid(
+            "timestamp_unix_ms",
+            "required (milliseconds since the Unix epoch)",
+        ));
+    }
+    let timestamp = ms / 1000;
+    if timestamp > now + MAX_FUTURE_SECS {
+        return Err(ApiError::invalid(
+            "timestamp_unix_ms",
+            format!("{ms} is more than {MAX_FUTURE_SECS} s ahead of the server's clock"),
+        ));
+    }
+    if timestamp <= now - HISTORY_SECS {
+        return Err(ApiError::invalid(
+            "timestamp_unix_ms",
+            format!("{ms} is older than the 7-day history"),
+        ));
+    }
+    if event.request_count > MAX_REQUESTS {
+        return Err(ApiError::invalid(
+            "request_count",
+            format!(
+                "{} is more than {MAX_REQUESTS} in one event",
+                event.request_count
+            ),
+        ));
+    }
+    for (field, tokens) in [
+        ("input_tokens", event.input_tokens),
+        ("output_tokens", event.output_tokens),
+    ] {
+        if tokens > MAX_TOKENS {
+            return Err(ApiError::invalid(
+                field,
+                format!("{tokens} is more than {MAX_TOKENS} in one event"),
+            ));
+        }
+    }
+    for (field, text) in [("model", &event.model), ("user_agent", &event.user_agent)] {
+        if text.len() > 1024 {
+            return Err(ApiError::invalid(
+                field,
+                format!("{} bytes, more than 1024", text.len()),
+            ));
+        }
+    }
+    Ok(UsageEvent {
+        account_id,
+        ip,
+        timestamp,
+        api_key_id: id("api_key_id", &event.api_key_id, false)?,
+        requests: event.request_count.max(1),
+        input_tokens: event.input_tokens,
+        output_tokens: event.output_tokens,
+        payment_fingerprint: id("payment_fingerprint", &event.payment_fingerprint, false)?,
+    })
+}
+
+fn reject(summary: &mut pb::ReportSummary, index: u64, field: String, message: String) {
+    summary.rejected += 1;
+    if summary.rejections.len() < MAX_LISTED {
+        summary.rejections.push(pb::RejectedEvent {
+            index,
+            field,
+            message,
+        });
+    } else {
+        summary.rejections_truncated = true;
+    }
+}
+
+#[tonic::async_trait]
+impl Usage for UsageService {
+    async fn report(
+        &self,
+        request: Request<Streaming<pb::UsageEvent>>,
+    ) -> Result<Response<pb::ReportSummary>, Status> {
+        if self.engine.usage().is_none() {
+            return Err(Status::failed_precondition(
+                "usage history is turned off ([usage] enabled = false)",
+            ));
+        }
+        let mut stream = request.into_inner();
+        let mut summary = pb::ReportSummary::default();
+        let mut index: u64 = 0;
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(status) => {
+                    // The transport cannot go on (e.g. an oversize message): report what was read.
+                    reject(
+                        &mut summary,
+                        index,
+                        "stream".into(),
+                        status.message().to_owned(),
+                    );
+                    break;
+                }
+            };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            match usage_event(&event, now) {
+                Ok(event) => {
+                    self.engine.record_usage(&event);
+                    summary.accepted += 1;
+                }
+                Err(error) => reject(
+                    &mut summary,
+                    index,
+                    error.field().to_owned(),
+                    error.to_string(),
+                ),
+            }
+            index += 1;
+        }
+        Ok(Response::new(summary))
+    }
+}
