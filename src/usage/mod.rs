@@ -22,6 +22,10 @@ use window::{CountryRuns, Counts, HISTORY_SECS, Recent, Series};
 
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
+/// What one moka entry costs beyond its value: the key's allocation, the Arc and Mutex, the
+/// cache's node, hash slot and access-order links. Calibrated against resident memory with
+/// `cargo bench --bench usage` (see README, Usage signals).
+const ENTRY_OVERHEAD: usize = 400;
 /// Set sizes: counts saturate here.
 const MAX_IPS: usize = 64;
 const MAX_NETWORKS: usize = 32;
@@ -108,17 +112,20 @@ impl AccountState {
         }
     }
 
-    /// Estimated heap and inline bytes: what the memory ceiling counts.
+    /// Estimated bytes: what the memory ceiling counts (allocations by capacity, plus the
+    /// cache's own per-entry cost).
     fn bytes(&self) -> usize {
-        use std::mem::size_of;
-        size_of::<Self>()
-            + self.series.len() * size_of::<(i64, Counts)>()
-            + self.ips.len() * size_of::<(IpAddr, i64)>()
-            + self.networks.len() * size_of::<(NetworkKey, i64)>()
-            + (self.countries.len() + self.asns.len()) * 16
-            + self.regions.len() * size_of::<(RegionCode, i64)>()
-            + self.api_keys.len() * (size_of::<(Arc<str>, i64)>() + 32)
-            + self.runs.len() * size_of::<window::Run<CountryCode>>()
+        ENTRY_OVERHEAD
+            + std::mem::size_of::<Self>()
+            + self.series.heap_bytes()
+            + self.ips.heap_bytes()
+            + self.networks.heap_bytes()
+            + self.countries.heap_bytes()
+            + self.regions.heap_bytes()
+            + self.asns.heap_bytes()
+            + self.api_keys.heap_bytes()
+            + self.api_keys.len() * 48
+            + self.runs.heap_bytes()
     }
 }
 
@@ -151,15 +158,14 @@ fn shared_cache<K: std::hash::Hash + Eq + Send + Sync + 'static>(
     Cache::builder()
         .max_capacity(max_bytes)
         .time_to_idle(Duration::from_secs(HISTORY_SECS as u64))
-        .weigher(|_, v: &Shared<Recent<Arc<str>>>| shared_entry_bytes(lock(v).len()))
+        .weigher(|_, v: &Shared<Recent<Arc<str>>>| shared_entry_bytes(&lock(v)))
         .build()
 }
 
-/// Bytes one shared-key entry (payment fingerprint or network) costs with `accounts` accounts.
-fn shared_entry_bytes(accounts: usize) -> u32 {
-    (std::mem::size_of::<Recent<Arc<str>>>()
-        + 64
-        + accounts * (std::mem::size_of::<(Arc<str>, i64)>() + 24)) as u32
+/// Bytes one shared-key entry (payment fingerprint or network) costs.
+fn shared_entry_bytes(set: &Recent<Arc<str>>) -> u32 {
+    (ENTRY_OVERHEAD + std::mem::size_of::<Recent<Arc<str>>>() + set.heap_bytes())
+        .min(u32::MAX as usize) as u32
 }
 
 impl UsageAggregator {
@@ -172,7 +178,7 @@ impl UsageAggregator {
                 .max_capacity(max_bytes / 100 * 70)
                 .time_to_idle(idle)
                 .weigher(|k: &Arc<str>, v: &Shared<AccountState>| {
-                    (lock(v).bytes() + k.len() + 64).min(u32::MAX as usize) as u32
+                    (lock(v).bytes() + k.len()).min(u32::MAX as usize) as u32
                 })
                 .build(),
             payments: shared_cache(max_bytes / 100 * 15),

@@ -99,9 +99,14 @@ impl Series {
         total
     }
 
-    /// Buckets held, for memory accounting.
+    /// Buckets held.
     pub fn len(&self) -> usize {
         self.fine.len() + self.coarse.len()
+    }
+
+    /// Heap bytes allocated, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        (self.fine.capacity() + self.coarse.capacity()) * std::mem::size_of::<(i64, Counts)>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -149,6 +154,11 @@ impl<K: PartialEq> Recent<K> {
 
     pub fn count_since(&self, since: i64) -> u32 {
         self.since(since).count() as u32
+    }
+
+    /// Heap bytes allocated, for memory accounting (not counting what the keys point to).
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(K, i64)>()
     }
 
     pub fn len(&self) -> usize {
@@ -258,6 +268,11 @@ impl<C: Copy + PartialEq> CountryRuns<C> {
             (n + 1, Some(min.map_or(gap, |m: u64| m.min(gap))))
         });
         (count, fastest)
+    }
+
+    /// Heap bytes allocated, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.runs.capacity() * std::mem::size_of::<Run<C>>()
     }
 
     pub fn countries(&self) -> impl Iterator<Item = C> + '_ {

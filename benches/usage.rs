@@ -1,0 +1,136 @@
+//! Usage ingest: events/s through the aggregator (and through the engine, geo lookup included),
+//! and memory per tracked account, weighted (what the ceiling counts) and as resident memory.
+//!
+//! Run with `cargo bench --bench usage`.
+
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput};
+use regionguard::engine::Engine;
+use regionguard::geo::{DbRole, Geo, GeoDatabase};
+use regionguard::policy::embedded_policy;
+use regionguard::region::CountryCode;
+use regionguard::usage::{EventLocation, UsageAggregator, UsageEvent};
+
+const NOW: i64 = 1_790_000_000;
+
+fn event(account: &Arc<str>, ip: IpAddr, t: i64) -> UsageEvent {
+    UsageEvent {
+        account_id: account.clone(),
+        ip,
+        timestamp: t,
+        api_key_id: Some("key".into()),
+        requests: 1,
+        input_tokens: 500,
+        output_tokens: 200,
+        payment_fingerprint: Some(format!("card-{}", t % 1000).into()),
+    }
+}
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Prints bytes per account for `n` accounts shaped by `events_per_account`.
+fn report_memory(n: u32, events_per_account: i64) {
+    let usage = UsageAggregator::new(64 << 30);
+    let location = EventLocation {
+        country: CountryCode::parse("DE").ok(),
+        ..Default::default()
+    };
+    let before = rss_bytes();
+    for i in 0..n {
+        let account: Arc<str> = format!("account-{i}").into();
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i * 256));
+        for step in 0..events_per_account {
+            usage.record(&event(&account, ip, NOW - 86_400 + step * 300), &location);
+        }
+    }
+    let stats = usage.stats();
+    let rss = rss_bytes()
+        .zip(before)
+        .map(|(after, before)| after.saturating_sub(before));
+    println!(
+        "memory: {n} accounts x {events_per_account} events (5 min apart): weighted {:.0} B/account (incl. network keys), resident {} B/account",
+        stats.bytes as f64 / f64::from(n),
+        rss.map_or("n/a".to_owned(), |r| format!(
+            "{:.0}",
+            r as f64 / f64::from(n)
+        ))
+    );
+}
+
+fn bench_ingest(c: &mut Criterion) {
+    let accounts: Vec<Arc<str>> = (0..10_000).map(|i| format!("account-{i}").into()).collect();
+    let location = EventLocation {
+        country: CountryCode::parse("DE").ok(),
+        ..Default::default()
+    };
+    let usage = UsageAggregator::new(1 << 30);
+    let mut group = c.benchmark_group("usage");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("aggregator_record", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + (i as u32 % 5000) * 256));
+            usage.record(
+                black_box(&event(
+                    &accounts[i % accounts.len()],
+                    ip,
+                    NOW + (i as i64 / 1000),
+                )),
+                &location,
+            )
+        })
+    });
+    let geo = Geo::new(
+        Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
+        Some(GeoDatabase::from_bytes(DbRole::Anonymous, fixtures::anonymous_db(), "anon").unwrap()),
+        None,
+        100_000,
+    );
+    let engine = Engine::new(embedded_policy().unwrap(), geo, None)
+        .with_usage(UsageAggregator::new(1 << 30));
+    group.bench_function("engine_record_usage_with_geo", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            let ip = IpAddr::V4(Ipv4Addr::from(0x1800_0000 + (i as u32 % 5000) * 256));
+            engine.record_usage(black_box(&event(
+                &accounts[i % accounts.len()],
+                ip,
+                NOW + (i as i64 / 1000),
+            )))
+        })
+    });
+    group.finish();
+}
+
+fn main() {
+    // Each memory measurement runs in a fresh process, so freed memory is not reused.
+    if let Ok(spec) = std::env::var("REGIONGUARD_BENCH_MEMORY") {
+        let (n, events) = spec.split_once(',').expect("n,events");
+        report_memory(n.parse().unwrap(), events.parse().unwrap());
+        return;
+    }
+    for spec in ["100000,1", "10000,288"] {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("REGIONGUARD_BENCH_MEMORY", spec)
+            .arg("--bench")
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("memory measurement {spec} failed");
+        }
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_ingest(&mut criterion);
+    criterion.final_summary();
+}
