@@ -30,6 +30,13 @@ fn addresses() -> Vec<IpAddr> {
         .collect()
 }
 
+/// The shipped whole-Internet country database, cached.
+fn whole_internet() -> Geo {
+    let db = GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
+        .unwrap();
+    Geo::new(Some(db), None, None, 100_000)
+}
+
 fn bench_classify(c: &mut Criterion) {
     let policy = embedded_policy().unwrap();
     let country = |s| CountryCode::parse(s).ok();
@@ -83,15 +90,7 @@ fn bench_classify(c: &mut Criterion) {
 }
 
 fn bench_geo(c: &mut Criterion) {
-    let world = Geo::new(
-        Some(
-            GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
-                .unwrap(),
-        ),
-        None,
-        None,
-        100_000,
-    );
+    let world = whole_internet();
     let city = Geo::new(
         Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
         Some(GeoDatabase::from_bytes(DbRole::Anonymous, fixtures::anonymous_db(), "anon").unwrap()),
@@ -149,15 +148,7 @@ fn bench_geo(c: &mut Criterion) {
 }
 
 fn bench_engine(c: &mut Criterion) {
-    let geo = Geo::new(
-        Some(
-            GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
-                .unwrap(),
-        ),
-        None,
-        None,
-        100_000,
-    );
+    let geo = whole_internet();
     let engine = Engine::new(embedded_policy().unwrap(), geo, None);
     let ips = addresses();
     c.bench_function("engine/classify_whole_internet", |b| {

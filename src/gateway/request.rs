@@ -16,6 +16,7 @@ use super::config::GatewayConfig;
 use crate::classify::hints::accept_language_regions;
 use crate::classify::{AccountFacts, Flow, HintFacts};
 use crate::engine::ClassifyInput;
+use crate::grpc::excerpt;
 use crate::region::CountryCode;
 
 /// The route `context_extensions` key naming the flow (`signup`, `login`, `api_request`).
@@ -150,7 +151,7 @@ fn client_ip(
     let source_ip = parse_address(source).ok_or_else(|| {
         error(
             SOURCE,
-            format!("{:?} is not an IP address", truncate(source)),
+            format!("{:?} is not an IP address", excerpt(source)),
         )
     })?;
     if trusted_hops == 0 {
@@ -175,17 +176,9 @@ fn client_ip(
     parse_address(entry).ok_or_else(|| {
         error(
             format!("headers[{XFF}]"),
-            format!("entry {index} {:?} is not an IP address", truncate(entry)),
+            format!("entry {index} {:?} is not an IP address", excerpt(entry)),
         )
     })
-}
-
-fn truncate(text: &str) -> &str {
-    let mut end = text.len().min(64);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 fn account_id(
@@ -271,7 +264,7 @@ fn account(check: &CheckRequest, config: &GatewayConfig) -> Result<AccountFacts,
             let t: i64 = value.parse().map_err(|_| {
                 error(
                     format!("headers[{name}]"),
-                    format!("{:?} is not seconds since the Unix epoch", truncate(value)),
+                    format!("{:?} is not seconds since the Unix epoch", excerpt(value)),
                 )
             })?;
             Some(t).filter(|t| *t > 0)

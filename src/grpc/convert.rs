@@ -10,6 +10,7 @@ use crate::classify::ownership::{
 use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::geo::GeoLookup;
+use crate::grpc::status::excerpt;
 use crate::grpc::{ApiError, pb};
 use crate::region::{CountryCode, RegionCode};
 
@@ -34,17 +35,9 @@ pub fn parse_ip(field: &str, text: &str) -> Result<std::net::IpAddr, ApiError> {
     text.trim().parse().map_err(|_| {
         ApiError::invalid(
             field,
-            format!("{:?} is not an IPv4 or IPv6 address", truncate(text)),
+            format!("{:?} is not an IPv4 or IPv6 address", excerpt(text)),
         )
     })
-}
-
-fn truncate(text: &str) -> &str {
-    let mut end = text.len().min(64);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 fn country(field: &str, text: &str) -> Result<Option<CountryCode>, ApiError> {
@@ -186,7 +179,7 @@ pub fn hints(hints: &pb::ClientHints) -> Result<HintFacts, ApiError> {
     if !valid_tz {
         return Err(ApiError::invalid(
             "hints.timezone",
-            format!("{:?} is not an IANA time zone name", truncate(tz)),
+            format!("{:?} is not an IANA time zone name", excerpt(tz)),
         ));
     }
     Ok(HintFacts {

@@ -9,7 +9,7 @@ mod status;
 mod usage;
 
 pub use classifier::ClassifierService;
-pub use status::ApiError;
+pub use status::{ApiError, excerpt};
 pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.

@@ -53,6 +53,16 @@ impl ApiError {
     }
 }
 
+/// At most the first 64 bytes of caller input (on a character boundary), for error messages:
+/// enough to recognise the value, never a whole hostile payload echoed back.
+pub fn excerpt(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         if error.code() == Code::Internal {
