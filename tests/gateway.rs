@@ -488,11 +488,11 @@ async fn gateway_burst_completes_without_errors() {
         (allowed, denied, errors) = (allowed + a, denied + d, errors + e);
     }
     let elapsed = started.elapsed();
-    println!(
+    support::record(format_args!(
         "gateway burst: {CALLS} Check calls over {STREAMS} concurrent streams in {:.2}s = {:.0} checks/s ({allowed} allowed, {denied} denied, {errors} errors)",
         elapsed.as_secs_f64(),
         CALLS as f64 / elapsed.as_secs_f64()
-    );
+    ));
     assert_eq!(errors, 0);
     assert_eq!(allowed + denied, CALLS);
     assert_eq!(

@@ -117,7 +117,9 @@ async fn policy_reload_under_load_fails_no_request() {
     load.answered(500).await;
 
     let (ok, failed) = load.finish().await;
-    println!("policy reload under load: {ok} requests answered, {failed} failed");
+    support::record(format_args!(
+        "policy reload under load: {ok} requests answered, {failed} failed"
+    ));
     assert!(ok > 0);
     assert_eq!(failed, 0);
     server.shutdown().await;
@@ -151,7 +153,9 @@ async fn database_reload_under_load_fails_no_request() {
     load.answered(500).await;
 
     let (ok, failed) = load.finish().await;
-    println!("database reload under load: {ok} requests answered, {failed} failed");
+    support::record(format_args!(
+        "database reload under load: {ok} requests answered, {failed} failed"
+    ));
     assert!(ok > 0);
     assert_eq!(failed, 0);
     server.shutdown().await;

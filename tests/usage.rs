@@ -107,12 +107,12 @@ async fn a_proxy_fleet_is_flagged_and_ordinary_accounts_are_not() {
         .unwrap()
         .into_inner();
     let elapsed = started.elapsed();
-    println!(
+    support::record(format_args!(
         "ingested {} events in {:.2}s over one Report stream ({:.0} events/s, debug build)",
         summary.accepted,
         elapsed.as_secs_f64(),
         summary.accepted as f64 / elapsed.as_secs_f64()
-    );
+    ));
     assert_eq!(summary.rejected as usize, world.bad);
     assert_eq!(
         summary.accepted as usize,
@@ -193,11 +193,13 @@ async fn a_proxy_fleet_is_flagged_and_ordinary_accounts_are_not() {
         .sum::<usize>();
     let precision = true_positives as f64 / (true_positives + false_positives).max(1) as f64;
     let recall = true_positives as f64 / 200.0;
-    println!("fleet simulation: outcomes {outcomes:?}");
-    println!("fleet simulation: reasons on fleet accounts {fleet_reasons:?}");
-    println!(
+    support::record(format_args!("fleet simulation: outcomes {outcomes:?}"));
+    support::record(format_args!(
+        "fleet simulation: reasons on fleet accounts {fleet_reasons:?}"
+    ));
+    support::record(format_args!(
         "fleet simulation: precision {precision:.3}, recall {recall:.3} (200 fleet, 200 ordinary accounts)"
-    );
+    ));
     assert_eq!(
         true_positives, 200,
         "every fleet account is in REVIEW or DENY"

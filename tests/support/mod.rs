@@ -223,6 +223,13 @@ impl TestServer {
     }
 }
 
+/// Writes a measured figure straight to stderr, past the test harness's output capture, so it
+/// shows in every test run's output (the harness only captures the print macros).
+pub fn record(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 pub fn request(ip: &str) -> pb::ClassifyRequest {
     pb::ClassifyRequest {
         ip: ip.to_owned(),
