@@ -38,9 +38,10 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// Prints bytes per account for `n` accounts shaped by `events_per_account`.
-fn report_memory(n: u32, events_per_account: i64) {
-    let usage = UsageAggregator::new(64 << 30);
+/// Prints bytes per account for `n` accounts shaped by `events_per_account`, under a ceiling of
+/// `ceiling_mb`.
+fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
+    let usage = UsageAggregator::new(ceiling_mb << 20);
     let location = EventLocation {
         country: CountryCode::parse("DE").ok(),
         ..Default::default()
@@ -56,14 +57,13 @@ fn report_memory(n: u32, events_per_account: i64) {
     let stats = usage.stats();
     let rss = rss_bytes()
         .zip(before)
-        .map(|(after, before)| after.saturating_sub(before));
+        .map(|(after, before)| after.saturating_sub(before));    let held = stats.accounts.max(1) as f64;
     println!(
-        "memory: {n} accounts x {events_per_account} events (5 min apart): weighted {:.0} B/account (incl. network keys), resident {} B/account",
-        stats.bytes as f64 / f64::from(n),
-        rss.map_or("n/a".to_owned(), |r| format!(
-            "{:.0}",
-            r as f64 / f64::from(n)
-        ))
+        "memory: {n} accounts x {events_per_account} events (5 min apart), ceiling {ceiling_mb} MiB: {} accounts held, weighted {:.1} MiB ({:.0} B/account incl. network keys), resident growth {}",
+        stats.accounts,
+        stats.bytes as f64 / f64::from(1 << 20),
+        stats.bytes as f64 / held,
+        rss.map_or("n/a".to_owned(), |r| format!("{:.1} MiB ({:.0} B/account)", r as f64 / f64::from(1 << 20), r as f64 / held))
     );
 }
 
@@ -117,11 +117,12 @@ fn bench_ingest(c: &mut Criterion) {
 fn main() {
     // Each memory measurement runs in a fresh process, so freed memory is not reused.
     if let Ok(spec) = std::env::var("REGIONGUARD_BENCH_MEMORY") {
-        let (n, events) = spec.split_once(',').expect("n,events");
-        report_memory(n.parse().unwrap(), events.parse().unwrap());
+        let parts: Vec<u64> = spec.split(',').map(|p| p.parse().expect("n,events,ceiling_mb")).collect();
+        report_memory(parts[0] as u32, parts[1] as i64, parts[2]);
         return;
     }
-    for spec in ["100000,1", "10000,288"] {
+    // Bytes per account (no eviction), then a million accounts under a 256 MiB ceiling.
+    for spec in ["100000,1,65536", "10000,288,65536", "1000000,1,256"] {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .env("REGIONGUARD_BENCH_MEMORY", spec)
             .arg("--bench")
