@@ -57,13 +57,18 @@ fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
     let stats = usage.stats();
     let rss = rss_bytes()
         .zip(before)
-        .map(|(after, before)| after.saturating_sub(before));    let held = stats.accounts.max(1) as f64;
+        .map(|(after, before)| after.saturating_sub(before));
+    let held = stats.accounts.max(1) as f64;
     println!(
         "memory: {n} accounts x {events_per_account} events (5 min apart), ceiling {ceiling_mb} MiB: {} accounts held, weighted {:.1} MiB ({:.0} B/account incl. network keys), resident growth {}",
         stats.accounts,
         stats.bytes as f64 / f64::from(1 << 20),
         stats.bytes as f64 / held,
-        rss.map_or("n/a".to_owned(), |r| format!("{:.1} MiB ({:.0} B/account)", r as f64 / f64::from(1 << 20), r as f64 / held))
+        rss.map_or("n/a".to_owned(), |r| format!(
+            "{:.1} MiB ({:.0} B/account)",
+            r as f64 / f64::from(1 << 20),
+            r as f64 / held
+        ))
     );
 }
 
@@ -117,7 +122,10 @@ fn bench_ingest(c: &mut Criterion) {
 fn main() {
     // Each memory measurement runs in a fresh process, so freed memory is not reused.
     if let Ok(spec) = std::env::var("REGIONGUARD_BENCH_MEMORY") {
-        let parts: Vec<u64> = spec.split(',').map(|p| p.parse().expect("n,events,ceiling_mb")).collect();
+        let parts: Vec<u64> = spec
+            .split(',')
+            .map(|p| p.parse().expect("n,events,ceiling_mb"))
+            .collect();
         report_memory(parts[0] as u32, parts[1] as i64, parts[2]);
         return;
     }

@@ -21,4 +21,5 @@ pub mod policy;
 pub mod region;
 pub mod reload;
 pub mod server;
+pub mod store;
 pub mod usage;

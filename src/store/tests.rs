@@ -1,0 +1,151 @@
+use super::writer::{Applied, Change, Overflow, Recorder};
+use super::*;
+
+fn decision_row(id: &str, verdict: &str) -> AuditRow {
+    AuditRow {
+        kind: "decision".into(),
+        ref_id: id.into(),
+        recorded_at_ms: now_ms(),
+        account_id: "acct-1".into(),
+        verdict: verdict.into(),
+        country: "IR".into(),
+        reasons: "REGION_SANCTIONED".into(),
+        body: "{}".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn rows_are_chained_queued_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    for i in 0..40 {
+        recorder
+            .decision(
+                decision_row(&format!("d{i}"), if i % 4 == 0 { "REVIEW" } else { "DENY" }),
+                true,
+            )
+            .await;
+    }
+    recorder.flush().await;
+    assert_eq!(recorder.stats().recorded, 40);
+    let conn = open_for_reading(dir.path()).unwrap();
+    assert_eq!(verify(&conn).unwrap(), Ok(40));
+    let open = queue(
+        &conn,
+        &QueueFilter {
+            status: "open".into(),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(open.len(), 10);
+    drop(recorder);
+
+    // A new writer continues the same chain.
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    recorder
+        .decision(decision_row("after-restart", "ALLOW"), true)
+        .await;
+    recorder.flush().await;
+    assert_eq!(
+        verify(&open_for_reading(dir.path()).unwrap()).unwrap(),
+        Ok(41)
+    );
+}
+
+#[tokio::test]
+async fn review_changes_commit_with_their_audit_row_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    recorder.decision(decision_row("d1", "REVIEW"), true).await;
+    let review = |id: &str| AuditRow {
+        kind: "review".into(),
+        ref_id: id.into(),
+        actor: "alice".into(),
+        recorded_at_ms: now_ms(),
+        ..Default::default()
+    };
+    let resolve = |id: &str| Change::Resolve {
+        decision_id: id.into(),
+        outcome: "confirmed".into(),
+        note: "".into(),
+        by: "alice".into(),
+        at_ms: now_ms(),
+    };
+    assert!(matches!(
+        recorder.review(review("r1"), resolve("d1")).await,
+        Ok(Applied::Queue(_))
+    ));
+    assert!(matches!(
+        recorder.review(review("r2"), resolve("d1")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        recorder.review(review("r3"), resolve("nope")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let conn = open_for_reading(dir.path()).unwrap();
+    assert_eq!(
+        verify(&conn).unwrap(),
+        Ok(2),
+        "the decision and the one successful review action"
+    );
+    assert_eq!(
+        decision(&conn, "d1")
+            .unwrap()
+            .unwrap()
+            .queue
+            .unwrap()
+            .status,
+        "resolved"
+    );
+}
+
+#[tokio::test]
+async fn a_full_writer_samples_allow_decisions_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 1, Overflow::Sample).unwrap();
+    for i in 0..2000 {
+        recorder
+            .decision(decision_row(&format!("a{i}"), "ALLOW"), false)
+            .await;
+    }
+    recorder.flush().await;
+    let stats = recorder.stats();
+    assert_eq!(stats.recorded + stats.dropped, 2000);
+    assert_eq!(
+        verify(&open_for_reading(dir.path()).unwrap()).unwrap(),
+        Ok(stats.recorded)
+    );
+}
+
+#[tokio::test]
+async fn direct_edits_and_deletions_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    for i in 0..5 {
+        recorder
+            .decision(decision_row(&format!("d{i}"), "DENY"), true)
+            .await;
+    }
+    recorder.flush().await;
+    let conn = Connection::open(db_path(dir.path())).unwrap();
+    conn.execute("UPDATE audit_log SET verdict = 'ALLOW' WHERE seq = 3", [])
+        .unwrap();
+    let err = verify(&conn).unwrap().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "row seq 3 (decision d2): content does not match its hash (edited)"
+    );
+    conn.execute("UPDATE audit_log SET verdict = 'DENY' WHERE seq = 3", [])
+        .unwrap();
+    assert_eq!(verify(&conn).unwrap(), Ok(5));
+    conn.execute("DELETE FROM audit_log WHERE seq = 4", [])
+        .unwrap();
+    assert_eq!(
+        verify(&conn).unwrap().unwrap_err().to_string(),
+        "rows seq 3 to 5 are missing (deleted)"
+    );
+}

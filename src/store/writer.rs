@@ -1,0 +1,344 @@
+//! The bounded async writer: the request path hands audit rows to one thread that owns the
+//! write connection and commits them in batches, so no request waits on disk.
+//!
+//! When the channel is full, decisions that must be kept (signup and login decisions, every
+//! non-ALLOW decision) wait for room; other ALLOW decisions follow the configured overflow
+//! policy (wait briefly, or be sampled out) and every one left out is counted. Reviewer actions
+//! always wait, and their change (override, resolution) commits in the same transaction as
+//! their audit row.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::GENESIS;
+use super::{AuditRow, OverrideRecord, QueueState, StoreError, open_for_writing};
+
+/// Most commands one transaction takes.
+const BATCH: usize = 256;
+
+/// What an ALLOW decision that need not be kept does when the writer is behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// Wait up to this long for room, then leave it out (counted).
+    Block(Duration),
+    /// Leave it out at once (counted).
+    Sample,
+}
+
+/// A reviewer's change, committed with its audit row.
+#[derive(Clone, Debug)]
+pub enum Change {
+    None,
+    SetOverride(OverrideRecord),
+    RemoveOverride {
+        id: String,
+        by: String,
+        at_ms: i64,
+    },
+    Resolve {
+        decision_id: String,
+        outcome: String,
+        note: String,
+        by: String,
+        at_ms: i64,
+    },
+}
+
+/// What a change did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Nothing,
+    Override(OverrideRecord),
+    Queue(QueueState),
+}
+
+enum Command {
+    Decision(AuditRow),
+    Review {
+        row: AuditRow,
+        change: Change,
+        reply: oneshot::Sender<Result<Applied, StoreError>>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counters for operators and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecorderStats {
+    pub recorded: u64,
+    pub dropped: u64,
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    recorded: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The request path's handle on the writer.
+pub struct Recorder {
+    tx: mpsc::Sender<Command>,
+    overflow: Overflow,
+    counters: Arc<Counters>,
+}
+
+impl Recorder {
+    /// Opens the store in `dir` (migrating it) and starts the writer thread.
+    pub fn start(dir: &Path, capacity: usize, overflow: Overflow) -> Result<Self, StoreError> {
+        let conn = open_for_writing(dir)?;
+        let path = dir.display().to_string();
+        let (seq, prev): (i64, String) = conn
+            .query_row(
+                "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|error| StoreError::Sqlite {
+                path: path.clone(),
+                error,
+            })?
+            .unwrap_or((0, GENESIS.to_owned()));
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let thread_counters = counters.clone();
+        std::thread::Builder::new()
+            .name("regionguard-store".into())
+            .spawn(move || run(conn, rx, seq, prev, &thread_counters))
+            .map_err(|error| StoreError::Dir { path, error })?;
+        Ok(Self {
+            tx,
+            overflow,
+            counters,
+        })
+    }
+
+    /// Hands a decision's audit row to the writer. `must_keep` rows wait for room.
+    pub async fn decision(&self, row: AuditRow, must_keep: bool) {
+        let command = Command::Decision(row);
+        let sent = if must_keep {
+            self.tx.send(command).await.is_ok()
+        } else {
+            match self.overflow {
+                Overflow::Sample => self.tx.try_send(command).is_ok(),
+                Overflow::Block(wait) => matches!(
+                    tokio::time::timeout(wait, self.tx.send(command)).await,
+                    Ok(Ok(()))
+                ),
+            }
+        };
+        if !sent {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Commits a reviewer's action and its change; answers once both are on disk.
+    pub async fn review(&self, row: AuditRow, change: Change) -> Result<Applied, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Review { row, change, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Waits until everything handed over before this call is committed.
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    pub fn stats(&self) -> RecorderStats {
+        RecorderStats {
+            recorded: self.counters.recorded.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn append(
+    tx: &Transaction<'_>,
+    seq: &mut i64,
+    prev: &mut String,
+    row: &AuditRow,
+) -> rusqlite::Result<()> {
+    let next = *seq + 1;
+    let hash = row.hash(next, prev);
+    tx.execute(
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash],
+    )?;
+    *seq = next;
+    *prev = hash;
+    Ok(())
+}
+
+fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
+    let sql = |error| StoreError::Sqlite {
+        path: "store".into(),
+        error,
+    };
+    match change {
+        Change::None => Ok(Applied::Nothing),
+        Change::SetOverride(record) => {
+            tx.execute(
+                "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![record.id, record.scope, record.value, record.action, record.reviewer, record.reason, record.created_at_ms, record.expires_at_ms],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Override(record.clone()))
+        }
+        Change::RemoveOverride { id, by, at_ms } => {
+            let mut record = super::override_by_id(tx, id)
+                .map_err(sql)?
+                .ok_or_else(|| StoreError::NotFound(format!("override {id} does not exist")))?;
+            if record.removed_at_ms.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "override {id} was already removed by {}",
+                    record.removed_by
+                )));
+            }
+            tx.execute(
+                "UPDATE overrides SET removed_at_ms = ?2, removed_by = ?3 WHERE id = ?1",
+                params![id, at_ms, by],
+            )
+            .map_err(sql)?;
+            record.removed_at_ms = Some(*at_ms);
+            record.removed_by = by.clone();
+            Ok(Applied::Override(record))
+        }
+        Change::Resolve {
+            decision_id,
+            outcome,
+            note,
+            by,
+            at_ms,
+        } => {
+            let status: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM review_queue WHERE decision_id = ?1",
+                    [decision_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            match status.as_deref() {
+                None => {
+                    return Err(StoreError::NotFound(format!(
+                        "decision {decision_id} is not in the review queue"
+                    )));
+                }
+                Some("resolved") => {
+                    return Err(StoreError::Conflict(format!(
+                        "decision {decision_id} is already resolved"
+                    )));
+                }
+                Some(_) => {}
+            }
+            tx.execute(
+                "UPDATE review_queue SET status = 'resolved', outcome = ?2, note = ?3, resolved_by = ?4, resolved_at_ms = ?5 WHERE decision_id = ?1",
+                params![decision_id, outcome, note, by, at_ms],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Queue(QueueState {
+                status: "resolved".into(),
+                outcome: outcome.clone(),
+                note: note.clone(),
+                resolved_by: by.clone(),
+                resolved_at_ms: Some(*at_ms),
+            }))
+        }
+    }
+}
+
+type Reply = (
+    oneshot::Sender<Result<Applied, StoreError>>,
+    Result<Applied, StoreError>,
+);
+
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    mut seq: i64,
+    mut prev: String,
+    counters: &Counters,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let (mut next_seq, mut next_prev) = (seq, prev.clone());
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut acks = Vec::new();
+        let mut decisions = 0u64;
+        let committed = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            for command in batch {
+                match command {
+                    Command::Decision(row) => {
+                        append(&tx, &mut next_seq, &mut next_prev, &row)?;
+                        if row.verdict == "REVIEW" {
+                            tx.execute("INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)", params![row.ref_id, next_seq])?;
+                        }
+                        decisions += 1;
+                    }
+                    Command::Review { row, change, reply } => {
+                        tx.execute("SAVEPOINT review", [])?;
+                        match apply(&tx, &change) {
+                            Ok(applied) => {
+                                append(&tx, &mut next_seq, &mut next_prev, &row)?;
+                                tx.execute("RELEASE review", [])?;
+                                replies.push((reply, Ok(applied)));
+                            }
+                            Err(error) => {
+                                tx.execute("ROLLBACK TO review", [])?;
+                                tx.execute("RELEASE review", [])?;
+                                replies.push((reply, Err(error)));
+                            }
+                        }
+                    }
+                    Command::Flush(ack) => acks.push(ack),
+                }
+            }
+            tx.commit()
+        })();
+        match committed {
+            Ok(()) => {
+                seq = next_seq;
+                prev = next_prev;
+                counters.recorded.fetch_add(decisions, Ordering::Relaxed);
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, decisions, "audit batch failed to commit; its decisions are lost");
+                counters.failed.fetch_add(decisions, Ordering::Relaxed);
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Sqlite {
+                        path: "store".into(),
+                        error: rusqlite::Error::InvalidQuery,
+                    }));
+                }
+            }
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+}
