@@ -59,12 +59,15 @@ pub enum Applied {
 
 enum Command {
     Decision(AuditRow),
-    Review {
-        row: AuditRow,
-        change: Change,
-        reply: oneshot::Sender<Result<Applied, StoreError>>,
-    },
+    // Boxed: reviewer actions are rare, decisions are the bulk of the channel.
+    Review(Box<ReviewCommand>),
     Flush(oneshot::Sender<()>),
+}
+
+struct ReviewCommand {
+    row: AuditRow,
+    change: Change,
+    reply: oneshot::Sender<Result<Applied, StoreError>>,
 }
 
 /// Counters for operators and tests.
@@ -143,7 +146,11 @@ impl Recorder {
     pub async fn review(&self, row: AuditRow, change: Change) -> Result<Applied, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::Review { row, change, reply })
+            .send(Command::Review(Box::new(ReviewCommand {
+                row,
+                change,
+                reply,
+            })))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
@@ -297,7 +304,8 @@ fn run(
                         }
                         decisions += 1;
                     }
-                    Command::Review { row, change, reply } => {
+                    Command::Review(review) => {
+                        let ReviewCommand { row, change, reply } = *review;
                         tx.execute("SAVEPOINT review", [])?;
                         match apply(&tx, &change) {
                             Ok(applied) => {
