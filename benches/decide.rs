@@ -72,6 +72,7 @@ fn bench_classify(c: &mut Criterion) {
             account: &AccountFacts::default(),
             hints: &HintFacts::default(),
             usage: None,
+            overrides: &[],
         };
         b.iter(|| classify(black_box(&facts), &policy))
     });
@@ -83,6 +84,7 @@ fn bench_classify(c: &mut Criterion) {
             account: &account,
             hints: &hints,
             usage: None,
+            overrides: &[],
         };
         b.iter(|| classify(black_box(&facts), &policy))
     });
@@ -162,6 +164,7 @@ fn bench_engine(c: &mut Criterion) {
                 hints: HintFacts::default(),
                 usage: None,
                 account_id: None,
+                organization_domain: None,
                 payment_fingerprint: None,
                 request_id: String::new(),
             };

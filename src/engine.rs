@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, UsageFacts, classify};
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
+use crate::overrides::OverrideIndex;
 use crate::policy::Policy;
 use crate::usage::{EventLocation, UsageAggregator, UsageEvent};
 
@@ -24,8 +25,9 @@ pub struct ClassifyInput {
     pub hints: HintFacts,
     /// Usage history: inline from the caller, else filled from the aggregator by the engine.
     pub usage: Option<UsageFacts>,
-    /// Keys into the usage aggregator (the core never sees them).
+    /// Keys into the usage aggregator and the overrides (the core never sees them).
     pub account_id: Option<String>,
+    pub organization_domain: Option<String>,
     pub payment_fingerprint: Option<String>,
     pub request_id: String,
 }
@@ -56,6 +58,7 @@ pub struct Engine {
     geo: Geo,
     max_db_age: Option<Duration>,
     usage: Option<UsageAggregator>,
+    overrides: ArcSwap<OverrideIndex>,
 }
 
 impl Engine {
@@ -65,6 +68,7 @@ impl Engine {
             geo,
             max_db_age,
             usage: None,
+            overrides: ArcSwap::from_pointee(OverrideIndex::default()),
         }
     }
 
@@ -72,6 +76,11 @@ impl Engine {
     pub fn with_usage(mut self, aggregator: UsageAggregator) -> Self {
         self.usage = Some(aggregator);
         self
+    }
+
+    /// Replaces the overrides matched against requests.
+    pub fn set_overrides(&self, index: OverrideIndex) {
+        self.overrides.store(Arc::new(index));
     }
 
     pub fn usage(&self) -> Option<&UsageAggregator> {
@@ -147,6 +156,15 @@ impl Engine {
                 now_unix,
             )
         });
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let overrides = self.overrides.load().matching(
+            input.account_id.as_deref(),
+            input.organization_domain.as_deref(),
+            location.ip,
+            now_ms,
+        );
         let facts = Facts {
             flow: input.flow,
             now_unix,
@@ -154,6 +172,7 @@ impl Engine {
             account: &input.account,
             hints: &input.hints,
             usage: usage.as_ref(),
+            overrides: &overrides,
         };
         let decision = classify(&facts, &policy);
         let databases = self.database_status(&location.databases, now);

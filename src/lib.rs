@@ -17,6 +17,7 @@ pub mod engine;
 pub mod gateway;
 pub mod geo;
 pub mod grpc;
+pub mod overrides;
 pub mod policy;
 pub mod region;
 pub mod reload;

@@ -89,6 +89,26 @@ pub struct UsageFacts {
     pub regions_7d: Vec<RegionCode>,
 }
 
+/// What a reviewer's override does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverrideAction {
+    Allow,
+    Deny,
+}
+
+/// A reviewer's override that matches this request (account, organisation domain or network),
+/// active at the time of the request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OverrideFact {
+    pub id: String,
+    pub action: OverrideAction,
+    /// What it matched, e.g. `account:acct-42` or `network:198.51.100.0/24`.
+    pub scope: String,
+    pub reviewer: String,
+    pub reason: String,
+    pub expires_at_ms: Option<i64>,
+}
+
 /// One request's facts, borrowed from wherever the edges keep them.
 #[derive(Clone, Copy, Debug)]
 pub struct Facts<'a> {
@@ -99,4 +119,5 @@ pub struct Facts<'a> {
     pub account: &'a AccountFacts,
     pub hints: &'a HintFacts,
     pub usage: Option<&'a UsageFacts>,
+    pub overrides: &'a [OverrideFact],
 }

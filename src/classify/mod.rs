@@ -8,12 +8,16 @@
 mod decision;
 mod facts;
 pub mod hints;
+mod overrides;
 pub mod ownership;
 mod reason;
 mod usage;
 
 pub use decision::{Decision, Reason, Verdict};
-pub use facts::{AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, UsageFacts};
+pub use facts::{
+    AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, OverrideAction, OverrideFact,
+    UsageFacts,
+};
 pub use reason::ReasonCode;
 
 use crate::policy::{Attribute, ListKind, Policy, UnknownLocation};
@@ -51,6 +55,8 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     if unknown == Some(UnknownLocation::Review) {
         verdict = verdict.max(Verdict::Review);
     }
+    let verdict = overrides::apply(facts.overrides, policy, &mut reasons, verdict);
+    let hard = reasons.iter().any(|r| r.hard);
 
     let mut required_verifications: Vec<String> = Vec::new();
     if facts.flow == Flow::Signup && !hard {

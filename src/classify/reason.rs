@@ -30,6 +30,12 @@ macro_rules! reason_codes {
                 match self { $(ReasonCode::$variant => $doc,)* }
             }
 
+            /// Whether the policy gives the code a weight (soft codes, except overrides, which
+            /// decide the verdict rather than add to the score).
+            pub const fn is_weighted(self) -> bool {
+                !self.is_hard() && !matches!(self, ReasonCode::OverrideAllow)
+            }
+
             pub fn parse(s: &str) -> Option<Self> {
                 match s { $($text => Some(ReasonCode::$variant),)* _ => None }
             }
@@ -84,6 +90,10 @@ reason_codes! {
         "At least the policy's number of accounts used this network prefix (/24 or /48) in 24 hours.";
     UsageRestrictedRegionHistory = "USAGE_RESTRICTED_REGION_HISTORY", false,
         "The account was used from a restricted region in the last 7 days.";
+    OverrideAllow = "OVERRIDE_ALLOW", false,
+        "A reviewer's override allows this account, domain or network (it cannot lift a sanctions DENY unless the policy says so).";
+    OverrideDeny = "OVERRIDE_DENY", true,
+        "A reviewer's override denies this account, domain or network.";
 }
 
 impl fmt::Display for ReasonCode {

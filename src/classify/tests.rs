@@ -37,6 +37,7 @@ fn decide(ip: &IpFacts, account: &AccountFacts, hints: &HintFacts, flow: Flow) -
             account,
             hints,
             usage: None,
+            overrides: &[],
         },
         &policy(),
     )
@@ -327,6 +328,7 @@ fn unknown_location_follows_the_policy() {
             account: &AccountFacts::default(),
             hints: &HintFacts::default(),
             usage: None,
+            overrides: &[],
         };
         assert_eq!(classify(&facts, &policy).verdict, verdict, "{action}");
     }
@@ -410,4 +412,107 @@ proptest! {
         prop_assert!(after.verdict >= before.verdict);
         prop_assert!(after.risk_score >= before.risk_score);
     }
+}
+
+fn an_override(action: OverrideAction) -> OverrideFact {
+    OverrideFact {
+        id: "ovr-1".into(),
+        action,
+        scope: "account:a".into(),
+        reviewer: "alice".into(),
+        reason: "KYC passed".into(),
+        expires_at_ms: None,
+    }
+}
+
+fn decide_with(
+    ip: &IpFacts,
+    account: &AccountFacts,
+    overrides: &[OverrideFact],
+    policy: &Policy,
+) -> Decision {
+    let hints = HintFacts::default();
+    classify(
+        &Facts {
+            flow: Flow::ApiRequest,
+            now_unix: NOW,
+            ip,
+            account,
+            hints: &hints,
+            usage: None,
+            overrides,
+        },
+        policy,
+    )
+}
+
+#[test]
+fn overrides_deny_and_allow_within_the_policy() {
+    let p = policy();
+    let deny = decide_with(
+        &ip_in("DE"),
+        &AccountFacts::default(),
+        &[an_override(OverrideAction::Deny)],
+        &p,
+    );
+    assert_eq!(
+        (deny.verdict, codes(&deny)),
+        (Verdict::Deny, vec!["OVERRIDE_DENY"])
+    );
+
+    let allow = [an_override(OverrideAction::Allow)];
+    let unsupported = decide_with(&ip_in("CN"), &AccountFacts::default(), &allow, &p);
+    assert_eq!(
+        unsupported.verdict,
+        Verdict::Allow,
+        "an unsupported region is lifted"
+    );
+    assert!(
+        unsupported
+            .reasons
+            .iter()
+            .any(|r| r.code == ReasonCode::OverrideAllow
+                && r.evidence.contains(&("applied", "true".into())))
+    );
+
+    let mut tor = ip_in("DE");
+    tor.anonymizer.tor = true;
+    assert_eq!(
+        decide_with(&tor, &AccountFacts::default(), &allow, &p).verdict,
+        Verdict::Allow,
+        "a score-based REVIEW is lifted"
+    );
+
+    let sanctioned = decide_with(&ip_in("IR"), &AccountFacts::default(), &allow, &p);
+    assert_eq!(
+        sanctioned.verdict,
+        Verdict::Deny,
+        "sanctions are not lifted by default"
+    );
+    assert!(
+        sanctioned
+            .reasons
+            .iter()
+            .any(|r| r.code == ReasonCode::OverrideAllow
+                && r.evidence.contains(&("applied", "false".into())))
+    );
+    let billing = AccountFacts {
+        billing_country: Some(country("CU")),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&ip_in("DE"), &billing, &allow, &p).verdict,
+        Verdict::Deny
+    );
+
+    let lenient = crate::policy::parse_policy(
+        &crate::policy::EMBEDDED_POLICY
+            .replace("may_lift_sanctions = false", "may_lift_sanctions = true"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        decide_with(&ip_in("IR"), &AccountFacts::default(), &allow, &lenient).verdict,
+        Verdict::Allow
+    );
 }

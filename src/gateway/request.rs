@@ -114,6 +114,7 @@ pub fn map_check(
             hints,
             usage: None,
             account_id,
+            organization_domain: None,
             payment_fingerprint: None,
             request_id: http(check).map(|h| h.id.clone()).unwrap_or_default(),
         },

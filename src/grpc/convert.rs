@@ -215,6 +215,12 @@ impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
                 .map(|a| a.account_id.trim())
                 .filter(|id| !id.is_empty())
                 .map(str::to_owned),
+            organization_domain: request
+                .account
+                .as_ref()
+                .and_then(|a| a.organization.as_ref())
+                .map(|o| o.domain.trim().to_ascii_lowercase())
+                .filter(|d| !d.is_empty()),
             payment_fingerprint: request
                 .account
                 .as_ref()

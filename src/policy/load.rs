@@ -34,6 +34,7 @@ struct RawPolicy {
     new_account: RawNewAccount,
     unknown_location: RawUnknownLocation,
     usage: RawUsage,
+    overrides: RawOverrides,
     weights: BTreeMap<Spanned<String>, Spanned<i64>>,
     thresholds: BTreeMap<Spanned<String>, Spanned<RawThresholds>>,
     #[serde(default)]
@@ -73,6 +74,12 @@ struct RawNewAccount {
 #[serde(deny_unknown_fields)]
 struct RawUnknownLocation {
     action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverrides {
+    may_lift_sanctions: bool,
 }
 
 #[derive(Deserialize)]
@@ -204,7 +211,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     }
     if let Some(missing) = ReasonCode::ALL
         .iter()
-        .find(|c| !c.is_hard() && weights[**c as usize].is_none())
+        .find(|c| c.is_weighted() && weights[**c as usize].is_none())
     {
         return Err(ctx.error_at_line(0, "weights", format!("missing a weight for {missing}")));
     }
@@ -292,6 +299,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         unknown_location,
         timezones,
         usage,
+        overrides_may_lift_sanctions: raw.overrides.may_lift_sanctions,
     })
 }
 
@@ -390,11 +398,11 @@ impl Ctx<'_> {
 
     fn soft_code(&self, key: &Spanned<String>, field: &str) -> Result<ReasonCode, PolicyError> {
         match ReasonCode::parse(key.get_ref()) {
-            Some(code) if !code.is_hard() => Ok(code),
+            Some(code) if code.is_weighted() => Ok(code),
             Some(code) => Err(self.error(
                 key,
                 field,
-                format!("{code} is a hard rule; it takes no weight or verification"),
+                format!("{code} is a hard rule or an override; it takes no weight or verification"),
             )),
             None => Err(self.error(key, field, "unknown reason code".to_owned())),
         }

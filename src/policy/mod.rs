@@ -146,6 +146,7 @@ pub struct Policy {
     unknown_location: UnknownLocation,
     timezones: HashMap<String, RegionCode>,
     usage: UsageRules,
+    overrides_may_lift_sanctions: bool,
 }
 
 impl Policy {
@@ -213,6 +214,11 @@ impl Policy {
 
     pub fn usage(&self) -> &UsageRules {
         &self.usage
+    }
+
+    /// Whether a reviewer's ALLOW override may lift a DENY from the sanctioned list.
+    pub fn overrides_may_lift_sanctions(&self) -> bool {
+        self.overrides_may_lift_sanctions
     }
 
     /// Every listed region with its list, for reports (`policy check`).
