@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use crate::classify::{AccountFacts, Decision, Facts, Flow, HintFacts, UsageFacts, classify};
+use crate::classify::{
+    AccountFacts, Decision, Facts, Flow, HintFacts, OverrideFact, UsageFacts, classify,
+};
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
 use crate::overrides::OverrideIndex;
 use crate::policy::Policy;
@@ -50,6 +52,10 @@ pub struct Outcome {
     pub decision_id: String,
     /// The usage history the decision saw.
     pub usage: Option<UsageFacts>,
+    /// The reviewer overrides that matched.
+    pub overrides: Vec<OverrideFact>,
+    /// When it was decided, milliseconds since the Unix epoch.
+    pub decided_at_ms: i64,
     pub request_id: String,
 }
 
@@ -182,6 +188,8 @@ impl Engine {
             databases,
             decision_id: uuid::Uuid::now_v7().to_string(),
             usage,
+            overrides,
+            decided_at_ms: now_ms,
             request_id: input.request_id.clone(),
         }
     }

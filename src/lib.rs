@@ -11,6 +11,7 @@
 //! - [`config`]: the one typed configuration, from file, environment and flags.
 
 pub mod app;
+pub mod audit;
 pub mod classify;
 pub mod config;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod overrides;
 pub mod policy;
 pub mod region;
 pub mod reload;
+pub mod replay;
 pub mod server;
 pub mod store;
 pub mod usage;

@@ -154,6 +154,42 @@ impl fmt::Debug for RegionCode {
     }
 }
 
+/// Region codes are stored (audit log) as their text, "UA-43".
+impl serde::Serialize for CountryCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CountryCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::from_record(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a country code")))
+    }
+}
+
+impl serde::Serialize for RegionCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RegionCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom(format!("{text:?} is not a region code"));
+        match text.split_once('-') {
+            None => CountryCode::from_record(&text)
+                .map(Self::country_only)
+                .ok_or_else(bad),
+            Some((c, sub)) => CountryCode::from_record(c)
+                .and_then(|c| Self::subdivision(c, sub))
+                .ok_or_else(bad),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,10 @@ use crate::classify::ownership::Organization;
 use crate::region::{CountryCode, RegionCode};
 
 /// Where in the product the request comes from; thresholds are per flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Flow {
     #[default]
     ApiRequest,
@@ -27,7 +30,8 @@ impl Flow {
 }
 
 /// Anonymizer flags from an Anonymous-IP database; all false when unknown.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct AnonymizerFlags {
     pub vpn: bool,
     pub tor: bool,
@@ -37,7 +41,8 @@ pub struct AnonymizerFlags {
 }
 
 /// What the geo databases say about the IP.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct IpFacts {
     pub country: Option<CountryCode>,
     /// ISO 3166-2 subdivisions, least to most specific.
@@ -46,7 +51,8 @@ pub struct IpFacts {
 }
 
 /// What the caller told us about the account.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct AccountFacts {
     pub billing_country: Option<CountryCode>,
     pub phone_country: Option<CountryCode>,
@@ -57,7 +63,8 @@ pub struct AccountFacts {
 }
 
 /// Client hints, parsed: regions named by Accept-Language and the IANA time zone.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct HintFacts {
     pub language_regions: Vec<CountryCode>,
     pub timezone: Option<String>,
@@ -65,7 +72,8 @@ pub struct HintFacts {
 
 /// What the account's recent history shows: from the usage aggregator, or sent inline by a
 /// caller that keeps its own counters.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct UsageFacts {
     pub requests_1h: u64,
     /// Average requests per hour over the 7 days before the last hour.
@@ -90,7 +98,8 @@ pub struct UsageFacts {
 }
 
 /// What a reviewer's override does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum OverrideAction {
     Allow,
     Deny,
@@ -98,7 +107,7 @@ pub enum OverrideAction {
 
 /// A reviewer's override that matches this request (account, organisation domain or network),
 /// active at the time of the request.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OverrideFact {
     pub id: String,
     pub action: OverrideAction,

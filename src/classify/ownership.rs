@@ -16,7 +16,7 @@ pub const MAX_OWNERS: usize = 1024;
 const SHARE_SUM_SLACK: f64 = 0.01;
 
 /// One owner of an entity, with its own owners.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     pub name: String,
     pub region: Option<RegionCode>,
@@ -26,7 +26,8 @@ pub struct Owner {
 }
 
 /// A checked organisation: shares in range, no cycles, bounded depth and size.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Deserialised only from the audit log, which holds organisations that were checked on the way in.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Organization {
     headquarters: Option<RegionCode>,
     owners: Vec<Owner>,

@@ -1,8 +1,8 @@
-use super::writer::{Applied, Change, Overflow, Recorder};
+use super::writer::{self, Applied, Change, Overflow, Recorder};
 use super::*;
 
-fn decision_row(id: &str, verdict: &str) -> AuditRow {
-    AuditRow {
+fn decision_row(id: &str, verdict: &str) -> writer::RowBuilder {
+    let row = AuditRow {
         kind: "decision".into(),
         ref_id: id.into(),
         recorded_at_ms: now_ms(),
@@ -12,7 +12,8 @@ fn decision_row(id: &str, verdict: &str) -> AuditRow {
         reasons: "REGION_SANCTIONED".into(),
         body: "{}".into(),
         ..Default::default()
-    }
+    };
+    Box::new(move || row)
 }
 
 #[tokio::test]

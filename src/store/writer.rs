@@ -57,8 +57,12 @@ pub enum Applied {
     Queue(QueueState),
 }
 
+/// Builds a decision's audit row on the writer thread, so serialising it costs the request path
+/// nothing.
+pub type RowBuilder = Box<dyn FnOnce() -> AuditRow + Send>;
+
 enum Command {
-    Decision(AuditRow),
+    Decision(RowBuilder),
     // Boxed: reviewer actions are rare, decisions are the bulk of the channel.
     Review(Box<ReviewCommand>),
     Flush(oneshot::Sender<()>),
@@ -123,8 +127,9 @@ impl Recorder {
         })
     }
 
-    /// Hands a decision's audit row to the writer. `must_keep` rows wait for room.
-    pub async fn decision(&self, row: AuditRow, must_keep: bool) {
+    /// Hands a decision's audit row (built later, on the writer thread) to the writer.
+    /// `must_keep` rows wait for room.
+    pub async fn decision(&self, row: RowBuilder, must_keep: bool) {
         let command = Command::Decision(row);
         let sent = if must_keep {
             self.tx.send(command).await.is_ok()
@@ -297,7 +302,8 @@ fn run(
             let tx = conn.transaction()?;
             for command in batch {
                 match command {
-                    Command::Decision(row) => {
+                    Command::Decision(build) => {
+                        let row = build();
                         append(&tx, &mut next_seq, &mut next_prev, &row)?;
                         if row.verdict == "REVIEW" {
                             tx.execute("INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)", params![row.ref_id, next_seq])?;

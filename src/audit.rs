@@ -1,0 +1,173 @@
+//! The decision audit trail: turns decisions into audit rows (inputs, location, reasons,
+//! verdict, policy version, database build epochs, time) and hands them to the store's writer.
+//! IP addresses are stored in full, truncated to their /24 or /48, or hashed, per the config.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::classify::{Flow, Verdict};
+use crate::engine::{ClassifyInput, Outcome};
+use crate::grpc::pb;
+use crate::replay::StoredInputs;
+use crate::store::writer::{Overflow, Recorder};
+use crate::store::{AuditRow, StoreError};
+
+/// How request IPs are kept in the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpStorage {
+    Full,
+    /// The /24 (IPv4) or /48 (IPv6) the address is in.
+    Truncated,
+    /// SHA-256 of a secret salt and the address: joinable, not readable.
+    Hashed {
+        salt: String,
+    },
+}
+
+impl IpStorage {
+    pub fn store(&self, ip: IpAddr) -> String {
+        match self {
+            IpStorage::Full => ip.to_string(),
+            IpStorage::Truncated => match ip {
+                IpAddr::V4(v4) => format!(
+                    "{}/24",
+                    std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)
+                ),
+                IpAddr::V6(v6) => format!(
+                    "{}/48",
+                    std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 80))
+                ),
+            },
+            IpStorage::Hashed { salt } => {
+                let digest = Sha256::new()
+                    .chain_update(salt.as_bytes())
+                    .chain_update(ip.to_string().as_bytes())
+                    .finalize();
+                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                format!("sha256:{hex}")
+            }
+        }
+    }
+}
+
+/// What the body of a decision row holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct DecisionBody {
+    pub ip: String,
+    pub inputs: StoredInputs,
+    pub decision: pb::ClassifyResponse,
+}
+
+pub struct AuditTrail {
+    recorder: Recorder,
+    ip_storage: Arc<IpStorage>,
+    data_dir: PathBuf,
+}
+
+impl AuditTrail {
+    pub fn start(
+        data_dir: &Path,
+        ip_storage: IpStorage,
+        capacity: usize,
+        overflow: Overflow,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            recorder: Recorder::start(data_dir, capacity, overflow)?,
+            ip_storage: Arc::new(ip_storage),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Records a decision. Signup and login decisions and every non-ALLOW decision wait for room
+    /// in the writer; other ALLOW decisions follow the overflow policy.
+    pub async fn record(&self, input: &ClassifyInput, outcome: &Outcome) {
+        let must_keep =
+            input.flow != Flow::ApiRequest || outcome.decision.verdict != Verdict::Allow;
+        let (input, outcome, ip_storage) =
+            (input.clone(), outcome.clone(), self.ip_storage.clone());
+        self.recorder
+            .decision(
+                Box::new(move || decision_row(&input, outcome, &ip_storage)),
+                must_keep,
+            )
+            .await;
+    }
+}
+
+fn decision_row(input: &ClassifyInput, outcome: Outcome, ip_storage: &IpStorage) -> AuditRow {
+    let decision = &outcome.decision;
+    let row_base = AuditRow {
+        kind: "decision".into(),
+        ref_id: outcome.decision_id.clone(),
+        recorded_at_ms: outcome.decided_at_ms,
+        actor: String::new(),
+        account_id: input.account_id.clone().unwrap_or_default(),
+        verdict: decision.verdict.as_str().into(),
+        country: outcome
+            .location
+            .record
+            .facts
+            .country
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        reasons: decision
+            .reasons
+            .iter()
+            .map(|r| r.code.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        body: String::new(),
+    };
+    let inputs = StoredInputs {
+        flow: input.flow,
+        now_unix: outcome.decided_at_ms / 1000,
+        ip: outcome.location.record.facts.clone(),
+        account: input.account.clone(),
+        hints: input.hints.clone(),
+        usage: outcome.usage.clone(),
+        overrides: outcome.overrides.clone(),
+    };
+    let body = DecisionBody {
+        ip: ip_storage.store(outcome.location.ip),
+        inputs,
+        decision: pb::ClassifyResponse::from(outcome),
+    };
+    AuditRow {
+        body: serde_json::to_string(&body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        ..row_base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_storage_modes() {
+        let ip: IpAddr = "198.51.100.77".parse().unwrap();
+        assert_eq!(IpStorage::Full.store(ip), "198.51.100.77");
+        assert_eq!(IpStorage::Truncated.store(ip), "198.51.100.0/24");
+        assert_eq!(
+            IpStorage::Truncated.store("2001:db8:1:2::9".parse().unwrap()),
+            "2001:db8:1::/48"
+        );
+        let hashed = IpStorage::Hashed { salt: "s".into() }.store(ip);
+        assert!(hashed.starts_with("sha256:") && !hashed.contains("198"));
+        assert_ne!(
+            hashed,
+            IpStorage::Hashed { salt: "t".into() }.store(ip),
+            "the salt matters"
+        );
+    }
+}
