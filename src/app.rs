@@ -3,12 +3,16 @@
 
 use std::path::Path;
 
+use crate::audit::AuditTrail;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
+use crate::overrides::OverrideIndex;
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
 use crate::reload::{Target, Watched};
+use crate::store;
 use crate::usage::UsageAggregator;
+use std::sync::Arc;
 
 /// The default location database, compiled in (see data/README.md for source and licence).
 pub const EMBEDDED_LOCATION_DB: &[u8] = include_bytes!("../data/geo-whois-asn-country.mmdb");
@@ -22,12 +26,18 @@ pub enum StartError {
     ReadPolicy { path: String, error: std::io::Error },
     #[error(transparent)]
     Geo(#[from] GeoError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A loaded engine and the files to watch for it.
 pub struct Loaded {
     pub engine: Engine,
     pub targets: Vec<Watched>,
+    /// The audit trail, when a store is configured.
+    pub audit: Option<Arc<AuditTrail>>,
 }
 
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
@@ -89,5 +99,28 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     } else {
         engine
     };
-    Ok(Loaded { engine, targets })
+    let audit = match &config.store.data_dir {
+        None => None,
+        Some(dir) => {
+            let trail = AuditTrail::start(
+                dir,
+                config.store.ip_storage()?,
+                config.store.queue_capacity,
+                config.store.overflow()?,
+            )?;
+            let overrides = store::open_for_reading(dir).and_then(|c| {
+                store::overrides(&c).map_err(|error| store::StoreError::Sqlite {
+                    path: dir.display().to_string(),
+                    error,
+                })
+            })?;
+            engine.set_overrides(OverrideIndex::new(overrides));
+            Some(Arc::new(trail))
+        }
+    };
+    Ok(Loaded {
+        engine,
+        targets,
+        audit,
+    })
 }

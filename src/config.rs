@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::IpStorage;
+use crate::auth::AuthConfig;
 use crate::gateway::GatewayConfig;
+use crate::store::writer::Overflow;
 
 /// Where the default policy and database live in a checkout.
 pub const DEFAULT_POLICY_PATH: &str = "data/policy.toml";
@@ -42,6 +45,71 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Usage history settings (`[usage]` table).
     pub usage: UsageConfig,
+    /// The embedded store: audit log, review queue, overrides (`[store]` table).
+    pub store: StoreConfig,
+    /// Callers and their roles (`[auth]` table).
+    pub auth: AuthConfig,
+}
+
+/// `[store]`: where and how decisions are recorded. No `data_dir`: nothing is recorded and the
+/// Review service answers FAILED_PRECONDITION.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub data_dir: Option<PathBuf>,
+    /// "full", "truncated" (/24, /48) or "hashed" (salted SHA-256).
+    pub ip_storage: String,
+    /// Secret salt for `ip_storage = "hashed"`.
+    pub ip_hash_salt: String,
+    /// Decisions waiting for the writer at most.
+    pub queue_capacity: usize,
+    /// What an ALLOW api_request decision does when the writer is behind: "block" (wait up to
+    /// `block_ms`, then leave it out) or "sample" (leave it out at once). Either way it is
+    /// counted; other decisions always wait.
+    pub overflow: String,
+    pub block_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            ip_storage: "full".into(),
+            ip_hash_salt: String::new(),
+            queue_capacity: 10_000,
+            overflow: "block".into(),
+            block_ms: 5,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn ip_storage(&self) -> Result<IpStorage, ConfigError> {
+        match self.ip_storage.as_str() {
+            "full" => Ok(IpStorage::Full),
+            "truncated" => Ok(IpStorage::Truncated),
+            "hashed" if self.ip_hash_salt.len() >= 16 => Ok(IpStorage::Hashed {
+                salt: self.ip_hash_salt.clone(),
+            }),
+            "hashed" => Err(ConfigError::Invalid(
+                "store.ip_hash_salt must be at least 16 characters with ip_storage = \"hashed\""
+                    .into(),
+            )),
+            other => Err(ConfigError::Invalid(format!(
+                "store.ip_storage = {other:?}: expected \"full\", \"truncated\" or \"hashed\""
+            ))),
+        }
+    }
+
+    pub fn overflow(&self) -> Result<Overflow, ConfigError> {
+        match self.overflow.as_str() {
+            "block" => Ok(Overflow::Block(Duration::from_millis(self.block_ms))),
+            "sample" => Ok(Overflow::Sample),
+            other => Err(ConfigError::Invalid(format!(
+                "store.overflow = {other:?}: expected \"block\" or \"sample\""
+            ))),
+        }
+    }
 }
 
 /// Usage history (`Usage/Report` and the USAGE_* reasons).
@@ -78,6 +146,8 @@ impl Default for Config {
             start_without_location_db: false,
             gateway: GatewayConfig::default(),
             usage: UsageConfig::default(),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -121,6 +191,9 @@ impl Config {
             ));
         }
         self.gateway.validate().map_err(ConfigError::Invalid)?;
+        self.auth.validate().map_err(ConfigError::Invalid)?;
+        self.store.ip_storage()?;
+        self.store.overflow()?;
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_request_bytes must be at least 1024".into(),

@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod engine;

@@ -191,7 +191,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
         let settings = ServerSettings::from_config(&config);
-        server::run(listener, engine, settings, shutdown_signal()).await?;
+        let audit = loaded.audit;
+        server::run(listener, engine, audit.clone(), settings, shutdown_signal()).await?;
+        if let Some(audit) = audit {
+            audit.recorder().flush().await;
+            tracing::info!(stats = ?audit.recorder().stats(), "audit trail flushed");
+        }
         let _ = stop_reload.send(true);
         let _ = reload_task.await;
         tracing::info!("stopped");

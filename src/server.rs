@@ -16,11 +16,15 @@ use tonic::transport::Server;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
+use crate::audit::AuditTrail;
+use crate::auth::{AuthConfig, Gate, Role};
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
+use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
-use crate::grpc::{ClassifierService, UsageService};
+use crate::grpc::{ClassifierService, ReviewService, UsageService};
+use tonic::service::interceptor::InterceptedService;
 
 /// Limits, timings and the gateway adapter's settings.
 #[derive(Clone, Debug)]
@@ -28,6 +32,7 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     pub shutdown_grace: Duration,
     pub gateway: GatewayConfig,
+    pub auth: AuthConfig,
 }
 
 impl ServerSettings {
@@ -36,6 +41,7 @@ impl ServerSettings {
             max_request_bytes: config.max_request_bytes,
             shutdown_grace: config.shutdown_grace(),
             gateway: config.gateway.clone(),
+            auth: config.auth.clone(),
         }
     }
 }
@@ -53,6 +59,7 @@ pub enum ServeError {
 pub async fn run(
     listener: TcpListener,
     engine: Arc<Engine>,
+    audit: Option<Arc<AuditTrail>>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -67,16 +74,36 @@ pub async fn run(
         .build_v1()
         .expect("the descriptor sets are built by build.rs and valid");
 
-    let usage_engine = engine.clone();
-    let gateway = GatewayService::new(engine.clone(), settings.gateway.clone())
+    // Every service but health and reflection sits behind the caller check for its role; the
+    // handlers' RESOURCE_EXHAUSTED guards max_request_bytes, and 4x that is a backstop that stops a
+    // far larger message before it is decoded at all.
+    let backstop = settings.max_request_bytes.saturating_mul(4);
+    let gateway_gate = Gate::new(&settings.auth, Role::Gateway);
+    let gateway = GatewayService::new(engine.clone(), settings.gateway.clone(), audit.clone())
         .map_err(ServeError::Gateway)?;
-    let authorization = AuthorizationServer::new(gateway)
-        .max_decoding_message_size(settings.max_request_bytes.saturating_mul(4));
-    let classifier =
-        ClassifierServer::new(ClassifierService::new(engine, settings.max_request_bytes))
-            // The handler answers RESOURCE_EXHAUSTED above max_request_bytes; this backstop stops
-            // a far larger message before it is decoded at all.
-            .max_decoding_message_size(settings.max_request_bytes.saturating_mul(4));
+    let authorization = InterceptedService::new(
+        AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
+        gateway_gate.clone(),
+    );
+    let usage = InterceptedService::new(
+        UsageServer::new(UsageService::new(engine.clone()))
+            .max_decoding_message_size(settings.max_request_bytes),
+        gateway_gate.clone(),
+    );
+    let review = InterceptedService::new(
+        ReviewServer::new(ReviewService::new(engine.clone(), audit.clone()))
+            .max_decoding_message_size(backstop),
+        Gate::new(&settings.auth, Role::Reviewer),
+    );
+    let classifier = InterceptedService::new(
+        ClassifierServer::new(ClassifierService::new(
+            engine,
+            settings.max_request_bytes,
+            audit,
+        ))
+        .max_decoding_message_size(backstop),
+        gateway_gate,
+    );
 
     let (began, mut began_rx) = watch::channel(false);
     let signal = async move {
@@ -92,10 +119,8 @@ pub async fn run(
         .add_service(reflection)
         .add_service(classifier)
         .add_service(authorization)
-        .add_service(
-            UsageServer::new(UsageService::new(usage_engine))
-                .max_decoding_message_size(settings.max_request_bytes),
-        )
+        .add_service(usage)
+        .add_service(review)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {

@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 use super::config::{GatewayConfig, OnError};
 use super::request::{GatewayRequest, map_check, path};
 use super::response;
+use crate::audit::AuditTrail;
 use crate::classify::Flow;
-use crate::engine::{Engine, Outcome};
+use crate::engine::{ClassifyInput, Engine, Outcome};
 use crate::policy::PolicyVersion;
 use crate::region::CountryCode;
 
@@ -39,10 +40,15 @@ pub struct GatewayService {
     config: Arc<GatewayConfig>,
     deny_status: HttpStatusCode,
     cache: Option<Cache<DecisionKey, Arc<Outcome>>>,
+    audit: Option<Arc<AuditTrail>>,
 }
 
 impl GatewayService {
-    pub fn new(engine: Arc<Engine>, config: GatewayConfig) -> Result<Self, String> {
+    pub fn new(
+        engine: Arc<Engine>,
+        config: GatewayConfig,
+        audit: Option<Arc<AuditTrail>>,
+    ) -> Result<Self, String> {
         config.validate()?;
         let deny_status = config.deny_http_status()?;
         let cache =
@@ -54,16 +60,21 @@ impl GatewayService {
             });
         Ok(Self {
             engine,
+            audit,
             config: Arc::new(config.normalized()),
             deny_status,
             cache,
         })
     }
 
-    fn decide(&self, request: &GatewayRequest) -> Result<Arc<Outcome>, crate::geo::GeoError> {
+    /// The decision for `request`, and whether it was made now (not reused from the cache).
+    fn decide(
+        &self,
+        request: &GatewayRequest,
+    ) -> Result<(Arc<Outcome>, bool), crate::geo::GeoError> {
         let location = self.engine.geo().lookup(request.input.ip)?;
         let Some(cache) = &self.cache else {
-            return Ok(Arc::new(self.engine.decide(&request.input, location)));
+            return Ok((Arc::new(self.engine.decide(&request.input, location)), true));
         };
         let account = &request.input.account;
         let key = DecisionKey {
@@ -81,27 +92,43 @@ impl GatewayService {
             created_at_unix: account.created_at_unix,
             language_regions: request.input.hints.language_regions.clone(),
         };
-        Ok(cache.get_with(key, || {
-            Arc::new(self.engine.decide(&request.input, location))
-        }))
+        let entry = cache
+            .entry(key)
+            .or_insert_with(|| Arc::new(self.engine.decide(&request.input, location)));
+        let fresh = entry.is_fresh();
+        Ok((entry.into_value(), fresh))
     }
 
     /// Answers one check; pure of transport concerns so tests and benches can call it directly.
     pub fn answer(&self, check: &CheckRequest) -> CheckResponse {
+        self.evaluate(check).0
+    }
+
+    /// The answer, and the decision to record when one was made now.
+    fn evaluate(
+        &self,
+        check: &CheckRequest,
+    ) -> (CheckResponse, Option<(ClassifyInput, Arc<Outcome>)>) {
         if self.config.bypassed(path(check)) {
-            return response::bypass();
+            return (response::bypass(), None);
         }
         let failure = |message: String| {
             let fail_open = self.config.on_error == OnError::Allow;
             tracing::warn!(%message, fail_open, "gateway check could not be classified");
-            response::failure(&message, fail_open, self.deny_status)
+            (
+                response::failure(&message, fail_open, self.deny_status),
+                None,
+            )
         };
         let request = match map_check(check, &self.config) {
             Ok(request) => request,
             Err(error) => return failure(error.to_string()),
         };
         match self.decide(&request) {
-            Ok(outcome) => response::decision(&outcome, &self.config, self.deny_status),
+            Ok((outcome, fresh)) => {
+                let answer = response::decision(&outcome, &self.config, self.deny_status);
+                (answer, fresh.then_some((request.input, outcome)))
+            }
             Err(error) => failure(error.to_string()),
         }
     }
@@ -113,7 +140,11 @@ impl Authorization for GatewayService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.answer(request.get_ref())))
+        let (answer, made) = self.evaluate(request.get_ref());
+        if let (Some(audit), Some((input, outcome))) = (&self.audit, made) {
+            audit.record(&input, &outcome).await;
+        }
+        Ok(Response::new(answer))
     }
 }
 
@@ -158,7 +189,7 @@ mod tests {
     #[test]
     fn identical_checks_reuse_the_decision_until_something_changes() {
         let engine = engine(true);
-        let service = GatewayService::new(engine.clone(), GatewayConfig::default()).unwrap();
+        let service = GatewayService::new(engine.clone(), GatewayConfig::default(), None).unwrap();
         let first = decision_id(&service.answer(&check("a"))).unwrap();
         assert_eq!(
             decision_id(&service.answer(&check("a"))).unwrap(),
@@ -192,7 +223,7 @@ mod tests {
             decision_cache_ttl_ms: 0,
             ..Default::default()
         };
-        let service = GatewayService::new(engine(true), config).unwrap();
+        let service = GatewayService::new(engine(true), config, None).unwrap();
         assert_ne!(
             decision_id(&service.answer(&check("a"))),
             decision_id(&service.answer(&check("a")))
@@ -202,7 +233,7 @@ mod tests {
     #[test]
     fn failures_are_not_cached() {
         let engine = engine(false);
-        let service = GatewayService::new(engine.clone(), GatewayConfig::default()).unwrap();
+        let service = GatewayService::new(engine.clone(), GatewayConfig::default(), None).unwrap();
         assert_eq!(
             decision_id(&service.answer(&check("a"))),
             None,

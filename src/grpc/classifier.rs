@@ -7,7 +7,8 @@ use prost::Message;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{ClassifyInput, Engine};
+use crate::audit::AuditTrail;
+use crate::engine::{ClassifyInput, Engine, Outcome};
 use crate::grpc::convert::{self, rejected};
 use crate::grpc::pb::classifier_server::Classifier;
 use crate::grpc::{ApiError, pb};
@@ -16,20 +17,39 @@ use crate::grpc::{ApiError, pb};
 pub struct ClassifierService {
     engine: Arc<Engine>,
     max_request_bytes: usize,
+    audit: Option<Arc<AuditTrail>>,
 }
 
 impl ClassifierService {
-    pub fn new(engine: Arc<Engine>, max_request_bytes: usize) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        max_request_bytes: usize,
+        audit: Option<Arc<AuditTrail>>,
+    ) -> Self {
         Self {
             engine,
             max_request_bytes,
+            audit,
         }
+    }
+
+    /// Decides, records the decision in the audit trail (waiting only when the writer is
+    /// behind and the decision must be kept), and answers.
+    async fn decide(
+        &self,
+        request: &pb::ClassifyRequest,
+    ) -> Result<pb::ClassifyResponse, ApiError> {
+        let (input, outcome) = self.classify_one(request)?;
+        if let Some(audit) = &self.audit {
+            audit.record(&input, &outcome).await;
+        }
+        Ok(pb::ClassifyResponse::from(outcome))
     }
 
     fn classify_one(
         &self,
         request: &pb::ClassifyRequest,
-    ) -> Result<pb::ClassifyResponse, ApiError> {
+    ) -> Result<(ClassifyInput, Outcome), ApiError> {
         let size = request.encoded_len();
         if size > self.max_request_bytes {
             return Err(ApiError::TooLarge {
@@ -39,7 +59,7 @@ impl ClassifierService {
         }
         let input = ClassifyInput::try_from(request)?;
         let outcome = self.engine.classify(&input)?;
-        Ok(pb::ClassifyResponse::from(outcome))
+        Ok((input, outcome))
     }
 }
 
@@ -51,7 +71,7 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
-        Ok(Response::new(self.classify_one(request.get_ref())?))
+        Ok(Response::new(self.decide(request.get_ref()).await?))
     }
 
     type ClassifyStreamStream = ResponseStream;
@@ -61,12 +81,24 @@ impl Classifier for ClassifierService {
         request: Request<Streaming<pb::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
         let service = self.clone();
-        let responses = request.into_inner().map(move |item| {
-            let request = item?;
-            Ok(service
-                .classify_one(&request)
-                .unwrap_or_else(|error| rejected(&request.request_id, &error)))
+        let mut requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(item) = requests.next().await {
+                let answer = match item {
+                    Ok(request) => Ok(service
+                        .decide(&request)
+                        .await
+                        .unwrap_or_else(|error| rejected(&request.request_id, &error))),
+                    Err(status) => Err(status),
+                };
+                let last = answer.is_err();
+                if tx.send(answer).await.is_err() || last {
+                    break;
+                }
+            }
         });
+        let responses = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(responses)))
     }
 

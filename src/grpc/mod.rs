@@ -5,10 +5,12 @@
 
 mod classifier;
 pub mod convert;
+mod review;
 mod status;
 mod usage;
 
 pub use classifier::ClassifierService;
+pub use review::{ReviewService, replay_store, report_pb};
 pub use status::{ApiError, excerpt};
 pub use usage::{UsageService, usage_event};
 

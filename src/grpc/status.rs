@@ -14,6 +14,27 @@ pub enum ApiError {
     TooLarge { size: usize, limit: usize },
     #[error(transparent)]
     Geo(#[from] GeoError),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (already resolved, already removed).
+    #[error("{0}")]
+    Conflict(String),
+    /// A feature the configuration leaves off.
+    #[error("{0}")]
+    NotConfigured(String),
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match error {
+            StoreError::NotFound(message) => ApiError::NotFound(message),
+            StoreError::Conflict(message) => ApiError::Conflict(message),
+            other => ApiError::Store(other.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -29,7 +50,9 @@ impl ApiError {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::TooLarge { .. } => Code::ResourceExhausted,
             ApiError::Geo(GeoError::NoLocationDatabase) => Code::Unavailable,
-            ApiError::Geo(_) => Code::Internal,
+            ApiError::Geo(_) | ApiError::Store(_) => Code::Internal,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Conflict(_) | ApiError::NotConfigured(_) => Code::FailedPrecondition,
         }
     }
 
@@ -39,6 +62,8 @@ impl ApiError {
             Code::InvalidArgument => "INVALID_ARGUMENT",
             Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
             Code::Unavailable => "UNAVAILABLE",
+            Code::NotFound => "NOT_FOUND",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
             _ => "INTERNAL",
         }
     }
@@ -48,7 +73,7 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument { field, .. } => field,
             ApiError::TooLarge { .. } => "request",
-            ApiError::Geo(_) => "",
+            _ => "",
         }
     }
 }

@@ -178,22 +178,26 @@ impl Recorder {
     }
 }
 
+/// Appends `row` to the chain. A row whose (kind, ref_id) is already there is skipped (a
+/// decision recorded twice), so the chain stays gap-free.
 fn append(
     tx: &Transaction<'_>,
     seq: &mut i64,
     prev: &mut String,
     row: &AuditRow,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let next = *seq + 1;
     let hash = row.hash(next, prev);
-    tx.execute(
-        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash],
     )?;
-    *seq = next;
-    *prev = hash;
-    Ok(())
+    if inserted == 1 {
+        *seq = next;
+        *prev = hash;
+    }
+    Ok(inserted == 1)
 }
 
 fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
@@ -304,8 +308,9 @@ fn run(
                 match command {
                     Command::Decision(build) => {
                         let row = build();
-                        append(&tx, &mut next_seq, &mut next_prev, &row)?;
-                        if row.verdict == "REVIEW" {
+                        if append(&tx, &mut next_seq, &mut next_prev, &row)?
+                            && row.verdict == "REVIEW"
+                        {
                             tx.execute("INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)", params![row.ref_id, next_seq])?;
                         }
                         decisions += 1;

@@ -161,6 +161,7 @@ impl TestServer {
         adjust(&mut config);
         let loaded = regionguard::app::load(&config).expect("scenario loads");
         let engine = Arc::new(loaded.engine);
+        let audit = loaded.audit;
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -172,7 +173,7 @@ impl TestServer {
             ..ServerSettings::from_config(&config)
         };
         let task = tokio::spawn(async move {
-            server::run(listener, engine, settings, async {
+            server::run(listener, engine, audit, settings, async {
                 let _ = stopped.await;
             })
             .await

@@ -1,0 +1,531 @@
+//! `regionguard.v1.Review`: the compliance reviewers' API. Every call, reads included, is
+//! written to the audit log with the reviewer's identity; changes (overrides, resolutions)
+//! commit in the same transaction as that record.
+
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use rusqlite::Connection;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{AuditTrail, DecisionBody};
+use crate::auth::Caller;
+use crate::engine::Engine;
+use crate::grpc::ApiError;
+use crate::grpc::pb::{self, review_server::Review};
+use crate::overrides::OverrideIndex;
+use crate::replay::{Recorded, replay};
+use crate::store::writer::{Applied, Change};
+use crate::store::{self, AuditRow, OverrideRecord, QueueFilter, StoredDecision, now_ms};
+
+pub struct ReviewService {
+    engine: Arc<Engine>,
+    audit: Option<Arc<AuditTrail>>,
+}
+
+fn reviewer<T>(request: &Request<T>) -> Result<String, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.name.clone())
+        .ok_or_else(|| Status::unauthenticated("no reviewer identity"))
+}
+
+fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiError> {
+    let body: DecisionBody = serde_json::from_str(&stored.row.body).map_err(|e| {
+        ApiError::Store(format!(
+            "decision {}: unreadable body: {e}",
+            stored.row.ref_id
+        ))
+    })?;
+    let flow = match body.inputs.flow {
+        crate::classify::Flow::ApiRequest => pb::Flow::ApiRequest,
+        crate::classify::Flow::Signup => pb::Flow::Signup,
+        crate::classify::Flow::Login => pb::Flow::Login,
+    };
+    Ok(pb::DecisionRecord {
+        seq: stored.seq as u64,
+        recorded_at_unix_ms: stored.row.recorded_at_ms,
+        account_id: stored.row.account_id,
+        ip: body.ip,
+        flow: flow.into(),
+        inputs_json: serde_json::to_string(&body.inputs).unwrap_or_default(),
+        decision: Some(body.decision),
+    })
+}
+
+fn queue_item(stored: StoredDecision) -> Result<pb::QueueItem, ApiError> {
+    let queue = stored.queue.clone().unwrap_or(store::QueueState {
+        status: String::new(),
+        outcome: String::new(),
+        note: String::new(),
+        resolved_by: String::new(),
+        resolved_at_ms: None,
+    });
+    Ok(pb::QueueItem {
+        decision: Some(record(stored)?),
+        status: queue.status,
+        outcome: queue.outcome,
+        note: queue.note,
+        resolved_by: queue.resolved_by,
+        resolved_at_unix_ms: queue.resolved_at_ms.unwrap_or(0),
+    })
+}
+
+fn override_pb(o: OverrideRecord) -> pb::Override {
+    pb::Override {
+        id: o.id,
+        scope: o.scope,
+        value: o.value,
+        action: o.action,
+        reviewer: o.reviewer,
+        reason: o.reason,
+        created_at_unix_ms: o.created_at_ms,
+        expires_at_unix_ms: o.expires_at_ms.unwrap_or(0),
+        removed_at_unix_ms: o.removed_at_ms.unwrap_or(0),
+        removed_by: o.removed_by,
+    }
+}
+
+impl ReviewService {
+    pub fn new(engine: Arc<Engine>, audit: Option<Arc<AuditTrail>>) -> Self {
+        Self { engine, audit }
+    }
+
+    fn audit(&self) -> Result<&Arc<AuditTrail>, ApiError> {
+        self.audit.as_ref().ok_or_else(|| {
+            ApiError::NotConfigured("no store is configured ([store] data_dir)".into())
+        })
+    }
+
+    /// Runs a read on a blocking thread with its own connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let dir = self.audit()?.data_dir().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let conn = store::open_for_reading(&dir)?;
+            query(&conn).map_err(|error| store::StoreError::Sqlite {
+                path: dir.display().to_string(),
+                error,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::Store(e.to_string()))?
+        .map_err(ApiError::from)
+    }
+
+    /// Writes the reviewer's call to the audit log, with its change; answers once committed.
+    async fn log(
+        &self,
+        reviewer: &str,
+        rpc: &str,
+        details: serde_json::Value,
+        change: Change,
+    ) -> Result<Applied, ApiError> {
+        let row = AuditRow {
+            kind: "review".into(),
+            ref_id: uuid::Uuid::now_v7().to_string(),
+            recorded_at_ms: now_ms(),
+            actor: reviewer.to_owned(),
+            account_id: details
+                .get("account_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned(),
+            verdict: String::new(),
+            country: String::new(),
+            reasons: rpc.to_owned(),
+            body: serde_json::json!({ "rpc": rpc, "request": details }).to_string(),
+        };
+        Ok(self.audit()?.recorder().review(row, change).await?)
+    }
+
+    async fn reload_overrides(&self) -> Result<(), ApiError> {
+        let all = self.read(store::overrides).await?;
+        self.engine.set_overrides(OverrideIndex::new(all));
+        Ok(())
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<String, ApiError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    if value.len() > 1024 {
+        return Err(ApiError::invalid(field, "more than 1024 bytes"));
+    }
+    Ok(value.to_owned())
+}
+
+#[tonic::async_trait]
+impl Review for ReviewService {
+    async fn list_queue(
+        &self,
+        request: Request<pb::ListQueueRequest>,
+    ) -> Result<Response<pb::ListQueueResponse>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let after_seq = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .map_err(|_| ApiError::invalid("page_token", "not a token from a previous page"))?
+        };
+        let limit = if r.page_size == 0 {
+            50
+        } else {
+            r.page_size.min(1000)
+        };
+        let status = match r.status.as_str() {
+            "" | "open" => "open",
+            "resolved" => "resolved",
+            "all" => "",
+            other => {
+                return Err(ApiError::invalid(
+                    "status",
+                    format!("{other:?} is not open, resolved or all"),
+                )
+                .into());
+            }
+        };
+        let filter = QueueFilter {
+            status: status.into(),
+            country: r.country.to_ascii_uppercase(),
+            reason: r.reason_code.clone(),
+            account_id: r.account_id.clone(),
+            since_ms: r.since_unix_ms,
+            after_seq,
+            limit: limit + 1,
+        };
+        self.log(&reviewer, "ListQueue", serde_json::json!({ "status": status, "country": r.country, "reason_code": r.reason_code, "account_id": r.account_id, "page_token": r.page_token }), Change::None).await?;
+        let mut rows = self.read(move |c| store::queue(c, &filter)).await?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|s| s.seq.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let items = rows.into_iter().map(queue_item).collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListQueueResponse {
+            items,
+            next_page_token,
+        }))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::AccountHistory>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let account_id = required("account_id", &r.account_id)?;
+        self.log(
+            &reviewer,
+            "GetAccount",
+            serde_json::json!({ "account_id": account_id }),
+            Change::None,
+        )
+        .await?;
+        let limit = if r.limit == 0 { 100 } else { r.limit };
+        let id = account_id.clone();
+        let (decisions, overrides) = self
+            .read(move |c| {
+                Ok((
+                    store::account_decisions(c, &id, limit)?,
+                    store::overrides(c)?,
+                ))
+            })
+            .await?;
+        Ok(Response::new(pb::AccountHistory {
+            decisions: decisions
+                .into_iter()
+                .map(record)
+                .collect::<Result<_, _>>()?,
+            overrides: overrides
+                .into_iter()
+                .filter(|o| o.scope == "account" && o.value == account_id)
+                .map(override_pb)
+                .collect(),
+            account_id,
+        }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::DecisionRecord>, Status> {
+        let reviewer = reviewer(&request)?;
+        let id = required("decision_id", &request.get_ref().decision_id)?;
+        self.log(
+            &reviewer,
+            "Explain",
+            serde_json::json!({ "decision_id": id }),
+            Change::None,
+        )
+        .await?;
+        let lookup = id.clone();
+        let stored = self
+            .read(move |c| store::decision(c, &lookup))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("decision {id} is not in the audit log")))?;
+        Ok(Response::new(record(stored)?))
+    }
+
+    async fn set_override(
+        &self,
+        request: Request<pb::SetOverrideRequest>,
+    ) -> Result<Response<pb::Override>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let scope = required("scope", &r.scope)?;
+        let mut value = required("value", &r.value)?;
+        match scope.as_str() {
+            "account" => {}
+            "domain" => value = value.to_ascii_lowercase(),
+            "network" => {
+                value = value
+                    .parse::<IpNetwork>()
+                    .map_err(|e| {
+                        ApiError::invalid("value", format!("{value:?} is not a CIDR network: {e}"))
+                    })?
+                    .to_string()
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "scope",
+                    format!("{other:?} is not account, domain or network"),
+                )
+                .into());
+            }
+        }
+        let action = required("action", &r.action)?.to_ascii_uppercase();
+        if action != "ALLOW" && action != "DENY" {
+            return Err(
+                ApiError::invalid("action", format!("{action:?} is not ALLOW or DENY")).into(),
+            );
+        }
+        let reason = required("reason", &r.reason)?;
+        let now = now_ms();
+        if r.expires_at_unix_ms != 0 && r.expires_at_unix_ms <= now {
+            return Err(ApiError::invalid("expires_at_unix_ms", "is in the past").into());
+        }
+        let record = OverrideRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            scope,
+            value,
+            action,
+            reviewer: reviewer.clone(),
+            reason,
+            created_at_ms: now,
+            expires_at_ms: (r.expires_at_unix_ms != 0).then_some(r.expires_at_unix_ms),
+            removed_at_ms: None,
+            removed_by: String::new(),
+        };
+        let details = serde_json::json!({ "override_id": record.id, "scope": record.scope, "value": record.value, "action": record.action, "reason": record.reason, "expires_at_unix_ms": r.expires_at_unix_ms, "account_id": if record.scope == "account" { record.value.as_str() } else { "" } });
+        let Applied::Override(saved) = self
+            .log(
+                &reviewer,
+                "SetOverride",
+                details,
+                Change::SetOverride(record),
+            )
+            .await?
+        else {
+            return Err(Status::internal("override not saved"));
+        };
+        self.reload_overrides().await?;
+        Ok(Response::new(override_pb(saved)))
+    }
+
+    async fn remove_override(
+        &self,
+        request: Request<pb::RemoveOverrideRequest>,
+    ) -> Result<Response<pb::Override>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let id = required("id", &r.id)?;
+        let change = Change::RemoveOverride {
+            id: id.clone(),
+            by: reviewer.clone(),
+            at_ms: now_ms(),
+        };
+        let Applied::Override(removed) = self
+            .log(
+                &reviewer,
+                "RemoveOverride",
+                serde_json::json!({ "override_id": id, "reason": r.reason }),
+                change,
+            )
+            .await?
+        else {
+            return Err(Status::internal("override not removed"));
+        };
+        self.reload_overrides().await?;
+        Ok(Response::new(override_pb(removed)))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::QueueItem>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let decision_id = required("decision_id", &r.decision_id)?;
+        let outcome = required("outcome", &r.outcome)?;
+        let change = Change::Resolve {
+            decision_id: decision_id.clone(),
+            outcome: outcome.clone(),
+            note: r.note.clone(),
+            by: reviewer.clone(),
+            at_ms: now_ms(),
+        };
+        self.log(
+            &reviewer,
+            "Resolve",
+            serde_json::json!({ "decision_id": decision_id, "outcome": outcome, "note": r.note }),
+            change,
+        )
+        .await?;
+        let stored = self
+            .read(move |c| store::decision(c, &decision_id))
+            .await?
+            .ok_or_else(|| ApiError::NotFound("resolved decision vanished".into()))?;
+        Ok(Response::new(queue_item(stored)?))
+    }
+
+    type ExportDecisionsStream = ReceiverStream<Result<pb::DecisionRecord, Status>>;
+
+    async fn export_decisions(
+        &self,
+        request: Request<pb::ExportDecisionsRequest>,
+    ) -> Result<Response<Self::ExportDecisionsStream>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        self.log(&reviewer, "ExportDecisions", serde_json::json!({ "since_unix_ms": r.since_unix_ms, "until_unix_ms": r.until_unix_ms }), Change::None).await?;
+        let dir = self.audit()?.data_dir().to_path_buf();
+        let until = if r.until_unix_ms == 0 {
+            i64::MAX
+        } else {
+            r.until_unix_ms
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::task::spawn_blocking(move || {
+            let conn = match store::open_for_reading(&dir) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                    return;
+                }
+            };
+            let mut after = 0;
+            loop {
+                let page = match store::decisions_since(&conn, r.since_unix_ms, after, 500) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                        return;
+                    }
+                };
+                if page.is_empty() {
+                    return;
+                }
+                for stored in page {
+                    after = stored.seq;
+                    if stored.row.recorded_at_ms > until {
+                        return;
+                    }
+                    if tx
+                        .blocking_send(record(stored).map_err(Status::from))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn replay(
+        &self,
+        request: Request<pb::ReplayRequest>,
+    ) -> Result<Response<pb::ReplayReport>, Status> {
+        let reviewer = reviewer(&request)?;
+        let r = request.into_inner();
+        let policy = crate::policy::parse_policy(&r.policy_toml, "candidate")
+            .map_err(|e| ApiError::invalid("policy_toml", e.to_string()))?;
+        self.log(&reviewer, "Replay", serde_json::json!({ "candidate_policy_version": policy.version().to_string(), "since_unix_ms": r.since_unix_ms }), Change::None).await?;
+        let samples = if r.max_samples == 0 {
+            5
+        } else {
+            r.max_samples.min(100)
+        } as usize;
+        let since = r.since_unix_ms;
+        let report = self
+            .read(move |c| Ok(replay_store(c, since, &policy, samples)))
+            .await??;
+        Ok(Response::new(report_pb(report)))
+    }
+}
+
+/// Replays every decision recorded since `since_ms`, in pages.
+pub fn replay_store(
+    conn: &Connection,
+    since_ms: i64,
+    policy: &crate::policy::Policy,
+    samples: usize,
+) -> Result<crate::replay::ReplayReport, ApiError> {
+    let mut recorded = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store::decisions_since(conn, since_ms, after, 1000)
+            .map_err(|e| ApiError::Store(e.to_string()))?;
+        if page.is_empty() {
+            break;
+        }
+        for stored in page {
+            after = stored.seq;
+            let body: DecisionBody = serde_json::from_str(&stored.row.body)
+                .map_err(|e| ApiError::Store(format!("decision {}: {e}", stored.row.ref_id)))?;
+            recorded.push(Recorded {
+                decision_id: stored.row.ref_id,
+                verdict: stored.row.verdict,
+                reasons: stored.row.reasons,
+                country: stored.row.country,
+                inputs: body.inputs,
+            });
+        }
+    }
+    Ok(replay(recorded, policy, samples))
+}
+
+pub fn report_pb(report: crate::replay::ReplayReport) -> pb::ReplayReport {
+    let counts = |m: std::collections::BTreeMap<String, u64>| {
+        m.into_iter()
+            .map(|(key, count)| pb::Count { key, count })
+            .collect()
+    };
+    pb::ReplayReport {
+        candidate_policy_version: report.candidate_policy_version,
+        replayed: report.replayed,
+        changed: report.changed,
+        transitions: report
+            .transitions
+            .into_iter()
+            .map(|((from, to), t)| pb::VerdictTransition {
+                from,
+                to,
+                count: t.count,
+                sample_decision_ids: t.samples,
+            })
+            .collect(),
+        reasons_added: counts(report.reasons_added),
+        reasons_removed: counts(report.reasons_removed),
+        changed_by_country: counts(report.changed_by_country),
+    }
+}
