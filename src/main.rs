@@ -13,6 +13,8 @@ use regionguard::reload::Reloader;
 use regionguard::server::{self, ServerSettings};
 use regionguard::{app, policy};
 
+mod reviewer_cli;
+
 #[derive(Parser)]
 #[command(
     name = "regionguard",
@@ -39,6 +41,47 @@ enum Command {
     /// Validate a policy file and print its version and lists.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Reviewers' commands, over a running server's Review API.
+    Review {
+        /// Server address.
+        #[arg(
+            long,
+            env = "REGIONGUARD_ADDR",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        addr: String,
+        /// The reviewer's bearer token.
+        #[arg(long, env = "REGIONGUARD_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        command: reviewer_cli::ReviewCommand,
+    },
+    /// Audit log checks.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Re-run recorded decisions under a candidate policy and report what would change.
+    Replay {
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// How far back: 24h, 30d, or Unix milliseconds.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Sample decision ids per transition.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        #[arg(long, env = "REGIONGUARD_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain; exit 1 naming the first edited or deleted row.
+    Verify {
+        #[arg(long, env = "REGIONGUARD_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +108,9 @@ struct DataArgs {
     /// ASN database.
     #[arg(long, env = "REGIONGUARD_ASN_DB")]
     asn_db: Option<PathBuf>,
+    /// Store directory (audit log, review queue, overrides); none: decisions are not recorded.
+    #[arg(long, env = "REGIONGUARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -109,6 +155,7 @@ impl DataArgs {
         overlay(&mut config.location_db, &self.location_db);
         overlay(&mut config.anonymous_db, &self.anonymous_db);
         overlay(&mut config.asn_db, &self.asn_db);
+        overlay(&mut config.store.data_dir, &self.data_dir);
         Ok(config)
     }
 }
@@ -150,6 +197,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Review {
+            addr,
+            token,
+            command,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(reviewer_cli::review(&addr, &token, command))
+        }
+        Command::Audit(AuditCommand::Verify { data_dir }) => reviewer_cli::audit_verify(&data_dir),
+        Command::Replay {
+            policy,
+            since,
+            samples,
+            data_dir,
+        } => reviewer_cli::replay(&data_dir, &policy, &since, samples),
         Command::Policy(PolicyCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

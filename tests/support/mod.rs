@@ -158,6 +158,8 @@ impl TestServer {
             reload_interval_ms: 20,
             ..Config::default()
         };
+        // Every test server records its decisions, so every suite exercises the audit writer.
+        config.store.data_dir = Some(dir.path().join("store"));
         adjust(&mut config);
         let loaded = regionguard::app::load(&config).expect("scenario loads");
         let engine = Arc::new(loaded.engine);
@@ -194,6 +196,9 @@ impl TestServer {
             stop_reload,
             task: Some(task),
         }
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
     }
 
     pub async fn classify(
