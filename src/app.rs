@@ -99,6 +99,10 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     } else {
         engine
     };
+    if let Some(path) = &config.shadow_policy {
+        targets.push(Watched::before_load(Target::ShadowPolicy(path.clone())));
+        engine.set_shadow_policy(Some(load_policy(Some(path))?));
+    }
     let audit = match &config.store.data_dir {
         None => None,
         Some(dir) => {

@@ -25,6 +25,9 @@ pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
     pub policy: Option<PathBuf>,
+    /// A candidate policy evaluated beside the active one: differences are counted and logged,
+    /// never returned to callers. Watched and reloaded like the policy.
+    pub shadow_policy: Option<PathBuf>,
     pub location_db: Option<PathBuf>,
     pub anonymous_db: Option<PathBuf>,
     pub asn_db: Option<PathBuf>,
@@ -135,6 +138,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             policy: None,
+            shadow_policy: None,
             location_db: None,
             anonymous_db: None,
             asn_db: None,

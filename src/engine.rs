@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use arc_swap::ArcSwap;
 
 use crate::classify::{
@@ -65,6 +67,18 @@ pub struct Engine {
     max_db_age: Option<Duration>,
     usage: Option<UsageAggregator>,
     overrides: ArcSwap<OverrideIndex>,
+    /// A candidate policy evaluated beside the active one; its answers are counted and logged,
+    /// never returned.
+    shadow: ArcSwap<Option<Policy>>,
+    shadow_evaluated: AtomicU64,
+    shadow_differed: AtomicU64,
+}
+
+/// How often the shadow policy was evaluated and disagreed with the active one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowStats {
+    pub evaluated: u64,
+    pub differed: u64,
 }
 
 impl Engine {
@@ -75,6 +89,9 @@ impl Engine {
             max_db_age,
             usage: None,
             overrides: ArcSwap::from_pointee(OverrideIndex::default()),
+            shadow: ArcSwap::from_pointee(None),
+            shadow_evaluated: AtomicU64::new(0),
+            shadow_differed: AtomicU64::new(0),
         }
     }
 
@@ -82,6 +99,18 @@ impl Engine {
     pub fn with_usage(mut self, aggregator: UsageAggregator) -> Self {
         self.usage = Some(aggregator);
         self
+    }
+
+    /// Sets (or clears) the shadow policy.
+    pub fn set_shadow_policy(&self, policy: Option<Policy>) {
+        self.shadow.store(Arc::new(policy));
+    }
+
+    pub fn shadow_stats(&self) -> ShadowStats {
+        ShadowStats {
+            evaluated: self.shadow_evaluated.load(Ordering::Relaxed),
+            differed: self.shadow_differed.load(Ordering::Relaxed),
+        }
     }
 
     /// Replaces the overrides matched against requests.
@@ -181,12 +210,27 @@ impl Engine {
             overrides: &overrides,
         };
         let decision = classify(&facts, &policy);
+        let decision_id = uuid::Uuid::now_v7().to_string();
+        if let Some(shadow) = self.shadow.load().as_ref() {
+            let candidate = classify(&facts, shadow);
+            self.shadow_evaluated.fetch_add(1, Ordering::Relaxed);
+            if candidate.verdict != decision.verdict {
+                self.shadow_differed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    %decision_id,
+                    active = decision.verdict.as_str(),
+                    shadow = candidate.verdict.as_str(),
+                    shadow_policy = %shadow.version(),
+                    "shadow policy would decide differently"
+                );
+            }
+        }
         let databases = self.database_status(&location.databases, now);
         Outcome {
             decision,
             location,
             databases,
-            decision_id: uuid::Uuid::now_v7().to_string(),
+            decision_id,
             usage,
             overrides,
             decided_at_ms: now_ms,
@@ -221,6 +265,45 @@ pub fn is_stale(build_epoch: u64, max_age: Option<Duration>, now: SystemTime) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shadow_policy_is_counted_never_returned() {
+        use crate::geo::{DbRole, GeoDatabase, fixtures};
+        use crate::policy::{EMBEDDED_POLICY, parse_policy};
+        let db = GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap();
+        let engine = Engine::new(
+            parse_policy(EMBEDDED_POLICY, "active").unwrap(),
+            Geo::new(Some(db), None, None, 10),
+            None,
+        );
+        let shadow = EMBEDDED_POLICY.replacen("  \"CU\",", "  \"US\",\n  \"CU\",", 1);
+        engine.set_shadow_policy(Some(parse_policy(&shadow, "shadow").unwrap()));
+        let input = |ip: &str| ClassifyInput {
+            ip: ip.parse().unwrap(),
+            flow: Flow::ApiRequest,
+            account: AccountFacts::default(),
+            hints: HintFacts::default(),
+            usage: None,
+            account_id: None,
+            organization_domain: None,
+            payment_fingerprint: None,
+            request_id: String::new(),
+        };
+        let us = engine.classify(&input("216.160.83.57")).unwrap();
+        assert_eq!(
+            us.decision.verdict,
+            crate::classify::Verdict::Allow,
+            "the active policy decides"
+        );
+        engine.classify(&input("175.16.199.10")).unwrap();
+        assert_eq!(
+            engine.shadow_stats(),
+            ShadowStats {
+                evaluated: 2,
+                differed: 1
+            }
+        );
+    }
 
     #[test]
     fn staleness_compares_build_time_with_max_age() {

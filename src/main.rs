@@ -108,6 +108,9 @@ struct DataArgs {
     /// ASN database.
     #[arg(long, env = "REGIONGUARD_ASN_DB")]
     asn_db: Option<PathBuf>,
+    /// A candidate policy evaluated beside the active one (counted and logged, never returned).
+    #[arg(long, env = "REGIONGUARD_SHADOW_POLICY")]
+    shadow_policy: Option<PathBuf>,
     /// Store directory (audit log, review queue, overrides); none: decisions are not recorded.
     #[arg(long, env = "REGIONGUARD_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -156,6 +159,7 @@ impl DataArgs {
         overlay(&mut config.anonymous_db, &self.anonymous_db);
         overlay(&mut config.asn_db, &self.asn_db);
         overlay(&mut config.store.data_dir, &self.data_dir);
+        overlay(&mut config.shadow_policy, &self.shadow_policy);
         Ok(config)
     }
 }

@@ -19,13 +19,14 @@ use crate::policy::parse_policy;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     Policy(PathBuf),
+    ShadowPolicy(PathBuf),
     Database(DbRole, PathBuf),
 }
 
 impl Target {
     fn path(&self) -> &Path {
         match self {
-            Target::Policy(path) | Target::Database(_, path) => path,
+            Target::Policy(path) | Target::ShadowPolicy(path) | Target::Database(_, path) => path,
         }
     }
 }
@@ -182,6 +183,15 @@ fn apply(engine: &Engine, target: &Target) -> Result<String, String> {
             let version = policy.version().to_string();
             engine.set_policy(policy);
             Ok(format!("policy version {version}"))
+        }
+        Target::ShadowPolicy(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let policy =
+                parse_policy(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+            let version = policy.version().to_string();
+            engine.set_shadow_policy(Some(policy));
+            Ok(format!("shadow policy version {version}"))
         }
         Target::Database(role, path) => {
             let db = GeoDatabase::open(*role, path).map_err(|e| e.to_string())?;
