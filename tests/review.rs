@@ -129,10 +129,23 @@ async fn review_decisions_queue_explain_and_resolve() {
         .await
         .unwrap()
         .into_inner();
-    assert!(open.items.is_empty());    let missing = review(&server).explain(as_caller(pb::ExplainRequest { decision_id: "no-such".into() }, ALICE)).await.unwrap_err();
+    assert!(open.items.is_empty());
+    let missing = review(&server)
+        .explain(as_caller(
+            pb::ExplainRequest {
+                decision_id: "no-such".into(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
-    let mut export = review(&server).export_decisions(as_caller(pb::ExportDecisionsRequest::default(), ALICE)).await.unwrap().into_inner();
+    let mut export = review(&server)
+        .export_decisions(as_caller(pb::ExportDecisionsRequest::default(), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
     let mut exported = Vec::new();
     while let Some(record) = export.message().await.unwrap() {
         exported.push(record.decision.unwrap().decision_id);
