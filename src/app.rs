@@ -7,6 +7,7 @@ use crate::audit::AuditTrail;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
+use crate::metrics::Metrics;
 use crate::overrides::OverrideIndex;
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
 use crate::reload::{Target, Watched};
@@ -38,6 +39,8 @@ pub struct Loaded {
     pub targets: Vec<Watched>,
     /// The audit trail, when a store is configured.
     pub audit: Option<Arc<AuditTrail>>,
+    /// Metrics, when the ops port is configured.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
@@ -99,6 +102,11 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     } else {
         engine
     };
+    let metrics = config.metrics_listen.map(|_| Metrics::new());
+    let engine = match &metrics {
+        Some(metrics) => engine.with_metrics(metrics.clone()),
+        None => engine,
+    };
     if let Some(path) = &config.shadow_policy {
         targets.push(Watched::before_load(Target::ShadowPolicy(path.clone())));
         engine.set_shadow_policy(Some(load_policy(Some(path))?));
@@ -126,5 +134,6 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
         engine,
         targets,
         audit,
+        metrics,
     })
 }

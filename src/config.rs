@@ -24,6 +24,8 @@ pub const DEFAULT_LOCATION_DB_PATH: &str = "data/geo-whois-asn-country.mmdb";
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// The operator's HTTP port: /metrics (Prometheus), /healthz, /readyz. None: off.
+    pub metrics_listen: Option<SocketAddr>,
     pub policy: Option<PathBuf>,
     /// A candidate policy evaluated beside the active one: differences are counted and logged,
     /// never returned to callers. Watched and reloaded like the policy.
@@ -137,6 +139,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             policy: None,
             shadow_policy: None,
             location_db: None,

@@ -16,6 +16,7 @@ use crate::classify::{
     AccountFacts, Decision, Facts, Flow, HintFacts, OverrideFact, UsageFacts, classify,
 };
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
+use crate::metrics::Metrics;
 use crate::overrides::OverrideIndex;
 use crate::policy::Policy;
 use crate::usage::{EventLocation, UsageAggregator, UsageEvent};
@@ -72,6 +73,7 @@ pub struct Engine {
     shadow: ArcSwap<Option<Policy>>,
     shadow_evaluated: AtomicU64,
     shadow_differed: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// How often the shadow policy was evaluated and disagreed with the active one.
@@ -92,12 +94,19 @@ impl Engine {
             shadow: ArcSwap::from_pointee(None),
             shadow_evaluated: AtomicU64::new(0),
             shadow_differed: AtomicU64::new(0),
+            metrics: None,
         }
     }
 
     /// Keeps usage history in `aggregator` (fed by [`Engine::record_usage`]).
     pub fn with_usage(mut self, aggregator: UsageAggregator) -> Self {
         self.usage = Some(aggregator);
+        self
+    }
+
+    /// Counts verdicts and reasons in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -211,6 +220,9 @@ impl Engine {
         };
         let decision = classify(&facts, &policy);
         let decision_id = uuid::Uuid::now_v7().to_string();
+        if let Some(metrics) = &self.metrics {
+            metrics.decision(&decision);
+        }
         if let Some(shadow) = self.shadow.load().as_ref() {
             let candidate = classify(&facts, shadow);
             self.shadow_evaluated.fetch_add(1, Ordering::Relaxed);

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod gateway;
 pub mod geo;
 pub mod grpc;
+pub mod metrics;
 pub mod overrides;
 pub mod policy;
 pub mod region;

@@ -256,11 +256,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(address = %listener.local_addr()?, "serving regionguard.v1.Classifier, grpc.health.v1, reflection");
         let (stop_reload, stop_reload_rx) = tokio::sync::watch::channel(false);
-        let reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
+        let mut reloader = Reloader::new(engine.clone(), loaded.targets, config.max_db_age());
+        let ops = match (config.metrics_listen, loaded.metrics) {
+            (Some(address), Some(metrics)) => {
+                let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding metrics port {address}"))?;
+                tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+                reloader = reloader.with_metrics(metrics.clone());
+                Some(server::OpsPort { listener, metrics })
+            }
+            _ => None,
+        };
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
         let settings = ServerSettings::from_config(&config);
         let audit = loaded.audit;
-        server::run(listener, engine, audit.clone(), settings, shutdown_signal()).await?;
+        server::run(listener, engine, audit.clone(), ops, settings, shutdown_signal()).await?;
         if let Some(audit) = audit {
             audit.recorder().flush().await;
             tracing::info!(stats = ?audit.recorder().stats(), "audit trail flushed");

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::engine::{Engine, is_stale};
 use crate::geo::{DbRole, GeoDatabase};
+use crate::metrics::Metrics;
 use crate::policy::parse_policy;
 
 /// A watched file and what it feeds.
@@ -87,6 +88,7 @@ pub struct Reloader {
     watched: Vec<Watched>,
     max_db_age: Option<Duration>,
     warned_stale: Vec<(String, u64)>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Reloader {
@@ -97,7 +99,14 @@ impl Reloader {
             watched,
             max_db_age,
             warned_stale: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts reloads and refusals in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Checks every target once; blocking (reads and validates files).
@@ -121,10 +130,16 @@ impl Reloader {
                 }
                 match result {
                     Ok(detail) => {
+                        if let Some(m) = &self.metrics {
+                            m.reloads.inc();
+                        }
                         tracing::info!(path = %path.display(), %detail, "reloaded");
                         ReloadEvent::Reloaded { path, detail }
                     }
                     Err(error) => {
+                        if let Some(m) = &self.metrics {
+                            m.reload_failures.inc();
+                        }
                         tracing::error!(path = %path.display(), %error, "refused replacement; still serving the loaded copy");
                         ReloadEvent::Refused { path, error }
                     }

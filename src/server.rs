@@ -24,6 +24,7 @@ use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
 use crate::grpc::{ClassifierService, ReviewService, UsageService};
+use crate::metrics::{CallMetricsLayer, Metrics};
 use tonic::service::interceptor::InterceptedService;
 
 /// Limits, timings and the gateway adapter's settings.
@@ -46,6 +47,12 @@ impl ServerSettings {
     }
 }
 
+/// The operator's HTTP port (`/metrics`, `/healthz`, `/readyz`) and the metrics it serves.
+pub struct OpsPort {
+    pub listener: TcpListener,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -60,9 +67,24 @@ pub async fn run(
     listener: TcpListener,
     engine: Arc<Engine>,
     audit: Option<Arc<AuditTrail>>,
+    ops: Option<OpsPort>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let metrics = ops.as_ref().map(|ops| ops.metrics.clone());
+    let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(ops) = ops {
+        ops.metrics.watch(engine.clone(), audit.clone());
+        let app = crate::metrics::router(ops.metrics.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(ops.listener, app).with_graceful_shutdown(async {
+                let _ = ops_stopped.await;
+            });
+            if let Err(error) = served.await {
+                tracing::error!(%error, "metrics port failed");
+            }
+        });
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ClassifierServer<ClassifierService>>()
@@ -106,8 +128,12 @@ pub async fn run(
     );
 
     let (began, mut began_rx) = watch::channel(false);
+    let ready = metrics.clone();
     let signal = async move {
         shutdown.await;
+        if let Some(metrics) = &ready {
+            metrics.set_ready(false);
+        }
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
         health
             .set_not_serving::<ClassifierServer<ClassifierService>>()
@@ -115,6 +141,9 @@ pub async fn run(
         let _ = began.send(true);
     };
     let server = Server::builder()
+        .layer(tower::util::option_layer(
+            metrics.clone().map(CallMetricsLayer),
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(classifier)
@@ -123,6 +152,11 @@ pub async fn run(
         .add_service(review)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
+    if let Some(metrics) = &metrics {
+        metrics.set_ready(true);
+    }
+    // The ops port stops with the server (dropping the sender ends it).
+    let _ops_stop = ops_stop;
     tokio::select! {
         result = &mut server => Ok(result?),
         _ = async {

@@ -122,6 +122,8 @@ pub fn replace_file(path: &Path, bytes: &[u8]) {
 
 /// A running server with its files in a temporary directory.
 pub struct TestServer {
+    /// The ops port (/metrics, /healthz, /readyz), when the config asked for one.
+    pub ops_addr: Option<std::net::SocketAddr>,
     pub client: ClassifierClient<Channel>,
     pub channel: Channel,
     pub dir: tempfile::TempDir,
@@ -156,6 +158,8 @@ impl TestServer {
                 .map(|b| write("anonymous.mmdb", b)),
             asn_db: scenario.asn.as_ref().map(|b| write("asn.mmdb", b)),
             reload_interval_ms: 20,
+            // Off unless a test asks for it (tests run in parallel; a fixed port would collide).
+            metrics_listen: None,
             ..Config::default()
         };
         // Every test server records its decisions, so every suite exercises the audit writer.
@@ -164,6 +168,14 @@ impl TestServer {
         let loaded = regionguard::app::load(&config).expect("scenario loads");
         let engine = Arc::new(loaded.engine);
         let audit = loaded.audit;
+        let ops = match (config.metrics_listen, loaded.metrics) {
+            (Some(address), Some(metrics)) => Some(server::OpsPort {
+                listener: tokio::net::TcpListener::bind(address).await.unwrap(),
+                metrics,
+            }),
+            _ => None,
+        };
+        let ops_addr = ops.as_ref().map(|o| o.listener.local_addr().unwrap());
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -175,7 +187,7 @@ impl TestServer {
             ..ServerSettings::from_config(&config)
         };
         let task = tokio::spawn(async move {
-            server::run(listener, engine, audit, settings, async {
+            server::run(listener, engine, audit, ops, settings, async {
                 let _ = stopped.await;
             })
             .await
@@ -187,6 +199,7 @@ impl TestServer {
             .await
             .unwrap();
         TestServer {
+            ops_addr,
             client: ClassifierClient::new(channel.clone()),
             channel,
             dir,

@@ -1,0 +1,382 @@
+//! Prometheus metrics and the operator's HTTP port: `/metrics`, `/healthz` (live), `/readyz`
+//! (ready once the data is loaded and the gRPC listener serves; not ready while draining).
+//!
+//! Counters for what happens per request (calls and latency per RPC, verdicts, reasons) are
+//! updated as it happens; what is state (cache sizes, database build epochs and age, policy
+//! version, usage and store counters, reloads) is read from the engine at scrape time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::audit::AuditTrail;
+use crate::classify::Decision;
+use crate::engine::Engine;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Per-request metrics, shared by the services.
+pub struct Metrics {
+    registry: std::sync::Mutex<Registry>,
+    calls: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram>,
+    verdicts: Family<Labels, Counter>,
+    reasons: Family<Labels, Counter>,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    ready: AtomicBool,
+    scrapes: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~10 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_01, 2.0, 20,
+    ))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let calls = Family::<Labels, Counter>::default();
+        let latency = Family::<Labels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let verdicts = Family::<Labels, Counter>::default();
+        let reasons = Family::<Labels, Counter>::default();
+        let (reloads, reload_failures) = (Counter::default(), Counter::default());
+        let mut registry = Registry::with_prefix("regionguard");
+        registry.register("grpc_calls", "gRPC calls by method", calls.clone());
+        registry.register(
+            "grpc_call_duration_seconds",
+            "gRPC call duration by method (to the response headers)",
+            latency.clone(),
+        );
+        registry.register("decisions", "Decisions by verdict", verdicts.clone());
+        registry.register("reasons", "Reasons given, by code", reasons.clone());
+        registry.register(
+            "reloads",
+            "Policy and database files reloaded",
+            reloads.clone(),
+        );
+        registry.register(
+            "reload_failures",
+            "Replacement files refused (the loaded copy kept serving)",
+            reload_failures.clone(),
+        );
+        Arc::new(Self {
+            registry: std::sync::Mutex::new(registry),
+            calls,
+            latency,
+            verdicts,
+            reasons,
+            reloads,
+            reload_failures,
+            ready: AtomicBool::new(false),
+            scrapes: AtomicU64::new(0),
+        })
+    }
+
+    /// Adds the scrape-time collector over the engine's state.
+    pub fn watch(&self, engine: Arc<Engine>, audit: Option<Arc<AuditTrail>>) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.register_collector(Box::new(EngineCollector { engine, audit }));
+        }
+    }
+
+    pub fn call(&self, method: &str, seconds: f64) {
+        let labels = vec![("method", method.to_owned())];
+        self.calls.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(seconds);
+    }
+
+    pub fn decision(&self, decision: &Decision) {
+        self.verdicts
+            .get_or_create(&vec![("verdict", decision.verdict.as_str().to_owned())])
+            .inc();
+        for reason in &decision.reasons {
+            self.reasons
+                .get_or_create(&vec![("code", reason.code.as_str().to_owned())])
+                .inc();
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.scrapes.fetch_add(1, Ordering::Relaxed);
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock()
+            && let Err(error) = prometheus_client::encoding::text::encode(&mut out, &registry)
+        {
+            tracing::error!(%error, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+struct EngineCollector {
+    engine: Arc<Engine>,
+    audit: Option<Arc<AuditTrail>>,
+}
+
+impl std::fmt::Debug for EngineCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineCollector").finish_non_exhaustive()
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    labels: &[(&str, String)],
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    let mut metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(metric.encode_family(&labels.to_vec())?)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let cache = self.engine.geo().cache_stats();
+        counter(
+            e,
+            "geo_cache_hits",
+            "Lookups answered by the prefix cache",
+            cache.hits,
+        )?;
+        counter(
+            e,
+            "geo_cache_misses",
+            "Lookups that read the databases",
+            cache.misses,
+        )?;
+        gauge(
+            e,
+            "geo_cache_entries",
+            "Entries in the prefix cache",
+            &[],
+            cache.entries as f64,
+        )?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for db in self.engine.geo().databases().iter() {
+            let labels = [
+                ("role", db.role.as_str().to_owned()),
+                ("database_type", db.database_type.to_string()),
+            ];
+            gauge(
+                e,
+                "geo_database_build_epoch_seconds",
+                "Build time of each loaded database",
+                &labels,
+                db.build_epoch as f64,
+            )?;
+            gauge(
+                e,
+                "geo_database_age_seconds",
+                "Age of each loaded database",
+                &labels,
+                now.saturating_sub(db.build_epoch) as f64,
+            )?;
+        }
+        let version = self.engine.policy().version().to_string();
+        gauge(
+            e,
+            "policy_info",
+            "The active policy's version (always 1)",
+            &[("version", version)],
+            1.0,
+        )?;
+        let shadow = self.engine.shadow_stats();
+        counter(
+            e,
+            "shadow_evaluated",
+            "Decisions also evaluated under the shadow policy",
+            shadow.evaluated,
+        )?;
+        counter(
+            e,
+            "shadow_differed",
+            "Decisions the shadow policy would have decided differently",
+            shadow.differed,
+        )?;
+        if let Some(usage) = self.engine.usage() {
+            let stats = usage.stats();
+            gauge(
+                e,
+                "usage_accounts",
+                "Accounts with usage history held",
+                &[],
+                stats.accounts as f64,
+            )?;
+            gauge(
+                e,
+                "usage_bytes",
+                "Estimated bytes held by usage history",
+                &[],
+                stats.bytes as f64,
+            )?;
+        }
+        if let Some(audit) = &self.audit {
+            let stats = audit.recorder().stats();
+            counter(
+                e,
+                "audit_recorded",
+                "Decisions committed to the audit log",
+                stats.recorded,
+            )?;
+            counter(
+                e,
+                "audit_dropped",
+                "ALLOW decisions left out of the audit log under overflow",
+                stats.dropped,
+            )?;
+            counter(
+                e,
+                "audit_failed",
+                "Decisions lost to failed commits",
+                stats.failed,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The operator's HTTP port.
+pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let for_metrics = metrics.clone();
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = for_metrics.render();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = metrics.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+}
+
+/// The gRPC methods counted by name; anything else is counted as `other`, so a client cannot
+/// grow the label set.
+const KNOWN_SERVICES: [&str; 6] = [
+    "/regionguard.v1.Classifier/",
+    "/regionguard.v1.Usage/",
+    "/regionguard.v1.Review/",
+    "/envoy.service.auth.v3.Authorization/",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+];
+
+/// A tower layer that counts calls and their latency per gRPC method.
+#[derive(Clone)]
+pub struct CallMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for CallMetricsLayer {
+    type Service = CallMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallMetrics {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for CallMetrics<S>
+where
+    S: tower::Service<axum::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let method = if KNOWN_SERVICES.iter().any(|s| path.starts_with(s)) && path.len() <= 128 {
+            path.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await;
+            metrics.call(&method, started.elapsed().as_secs_f64());
+            response
+        })
+    }
+}
