@@ -54,6 +54,32 @@ pub struct Config {
     pub store: StoreConfig,
     /// Callers and their roles (`[auth]` table).
     pub auth: AuthConfig,
+    /// Transport limits (`[limits]` table).
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one client can take. Past the per-connection concurrency, calls are shed at
+/// once with RESOURCE_EXHAUSTED (no queue grows); deadlines sent by clients (`grpc-timeout`) are
+/// honoured, capped by `request_timeout_ms`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub concurrency_per_connection: usize,
+    pub max_concurrent_streams: u32,
+    pub request_timeout_ms: u64,
+    /// Messages one ClassifyStream or Usage/Report stream may carry.
+    pub max_stream_messages: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            concurrency_per_connection: 256,
+            max_concurrent_streams: 1024,
+            request_timeout_ms: 30_000,
+            max_stream_messages: 10_000_000,
+        }
+    }
 }
 
 /// `[store]`: where and how decisions are recorded. No `data_dir`: nothing is recorded and the
@@ -155,6 +181,7 @@ impl Default for Config {
             usage: UsageConfig::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }

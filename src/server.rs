@@ -18,6 +18,7 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 use crate::audit::AuditTrail;
 use crate::auth::{AuthConfig, Gate, Role};
+use crate::config::LimitsConfig;
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
 use crate::grpc::pb::review_server::ReviewServer;
@@ -34,6 +35,7 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
 impl ServerSettings {
@@ -43,6 +45,7 @@ impl ServerSettings {
             shutdown_grace: config.shutdown_grace(),
             gateway: config.gateway.clone(),
             auth: config.auth.clone(),
+            limits: config.limits,
         }
     }
 }
@@ -108,8 +111,11 @@ pub async fn run(
         gateway_gate.clone(),
     );
     let usage = InterceptedService::new(
-        UsageServer::new(UsageService::new(engine.clone()))
-            .max_decoding_message_size(settings.max_request_bytes),
+        UsageServer::new(UsageService::new(
+            engine.clone(),
+            settings.limits.max_stream_messages,
+        ))
+        .max_decoding_message_size(settings.max_request_bytes),
         gateway_gate.clone(),
     );
     let review = InterceptedService::new(
@@ -118,11 +124,10 @@ pub async fn run(
         Gate::new(&settings.auth, Role::Reviewer),
     );
     let classifier = InterceptedService::new(
-        ClassifierServer::new(ClassifierService::new(
-            engine,
-            settings.max_request_bytes,
-            audit,
-        ))
+        ClassifierServer::new(
+            ClassifierService::new(engine, settings.max_request_bytes, audit)
+                .with_max_stream_messages(settings.limits.max_stream_messages),
+        )
         .max_decoding_message_size(backstop),
         gateway_gate,
     );
@@ -140,7 +145,12 @@ pub async fn run(
             .await;
         let _ = began.send(true);
     };
+    let limits = settings.limits;
     let server = Server::builder()
+        .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
+        .load_shed(true)
+        .max_concurrent_streams(limits.max_concurrent_streams.max(1))
+        .timeout(Duration::from_millis(limits.request_timeout_ms.max(1)))
         .layer(tower::util::option_layer(
             metrics.clone().map(CallMetricsLayer),
         ))

@@ -18,6 +18,7 @@ pub struct ClassifierService {
     engine: Arc<Engine>,
     max_request_bytes: usize,
     audit: Option<Arc<AuditTrail>>,
+    max_stream_messages: u64,
 }
 
 impl ClassifierService {
@@ -30,7 +31,14 @@ impl ClassifierService {
             engine,
             max_request_bytes,
             audit,
+            max_stream_messages: u64::MAX,
         }
+    }
+
+    /// Ends a ClassifyStream with RESOURCE_EXHAUSTED after this many requests.
+    pub fn with_max_stream_messages(mut self, max: u64) -> Self {
+        self.max_stream_messages = max;
+        self
     }
 
     /// Decides, records the decision in the audit trail (waiting only when the writer is
@@ -84,7 +92,18 @@ impl Classifier for ClassifierService {
         let mut requests = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            let mut seen = 0u64;
             while let Some(item) = requests.next().await {
+                seen += 1;
+                if seen > service.max_stream_messages {
+                    let limit = service.max_stream_messages;
+                    let _ = tx
+                        .send(Err(Status::resource_exhausted(format!(
+                            "stream: more than {limit} requests on one stream"
+                        ))))
+                        .await;
+                    break;
+                }
                 let answer = match item {
                     Ok(request) => Ok(service
                         .decide(&request)

@@ -26,11 +26,15 @@ const MAX_TOKENS: u64 = 1_000_000_000;
 
 pub struct UsageService {
     engine: Arc<Engine>,
+    max_stream_messages: u64,
 }
 
 impl UsageService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, max_stream_messages: u64) -> Self {
+        Self {
+            engine,
+            max_stream_messages,
+        }
     }
 }
 
@@ -158,6 +162,18 @@ impl Usage for UsageService {
                     break;
                 }
             };
+            if index >= self.max_stream_messages {
+                reject(
+                    &mut summary,
+                    index,
+                    "stream".into(),
+                    format!(
+                        "more than {} events on one stream; report the rest on a new stream",
+                        self.max_stream_messages
+                    ),
+                );
+                break;
+            }
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
