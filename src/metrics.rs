@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::audit::AuditTrail;
-use crate::classify::Decision;
+use crate::classify::{Decision, ReasonCode, Verdict};
 use crate::engine::Engine;
 
 type Labels = Vec<(&'static str, String)>;
@@ -26,10 +26,12 @@ type Labels = Vec<(&'static str, String)>;
 /// Per-request metrics, shared by the services.
 pub struct Metrics {
     registry: std::sync::Mutex<Registry>,
-    calls: Family<Labels, Counter>,
-    latency: Family<Labels, Histogram>,
-    verdicts: Family<Labels, Counter>,
-    reasons: Family<Labels, Counter>,
+    /// Handles made once, so the request path only increments atomics: per known method, per
+    /// verdict, per reason code (indexed as `ReasonCode as usize`).
+    methods: Vec<(&'static str, Counter, Histogram)>,
+    other_method: (Counter, Histogram),
+    verdict_counters: [Counter; 3],
+    reason_counters: Vec<Counter>,
     pub reloads: Counter,
     pub reload_failures: Counter,
     ready: AtomicBool,
@@ -77,12 +79,38 @@ impl Metrics {
             "Replacement files refused (the loaded copy kept serving)",
             reload_failures.clone(),
         );
+        let method = |name: &str| {
+            let labels = vec![("method", name.to_owned())];
+            (
+                calls.get_or_create(&labels).clone(),
+                latency.get_or_create(&labels).clone(),
+            )
+        };
+        let methods = KNOWN_METHODS.iter().map(|m| {
+            let (c, h) = method(m);
+            (*m, c, h)
+        });
+        let methods = methods.collect();
+        let other_method = method("other");
+        let verdict_counters = [Verdict::Allow, Verdict::Review, Verdict::Deny].map(|v| {
+            verdicts
+                .get_or_create(&vec![("verdict", v.as_str().to_owned())])
+                .clone()
+        });
+        let reason_counters = ReasonCode::ALL
+            .iter()
+            .map(|c| {
+                reasons
+                    .get_or_create(&vec![("code", c.as_str().to_owned())])
+                    .clone()
+            })
+            .collect();
         Arc::new(Self {
             registry: std::sync::Mutex::new(registry),
-            calls,
-            latency,
-            verdicts,
-            reasons,
+            methods,
+            other_method,
+            verdict_counters,
+            reason_counters,
             reloads,
             reload_failures,
             ready: AtomicBool::new(false),
@@ -96,21 +124,25 @@ impl Metrics {
             registry.register_collector(Box::new(EngineCollector { engine, audit }));
         }
     }
-
-    pub fn call(&self, method: &str, seconds: f64) {
-        let labels = vec![("method", method.to_owned())];
-        self.calls.get_or_create(&labels).inc();
-        self.latency.get_or_create(&labels).observe(seconds);
+    /// Counts a call to `path` (a gRPC method path); unknown paths count as `other`.
+    pub fn call(&self, path: &str, seconds: f64) {
+        let (calls, latency) = self
+            .methods
+            .iter()
+            .find(|(m, _, _)| *m == path)
+            .map_or((&self.other_method.0, &self.other_method.1), |(_, c, h)| {
+                (c, h)
+            });
+        calls.inc();
+        latency.observe(seconds);
     }
 
     pub fn decision(&self, decision: &Decision) {
-        self.verdicts
-            .get_or_create(&vec![("verdict", decision.verdict.as_str().to_owned())])
-            .inc();
+        self.verdict_counters[decision.verdict as usize].inc();
         for reason in &decision.reasons {
-            self.reasons
-                .get_or_create(&vec![("code", reason.code.as_str().to_owned())])
-                .inc();
+            if let Some(counter) = self.reason_counters.get(reason.code as usize) {
+                counter.inc();
+            }
         }
     }
 
@@ -316,13 +348,25 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
 
 /// The gRPC methods counted by name; anything else is counted as `other`, so a client cannot
 /// grow the label set.
-const KNOWN_SERVICES: [&str; 6] = [
-    "/regionguard.v1.Classifier/",
-    "/regionguard.v1.Usage/",
-    "/regionguard.v1.Review/",
-    "/envoy.service.auth.v3.Authorization/",
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
+const KNOWN_METHODS: [&str; 18] = [
+    "/regionguard.v1.Classifier/Classify",
+    "/regionguard.v1.Classifier/ClassifyStream",
+    "/regionguard.v1.Classifier/LookupIp",
+    "/regionguard.v1.Usage/Report",
+    "/regionguard.v1.Review/ListQueue",
+    "/regionguard.v1.Review/GetAccount",
+    "/regionguard.v1.Review/Explain",
+    "/regionguard.v1.Review/SetOverride",
+    "/regionguard.v1.Review/RemoveOverride",
+    "/regionguard.v1.Review/Resolve",
+    "/regionguard.v1.Review/ExportDecisions",
+    "/regionguard.v1.Review/Replay",
+    "/envoy.service.auth.v3.Authorization/Check",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
 /// A tower layer that counts calls and their latency per gRPC method.
@@ -364,18 +408,17 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        let method = if KNOWN_SERVICES.iter().any(|s| path.starts_with(s)) && path.len() <= 128 {
-            path.to_owned()
-        } else {
-            "other".to_owned()
-        };
+        let method = KNOWN_METHODS
+            .iter()
+            .copied()
+            .find(|m| *m == request.uri().path())
+            .unwrap_or("other");
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await;
-            metrics.call(&method, started.elapsed().as_secs_f64());
+            metrics.call(method, started.elapsed().as_secs_f64());
             response
         })
     }

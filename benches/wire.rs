@@ -1,0 +1,212 @@
+//! Over the wire: the real server binary against an independent load generator process, with
+//! the transport ceiling measured in the same run and settings: `grpc.health.v1.Health/Check`
+//! on the same server (an empty unary call of the same stack) beside `Classifier/Classify`.
+//! Ping-pong (1 in flight) and 64 in flight; throughput, p50 and p99.
+//!
+//! `cargo bench --bench wire` (release). The server is pinned to core 0 and the load generator
+//! to core 1 with `taskset` when it exists. Under `cargo test` it only smoke-tests both calls.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use regionguard::grpc::pb::{self, classifier_client::ClassifierClient};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn taskset() -> bool {
+    Command::new("taskset")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn start_server(port: u16) -> Server {
+    let bin = env!("CARGO_BIN_EXE_regionguard");
+    let args = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--policy",
+        "data/policy.toml",
+        "--location-db",
+        "data/geo-whois-asn-country.mmdb",
+    ];
+    let mut command = if taskset() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", bin]);
+        c
+    } else {
+        Command::new(bin)
+    };
+    // No metrics port, no store: the bare decision path.
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("REGIONGUARD_CONFIG", "benches/wire.toml")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Server(command.spawn().expect("server starts"))
+}
+
+/// 1024 addresses spread over real address space (a fixed LCG).
+fn addresses() -> Vec<String> {
+    let mut x: u32 = 0x2545_f491;
+    (0..1024)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            std::net::Ipv4Addr::from(x | 0x0100_0000).to_string()
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum Call {
+    Echo,
+    Classify,
+}
+
+struct Run {
+    calls: u64,
+    seconds: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+async fn run(channel: Channel, call: Call, in_flight: usize, duration: Duration) -> Run {
+    let ips = std::sync::Arc::new(addresses());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|worker| {
+            let (channel, ips) = (channel.clone(), ips.clone());
+            tokio::spawn(async move {
+                let mut health = HealthClient::new(channel.clone());
+                let mut classifier = ClassifierClient::new(channel);
+                let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, worker);
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    let ok = match call {
+                        Call::Echo => health
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .is_ok(),
+                        Call::Classify => {
+                            let request = pb::ClassifyRequest {
+                                ip: ips[i % ips.len()].clone(),
+                                ..Default::default()
+                            };
+                            classifier.classify(request).await.is_ok()
+                        }
+                    };
+                    latencies.push(t.elapsed().as_nanos() as u64);
+                    errors += u64::from(!ok);
+                    i += in_flight;
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (latencies, e) = task.await.unwrap();
+        all.extend(latencies);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Run {
+        calls: all.len() as u64,
+        seconds,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        errors,
+    }
+}
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    // The load generator on core 1, the server on core 0.
+    if benching && taskset() && std::env::var_os("REGIONGUARD_LOADGEN_PINNED").is_none() {
+        let status = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(std::env::current_exe().unwrap())
+            .args(std::env::args().skip(1))
+            .env("REGIONGUARD_LOADGEN_PINNED", "1")
+            .status()
+            .unwrap();
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    // REGIONGUARD_BENCH_PORT: load a server that is already running (e.g. under a profiler).
+    let (port, _server) = match std::env::var("REGIONGUARD_BENCH_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        Some(port) => (port, None),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            (port, Some(start_server(port)))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let addr = format!("http://127.0.0.1:{port}");
+        let mut channel = None;
+        for _ in 0..400 {
+            if let Ok(c) = Channel::from_shared(addr.clone()).unwrap().tcp_nodelay(true).connect().await {
+                channel = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let channel = channel.expect("server up");
+        let duration = if benching { Duration::from_secs(5) } else { Duration::from_millis(200) };
+        let _ = run(channel.clone(), Call::Classify, 8, Duration::from_millis(500)).await; // warm-up
+        println!("| call | in flight | calls/s | p50 µs | p99 µs | errors |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        let mut results = Vec::new();
+        for in_flight in [1usize, 64] {
+            for (name, call) in [("Health/Check (echo)", Call::Echo), ("Classifier/Classify", Call::Classify)] {
+                let r = run(channel.clone(), call, in_flight, duration).await;
+                println!("| {name} | {in_flight} | {:.0} | {:.1} | {:.1} | {} |", r.calls as f64 / r.seconds, r.p50_us, r.p99_us, r.errors);
+                assert_eq!(r.errors, 0, "{name} failed calls");
+                results.push((in_flight, r));
+            }
+        }
+        for pair in results.chunks(2) {
+            let (in_flight, echo) = &pair[0];
+            let classify = &pair[1].1;
+            println!(
+                "ratios at {in_flight} in flight: throughput classify/echo {:.2}, p99 classify/echo {:.2}",
+                (classify.calls as f64 / classify.seconds) / (echo.calls as f64 / echo.seconds),
+                classify.p99_us / echo.p99_us
+            );
+        }
+    });
+}
