@@ -194,3 +194,30 @@ async fn an_in_place_rewrite_is_picked_up() {
     eventually(&server, scenario.ips.allowed, Verdict::Deny).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn maxmind_broken_databases_are_refused_on_reload() {
+    let Some(dir) = support::maxmind_dir() else {
+        eprintln!(
+            "{} not set: broken-database reload checks not run",
+            support::MAXMIND_ENV
+        );
+        return;
+    };
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    for name in [
+        "GeoIP2-City-Test-Broken-Double-Format.mmdb",
+        "GeoIP2-City-Test-Invalid-Node-Count.mmdb",
+        "MaxMind-DB-test-broken-pointers-24.mmdb",
+        "MaxMind-DB-test-broken-search-tree-24.mmdb",
+    ] {
+        replace_file(
+            &server.location_path,
+            &std::fs::read(dir.join(name)).unwrap(),
+        );
+        still(&server, scenario.ips.sanctioned, Verdict::Deny).await;
+        still(&server, scenario.ips.allowed, Verdict::Allow).await;
+    }
+    server.shutdown().await;
+}

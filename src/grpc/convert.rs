@@ -389,3 +389,92 @@ pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[A-Za-z]{2}",
+            "[A-Za-z]{2}-[0-9A-Z]{1,4}",
+            "\\PC{0,40}"
+        ]
+    }
+
+    fn arb_owner() -> impl Strategy<Value = pb::Owner> {
+        let leaf =
+            (arb_text(), arb_text(), any::<f64>()).prop_map(|(name, country, share_percent)| {
+                pb::Owner {
+                    name,
+                    country,
+                    share_percent,
+                    owners: vec![],
+                }
+            });
+        leaf.prop_recursive(20, 200, 4, |inner| {
+            (
+                arb_text(),
+                arb_text(),
+                -10.0..110.0f64,
+                prop::collection::vec(inner, 0..4),
+            )
+                .prop_map(|(name, country, share_percent, owners)| pb::Owner {
+                    name,
+                    country,
+                    share_percent,
+                    owners,
+                })
+        })
+    }
+
+    prop_compose! {
+        fn arb_request()(ip in prop_oneof!["\\PC{0,45}", "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}", "::ffff:[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}"],
+                         flow in -2..6i32,
+                         billing in arb_text(), phone in arb_text(), declared in arb_text(),
+                         created in any::<i64>(),
+                         owners in prop::collection::vec(arb_owner(), 0..4),
+                         accept_language in "\\PC{0,60}", timezone in "\\PC{0,30}",
+                         regions in prop::collection::vec(arb_text(), 0..4),
+                         baseline in any::<f64>()) -> pb::ClassifyRequest {
+            pb::ClassifyRequest {
+                ip,
+                flow,
+                account: Some(pb::Account {
+                    billing_country: billing,
+                    phone_country: phone,
+                    declared_country: declared,
+                    created_at_unix: created,
+                    organization: Some(pb::Organization { owners, ..Default::default() }),
+                    ..Default::default()
+                }),
+                hints: Some(pb::ClientHints { accept_language, timezone, ..Default::default() }),
+                usage: Some(pb::UsageSummary { regions_7d: regions, baseline_requests_per_hour: baseline, ..Default::default() }),
+                ..Default::default()
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// Request conversion is total: any request converts or is refused naming a field, and
+        /// an accepted owner graph evaluates to a share within 0..=100.
+        #[test]
+        fn any_request_converts_or_names_a_field(request in arb_request()) {
+            match ClassifyInput::try_from(&request) {
+                Ok(input) => {
+                    if let Some(org) = &input.account.organization {
+                        let share = org.restricted_share(&|r| r.country().as_str() == "IR").percent;
+                        prop_assert!((0.0..=100.0).contains(&share));
+                    }
+                }
+                Err(error) => {
+                    prop_assert_eq!(error.code(), tonic::Code::InvalidArgument);
+                    prop_assert!(!error.field().is_empty(), "{}", error);
+                }
+            }
+        }
+    }
+}
