@@ -56,6 +56,48 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Transport limits (`[limits]` table).
     pub limits: LimitsConfig,
+    /// TLS for gRPC (`[tls]` table).
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: TLS (rustls) for the gRPC port, mTLS with `client_ca`. Without a certificate the port
+/// is plaintext, which is allowed only on a loopback address unless `allow_plaintext = true`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+    pub allow_plaintext: bool,
+}
+
+impl TlsConfig {
+    /// Reads the files into tonic's server TLS settings; `None` for plaintext.
+    pub fn server_config(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, ConfigError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|error| ConfigError::Read {
+                path: path.display().to_string(),
+                error,
+            })
+        };
+        match (&self.cert, &self.key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => {
+                let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+                let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &self.client_ca {
+                    tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+                }
+                Ok(Some(tls))
+            }
+            _ => Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together".into(),
+            )),
+        }
+    }
 }
 
 /// `[limits]`: what one client can take. Past the per-connection concurrency, calls are shed at
@@ -182,6 +224,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -228,6 +271,12 @@ impl Config {
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
         self.store.overflow()?;
+        if self.tls.cert.is_none() && !self.listen.ip().is_loopback() && !self.tls.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "listen = {}: plaintext gRPC off loopback needs [tls] cert and key, or [tls] allow_plaintext = true",
+                self.listen
+            )));
+        }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_request_bytes must be at least 1024".into(),
@@ -277,7 +326,7 @@ mod tests {
     #[test]
     fn file_overrides_defaults_and_typos_are_errors() {
         let config = Config::from_toml(
-            "listen = \"0.0.0.0:9000\"\nanonymous_db = \"/x/anon.mmdb\"\n",
+            "listen = \"127.0.0.2:9000\"\nanonymous_db = \"/x/anon.mmdb\"\n",
             "c.toml",
         )
         .unwrap();
@@ -290,6 +339,15 @@ mod tests {
         let err = Config::from_toml("lisen = \"0.0.0.0:9000\"", "c.toml").unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
         assert!(Config::from_toml("reload_interval_ms = 0", "c.toml").is_err());
+        let open = Config::from_toml("listen = \"0.0.0.0:50051\"", "c.toml").unwrap_err();
+        assert!(open.to_string().contains("plaintext"), "{open}");
+        assert!(
+            Config::from_toml(
+                "listen = \"0.0.0.0:50051\"\n[tls]\nallow_plaintext = true\n",
+                "c.toml"
+            )
+            .is_ok()
+        );
         let gateway = Config::from_toml(
             "[gateway]\ntrusted_hops = 1\non_error = \"allow\"\n",
             "c.toml",

@@ -267,7 +267,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
-        let settings = ServerSettings::from_config(&config);
+        let settings = ServerSettings { tls: config.tls.server_config()?, ..ServerSettings::from_config(&config) };
         let audit = loaded.audit;
         server::run(listener, engine, audit.clone(), ops, settings, shutdown_signal()).await?;
         if let Some(audit) = audit {

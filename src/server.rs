@@ -36,6 +36,8 @@ pub struct ServerSettings {
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    /// None: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServerSettings {
@@ -46,6 +48,7 @@ impl ServerSettings {
             gateway: config.gateway.clone(),
             auth: config.auth.clone(),
             limits: config.limits,
+            tls: None,
         }
     }
 }
@@ -146,7 +149,11 @@ pub async fn run(
         let _ = began.send(true);
     };
     let limits = settings.limits;
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = settings.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
         .load_shed(true)
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))

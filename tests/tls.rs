@@ -1,0 +1,136 @@
+//! TLS and mTLS on the gRPC port (rustls), with certificates made for the test by rcgen.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use regionguard::config::Config;
+use regionguard::grpc::pb::classifier_client::ClassifierClient;
+use regionguard::server::{self, ServerSettings};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca_cert.pem(),
+        server: leaf(vec!["localhost".into()]),
+        client: leaf(vec!["gateway.example".into()]),
+    }
+}
+
+async fn start(pki: &Pki, mutual: bool) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("city.mmdb");
+    std::fs::write(&location, support::fixtures::city_db()).unwrap();
+    let config = Config {
+        location_db: Some(location),
+        metrics_listen: None,
+        ..Config::default()
+    };
+    let loaded = regionguard::app::load(&config).unwrap();
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.0, &pki.server.1));
+    if mutual {
+        tls = tls.client_ca_root(Certificate::from_pem(&pki.ca));
+    }
+    let settings = ServerSettings {
+        tls: Some(tls),
+        ..ServerSettings::from_config(&config)
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _dir = dir;
+        server::run(
+            listener,
+            Arc::new(loaded.engine),
+            None,
+            None,
+            settings,
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    (format!("https://localhost:{port}"), stop)
+}
+
+async fn classify(channel: Channel) -> Result<(), tonic::Status> {
+    ClassifierClient::new(channel)
+        .classify(support::request("216.160.83.57"))
+        .await
+        .map(|_| ())
+}
+
+async fn connect(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut endpoint = Channel::from_shared(addr.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint.connect().await
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_server() {
+    let pki = pki();
+    let (addr, _stop) = start(&pki, false).await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    classify(connect(&addr, Some(tls)).await.unwrap())
+        .await
+        .expect("a TLS call succeeds");
+    let plain = addr.replace("https://", "http://");
+    let refused = match connect(&plain, None).await {
+        Err(_) => true,
+        Ok(channel) => classify(channel).await.is_err(),
+    };
+    assert!(refused, "a plaintext client gets nothing");
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let pki = pki();
+    let (addr, _stop) = start(&pki, true).await;
+    let base = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    let with_identity = base
+        .clone()
+        .identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    classify(connect(&addr, Some(with_identity)).await.unwrap())
+        .await
+        .expect("a client with a CA-signed certificate is served");
+    let refused = match connect(&addr, Some(base)).await {
+        Err(_) => true,
+        Ok(channel) => classify(channel).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+}
