@@ -157,17 +157,7 @@ fn bench_engine(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % ips.len();
-            let input = ClassifyInput {
-                ip: ips[i],
-                flow: Flow::ApiRequest,
-                account: AccountFacts::default(),
-                hints: HintFacts::default(),
-                usage: None,
-                account_id: None,
-                organization_domain: None,
-                payment_fingerprint: None,
-                request_id: String::new(),
-            };
+            let input = ClassifyInput::for_ip(ips[i]);
             engine.classify(black_box(&input)).unwrap()
         })
     });

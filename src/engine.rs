@@ -37,6 +37,23 @@ pub struct ClassifyInput {
     pub request_id: String,
 }
 
+impl ClassifyInput {
+    /// A request that says nothing but its address (an API call with no account known).
+    pub fn for_ip(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            flow: Flow::ApiRequest,
+            account: AccountFacts::default(),
+            hints: HintFacts::default(),
+            usage: None,
+            account_id: None,
+            organization_domain: None,
+            payment_fingerprint: None,
+            request_id: String::new(),
+        }
+    }
+}
+
 /// A database as it stood for one answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseStatus {
@@ -290,17 +307,7 @@ mod tests {
         );
         let shadow = EMBEDDED_POLICY.replacen("  \"CU\",", "  \"US\",\n  \"CU\",", 1);
         engine.set_shadow_policy(Some(parse_policy(&shadow, "shadow").unwrap()));
-        let input = |ip: &str| ClassifyInput {
-            ip: ip.parse().unwrap(),
-            flow: Flow::ApiRequest,
-            account: AccountFacts::default(),
-            hints: HintFacts::default(),
-            usage: None,
-            account_id: None,
-            organization_domain: None,
-            payment_fingerprint: None,
-            request_id: String::new(),
-        };
+        let input = |ip: &str| ClassifyInput::for_ip(ip.parse().unwrap());
         let us = engine.classify(&input("216.160.83.57")).unwrap();
         assert_eq!(
             us.decision.verdict,

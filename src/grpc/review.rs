@@ -143,6 +143,23 @@ impl ReviewService {
         Ok(self.audit()?.recorder().review(row, change).await?)
     }
 
+    /// Logs an override change with its audit row, then refreshes the engine's override index.
+    async fn change_override(
+        &self,
+        reviewer: &str,
+        rpc: &str,
+        details: serde_json::Value,
+        change: Change,
+    ) -> Result<pb::Override, Status> {
+        let Applied::Override(record) = self.log(reviewer, rpc, details, change).await? else {
+            return Err(Status::internal(format!(
+                "{rpc}: the store did not return the override"
+            )));
+        };
+        self.reload_overrides().await?;
+        Ok(override_pb(record))
+    }
+
     async fn reload_overrides(&self) -> Result<(), ApiError> {
         let all = self.read(store::overrides).await?;
         self.engine.set_overrides(OverrideIndex::new(all));
@@ -327,19 +344,15 @@ impl Review for ReviewService {
             removed_by: String::new(),
         };
         let details = serde_json::json!({ "override_id": record.id, "scope": record.scope, "value": record.value, "action": record.action, "reason": record.reason, "expires_at_unix_ms": r.expires_at_unix_ms, "account_id": if record.scope == "account" { record.value.as_str() } else { "" } });
-        let Applied::Override(saved) = self
-            .log(
+        Ok(Response::new(
+            self.change_override(
                 &reviewer,
                 "SetOverride",
                 details,
                 Change::SetOverride(record),
             )
-            .await?
-        else {
-            return Err(Status::internal("override not saved"));
-        };
-        self.reload_overrides().await?;
-        Ok(Response::new(override_pb(saved)))
+            .await?,
+        ))
     }
 
     async fn remove_override(
@@ -354,19 +367,11 @@ impl Review for ReviewService {
             by: reviewer.clone(),
             at_ms: now_ms(),
         };
-        let Applied::Override(removed) = self
-            .log(
-                &reviewer,
-                "RemoveOverride",
-                serde_json::json!({ "override_id": id, "reason": r.reason }),
-                change,
-            )
-            .await?
-        else {
-            return Err(Status::internal("override not removed"));
-        };
-        self.reload_overrides().await?;
-        Ok(Response::new(override_pb(removed)))
+        let details = serde_json::json!({ "override_id": id, "reason": r.reason });
+        Ok(Response::new(
+            self.change_override(&reviewer, "RemoveOverride", details, change)
+                .await?,
+        ))
     }
 
     async fn resolve(
