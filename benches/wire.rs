@@ -188,6 +188,9 @@ fn main() {
         let channel = channel.expect("server up");
         let duration = if benching { Duration::from_secs(5) } else { Duration::from_millis(200) };
         let _ = run(channel.clone(), Call::Classify, 8, Duration::from_millis(500)).await; // warm-up
+        if !benching {
+            println!("(smoke run under cargo test: debug build, short runs; the figures are not measurements)");
+        }
         println!("| call | in flight | calls/s | p50 µs | p99 µs | errors |");
         println!("| --- | --- | --- | --- | --- | --- |");
         let mut results = Vec::new();
