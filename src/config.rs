@@ -126,7 +126,7 @@ impl Default for LimitsConfig {
 
 /// `[store]`: where and how decisions are recorded. No `data_dir`: nothing is recorded and the
 /// Review service answers FAILED_PRECONDITION.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub data_dir: Option<PathBuf>,
@@ -153,6 +153,20 @@ impl Default for StoreConfig {
             overflow: "block".into(),
             block_ms: 5,
         }
+    }
+}
+
+/// The salt is a secret: the config is logged at start, the salt never.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("data_dir", &self.data_dir)
+            .field("ip_storage", &self.ip_storage)
+            .field("ip_hash_salt", &if self.ip_hash_salt.is_empty() { "" } else { "<redacted>" })
+            .field("queue_capacity", &self.queue_capacity)
+            .field("overflow", &self.overflow)
+            .field("block_ms", &self.block_ms)
+            .finish()
     }
 }
 
