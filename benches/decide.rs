@@ -163,5 +163,112 @@ fn bench_engine(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_classify, bench_geo, bench_engine);
+/// The lookup ceiling: the three databases read directly (tree walk + decode of the fields we
+/// use), against `Geo::lookup_uncached`, which also combines the answers.
+fn bench_raw_lookups(c: &mut Criterion) {
+    let location = GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap();
+    let anonymous =
+        GeoDatabase::from_bytes(DbRole::Anonymous, fixtures::anonymous_db(), "anon").unwrap();
+    let asn = GeoDatabase::from_bytes(DbRole::Asn, fixtures::asn_db(), "asn").unwrap();
+    let ips = addresses();
+    c.bench_function("geo/fixture_raw_three_lookups", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ips.len();
+            let ip = black_box(ips[i]);
+            (
+                location.location(ip).unwrap(),
+                anonymous.anonymizer(ip).unwrap(),
+                asn.asn(ip).unwrap(),
+            )
+        })
+    });
+}
+
+/// A policy with about `n` list entries (subdivisions spread over the assigned countries).
+fn policy_with_entries(n: usize) -> regionguard::policy::Policy {
+    let base = regionguard::policy::EMBEDDED_POLICY;
+    let countries: Vec<&str> = [
+        "DE", "FR", "US", "GB", "JP", "BR", "IN", "AU", "CA", "MX", "IT", "ES", "NL", "SE", "PL",
+        "TR", "ZA", "NG", "EG", "AR",
+    ]
+    .to_vec();
+    let extra: Vec<String> = (0..n.saturating_sub(17))
+        .map(|i| {
+            format!(
+                "  \"{}-{}\",",
+                countries[i % countries.len()],
+                i / countries.len() + 1
+            )
+        })
+        .collect();
+    let text = base.replacen("  \"CU\",", &format!("{}\n  \"CU\",", extra.join("\n")), 1);
+    regionguard::policy::parse_policy(&text, "bench").unwrap()
+}
+
+fn bench_policy_size(c: &mut Criterion) {
+    let ip = IpFacts {
+        country: CountryCode::parse("UA").ok(),
+        subdivisions: vec![RegionCode::parse("UA-30").unwrap()],
+        ..Default::default()
+    };
+    let account = AccountFacts {
+        billing_country: CountryCode::parse("FR").ok(),
+        ..Default::default()
+    };
+    let hints = HintFacts::default();
+    let mut group = c.benchmark_group("classify_by_policy_entries");
+    for n in [17, 100, 10_000] {
+        let policy = policy_with_entries(n);
+        group.bench_function(format!("{n}"), |b| {
+            let facts = Facts {
+                flow: Flow::ApiRequest,
+                now_unix: 1_790_000_000,
+                ip: &ip,
+                account: &account,
+                hints: &hints,
+                usage: None,
+                overrides: &[],
+            };
+            b.iter(|| classify(black_box(&facts), &policy))
+        });
+    }
+    group.finish();
+}
+
+/// Cached lookups with the cache holding 1k, 100k and 1M networks (one /24 bucket each).
+fn bench_cache_size(c: &mut Criterion) {
+    let mut group = c.benchmark_group("geo_cached_by_entries");
+    for n in [1_000u32, 100_000, 1_000_000] {
+        let geo = whole_internet_with_capacity(u64::from(n) * 2);
+        let bucket = |k: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0100_0000 + k * 256));
+        for k in 0..n {
+            geo.lookup(bucket(k)).unwrap();
+        }
+        group.bench_function(format!("{n}"), |b| {
+            let mut k = 0;
+            b.iter(|| {
+                k = (k + 7919) % n;
+                geo.lookup(black_box(bucket(k))).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn whole_internet_with_capacity(capacity: u64) -> Geo {
+    let db = GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
+        .unwrap();
+    Geo::new(Some(db), None, None, capacity)
+}
+
+criterion_group!(
+    benches,
+    bench_classify,
+    bench_geo,
+    bench_raw_lookups,
+    bench_policy_size,
+    bench_cache_size,
+    bench_engine
+);
 criterion_main!(benches);

@@ -162,7 +162,14 @@ impl std::fmt::Debug for StoreConfig {
         f.debug_struct("StoreConfig")
             .field("data_dir", &self.data_dir)
             .field("ip_storage", &self.ip_storage)
-            .field("ip_hash_salt", &if self.ip_hash_salt.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "ip_hash_salt",
+                &if self.ip_hash_salt.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("queue_capacity", &self.queue_capacity)
             .field("overflow", &self.overflow)
             .field("block_ms", &self.block_ms)

@@ -164,10 +164,14 @@ impl DataArgs {
     }
 }
 
-fn main() -> ExitCode {    // Logs: RUST_LOG filters (default info); REGIONGUARD_LOG_FORMAT=json gives one JSON object a
+fn main() -> ExitCode {
+    // Logs: RUST_LOG filters (default info); REGIONGUARD_LOG_FORMAT=json gives one JSON object a
     // line. Decisions are logged by id only (no raw IPs or account data at info).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("REGIONGUARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
         logs.json().init();
     } else {
