@@ -5,12 +5,14 @@
 
 mod classifier;
 pub mod convert;
+mod records;
 mod review;
 mod status;
 mod usage;
 
 pub use classifier::ClassifierService;
-pub use review::{ReviewService, replay_store, report_pb};
+pub use records::{replay_store, report_pb};
+pub use review::ReviewService;
 pub use status::{ApiError, excerpt};
 pub use usage::{UsageService, usage_event};
 

@@ -9,15 +9,15 @@ use rusqlite::Connection;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditTrail, DecisionBody};
+use crate::audit::AuditTrail;
 use crate::auth::Caller;
 use crate::engine::Engine;
 use crate::grpc::ApiError;
 use crate::grpc::pb::{self, review_server::Review};
+use crate::grpc::records::{override_pb, queue_item, record, replay_store, report_pb};
 use crate::overrides::OverrideIndex;
-use crate::replay::{Recorded, replay};
 use crate::store::writer::{Applied, Change};
-use crate::store::{self, AuditRow, OverrideRecord, QueueFilter, StoredDecision, now_ms};
+use crate::store::{self, AuditRow, OverrideRecord, QueueFilter, now_ms};
 
 pub struct ReviewService {
     engine: Arc<Engine>,
@@ -30,62 +30,6 @@ fn reviewer<T>(request: &Request<T>) -> Result<String, Status> {
         .get::<Caller>()
         .map(|c| c.name.clone())
         .ok_or_else(|| Status::unauthenticated("no reviewer identity"))
-}
-
-fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiError> {
-    let body: DecisionBody = serde_json::from_str(&stored.row.body).map_err(|e| {
-        ApiError::Store(format!(
-            "decision {}: unreadable body: {e}",
-            stored.row.ref_id
-        ))
-    })?;
-    let flow = match body.inputs.flow {
-        crate::classify::Flow::ApiRequest => pb::Flow::ApiRequest,
-        crate::classify::Flow::Signup => pb::Flow::Signup,
-        crate::classify::Flow::Login => pb::Flow::Login,
-    };
-    Ok(pb::DecisionRecord {
-        seq: stored.seq as u64,
-        recorded_at_unix_ms: stored.row.recorded_at_ms,
-        account_id: stored.row.account_id,
-        ip: body.ip,
-        flow: flow.into(),
-        inputs_json: serde_json::to_string(&body.inputs).unwrap_or_default(),
-        decision: Some(body.decision),
-    })
-}
-
-fn queue_item(stored: StoredDecision) -> Result<pb::QueueItem, ApiError> {
-    let queue = stored.queue.clone().unwrap_or(store::QueueState {
-        status: String::new(),
-        outcome: String::new(),
-        note: String::new(),
-        resolved_by: String::new(),
-        resolved_at_ms: None,
-    });
-    Ok(pb::QueueItem {
-        decision: Some(record(stored)?),
-        status: queue.status,
-        outcome: queue.outcome,
-        note: queue.note,
-        resolved_by: queue.resolved_by,
-        resolved_at_unix_ms: queue.resolved_at_ms.unwrap_or(0),
-    })
-}
-
-fn override_pb(o: OverrideRecord) -> pb::Override {
-    pb::Override {
-        id: o.id,
-        scope: o.scope,
-        value: o.value,
-        action: o.action,
-        reviewer: o.reviewer,
-        reason: o.reason,
-        created_at_unix_ms: o.created_at_ms,
-        expires_at_unix_ms: o.expires_at_ms.unwrap_or(0),
-        removed_at_unix_ms: o.removed_at_ms.unwrap_or(0),
-        removed_by: o.removed_by,
-    }
 }
 
 impl ReviewService {
@@ -475,62 +419,5 @@ impl Review for ReviewService {
             .read(move |c| Ok(replay_store(c, since, &policy, samples)))
             .await??;
         Ok(Response::new(report_pb(report)))
-    }
-}
-
-/// Replays every decision recorded since `since_ms`, in pages.
-pub fn replay_store(
-    conn: &Connection,
-    since_ms: i64,
-    policy: &crate::policy::Policy,
-    samples: usize,
-) -> Result<crate::replay::ReplayReport, ApiError> {
-    let mut recorded = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store::decisions_since(conn, since_ms, after, 1000)
-            .map_err(|e| ApiError::Store(e.to_string()))?;
-        if page.is_empty() {
-            break;
-        }
-        for stored in page {
-            after = stored.seq;
-            let body: DecisionBody = serde_json::from_str(&stored.row.body)
-                .map_err(|e| ApiError::Store(format!("decision {}: {e}", stored.row.ref_id)))?;
-            recorded.push(Recorded {
-                decision_id: stored.row.ref_id,
-                verdict: stored.row.verdict,
-                reasons: stored.row.reasons,
-                country: stored.row.country,
-                inputs: body.inputs,
-            });
-        }
-    }
-    Ok(replay(recorded, policy, samples))
-}
-
-pub fn report_pb(report: crate::replay::ReplayReport) -> pb::ReplayReport {
-    let counts = |m: std::collections::BTreeMap<String, u64>| {
-        m.into_iter()
-            .map(|(key, count)| pb::Count { key, count })
-            .collect()
-    };
-    pb::ReplayReport {
-        candidate_policy_version: report.candidate_policy_version,
-        replayed: report.replayed,
-        changed: report.changed,
-        transitions: report
-            .transitions
-            .into_iter()
-            .map(|((from, to), t)| pb::VerdictTransition {
-                from,
-                to,
-                count: t.count,
-                sample_decision_ids: t.samples,
-            })
-            .collect(),
-        reasons_added: counts(report.reasons_added),
-        reasons_removed: counts(report.reasons_removed),
-        changed_by_country: counts(report.changed_by_country),
     }
 }
