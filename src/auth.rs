@@ -39,6 +39,21 @@ pub struct AuthConfig {
 impl AuthConfig {
     pub fn validate(&self) -> Result<(), String> {
         for (i, caller) in self.callers.iter().enumerate() {
+            let earlier = &self.callers[..i];
+            if earlier
+                .iter()
+                .any(|c| c.token_sha256.eq_ignore_ascii_case(&caller.token_sha256))
+            {
+                return Err(format!(
+                    "auth.callers[{i}]: the same token is configured twice"
+                ));
+            }
+            if earlier.iter().any(|c| c.name == caller.name) {
+                return Err(format!(
+                    "auth.callers[{i}]: the name {:?} is configured twice (identities must be unique)",
+                    caller.name
+                ));
+            }
             let hex = &caller.token_sha256;
             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!(
@@ -214,5 +229,25 @@ mod tests {
             .validate()
             .is_err()
         );
+        let twice = AuthConfig {
+            callers: vec![
+                config().callers[0].clone(),
+                CallerConfig {
+                    name: "other".into(),
+                    ..config().callers[0].clone()
+                },
+            ],
+        };
+        assert!(twice.validate().unwrap_err().contains("same token"));
+        let same_name = AuthConfig {
+            callers: vec![
+                config().callers[0].clone(),
+                CallerConfig {
+                    token_sha256: token_sha256("x"),
+                    ..config().callers[0].clone()
+                },
+            ],
+        };
+        assert!(same_name.validate().unwrap_err().contains("twice"));
     }
 }

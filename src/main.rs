@@ -81,6 +81,10 @@ enum AuditCommand {
     Verify {
         #[arg(long, env = "REGIONGUARD_DATA_DIR")]
         data_dir: PathBuf,
+        /// SEQ:HASH of the head printed by an earlier verify and kept outside the store: also
+        /// detects rows cut from the end of the chain.
+        #[arg(long)]
+        expect_head: Option<String>,
     },
 }
 
@@ -217,7 +221,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .build()?;
             runtime.block_on(reviewer_cli::review(&addr, &token, command))
         }
-        Command::Audit(AuditCommand::Verify { data_dir }) => reviewer_cli::audit_verify(&data_dir),
+        Command::Audit(AuditCommand::Verify {
+            data_dir,
+            expect_head,
+        }) => reviewer_cli::audit_verify(&data_dir, expect_head.as_deref()),
         Command::Replay {
             policy,
             since,

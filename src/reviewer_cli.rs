@@ -207,12 +207,35 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
 }
 
 /// `regionguard audit verify`: exit 0 when the chain holds, 1 naming the first broken row.
-pub fn audit_verify(data_dir: &Path) -> anyhow::Result<ExitCode> {
+/// A chain cannot show that rows were cut from its end; `expect_head` ("SEQ:HASH", as printed by
+/// an earlier run and kept outside the store) checks that that row is still there, unchanged.
+pub fn audit_verify(data_dir: &Path, expect_head: Option<&str>) -> anyhow::Result<ExitCode> {
     let conn = store::open_for_reading(data_dir)?;
+    if let Some(expected) = expect_head {
+        let (seq, hash) = expected
+            .split_once(':')
+            .context("--expect-head takes SEQ:HASH")?;
+        let seq: i64 = seq.parse().context("--expect-head: SEQ is a number")?;
+        match store::row_hash(&conn, seq)? {
+            None => {
+                println!(
+                    "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Some(found) if found != hash => {
+                println!("BROKEN: row seq {seq} does not have the recorded head hash");
+                return Ok(ExitCode::from(1));
+            }
+            Some(_) => {}
+        }
+    }
     match store::verify(&conn)? {
         Ok(rows) => {
+            let head = store::head(&conn)?
+                .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
             println!(
-                "ok: {rows} audit rows verified in {}",
+                "ok: {rows} audit rows verified in {}; head {head}",
                 store::db_path(data_dir).display()
             );
             Ok(ExitCode::SUCCESS)

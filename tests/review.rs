@@ -383,7 +383,27 @@ async fn audit_verify_passes_then_names_an_edited_row() {
         "three decisions and one review call: {out}"
     );
 
+    let head = out.trim().rsplit("head ").next().unwrap().to_owned();
     let db = rusqlite::Connection::open(regionguard::store::db_path(&server.data_dir())).unwrap();
+
+    // Cutting rows from the end leaves a valid shorter chain; the head kept outside catches it.
+    db.execute("DELETE FROM audit_log WHERE seq = 4", [])
+        .unwrap();
+    assert!(
+        verify_cli(&server.data_dir()).0,
+        "a truncated chain alone still links"
+    );
+    let anchored = Command::new(BIN)
+        .args(["audit", "verify", "--expect-head", &head, "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(!anchored.status.success());
+    assert!(
+        String::from_utf8_lossy(&anchored.stdout)
+            .starts_with("BROKEN: row seq 4 recorded as the head is gone")
+    );
+
     db.execute("UPDATE audit_log SET verdict = 'ALLOW' WHERE seq = 2", [])
         .unwrap();
     let (ok, out) = verify_cli(&server.data_dir());

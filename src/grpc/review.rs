@@ -111,6 +111,14 @@ impl ReviewService {
     }
 }
 
+/// Free text a reviewer adds (notes, reasons): optional, bounded, because it goes into audit rows.
+fn optional_text(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.len() > 1024 {
+        return Err(ApiError::invalid(field, "more than 1024 bytes"));
+    }
+    Ok(value.trim().to_owned())
+}
+
 fn required(field: &str, value: &str) -> Result<String, ApiError> {
     let value = value.trim();
     if value.is_empty() {
@@ -311,7 +319,8 @@ impl Review for ReviewService {
             by: reviewer.clone(),
             at_ms: now_ms(),
         };
-        let details = serde_json::json!({ "override_id": id, "reason": r.reason });
+        let reason = optional_text("reason", &r.reason)?;
+        let details = serde_json::json!({ "override_id": id, "reason": reason });
         Ok(Response::new(
             self.change_override(&reviewer, "RemoveOverride", details, change)
                 .await?,
@@ -329,7 +338,7 @@ impl Review for ReviewService {
         let change = Change::Resolve {
             decision_id: decision_id.clone(),
             outcome: outcome.clone(),
-            note: r.note.clone(),
+            note: optional_text("note", &r.note)?,
             by: reviewer.clone(),
             at_ms: now_ms(),
         };
@@ -385,8 +394,9 @@ impl Review for ReviewService {
                 }
                 for stored in page {
                     after = stored.seq;
+                    // Rows are in chain order, and times may be slightly out of order: skip, don't stop.
                     if stored.row.recorded_at_ms > until {
-                        return;
+                        continue;
                     }
                     if tx
                         .blocking_send(record(stored).map_err(Status::from))

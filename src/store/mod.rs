@@ -188,6 +188,26 @@ pub fn verify(conn: &Connection) -> Result<Result<u64, ChainBreak>, rusqlite::Er
     Ok(chain::verify(ok))
 }
 
+/// The hash of row `seq`, if the row exists (to check an externally recorded chain head).
+pub fn row_hash(conn: &Connection, seq: i64) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT row_hash FROM audit_log WHERE seq = ?1",
+        [seq],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The last row's seq and hash: the chain head to record outside the store.
+pub fn head(conn: &Connection) -> rusqlite::Result<Option<(i64, String)>> {
+    conn.query_row(
+        "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+}
+
 fn queue_state(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<QueueState>> {
     let status: Option<String> = r.get(at)?;
     Ok(match status {
@@ -238,7 +258,7 @@ pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredD
             f.country,
             f.reason,
             f.account_id,
-            f.limit.clamp(1, 1000)
+            f.limit.clamp(1, 1001)
         ],
         stored,
     )?;

@@ -186,10 +186,20 @@ fn append(
     prev: &mut String,
     row: &AuditRow,
 ) -> rusqlite::Result<bool> {
+    // Only a repeated (kind, ref_id) is skipped; any other conflict (a second writer on the same
+    // store, say) fails the batch rather than hide a row.
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = ?1 AND ref_id = ?2)",
+        params![&row.kind, &row.ref_id],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Ok(false);
+    }
     let next = *seq + 1;
     let hash = row.hash(next, prev);
     let inserted = tx.execute(
-        "INSERT OR IGNORE INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash],
     )?;
@@ -319,12 +329,18 @@ fn run(
                         let ReviewCommand { row, change, reply } = *review;
                         tx.execute("SAVEPOINT review", [])?;
                         match apply(&tx, &change) {
-                            Ok(applied) => {
-                                append(&tx, &mut next_seq, &mut next_prev, &row)?;
+                            Ok(applied) if append(&tx, &mut next_seq, &mut next_prev, &row)? => {
                                 tx.execute("RELEASE review", [])?;
                                 replies.push((reply, Ok(applied)));
                             }
-                            Err(error) => {
+                            outcome => {
+                                // The change failed, or its audit row could not be appended: undo it.
+                                let error = outcome.err().unwrap_or_else(|| {
+                                    StoreError::Conflict(format!(
+                                        "review action {} is already recorded",
+                                        row.ref_id
+                                    ))
+                                });
                                 tx.execute("ROLLBACK TO review", [])?;
                                 tx.execute("RELEASE review", [])?;
                                 replies.push((reply, Err(error)));
