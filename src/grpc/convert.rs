@@ -242,7 +242,7 @@ fn verdict(verdict: Verdict) -> pb::Verdict {
 
 pub fn location(lookup: &GeoLookup, databases: &[DatabaseStatus]) -> pb::Location {
     let record = &lookup.record;
-    let text = |c: Option<CountryCode>| c.map(|c| c.to_string()).unwrap_or_default();
+    let text = |c: Option<CountryCode>| c.map(|c| c.as_str().to_owned()).unwrap_or_default();
     let subdivisions: Vec<String> = record
         .facts
         .subdivisions
