@@ -5,11 +5,12 @@
 
 #[path = "../tests/support/fixtures.rs"]
 mod fixtures;
+mod support;
 
 use std::hint::black_box;
 use std::net::IpAddr;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use regionguard::app::EMBEDDED_LOCATION_DB;
 use regionguard::classify::{
     AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, classify,
@@ -271,4 +272,43 @@ criterion_group!(
     bench_cache_size,
     bench_engine
 );
-criterion_main!(benches);
+
+/// Resident bytes per cache entry: `n` distinct /24 buckets looked up through a cache that holds
+/// them all, the growth divided by `n` (the record, its `Arc`, moka's entry and index).
+fn report_cache_memory(n: u32) {
+    let geo = whole_internet_with_capacity(u64::from(n) * 2);
+    let before = support::rss_bytes();
+    for k in 0..n {
+        geo.lookup(IpAddr::from(std::net::Ipv4Addr::from(
+            0x0100_0000 + k * 256,
+        )))
+        .unwrap();
+    }
+    let grown = support::rss_bytes()
+        .zip(before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let stats = geo.cache_stats();
+    println!(
+        "memory: prefix cache, {n} buckets looked up ({} misses): resident growth {}, {} per entry; size_of GeoRecord {} B",
+        stats.misses,
+        grown.map_or("n/a".to_owned(), |g| format!(
+            "{:.1} MiB",
+            g as f64 / 1048576.0
+        )),
+        grown.map_or("n/a".to_owned(), |g| format!(
+            "{:.0} B",
+            g as f64 / f64::from(n)
+        )),
+        std::mem::size_of::<regionguard::geo::GeoRecord>(),
+    );
+}
+
+fn main() {
+    if let Ok(n) = std::env::var("REGIONGUARD_BENCH_CACHE_MEMORY") {
+        report_cache_memory(n.parse().expect("a number of cache entries"));
+        return;
+    }
+    support::measure_in_fresh_processes("REGIONGUARD_BENCH_CACHE_MEMORY", &["100000", "1000000"]);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

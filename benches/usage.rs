@@ -5,6 +5,7 @@
 
 #[path = "../tests/support/fixtures.rs"]
 mod fixtures;
+mod support;
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -32,12 +33,6 @@ fn event(account: &Arc<str>, ip: IpAddr, t: i64) -> UsageEvent {
     }
 }
 
-fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
 /// Prints bytes per account for `n` accounts shaped by `events_per_account`, under a ceiling of
 /// `ceiling_mb`.
 fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
@@ -46,7 +41,7 @@ fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
         country: CountryCode::parse("DE").ok(),
         ..Default::default()
     };
-    let before = rss_bytes();
+    let before = support::rss_bytes();
     for i in 0..n {
         let account: Arc<str> = format!("account-{i}").into();
         let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i * 256));
@@ -55,7 +50,7 @@ fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
         }
     }
     let stats = usage.stats();
-    let rss = rss_bytes()
+    let rss = support::rss_bytes()
         .zip(before)
         .map(|(after, before)| after.saturating_sub(before));
     let held = stats.accounts.max(1) as f64;
@@ -129,22 +124,11 @@ fn main() {
         report_memory(parts[0] as u32, parts[1] as i64, parts[2]);
         return;
     }
-    // Bytes per account (no eviction), then a million accounts under a 256 MiB ceiling; only
-    // under `cargo bench` (`cargo test --all-targets` runs this file once as a smoke test).
-    let benching = std::env::args().any(|a| a == "--bench");
-    for spec in if benching {
-        &["100000,1,65536", "10000,288,65536", "1000000,1,256"][..]
-    } else {
-        &[][..]
-    } {
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("REGIONGUARD_BENCH_MEMORY", spec)
-            .arg("--bench")
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("memory measurement {spec} failed");
-        }
-    }
+    // Bytes per account (no eviction), then a million accounts under a 256 MiB ceiling.
+    support::measure_in_fresh_processes(
+        "REGIONGUARD_BENCH_MEMORY",
+        &["100000,1,65536", "10000,288,65536", "1000000,1,256"],
+    );
     let mut criterion = Criterion::default().configure_from_args();
     bench_ingest(&mut criterion);
     criterion.final_summary();
