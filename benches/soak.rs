@@ -192,8 +192,20 @@ fn main() {
         let rss_start = rss_kib(pid);
         let mut reloads = 0;
         let without_cn = regionguard::policy::EMBEDDED_POLICY.replacen("  \"CN\",", "", 1);
+        // One line a minute, so a long run shows whether resident memory levels off.
+        let mut next_sample = started + Duration::from_secs(60);
         while started.elapsed() + Duration::from_millis(500) < duration {
             tokio::time::sleep(Duration::from_millis(700)).await;
+            if Instant::now() >= next_sample {
+                println!(
+                    "soak: minute {:>3}: server RSS {} KiB, {} calls, {} errors",
+                    (next_sample - started).as_secs() / 60,
+                    rss_kib(pid),
+                    calls.load(Ordering::Relaxed),
+                    errors.load(Ordering::Relaxed)
+                );
+                next_sample += Duration::from_secs(60);
+            }
             if reloads % 2 == 0 {
                 replace(&policy, without_cn.as_bytes());
                 replace(&location, &fixtures::city_db_moved());
