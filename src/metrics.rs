@@ -301,7 +301,7 @@ impl Collector for EngineCollector {
             counter(
                 e,
                 "audit_failed",
-                "Decisions lost to failed commits",
+                "Decisions not recorded: their row failed to commit or to build",
                 stats.failed,
             )?;
         }

@@ -150,3 +150,56 @@ async fn direct_edits_and_deletions_are_detected() {
         "rows seq 3 to 5 are missing (deleted)"
     );
 }
+
+/// One row that cannot be written (here a trigger refuses it, as a constraint or a corrupt page
+/// would) and one whose builder panics cost only themselves: the rest of their batch, and
+/// everything after, is recorded and the chain stays intact.
+#[tokio::test]
+async fn a_bad_row_costs_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_for_writing(dir.path()).unwrap());
+    Connection::open(db_path(dir.path()))
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON audit_log WHEN NEW.ref_id = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned row'); END;",
+        )
+        .unwrap();
+    let recorder = Recorder::start(dir.path(), 64, Overflow::Sample).unwrap();
+    for i in 0..10 {
+        recorder
+            .decision(decision_row(&format!("before{i}"), "DENY"), true)
+            .await;
+    }
+    recorder
+        .decision(decision_row("poison", "DENY"), true)
+        .await;
+    recorder
+        .decision(Box::new(|| panic!("a row builder bug")), true)
+        .await;
+    for i in 0..10 {
+        recorder
+            .decision(decision_row(&format!("after{i}"), "REVIEW"), true)
+            .await;
+    }
+    recorder.flush().await;
+    let stats = recorder.stats();
+    assert_eq!((stats.recorded, stats.failed), (20, 2));
+
+    // The writer is still alive, the chain has no gap, the REVIEW rows are queued.
+    recorder.decision(decision_row("later", "DENY"), true).await;
+    recorder.flush().await;
+    assert_eq!(recorder.stats().recorded, 21);
+    let conn = open_for_reading(dir.path()).unwrap();
+    assert_eq!(verify(&conn).unwrap(), Ok(21));
+    let open = queue(
+        &conn,
+        &QueueFilter {
+            status: "open".into(),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(open.len(), 10);
+}

@@ -7,6 +7,7 @@
 //! always wait, and their change (override, resolution) commits in the same transaction as
 //! their audit row.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -288,10 +289,70 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
     }
 }
 
-type Reply = (
-    oneshot::Sender<Result<Applied, StoreError>>,
-    Result<Applied, StoreError>,
-);
+/// One command, ready to commit: a decision's row already built, or a reviewer's action.
+enum Item {
+    Decision(AuditRow),
+    Review { row: AuditRow, change: Change },
+}
+
+/// What committing one item did.
+enum Committed {
+    /// A decision's row is on disk (or was already: a repeat is skipped).
+    Decision,
+    /// A reviewer's action: its change and row are on disk, or neither is.
+    Review(Result<Applied, StoreError>),
+}
+
+/// Commits `items` in one transaction, continuing the chain at `seq`/`prev`, which move on only
+/// when the transaction commits.
+fn commit(
+    conn: &mut Connection,
+    items: &[Item],
+    seq: &mut i64,
+    prev: &mut String,
+) -> rusqlite::Result<Vec<Committed>> {
+    let (mut next_seq, mut next_prev) = (*seq, prev.clone());
+    let tx = conn.transaction()?;
+    let mut done = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Item::Decision(row) => {
+                if append(&tx, &mut next_seq, &mut next_prev, row)? && row.verdict == "REVIEW" {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
+                        params![row.ref_id, next_seq],
+                    )?;
+                }
+                done.push(Committed::Decision);
+            }
+            Item::Review { row, change } => {
+                tx.execute("SAVEPOINT review", [])?;
+                match apply(&tx, change) {
+                    Ok(applied) if append(&tx, &mut next_seq, &mut next_prev, row)? => {
+                        tx.execute("RELEASE review", [])?;
+                        done.push(Committed::Review(Ok(applied)));
+                    }
+                    outcome => {
+                        // The change failed, or its audit row could not be appended: undo it.
+                        let error = outcome.err().unwrap_or_else(|| {
+                            StoreError::Conflict(format!(
+                                "review action {} is already recorded",
+                                row.ref_id
+                            ))
+                        });
+                        tx.execute("ROLLBACK TO review", [])?;
+                        tx.execute("RELEASE review", [])?;
+                        done.push(Committed::Review(Err(error)));
+                    }
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    *seq = next_seq;
+    *prev = next_prev;
+    Ok(done)
+}
 
 fn run(
     mut conn: Connection,
@@ -301,74 +362,80 @@ fn run(
     counters: &Counters,
 ) {
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
+        let mut commands = vec![first];
+        while commands.len() < BATCH {
             match rx.try_recv() {
-                Ok(command) => batch.push(command),
+                Ok(command) => commands.push(command),
                 Err(_) => break,
             }
         }
-        let (mut next_seq, mut next_prev) = (seq, prev.clone());
-        let mut replies: Vec<Reply> = Vec::new();
+        let mut items = Vec::with_capacity(commands.len());
+        let mut replies = Vec::with_capacity(commands.len());
         let mut acks = Vec::new();
-        let mut decisions = 0u64;
-        let committed = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            for command in batch {
-                match command {
-                    Command::Decision(build) => {
-                        let row = build();
-                        if append(&tx, &mut next_seq, &mut next_prev, &row)?
-                            && row.verdict == "REVIEW"
-                        {
-                            tx.execute("INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)", params![row.ref_id, next_seq])?;
-                        }
-                        decisions += 1;
+        for command in commands {
+            match command {
+                // A row builder that panics loses its own decision (counted), not the writer.
+                Command::Decision(build) => match catch_unwind(AssertUnwindSafe(build)) {
+                    Ok(row) => {
+                        items.push(Item::Decision(row));
+                        replies.push(None);
                     }
-                    Command::Review(review) => {
-                        let ReviewCommand { row, change, reply } = *review;
-                        tx.execute("SAVEPOINT review", [])?;
-                        match apply(&tx, &change) {
-                            Ok(applied) if append(&tx, &mut next_seq, &mut next_prev, &row)? => {
-                                tx.execute("RELEASE review", [])?;
-                                replies.push((reply, Ok(applied)));
-                            }
-                            outcome => {
-                                // The change failed, or its audit row could not be appended: undo it.
-                                let error = outcome.err().unwrap_or_else(|| {
-                                    StoreError::Conflict(format!(
-                                        "review action {} is already recorded",
-                                        row.ref_id
-                                    ))
-                                });
-                                tx.execute("ROLLBACK TO review", [])?;
-                                tx.execute("RELEASE review", [])?;
-                                replies.push((reply, Err(error)));
-                            }
-                        }
+                    Err(_) => {
+                        tracing::error!(
+                            "building a decision's audit row panicked; it is not recorded"
+                        );
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
                     }
-                    Command::Flush(ack) => acks.push(ack),
+                },
+                Command::Review(review) => {
+                    let ReviewCommand { row, change, reply } = *review;
+                    items.push(Item::Review { row, change });
+                    replies.push(Some(reply));
                 }
+                Command::Flush(ack) => acks.push(ack),
             }
-            tx.commit()
-        })();
-        match committed {
-            Ok(()) => {
-                seq = next_seq;
-                prev = next_prev;
-                counters.recorded.fetch_add(decisions, Ordering::Relaxed);
-                for (reply, result) in replies {
-                    let _ = reply.send(result);
-                }
-            }
+        }
+        // One transaction for the batch; if it fails, each item alone, so that one bad row
+        // costs only itself.
+        let outcomes: Vec<Result<Committed, rusqlite::Error>> = match commit(
+            &mut conn, &items, &mut seq, &mut prev,
+        ) {
+            Ok(done) => done.into_iter().map(Ok).collect(),
             Err(error) => {
-                tracing::error!(%error, decisions, "audit batch failed to commit; its decisions are lost");
-                counters.failed.fetch_add(decisions, Ordering::Relaxed);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(StoreError::Sqlite {
-                        path: "store".into(),
-                        error: rusqlite::Error::InvalidQuery,
-                    }));
+                tracing::warn!(%error, items = items.len(), "audit batch failed; committing its items one by one");
+                items
+                    .iter()
+                    .map(|item| {
+                        commit(&mut conn, std::slice::from_ref(item), &mut seq, &mut prev)
+                            .map(|mut done| done.remove(0))
+                    })
+                    .collect()
+            }
+        };
+        for ((item, reply), outcome) in items.iter().zip(replies).zip(outcomes) {
+            match (outcome, reply) {
+                (Ok(Committed::Decision), _) => {
+                    counters.recorded.fetch_add(1, Ordering::Relaxed);
+                }
+                (Ok(Committed::Review(result)), reply) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                }
+                (Err(error), reply) => {
+                    let (Item::Decision(row) | Item::Review { row, .. }) = item;
+                    tracing::error!(%error, kind = %row.kind, ref_id = %row.ref_id, "audit row failed to commit; it is not recorded");
+                    match reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(StoreError::Sqlite {
+                                path: "store".into(),
+                                error,
+                            }));
+                        }
+                        None => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
         }
