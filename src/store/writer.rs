@@ -292,7 +292,8 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
 /// One command, ready to commit: a decision's row already built, or a reviewer's action.
 enum Item {
     Decision(AuditRow),
-    Review { row: AuditRow, change: Change },
+    // Boxed, as in `Command`: reviewer actions are rare.
+    Review { row: AuditRow, change: Box<Change> },
 }
 
 /// What committing one item did.
@@ -300,7 +301,7 @@ enum Committed {
     /// A decision's row is on disk (or was already: a repeat is skipped).
     Decision,
     /// A reviewer's action: its change and row are on disk, or neither is.
-    Review(Result<Applied, StoreError>),
+    Review(Box<Result<Applied, StoreError>>),
 }
 
 /// Commits `items` in one transaction, continuing the chain at `seq`/`prev`, which move on only
@@ -330,7 +331,7 @@ fn commit(
                 match apply(&tx, change) {
                     Ok(applied) if append(&tx, &mut next_seq, &mut next_prev, row)? => {
                         tx.execute("RELEASE review", [])?;
-                        done.push(Committed::Review(Ok(applied)));
+                        done.push(Committed::Review(Box::new(Ok(applied))));
                     }
                     outcome => {
                         // The change failed, or its audit row could not be appended: undo it.
@@ -342,7 +343,7 @@ fn commit(
                         });
                         tx.execute("ROLLBACK TO review", [])?;
                         tx.execute("RELEASE review", [])?;
-                        done.push(Committed::Review(Err(error)));
+                        done.push(Committed::Review(Box::new(Err(error))));
                     }
                 }
             }
@@ -389,7 +390,10 @@ fn run(
                 },
                 Command::Review(review) => {
                     let ReviewCommand { row, change, reply } = *review;
-                    items.push(Item::Review { row, change });
+                    items.push(Item::Review {
+                        row,
+                        change: Box::new(change),
+                    });
                     replies.push(Some(reply));
                 }
                 Command::Flush(ack) => acks.push(ack),
@@ -419,7 +423,7 @@ fn run(
                 }
                 (Ok(Committed::Review(result)), reply) => {
                     if let Some(reply) = reply {
-                        let _ = reply.send(result);
+                        let _ = reply.send(*result);
                     }
                 }
                 (Err(error), reply) => {
