@@ -150,18 +150,27 @@ fn bench_geo(c: &mut Criterion) {
     group.finish();
 }
 
+/// A whole decision (lookup, classify, decision id) with the IP's network cached, and with no
+/// cache at all.
 fn bench_engine(c: &mut Criterion) {
-    let geo = whole_internet();
-    let engine = Engine::new(embedded_policy().unwrap(), geo, None);
     let ips = addresses();
-    c.bench_function("engine/classify_whole_internet", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ips.len();
-            let input = ClassifyInput::for_ip(ips[i]);
-            engine.classify(black_box(&input)).unwrap()
-        })
-    });
+    for (name, geo) in [
+        ("engine/classify_whole_internet", whole_internet()),
+        (
+            "engine/classify_whole_internet_uncached",
+            whole_internet_with_capacity(0),
+        ),
+    ] {
+        let engine = Engine::new(embedded_policy().unwrap(), geo, None);
+        c.bench_function(name, |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % ips.len();
+                let input = ClassifyInput::for_ip(ips[i]);
+                engine.classify(black_box(&input)).unwrap()
+            })
+        });
+    }
 }
 
 /// The lookup ceiling: the three databases read directly (tree walk + decode of the fields we

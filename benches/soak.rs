@@ -2,7 +2,9 @@
 //! binary while its policy and location database are replaced under it; reports calls, errors
 //! (must be 0) and the server's resident memory growth.
 //!
-//! `cargo bench --bench soak -- --minutes 5` (default 2). Under `cargo test` it runs 3 seconds.
+//! `cargo bench --bench soak -- --minutes 5 [--usage-mb 64]` (default 2 minutes, 64 MiB of usage
+//! history). Under `cargo test` it runs 3 seconds. Every decision is audited: the store grows by
+//! roughly 1 GB a minute at this rate, so mind the disk on long runs.
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
@@ -48,11 +50,16 @@ fn replace(path: &Path, bytes: &[u8]) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let benching = args.iter().any(|a| a == "--bench");
-    let minutes: f64 = args
-        .windows(2)
-        .find(|w| w[0] == "--minutes")
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(2.0);
+    let flag = |name: &str, default: f64| -> f64 {
+        args.windows(2)
+            .find(|w| w[0] == name)
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or(default)
+    };
+    let minutes = flag("--minutes", 2.0);
+    // The usage history's ceiling: a small one is reached within minutes, so a run shows the
+    // plateau rather than the history filling.
+    let usage_mb = flag("--usage-mb", 64.0) as u64;
     let duration = if benching {
         Duration::from_secs_f64(minutes * 60.0)
     } else {
@@ -66,7 +73,9 @@ fn main() {
     let config = dir.path().join("soak.toml");
     std::fs::write(
         &config,
-        "metrics_listen = \"127.0.0.1:0\"\nreload_interval_ms = 200\n[usage]\nmax_memory_mb = 64\n",
+        format!(
+            "metrics_listen = \"127.0.0.1:0\"\nreload_interval_ms = 200\n[usage]\nmax_memory_mb = {usage_mb}\n"
+        ),
     )
     .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

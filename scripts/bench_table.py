@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Prints the one table of BENCHMARKS.md from a `scripts/bench` run: criterion medians from
+target/criterion, and the lines the wire, soak and memory runs printed (saved in the log dir).
+Every ratio is of two figures from the same run."""
+import json
+import re
+import sys
+from pathlib import Path
+
+logs = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
+criterion = Path("target/criterion")
+rows = []
+
+
+def median_ns(bench):
+    path = criterion / bench / "new" / "estimates.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["median"]["point_estimate"]
+
+
+def ns(value):
+    return "n/a" if value is None else (f"{value / 1000:.2f} µs" if value >= 1000 else f"{value:.0f} ns")
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def log(name):
+    path = logs / f"{name}.txt"
+    return path.read_text() if path.exists() else ""
+
+
+cached, uncached = median_ns("engine_classify_whole_internet"), median_ns("engine_classify_whole_internet_uncached")
+rows.append(("in-process decision (lookup + classify + id), cached IP", ns(cached), "≤ 1 µs median",
+             verdict(None if cached is None else cached <= 1000)))
+rows.append(("in-process decision, uncached IP (no cache)", ns(uncached), "", "measured"))
+raw, combined = median_ns("geo_fixture_raw_three_lookups"), median_ns("geo/fixture_city_anon_asn_uncached")
+if raw and combined:
+    rows.append(("uncached lookup (location + anonymous + ASN) / the three raw lookups",
+                 f"{ns(combined)} / {ns(raw)} = {combined / raw:.2f}×", "≤ 3×", verdict(combined / raw <= 3)))
+small, large = median_ns("classify_by_policy_entries/17"), median_ns("classify_by_policy_entries/10000")
+if small and large:
+    mid = median_ns("classify_by_policy_entries/100")
+    rows.append(("classify at 17 / 100 / 10,000 policy list entries",
+                 f"{ns(small)} / {ns(mid)} / {ns(large)}: {large / small:.2f}×", "≤ 2×", verdict(large / small <= 2)))
+by_entries = [median_ns(f"geo_cached_by_entries/{n}") for n in (1000, 100000, 1000000)]
+if all(by_entries):
+    rows.append(("cached lookup, cache of 1k / 100k / 1M networks (uniform access)",
+                 " / ".join(ns(v) for v in by_entries), "", "measured"))
+per_entry = re.findall(r"memory: prefix cache, (\d+) buckets.*?, (\d+) B per entry", log("decide"))
+if per_entry:
+    rows.append(("resident bytes per cache entry", " / ".join(f"{b} B at {int(n):,}" for n, b in per_entry), "",
+                 "measured"))
+
+wire = {}
+for call, in_flight, rate, p50, p99, errors in re.findall(
+        r"^\| (Health/Check \(echo\)|Classifier/Classify) \| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$",
+        log("wire"), re.M):
+    wire[(call.split("/")[0], int(in_flight))] = (float(rate), float(p99), int(errors))
+for in_flight in (1, 64):
+    echo, classify = wire.get(("Health", in_flight)), wire.get(("Classifier", in_flight))
+    if not (echo and classify):
+        continue
+    throughput, p99 = classify[0] / echo[0], classify[1] / echo[1]
+    rows.append((f"Classify / echo throughput, {in_flight} in flight",
+                 f"{classify[0]:,.0f} / {echo[0]:,.0f} calls/s = {throughput:.2f}",
+                 "≥ 0.85" if in_flight == 64 else "", verdict(throughput >= 0.85) if in_flight == 64 else "measured"))
+    rows.append((f"Classify / echo p99, {in_flight} in flight",
+                 f"{classify[1]:.0f} / {echo[1]:.0f} µs = {p99:.2f}", "≤ 1.2", verdict(p99 <= 1.2)))
+
+soak = re.search(r"soak: ([\d.]+) min, (\d+) calls.*?, (\d+) errors, (\d+) policy\+database swaps, "
+                 r"server RSS (\d+) KiB -> (\d+) KiB", log("soak"))
+if soak:
+    minutes, calls, errors, swaps, start, end = soak.groups()
+    rows.append((f"soak, {minutes} min of mixed traffic, {swaps} policy + database swaps",
+                 f"{int(calls):,} calls, {errors} errors", "0 errors", verdict(int(errors) == 0)))
+    rows.append(("soak, server resident memory", f"{int(start) / 1024:.1f} → {int(end) / 1024:.1f} MiB", "",
+                 "measured"))
+
+print("| check | measured (same run) | target | result |")
+print("| --- | --- | --- | --- |")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
