@@ -16,6 +16,16 @@ fn decision_row(id: &str, verdict: &str) -> writer::RowBuilder {
     Box::new(move || row)
 }
 
+/// How many review-queue items are open (up to 100).
+fn open_items(conn: &Connection) -> usize {
+    let filter = QueueFilter {
+        status: "open".into(),
+        limit: 100,
+        ..Default::default()
+    };
+    queue(conn, &filter).unwrap().len()
+}
+
 #[tokio::test]
 async fn rows_are_chained_queued_and_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,16 +42,7 @@ async fn rows_are_chained_queued_and_survive_reopening() {
     assert_eq!(recorder.stats().recorded, 40);
     let conn = open_for_reading(dir.path()).unwrap();
     assert_eq!(verify(&conn).unwrap(), Ok(40));
-    let open = queue(
-        &conn,
-        &QueueFilter {
-            status: "open".into(),
-            limit: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(open.len(), 10);
+    assert_eq!(open_items(&conn), 10);
     drop(recorder);
 
     // A new writer continues the same chain.
@@ -192,14 +193,5 @@ async fn a_bad_row_costs_only_itself() {
     assert_eq!(recorder.stats().recorded, 21);
     let conn = open_for_reading(dir.path()).unwrap();
     assert_eq!(verify(&conn).unwrap(), Ok(21));
-    let open = queue(
-        &conn,
-        &QueueFilter {
-            status: "open".into(),
-            limit: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(open.len(), 10);
+    assert_eq!(open_items(&conn), 10);
 }
