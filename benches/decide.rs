@@ -11,12 +11,14 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use criterion::{Criterion, criterion_group};
+use prost::Message;
 use regionguard::app::EMBEDDED_LOCATION_DB;
 use regionguard::classify::{
     AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, classify,
 };
 use regionguard::engine::{ClassifyInput, Engine};
 use regionguard::geo::{DbRole, Geo, GeoDatabase};
+use regionguard::grpc::pb;
 use regionguard::policy::embedded_policy;
 use regionguard::region::{CountryCode, RegionCode};
 
@@ -171,6 +173,33 @@ fn bench_engine(c: &mut Criterion) {
             })
         });
     }
+    // What the Classify handler does around the transport: decode the request bytes, convert,
+    // decide, convert back, encode the response. The wire bench's gap to echo, without h2.
+    let engine = Engine::new(
+        embedded_policy().unwrap(),
+        whole_internet_with_capacity(0),
+        None,
+    );
+    let requests: Vec<Vec<u8>> = ips
+        .iter()
+        .map(|ip| {
+            pb::ClassifyRequest {
+                ip: ip.to_string(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    c.bench_function("engine/classify_rpc_body_uncached", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % requests.len();
+            let request = pb::ClassifyRequest::decode(black_box(&requests[i][..])).unwrap();
+            let input = ClassifyInput::try_from(&request).unwrap();
+            let outcome = engine.classify(&input).unwrap();
+            pb::ClassifyResponse::from(outcome).encode_to_vec()
+        })
+    });
 }
 
 /// The lookup ceiling: the three databases read directly (tree walk + decode of the fields we

@@ -1,7 +1,8 @@
 //! Over the wire: the real server binary against an independent load generator process, with
 //! the transport ceiling measured in the same run and settings: `grpc.health.v1.Health/Check`
 //! on the same server (an empty unary call of the same stack) beside `Classifier/Classify`.
-//! Ping-pong (1 in flight) and 64 in flight; throughput, p50 and p99.
+//! Ping-pong (1 in flight) and 64 in flight; throughput, p50 and p99 as medians over short
+//! rounds in which the two calls alternate, so drift on a shared machine hits both alike.
 //!
 //! `cargo bench --bench wire` (release). The server is pinned to core 0 and the load generator
 //! to core 1 with `taskset` when it exists. Under `cargo test` it only smoke-tests both calls.
@@ -77,12 +78,51 @@ enum Call {
     Classify,
 }
 
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Echo => "Health/Check (echo)",
+            Call::Classify => "Classifier/Classify",
+        }
+    }
+}
+
 struct Run {
     calls: u64,
     seconds: f64,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+}
+
+/// The median of each figure over rounds (each figure on its own), and all errors.
+struct Median {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+impl Median {
+    fn of(runs: &[Run]) -> Self {
+        let median = |f: fn(&Run) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Median {
+            rate: median(Run::rate),
+            p50_us: median(|r| r.p50_us),
+            p99_us: median(|r| r.p99_us),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        }
+    }
 }
 
 async fn run(channel: Channel, call: Call, in_flight: usize, duration: Duration) -> Run {
@@ -186,28 +226,55 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let channel = channel.expect("server up");
-        let duration = if benching { Duration::from_secs(5) } else { Duration::from_millis(200) };
+        // Short rounds, echo and Classify alternating which goes first, and the median of each
+        // figure over the rounds: drift on a shared machine (frequency, neighbours) hits both
+        // calls alike instead of whichever happened to run second.
+        let (rounds, duration) = if benching { (5, Duration::from_secs(2)) } else { (1, Duration::from_millis(200)) };
         let _ = run(channel.clone(), Call::Classify, 8, Duration::from_millis(500)).await; // warm-up
         if !benching {
             println!("(smoke run under cargo test: debug build, short runs; the figures are not measurements)");
         }
+        let mut table = Vec::new();
+        for in_flight in [1usize, 64] {
+            let (mut echo, mut classify, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let order = if round % 2 == 0 { [Call::Echo, Call::Classify] } else { [Call::Classify, Call::Echo] };
+                for call in order {
+                    let r = run(channel.clone(), call, in_flight, duration).await;
+                    assert_eq!(r.errors, 0, "{} failed calls", call.name());
+                    println!(
+                        "round {round}: {} at {in_flight} in flight: {:.0} calls/s, p50 {:.1} µs, p99 {:.1} µs",
+                        call.name(), r.rate(), r.p50_us, r.p99_us
+                    );
+                    match call {
+                        Call::Echo => echo.push(r),
+                        Call::Classify => classify.push(r),
+                    }
+                }
+                let (e, c) = (&echo[round], &classify[round]);
+                ratios.push((c.rate() / e.rate(), c.p99_us / e.p99_us));
+            }
+            table.push((in_flight, Median::of(&echo), Median::of(&classify), ratios));
+        }
+        println!("medians of {rounds} rounds of {} s each:", duration.as_secs_f64());
         println!("| call | in flight | calls/s | p50 µs | p99 µs | errors |");
         println!("| --- | --- | --- | --- | --- | --- |");
-        let mut results = Vec::new();
-        for in_flight in [1usize, 64] {
-            for (name, call) in [("Health/Check (echo)", Call::Echo), ("Classifier/Classify", Call::Classify)] {
-                let r = run(channel.clone(), call, in_flight, duration).await;
-                println!("| {name} | {in_flight} | {:.0} | {:.1} | {:.1} | {} |", r.calls as f64 / r.seconds, r.p50_us, r.p99_us, r.errors);
-                assert_eq!(r.errors, 0, "{name} failed calls");
-                results.push((in_flight, r));
+        for (in_flight, echo, classify, _) in &table {
+            for (call, m) in [(Call::Echo, echo), (Call::Classify, classify)] {
+                println!("| {} | {in_flight} | {:.0} | {:.1} | {:.1} | {} |", call.name(), m.rate, m.p50_us, m.p99_us, m.errors);
             }
         }
-        for pair in results.chunks(2) {
-            let (in_flight, echo) = &pair[0];
-            let classify = &pair[1].1;
+        for (in_flight, echo, classify, ratios) in &table {
+            let range = |f: fn(&(f64, f64)) -> f64| {
+                let v: Vec<f64> = ratios.iter().map(f).collect();
+                (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
+            };
+            let (t_lo, t_hi) = range(|r| r.0);
+            let (p_lo, p_hi) = range(|r| r.1);
             println!(
-                "ratios at {in_flight} in flight: throughput classify/echo {:.2}, p99 classify/echo {:.2}",
-                (classify.calls as f64 / classify.seconds) / (echo.calls as f64 / echo.seconds),
+                "ratios at {in_flight} in flight: throughput classify/echo {:.2}, p99 classify/echo {:.2} \
+                 (per round: throughput {t_lo:.2}-{t_hi:.2}, p99 {p_lo:.2}-{p_hi:.2})",
+                classify.rate / echo.rate,
                 classify.p99_us / echo.p99_us
             );
         }

@@ -36,6 +36,9 @@ cached, uncached = median_ns("engine_classify_whole_internet"), median_ns("engin
 rows.append(("in-process decision (lookup + classify + id), cached IP", ns(cached), "≤ 1 µs median",
              verdict(None if cached is None else cached <= 1000)))
 rows.append(("in-process decision, uncached IP (no cache)", ns(uncached), "", "measured"))
+body = median_ns("engine_classify_rpc_body_uncached")
+rows.append(("in-process Classify body: decode + decision + response + encode, uncached", ns(body), "",
+             "measured"))
 raw, combined = median_ns("geo_fixture_raw_three_lookups"), median_ns("geo/fixture_city_anon_asn_uncached")
 if raw and combined:
     rows.append(("uncached lookup (location + anonymous + ASN) / the three raw lookups",
