@@ -190,6 +190,19 @@ fn bench_engine(c: &mut Criterion) {
             .encode_to_vec()
         })
         .collect();
+    let response_bytes: usize = ips
+        .iter()
+        .map(|ip| {
+            let outcome = engine.classify(&ClassifyInput::for_ip(*ip)).unwrap();
+            pb::ClassifyResponse::from(outcome).encoded_len()
+        })
+        .sum();
+    println!(
+        "sizes: Classify request {:.0} B, response {:.0} B on average over {} addresses",
+        requests.iter().map(Vec::len).sum::<usize>() as f64 / requests.len() as f64,
+        response_bytes as f64 / ips.len() as f64,
+        ips.len()
+    );
     c.bench_function("engine/classify_rpc_body_uncached", |b| {
         let mut i = 0;
         b.iter(|| {
