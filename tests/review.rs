@@ -413,6 +413,146 @@ async fn audit_verify_passes_then_names_an_edited_row() {
     server.shutdown().await;
 }
 
+/// The overrides and the queue are mutable tables; `verify` checks them against the chain, so
+/// writing them around the Review API is caught like an edited audit row.
+#[tokio::test]
+async fn audit_verify_checks_overrides_and_the_queue_against_the_chain() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let tor = server
+        .classify(account(scenario.ips.tor, "acct-tor"))
+        .await
+        .unwrap();
+    let second = server
+        .classify(account(scenario.ips.tor, "acct-tor-2"))
+        .await
+        .unwrap();
+    settle().await;
+    review(&server)
+        .resolve(as_caller(
+            pb::ResolveRequest {
+                decision_id: tor.decision_id.clone(),
+                outcome: "cleared".into(),
+                note: " known researcher ".into(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap();
+    let set = |value: &str| pb::SetOverrideRequest {
+        scope: "account".into(),
+        value: value.into(),
+        action: "DENY".into(),
+        reason: "shell company".into(),
+        ..Default::default()
+    };
+    let kept = review(&server)
+        .set_override(as_caller(set("acct-shell"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    let removed = review(&server)
+        .set_override(as_caller(set("acct-other"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    review(&server)
+        .remove_override(as_caller(
+            pb::RemoveOverrideRequest {
+                id: removed.id.clone(),
+                reason: "mistake".into(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap();
+    settle().await;
+    let dir = server.data_dir();
+    let (ok, out) = verify_cli(&dir);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("ok: 6 audit rows verified"), "{out}");
+
+    let db = rusqlite::Connection::open(regionguard::store::db_path(&dir)).unwrap();
+    let broken_by = |sql: &str, undo: &str| {
+        db.execute_batch(sql).unwrap();
+        let (ok, out) = verify_cli(&dir);
+        db.execute_batch(undo).unwrap();
+        assert!(verify_cli(&dir).0, "undone: {sql}");
+        assert!(!ok, "{sql}: {out}");
+        out
+    };
+    let out = broken_by(
+        &format!(
+            "UPDATE overrides SET action = 'ALLOW' WHERE id = '{}'",
+            kept.id
+        ),
+        &format!(
+            "UPDATE overrides SET action = 'DENY' WHERE id = '{}'",
+            kept.id
+        ),
+    );
+    assert_eq!(
+        out.trim(),
+        format!(
+            "BROKEN: overrides: {}: action is \"ALLOW\" in the table but \"DENY\" in the audit log",
+            kept.id
+        )
+    );
+    support::record(format_args!(
+        "audit verify after an override edit: {}",
+        out.trim()
+    ));
+    let out = broken_by(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+         VALUES ('planted', 'account', 'acct-x', 'ALLOW', 'alice@compliance', 'x', 1)",
+        "DELETE FROM overrides WHERE id = 'planted'",
+    );
+    assert!(
+        out.starts_with("BROKEN: overrides: planted: no reviewer row"),
+        "{out}"
+    );
+    let out = broken_by(
+        &format!(
+            "UPDATE overrides SET removed_at_ms = NULL, removed_by = '' WHERE id = '{}'",
+            removed.id
+        ),
+        &format!(
+            "UPDATE overrides SET removed_at_ms = (SELECT json_extract(body, '$.applied.override.removed_at_ms') \
+             FROM audit_log WHERE json_extract(body, '$.applied.override.removed_by') = 'alice@compliance'), \
+             removed_by = 'alice@compliance' WHERE id = '{}'",
+            removed.id
+        ),
+    );
+    assert!(out.contains("removed_at_ms is null in the table"), "{out}");
+    let out = broken_by(
+        &format!(
+            "UPDATE review_queue SET status = 'open' WHERE decision_id = '{}'",
+            tor.decision_id
+        ),
+        &format!(
+            "UPDATE review_queue SET status = 'resolved' WHERE decision_id = '{}'",
+            tor.decision_id
+        ),
+    );
+    assert!(out.contains("(resolution undone)"), "{out}");
+    let out = broken_by(
+        &format!(
+            "CREATE TEMP TABLE saved AS SELECT * FROM review_queue WHERE decision_id = '{0}'; \
+             DELETE FROM review_queue WHERE decision_id = '{0}'",
+            second.decision_id
+        ),
+        "INSERT INTO review_queue SELECT * FROM saved; DROP TABLE saved",
+    );
+    assert_eq!(
+        out.trim(),
+        format!(
+            "BROKEN: review_queue: {}: in the audit log but missing from the queue (deleted)",
+            second.decision_id
+        )
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn replay_of_a_tightened_policy_reports_the_transitions() {
     let scenario = &scenarios()[0];

@@ -73,41 +73,77 @@ pub enum ChainBreak {
     Gap { after: i64, seq: i64 },
 }
 
+/// Checks rows one at a time, in `seq` order, holding only the last row's seq and hash: a
+/// chain of any length verifies in constant memory.
+#[derive(Clone, Debug)]
+pub struct Walker {
+    expected_prev: String,
+    last_seq: i64,
+    count: u64,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Self {
+            expected_prev: GENESIS.to_owned(),
+            last_seq: 0,
+            count: 0,
+        }
+    }
+}
+
+impl Walker {
+    /// Takes the next row: `Err` names it when it does not continue the chain.
+    pub fn push(
+        &mut self,
+        seq: i64,
+        row: &AuditRow,
+        prev_hash: &str,
+        row_hash: &str,
+    ) -> Result<(), ChainBreak> {
+        if seq != self.last_seq + 1 {
+            return Err(ChainBreak::Gap {
+                after: self.last_seq,
+                seq,
+            });
+        }
+        if prev_hash != self.expected_prev {
+            return Err(ChainBreak::Unlinked {
+                seq,
+                kind: row.kind.clone(),
+                ref_id: row.ref_id.clone(),
+                expected_prev: self.last_seq,
+            });
+        }
+        if row.hash(seq, prev_hash) != row_hash {
+            return Err(ChainBreak::Edited {
+                seq,
+                kind: row.kind.clone(),
+                ref_id: row.ref_id.clone(),
+            });
+        }
+        row_hash.clone_into(&mut self.expected_prev);
+        self.last_seq = seq;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Rows verified so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// Checks rows in `seq` order: `(seq, row, prev_hash, row_hash)`.
 pub fn verify<I>(rows: I) -> Result<u64, ChainBreak>
 where
     I: IntoIterator<Item = (i64, AuditRow, String, String)>,
 {
-    let mut expected_prev = GENESIS.to_owned();
-    let mut last_seq = 0i64;
-    let mut count = 0u64;
+    let mut walker = Walker::default();
     for (seq, row, prev_hash, row_hash) in rows {
-        if seq != last_seq + 1 {
-            return Err(ChainBreak::Gap {
-                after: last_seq,
-                seq,
-            });
-        }
-        if prev_hash != expected_prev {
-            return Err(ChainBreak::Unlinked {
-                seq,
-                kind: row.kind,
-                ref_id: row.ref_id,
-                expected_prev: last_seq,
-            });
-        }
-        if row.hash(seq, &prev_hash) != row_hash {
-            return Err(ChainBreak::Edited {
-                seq,
-                kind: row.kind,
-                ref_id: row.ref_id,
-            });
-        }
-        expected_prev = row_hash;
-        last_seq = seq;
-        count += 1;
+        walker.push(seq, &row, &prev_hash, &row_hash)?;
     }
-    Ok(count)
+    Ok(walker.count())
 }
 
 #[cfg(test)]

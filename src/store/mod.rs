@@ -6,6 +6,7 @@
 //! the writer) and run on blocking threads.
 
 pub mod chain;
+pub mod consistency;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use chain::{AuditRow, ChainBreak};
+
+pub use consistency::TableMismatch;
 
 /// Versioned schema migrations, applied in order, each once.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
@@ -36,7 +39,7 @@ pub enum StoreError {
 }
 
 /// An override as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OverrideRecord {
     pub id: String,
     /// `account`, `domain` or `network`.
@@ -66,7 +69,7 @@ pub struct StoredDecision {
     pub queue: Option<QueueState>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueState {
     pub status: String,
     pub outcome: String,
@@ -177,15 +180,88 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, AuditRow, String, S
     ))
 }
 
-/// Walks the whole chain; `Ok(rows)` when it holds, else the first break, naming the row.
-pub fn verify(conn: &Connection) -> Result<Result<u64, ChainBreak>, rusqlite::Error> {
+/// Why `verify` does not pass.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Broken {
+    #[error(transparent)]
+    Chain(#[from] ChainBreak),
+    #[error(transparent)]
+    Table(#[from] TableMismatch),
+}
+
+/// Walks the whole chain, streaming (constant memory whatever its length), then checks the
+/// `overrides` and `review_queue` tables against it. `Ok(rows)` when all hold, else the first
+/// break, naming the row.
+pub fn verify(conn: &Connection) -> Result<Result<u64, Broken>, rusqlite::Error> {
+    let mut walker = chain::Walker::default();
+    let mut expected = consistency::Expected::default();
     let mut stmt = conn.prepare(&format!("SELECT {ROW_COLUMNS} FROM audit_log ORDER BY seq"))?;
-    let rows = stmt.query_map([], read_row)?;
-    let mut ok = Vec::new();
-    for row in rows {
-        ok.push(row?);
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (seq, row, prev_hash, row_hash) = read_row(r)?;
+        if let Err(broken) = walker.push(seq, &row, &prev_hash, &row_hash) {
+            return Ok(Err(broken.into()));
+        }
+        expected.observe(seq, &row);
     }
-    Ok(chain::verify(ok))
+    Ok(check_tables(conn, &expected)?.map(|()| walker.count()))
+}
+
+/// The mutable tables against what the verified chain says they hold.
+fn check_tables(
+    conn: &Connection,
+    expected: &consistency::Expected,
+) -> Result<Result<(), Broken>, rusqlite::Error> {
+    if let Err(mismatch) = expected.check_overrides(&overrides(conn)?) {
+        return Ok(Err(mismatch.into()));
+    }
+    let mut stmt = conn.prepare(
+        "SELECT q.decision_id, q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms, a.kind, a.ref_id, a.verdict \
+         FROM review_queue q LEFT JOIN audit_log a ON a.seq = q.seq ORDER BY q.seq",
+    )?;
+    let mut items = stmt.query([])?;
+    while let Some(r) = items.next()? {
+        let decision_id: String = r.get(0)?;
+        let state = queue_state(r, 1)?.expect("status is NOT NULL");
+        let row: (Option<String>, Option<String>, Option<String>) =
+            (r.get(6)?, r.get(7)?, r.get(8)?);
+        let decision = match &row {
+            (Some(kind), Some(ref_id), Some(verdict)) => {
+                Some((kind.as_str(), ref_id.as_str(), verdict.as_str()))
+            }
+            _ => None,
+        };
+        if let Err(mismatch) = expected.check_queue_item(&decision_id, decision, &state) {
+            return Ok(Err(mismatch.into()));
+        }
+    }
+    // A REVIEW decision, or a resolution, whose queue item is gone.
+    let orphan: Option<String> = conn
+        .query_row(
+            "SELECT a.ref_id FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id \
+             WHERE a.kind = 'decision' AND a.verdict = 'REVIEW' AND q.decision_id IS NULL ORDER BY a.seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut in_queue =
+        conn.prepare("SELECT EXISTS(SELECT 1 FROM review_queue WHERE decision_id = ?1)")?;
+    let mut unqueued_resolution = None;
+    for id in expected.resolved_decisions() {
+        if !in_queue.query_row([id], |r| r.get::<_, bool>(0))? {
+            unqueued_resolution = Some(id.to_owned());
+            break;
+        }
+    }
+    if let Some(id) = orphan.or(unqueued_resolution) {
+        return Ok(Err(TableMismatch {
+            table: "review_queue",
+            key: id,
+            problem: "in the audit log but missing from the queue (deleted)".into(),
+        }
+        .into()));
+    }
+    Ok(Ok(()))
 }
 
 /// The hash of row `seq`, if the row exists (to check an externally recorded chain head).

@@ -289,6 +289,34 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
     }
 }
 
+/// The reviewer's row with the table row its change left (`"applied"` in the body), so the
+/// chain itself says what `overrides` and `review_queue` must hold (`consistency`).
+fn with_applied(row: &AuditRow, change: &Change, applied: &Applied) -> AuditRow {
+    let applied = match (change, applied) {
+        (_, Applied::Nothing) => return row.clone(),
+        (_, Applied::Override(record)) => serde_json::json!({ "override": record }),
+        (change, Applied::Queue(state)) => {
+            // Only Resolve changes the queue.
+            let decision_id = match change {
+                Change::Resolve { decision_id, .. } => decision_id.as_str(),
+                _ => "",
+            };
+            serde_json::json!({ "queue_item": { "decision_id": decision_id, "state": state } })
+        }
+    };
+    let mut body = match serde_json::from_str::<serde_json::Value>(&row.body) {
+        Ok(serde_json::Value::Object(body)) => body,
+        _ if row.body.is_empty() => serde_json::Map::new(),
+        // Not an object: kept whole beside what was applied.
+        _ => serde_json::Map::from_iter([("text".to_owned(), row.body.clone().into())]),
+    };
+    body.insert("applied".to_owned(), applied);
+    AuditRow {
+        body: serde_json::Value::Object(body).to_string(),
+        ..row.clone()
+    }
+}
+
 /// One command, ready to commit: a decision's row already built, or a reviewer's action.
 enum Item {
     Decision(AuditRow),
@@ -329,7 +357,14 @@ fn commit(
             Item::Review { row, change } => {
                 tx.execute("SAVEPOINT review", [])?;
                 match apply(&tx, change) {
-                    Ok(applied) if append(&tx, &mut next_seq, &mut next_prev, row)? => {
+                    Ok(applied)
+                        if append(
+                            &tx,
+                            &mut next_seq,
+                            &mut next_prev,
+                            &with_applied(row, change, &applied),
+                        )? =>
+                    {
                         tx.execute("RELEASE review", [])?;
                         done.push(Committed::Review(Box::new(Ok(applied))));
                     }
