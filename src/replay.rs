@@ -57,11 +57,35 @@ pub fn replay(
     policy: &Policy,
     max_samples: usize,
 ) -> ReplayReport {
-    let mut report = ReplayReport {
-        candidate_policy_version: policy.version().to_string(),
-        ..Default::default()
-    };
+    let mut replayer = Replayer::new(policy, max_samples);
     for record in records {
+        replayer.add(&record);
+    }
+    replayer.finish()
+}
+
+/// Replays records one at a time into a report, so a replay over any number of stored
+/// decisions holds only the report.
+pub struct Replayer<'p> {
+    policy: &'p Policy,
+    max_samples: usize,
+    report: ReplayReport,
+}
+
+impl<'p> Replayer<'p> {
+    pub fn new(policy: &'p Policy, max_samples: usize) -> Self {
+        Self {
+            policy,
+            max_samples,
+            report: ReplayReport {
+                candidate_policy_version: policy.version().to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn add(&mut self, record: &Recorded) {
+        let (policy, max_samples, report) = (self.policy, self.max_samples, &mut self.report);
         let inputs = &record.inputs;
         let facts = Facts {
             flow: inputs.flow,
@@ -108,7 +132,10 @@ pub fn replay(
             *report.changed_by_country.entry(country).or_default() += 1;
         }
     }
-    report
+
+    pub fn finish(self) -> ReplayReport {
+        self.report
+    }
 }
 
 impl std::fmt::Display for ReplayReport {

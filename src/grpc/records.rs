@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::audit::DecisionBody;
 use crate::grpc::ApiError;
 use crate::grpc::pb;
-use crate::replay::{Recorded, replay};
+use crate::replay::{Recorded, Replayer};
 use crate::store::{self, OverrideRecord, StoredDecision};
 
 pub(super) fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiError> {
@@ -64,14 +64,15 @@ pub(super) fn override_pb(o: OverrideRecord) -> pb::Override {
     }
 }
 
-/// Replays every decision recorded since `since_ms`, in pages.
+/// Replays every decision recorded since `since_ms`, a page at a time: memory holds one page
+/// and the report, whatever the store's size.
 pub fn replay_store(
     conn: &Connection,
     since_ms: i64,
     policy: &crate::policy::Policy,
     samples: usize,
 ) -> Result<crate::replay::ReplayReport, ApiError> {
-    let mut recorded = Vec::new();
+    let mut replayer = Replayer::new(policy, samples);
     let mut after = 0;
     loop {
         let page = store::decisions_since(conn, since_ms, after, 1000)
@@ -83,7 +84,7 @@ pub fn replay_store(
             after = stored.seq;
             let body: DecisionBody = serde_json::from_str(&stored.row.body)
                 .map_err(|e| ApiError::Store(format!("decision {}: {e}", stored.row.ref_id)))?;
-            recorded.push(Recorded {
+            replayer.add(&Recorded {
                 decision_id: stored.row.ref_id,
                 verdict: stored.row.verdict,
                 reasons: stored.row.reasons,
@@ -92,7 +93,7 @@ pub fn replay_store(
             });
         }
     }
-    Ok(replay(recorded, policy, samples))
+    Ok(replayer.finish())
 }
 
 pub fn report_pb(report: crate::replay::ReplayReport) -> pb::ReplayReport {
