@@ -1,9 +1,11 @@
 //! Caller separation: gateways may call the Classifier, Check and Usage; reviewers call Review.
 //!
-//! Callers present `authorization: Bearer <token>`; the config holds only SHA-256 hashes of the
-//! tokens, with a name and a role per caller. A tonic interceptor per service checks the role
-//! and puts the caller's identity in the request for handlers (reviewer identity on overrides
-//! and in the audit log). With no gateway callers configured the gateway services are open (a
+//! Callers present `authorization: Bearer <token>`, or, over mTLS, a client certificate the
+//! config names; the config holds only SHA-256 hashes (of each token, and of each certificate's
+//! DER, as Envoy's `verify_certificate_hash` does), with a name and a role per caller. A token,
+//! when sent, decides; without one, a registered client certificate does. A tonic interceptor
+//! per service checks the role and puts the caller's identity in the request for handlers
+//! (reviewer identity on overrides and in the audit log). With no gateway callers configured the gateway services are open (a
 //! single-machine default); the Review service is never open.
 
 use std::sync::Arc;
@@ -25,8 +27,22 @@ pub enum Role {
 pub struct CallerConfig {
     pub name: String,
     pub role: Role,
-    /// Hex SHA-256 of the bearer token (`printf %s TOKEN | sha256sum`).
+    /// Hex SHA-256 of the bearer token (`printf %s TOKEN | sha256sum`); empty for a caller
+    /// known only by its client certificate.
+    #[serde(default)]
     pub token_sha256: String,
+    /// Hex SHA-256 of the DER of each client certificate this caller may present over mTLS
+    /// (`openssl x509 -in cert.pem -outform DER | sha256sum`); colons allowed. Several, so a
+    /// certificate can be rotated without a gap.
+    #[serde(default)]
+    pub client_cert_sha256: Vec<String>,
+}
+
+/// A hex SHA-256 as configured, lower case without colons, if it is one.
+fn fingerprint(hex: &str) -> Option<String> {
+    let hex: String = hex.chars().filter(|&c| c != ':').collect();
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| hex.to_ascii_lowercase())
 }
 
 /// `[auth]` in the config file.
@@ -40,9 +56,10 @@ impl AuthConfig {
     pub fn validate(&self) -> Result<(), String> {
         for (i, caller) in self.callers.iter().enumerate() {
             let earlier = &self.callers[..i];
-            if earlier
-                .iter()
-                .any(|c| c.token_sha256.eq_ignore_ascii_case(&caller.token_sha256))
+            if !caller.token_sha256.is_empty()
+                && earlier
+                    .iter()
+                    .any(|c| c.token_sha256.eq_ignore_ascii_case(&caller.token_sha256))
             {
                 return Err(format!(
                     "auth.callers[{i}]: the same token is configured twice"
@@ -54,11 +71,34 @@ impl AuthConfig {
                     caller.name
                 ));
             }
-            let hex = &caller.token_sha256;
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if caller.token_sha256.is_empty() && caller.client_cert_sha256.is_empty() {
+                return Err(format!(
+                    "auth.callers[{i}]: token_sha256 or client_cert_sha256 is required"
+                ));
+            }
+            if !caller.token_sha256.is_empty() && fingerprint(&caller.token_sha256).is_none() {
                 return Err(format!(
                     "auth.callers[{i}].token_sha256 must be 64 hex digits (SHA-256 of the token)"
                 ));
+            }
+            for (j, cert) in caller.client_cert_sha256.iter().enumerate() {
+                let Some(cert) = fingerprint(cert) else {
+                    return Err(format!(
+                        "auth.callers[{i}].client_cert_sha256[{j}] must be 64 hex digits (SHA-256 of the certificate's DER)"
+                    ));
+                };
+                let seen = self.callers[..=i]
+                    .iter()
+                    .flat_map(|c| &c.client_cert_sha256);
+                if seen
+                    .filter(|c| fingerprint(c).as_deref() == Some(&cert))
+                    .count()
+                    > 1
+                {
+                    return Err(format!(
+                        "auth.callers[{i}].client_cert_sha256[{j}]: the same certificate is configured twice"
+                    ));
+                }
             }
             if caller.name.trim().is_empty() {
                 return Err(format!("auth.callers[{i}].name is required"));
@@ -76,10 +116,11 @@ pub struct Caller {
 }
 
 pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The interceptor guarding one service for one role.
@@ -96,6 +137,11 @@ impl Gate {
             .iter()
             .map(|c| CallerConfig {
                 token_sha256: c.token_sha256.to_ascii_lowercase(),
+                client_cert_sha256: c
+                    .client_cert_sha256
+                    .iter()
+                    .filter_map(|h| fingerprint(h))
+                    .collect(),
                 ..c.clone()
             })
             .collect();
@@ -106,8 +152,10 @@ impl Gate {
     }
 }
 
-impl Interceptor for Gate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+impl Gate {
+    /// The caller a request identifies: by its bearer token when it sends one (`Err` for an
+    /// unknown token), else by its mTLS client certificate; `Ok(None)` when neither names one.
+    fn identify(&self, request: &Request<()>) -> Result<Option<&CallerConfig>, &'static str> {
         let header = request
             .metadata()
             .get("authorization")
@@ -116,24 +164,42 @@ impl Interceptor for Gate {
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
         });
+        if let Some(token) = token {
+            let hash = token_sha256(token.trim());
+            return self
+                .callers
+                .iter()
+                .find(|c| !c.token_sha256.is_empty() && c.token_sha256 == hash)
+                .map(Some)
+                .ok_or("authorization: unknown token");
+        }
+        let Some(leaf) = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+        else {
+            return Ok(None);
+        };
+        let hash = hex(&Sha256::digest(leaf.as_ref()));
+        Ok(self
+            .callers
+            .iter()
+            .find(|c| c.client_cert_sha256.contains(&hash)))
+    }
+}
+
+impl Interceptor for Gate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let open =
             self.role == Role::Gateway && !self.callers.iter().any(|c| c.role == Role::Gateway);
-        let Some(token) = token else {
-            return if open {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated(
-                    "authorization: a bearer token is required",
-                ))
-            };
-        };
-        let hash = token_sha256(token.trim());
-        let Some(caller) = self.callers.iter().find(|c| c.token_sha256 == hash) else {
-            return if open {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated("authorization: unknown token"))
-            };
+        let caller = match self.identify(&request) {
+            Ok(Some(caller)) => caller,
+            _ if open => return Ok(request),
+            Ok(None) => {
+                return Err(Status::unauthenticated(
+                    "authorization: a bearer token (or a registered client certificate) is required",
+                ));
+            }
+            Err(message) => return Err(Status::unauthenticated(message)),
         };
         if caller.role != self.role {
             return Err(Status::permission_denied(format!(
@@ -141,10 +207,11 @@ impl Interceptor for Gate {
                 caller.name, caller.role
             )));
         }
-        request.extensions_mut().insert(Caller {
+        let identity = Caller {
             name: caller.name.clone(),
             role: caller.role,
-        });
+        };
+        request.extensions_mut().insert(identity);
         Ok(request)
     }
 }
@@ -160,11 +227,13 @@ mod tests {
                     name: "edge".into(),
                     role: Role::Gateway,
                     token_sha256: token_sha256("g-secret"),
+                    client_cert_sha256: Vec::new(),
                 },
                 CallerConfig {
                     name: "alice".into(),
                     role: Role::Reviewer,
                     token_sha256: token_sha256("r-secret"),
+                    client_cert_sha256: Vec::new(),
                 },
             ],
         }
@@ -223,7 +292,8 @@ mod tests {
                 callers: vec![CallerConfig {
                     name: "x".into(),
                     role: Role::Reviewer,
-                    token_sha256: "abc".into()
+                    token_sha256: "abc".into(),
+                    client_cert_sha256: Vec::new(),
                 }]
             }
             .validate()
@@ -244,10 +314,58 @@ mod tests {
                 config().callers[0].clone(),
                 CallerConfig {
                     token_sha256: token_sha256("x"),
+                    client_cert_sha256: Vec::new(),
                     ..config().callers[0].clone()
                 },
             ],
         };
         assert!(same_name.validate().unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn a_caller_may_be_known_by_its_client_certificate_alone() {
+        let cert = |hashes: Vec<String>| AuthConfig {
+            callers: vec![CallerConfig {
+                name: "edge".into(),
+                role: Role::Gateway,
+                token_sha256: String::new(),
+                client_cert_sha256: hashes,
+            }],
+        };
+        let colons: String = token_sha256("der")
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| std::str::from_utf8(pair).unwrap().to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(cert(vec![colons.clone()]).validate(), Ok(()));
+        assert_eq!(
+            cert(vec![]).validate().unwrap_err(),
+            "auth.callers[0]: token_sha256 or client_cert_sha256 is required"
+        );
+        assert!(
+            cert(vec!["abc".into()])
+                .validate()
+                .unwrap_err()
+                .starts_with("auth.callers[0].client_cert_sha256[0] must be 64 hex digits")
+        );
+        let mut twice = cert(vec![colons.clone()]);
+        twice.callers.push(CallerConfig {
+            name: "other".into(),
+            client_cert_sha256: vec![token_sha256("der")],
+            ..twice.callers[0].clone()
+        });
+        assert!(
+            twice
+                .validate()
+                .unwrap_err()
+                .contains("same certificate is configured twice")
+        );
+        // Without a token and without TLS, a cert-only caller is not identified.
+        let mut gate = Gate::new(&cert(vec![colons]), Role::Gateway);
+        assert_eq!(
+            call(&mut gate, None).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

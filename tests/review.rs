@@ -24,6 +24,7 @@ fn reviewers(config: &mut regionguard::config::Config) {
         name: "alice@compliance".into(),
         role: Role::Reviewer,
         token_sha256: token_sha256(ALICE),
+        client_cert_sha256: Vec::new(),
     }];
 }
 
@@ -298,6 +299,7 @@ async fn callers_are_separated_by_role() {
             name: "edge".into(),
             role: Role::Gateway,
             token_sha256: token_sha256(EDGE),
+            client_cert_sha256: Vec::new(),
         });
     })
     .await;

@@ -6,15 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use regionguard::auth::{AuthConfig, CallerConfig, Role};
 use regionguard::config::Config;
 use regionguard::grpc::pb::classifier_client::ClassifierClient;
+use regionguard::grpc::pb::review_client::ReviewClient;
 use regionguard::server::{self, ServerSettings};
+use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 
 struct Pki {
     ca: String,
     server: (String, String),
     client: (String, String),
+    /// A second client certificate from the same CA, known to no caller.
+    stranger: (String, String),
+    /// SHA-256 of the DER of `client`'s certificate, as `client_cert_sha256` takes it.
+    client_sha256: String,
 }
 
 fn pki() -> Pki {
@@ -29,22 +36,41 @@ fn pki() -> Pki {
             .unwrap()
             .signed_by(&key, &issuer)
             .unwrap();
-        (cert.pem(), key.serialize_pem())
+        let sha256: String = Sha256::digest(cert.der())
+            .iter()
+            .map(|b| format!("{b:02X}:"))
+            .collect();
+        (
+            (cert.pem(), key.serialize_pem()),
+            sha256.trim_end_matches(':').to_owned(),
+        )
     };
+    let (client, client_sha256) = leaf(vec!["gateway.example".into()]);
     Pki {
         ca: ca_cert.pem(),
-        server: leaf(vec!["localhost".into()]),
-        client: leaf(vec!["gateway.example".into()]),
+        server: leaf(vec!["localhost".into()]).0,
+        client,
+        stranger: leaf(vec!["other.example".into()]).0,
+        client_sha256,
     }
 }
 
 async fn start(pki: &Pki, mutual: bool) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_with(pki, mutual, AuthConfig::default()).await
+}
+
+async fn start_with(
+    pki: &Pki,
+    mutual: bool,
+    auth: AuthConfig,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().join("city.mmdb");
     std::fs::write(&location, support::fixtures::city_db()).unwrap();
     let config = Config {
         location_db: Some(location),
         metrics_listen: None,
+        auth,
         ..Config::default()
     };
     let loaded = regionguard::app::load(&config).unwrap();
@@ -133,4 +159,51 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         Ok(channel) => classify(channel).await.is_err(),
     };
     assert!(refused, "a client without a certificate is refused");
+}
+
+/// Over mTLS a caller can be known by its certificate alone: its SHA-256 (colon-separated, as
+/// `openssl x509 -fingerprint -sha256` prints it) names the caller and its role.
+#[tokio::test]
+async fn a_registered_client_certificate_identifies_its_caller() {
+    let pki = pki();
+    let auth = AuthConfig {
+        callers: vec![CallerConfig {
+            name: "edge-envoy".into(),
+            role: Role::Gateway,
+            token_sha256: String::new(),
+            client_cert_sha256: vec![pki.client_sha256.clone()],
+        }],
+    };
+    auth.validate().unwrap();
+    let (addr, _stop) = start_with(&pki, true, auth).await;
+    let as_client = |(cert, key): &(String, String)| {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(cert, key))
+    };
+    let gateway = connect(&addr, Some(as_client(&pki.client))).await.unwrap();
+    classify(gateway.clone())
+        .await
+        .expect("the registered certificate is the edge-envoy gateway");
+    let reviewed = ReviewClient::new(gateway)
+        .list_queue(regionguard::grpc::pb::ListQueueRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reviewed.code(), tonic::Code::PermissionDenied);
+    assert!(
+        reviewed.message().contains("edge-envoy"),
+        "{}",
+        reviewed.message()
+    );
+
+    let stranger = connect(&addr, Some(as_client(&pki.stranger)))
+        .await
+        .unwrap();
+    let refused = classify(stranger).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unauthenticated,
+        "CA-signed but not registered: {refused:?}"
+    );
 }
