@@ -211,33 +211,59 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
 /// an earlier run and kept outside the store) checks that that row is still there, unchanged.
 pub fn audit_verify(data_dir: &Path, expect_head: Option<&str>) -> anyhow::Result<ExitCode> {
     let conn = store::open_for_reading(data_dir)?;
+    let mut notes = Vec::new();
     if let Some(expected) = expect_head {
         let (seq, hash) = expected
             .split_once(':')
             .context("--expect-head takes SEQ:HASH")?;
         let seq: i64 = seq.parse().context("--expect-head: SEQ is a number")?;
         match store::row_hash(&conn, seq)? {
-            None => {
-                println!(
-                    "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
-                );
-                return Ok(ExitCode::from(1));
-            }
             Some(found) if found != hash => {
                 println!("BROKEN: row seq {seq} does not have the recorded head hash");
                 return Ok(ExitCode::from(1));
             }
             Some(_) => {}
+            None => match store::retention::latest(&conn)? {
+                // Older than the retained window: the checkpoint vouches for its hash only
+                // when it is the very row it names.
+                Some((_, Ok(c))) if seq < c.through_seq => notes.push(format!(
+                    "the recorded head seq {seq} is older than retention kept; record the new head"
+                )),
+                Some((_, Ok(c))) if seq == c.through_seq && c.through_hash != hash => {
+                    println!("BROKEN: row seq {seq} does not have the recorded head hash");
+                    return Ok(ExitCode::from(1));
+                }
+                Some((_, Ok(c))) if seq == c.through_seq => {}
+                _ => {
+                    println!(
+                        "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            },
         }
     }
     match store::verify(&conn)? {
-        Ok(rows) => {
+        Ok(verified) => {
             let head = store::head(&conn)?
                 .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
+            if let Some(through) = verified.pruned_through {
+                notes.push(format!("rows through seq {through} removed by retention"));
+            }
+            match verified.tables_unchecked_from {
+                Some(seq) => notes.push(format!(
+                    "overrides and review queue NOT checked: row seq {seq} predates recorded changes"
+                )),
+                None => notes.push("overrides and review queue match it".into()),
+            }
             println!(
-                "ok: {rows} audit rows verified in {}; head {head}",
+                "ok: {} audit rows verified in {}; head {head}",
+                verified.rows,
                 store::db_path(data_dir).display()
             );
+            for note in notes {
+                println!("  {note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(broken) => {

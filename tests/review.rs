@@ -385,7 +385,14 @@ async fn audit_verify_passes_then_names_an_edited_row() {
         "three decisions and one review call: {out}"
     );
 
-    let head = out.trim().rsplit("head ").next().unwrap().to_owned();
+    let head = out
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit("head ")
+        .next()
+        .unwrap()
+        .to_owned();
     let db = rusqlite::Connection::open(regionguard::store::db_path(&server.data_dir())).unwrap();
 
     // Cutting rows from the end leaves a valid shorter chain; the head kept outside catches it.
@@ -548,9 +555,35 @@ async fn audit_verify_checks_overrides_and_the_queue_against_the_chain() {
     assert_eq!(
         out.trim(),
         format!(
-            "BROKEN: review_queue: {}: in the audit log but missing from the queue (deleted)",
+            "BROKEN: review_queue: {}: a REVIEW decision in the audit log but missing from the queue (deleted)",
             second.decision_id
         )
+    );
+    let out = broken_by(
+        &format!(
+            "UPDATE review_queue SET resolved_by = 'mallory' WHERE decision_id = '{}'",
+            second.decision_id
+        ),
+        &format!(
+            "UPDATE review_queue SET resolved_by = '' WHERE decision_id = '{}'",
+            second.decision_id
+        ),
+    );
+    assert!(
+        out.contains("open, but resolved_by is \"mallory\""),
+        "{out}"
+    );
+    let out = broken_by(
+        &format!(
+            "CREATE TEMP TABLE saved AS SELECT * FROM review_queue WHERE decision_id = '{0}'; \
+             DELETE FROM review_queue WHERE decision_id = '{0}'",
+            tor.decision_id
+        ),
+        "INSERT INTO review_queue SELECT * FROM saved; DROP TABLE saved",
+    );
+    assert!(
+        out.contains("resolved in the audit log but missing from the queue (deleted)"),
+        "{out}"
     );
     server.shutdown().await;
 }

@@ -71,6 +71,10 @@ pub enum ChainBreak {
     },
     #[error("rows seq {after} to {seq} are missing (deleted)")]
     Gap { after: i64, seq: i64 },
+    #[error(
+        "row seq {seq} does not have the hash that checkpoint row seq {checkpoint} recorded for it"
+    )]
+    Checkpoint { seq: i64, checkpoint: i64 },
 }
 
 /// Checks rows one at a time, in `seq` order, holding only the last row's seq and hash: a
@@ -93,6 +97,16 @@ impl Default for Walker {
 }
 
 impl Walker {
+    /// Continues a chain whose rows through `last_seq` are gone (retention), from that row's
+    /// hash.
+    pub fn resume(last_seq: i64, last_hash: String) -> Self {
+        Self {
+            expected_prev: last_hash,
+            last_seq,
+            count: 0,
+        }
+    }
+
     /// Takes the next row: `Err` names it when it does not continue the chain.
     pub fn push(
         &mut self,

@@ -4,8 +4,7 @@
 //! difference means a table was written around the Review API.
 //!
 //! Pure: [`Expected`] is built from the rows of a verified chain, then compared with what the
-//! tables hold. Reviewer actions are rare, so what it keeps is small; open queue items are not
-//! kept (each is checked against its decision row).
+//! tables hold; `store::verify` does the reading.
 
 use std::collections::HashMap;
 
@@ -46,52 +45,92 @@ fn difference<T: serde::Serialize>(table: &T, chain: &T) -> Option<String> {
     })
 }
 
-/// What the tables must hold, from the chain's reviewer rows: the last state each reviewer
-/// action left.
+/// What the tables must hold, from the chain's reviewer rows. Overrides are kept (the last
+/// state each one was left in; the table is small and reviewer-made); resolutions are not: a
+/// decision is resolved once, so each is handed back to be checked against its queue item at
+/// once, and the queue is then checked by counting.
 #[derive(Clone, Debug, Default)]
 pub struct Expected {
     overrides: HashMap<String, OverrideRecord>,
-    resolutions: HashMap<String, QueueState>,
-    /// A reviewer row whose `applied` part cannot be read.
+    /// A reviewer row whose change cannot be read.
     unreadable: Option<(i64, String)>,
+    /// The first row of a changing call written before rows recorded their change: the tables
+    /// cannot be held to the chain.
+    legacy: Option<i64>,
 }
 
+/// A resolution the chain records, to check against the queue now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub decision_id: String,
+    pub state: QueueState,
+}
+
+const CHANGING_CALLS: [&str; 3] = ["SetOverride", "RemoveOverride", "Resolve"];
+
 impl Expected {
-    /// Takes one verified row, in chain order.
-    pub fn observe(&mut self, seq: i64, row: &AuditRow) {
-        if row.kind != "review" {
-            return;
+    /// Starting from a retention checkpoint's copy of the overrides table.
+    pub fn from_overrides(overrides: Vec<OverrideRecord>) -> Self {
+        Self {
+            overrides: overrides.into_iter().map(|o| (o.id.clone(), o)).collect(),
+            ..Self::default()
         }
-        let Some(applied) = serde_json::from_str::<Value>(&row.body)
-            .ok()
-            .and_then(|mut body| body.get_mut("applied").map(Value::take))
-        else {
-            return; // an action that changed no table
+    }
+
+    /// Takes one verified row, in chain order; a resolution comes back to be checked.
+    pub fn observe(&mut self, seq: i64, row: &AuditRow) -> Option<Resolution> {
+        if row.kind != "review" {
+            return None;
+        }
+        let mut body = serde_json::from_str::<Value>(&row.body).ok()?;
+        let Some(applied) = body.get_mut("applied").map(Value::take) else {
+            if body["rpc"]
+                .as_str()
+                .is_some_and(|rpc| CHANGING_CALLS.contains(&rpc))
+            {
+                self.legacy.get_or_insert(seq);
+            }
+            return None; // a call that changed no table
         };
-        let read = if let Some(record) = applied.get("override") {
-            serde_json::from_value::<OverrideRecord>(record.clone())
-                .map(|record| drop(self.overrides.insert(record.id.clone(), record)))
-        } else if let Some(item) = applied.get("queue_item") {
-            let id = item["decision_id"].as_str().unwrap_or_default().to_owned();
-            serde_json::from_value::<QueueState>(item["state"].clone())
-                .map(|state| drop(self.resolutions.insert(id, state)))
-        } else {
-            Ok(())
-        };
-        if let Err(e) = read {
-            self.unreadable.get_or_insert((seq, e.to_string()));
+        if let Some(record) = applied.get("override") {
+            match serde_json::from_value::<OverrideRecord>(record.clone()) {
+                Ok(record) => drop(self.overrides.insert(record.id.clone(), record)),
+                Err(e) => drop(self.unreadable.get_or_insert((seq, e.to_string()))),
+            }
+            return None;
+        }
+        let item = applied.get("queue_item")?;
+        match serde_json::from_value::<QueueState>(item["state"].clone()) {
+            Ok(state) => Some(Resolution {
+                decision_id: item["decision_id"].as_str().unwrap_or_default().to_owned(),
+                state,
+            }),
+            Err(e) => {
+                self.unreadable.get_or_insert((seq, e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// The first row that predates recorded changes, if any: the tables cannot be checked.
+    pub fn legacy(&self) -> Option<i64> {
+        self.legacy
+    }
+
+    /// A reviewer row whose change cannot be read.
+    pub fn check_readable(&self) -> Result<(), TableMismatch> {
+        match &self.unreadable {
+            None => Ok(()),
+            Some((seq, error)) => Err(mismatch(
+                "audit_log",
+                &format!("row seq {seq}"),
+                format!("the change it records cannot be read ({error})"),
+            )),
         }
     }
 
     /// The `overrides` table, whole, against the chain.
     pub fn check_overrides(&self, table: &[OverrideRecord]) -> Result<(), TableMismatch> {
-        if let Some((seq, error)) = &self.unreadable {
-            return Err(mismatch(
-                "audit_log",
-                &format!("row seq {seq}"),
-                format!("the change it records cannot be read ({error})"),
-            ));
-        }
         for record in table {
             let Some(recorded) = self.overrides.get(&record.id) else {
                 return Err(mismatch(
@@ -104,56 +143,80 @@ impl Expected {
                 return Err(mismatch("overrides", &record.id, problem));
             }
         }
-        if self.overrides.len() != table.len() {
-            let mut gone: Vec<&String> = self
-                .overrides
-                .keys()
-                .filter(|id| !table.iter().any(|r| &r.id == *id))
-                .collect();
-            gone.sort();
-            if let Some(id) = gone.first() {
-                return Err(mismatch(
-                    "overrides",
-                    id,
-                    "set in the audit log but missing from the table (deleted)",
-                ));
+        let present: std::collections::HashSet<&str> =
+            table.iter().map(|r| r.id.as_str()).collect();
+        let mut gone: Vec<&String> = self
+            .overrides
+            .keys()
+            .filter(|id| !present.contains(id.as_str()))
+            .collect();
+        gone.sort();
+        match gone.first() {
+            Some(id) => Err(mismatch(
+                "overrides",
+                id,
+                "set in the audit log but missing from the table (deleted)",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A resolution from the chain against its queue item as the table holds it.
+pub fn check_resolution(
+    resolution: &Resolution,
+    item: Option<&QueueState>,
+) -> Result<(), TableMismatch> {
+    let id = resolution.decision_id.as_str();
+    match item {
+        None => Err(mismatch(
+            "review_queue",
+            id,
+            "resolved in the audit log but missing from the queue (deleted)",
+        )),
+        Some(state) if state.status != resolution.state.status => Err(mismatch(
+            "review_queue",
+            id,
+            format!(
+                "status is {:?} in the table but {:?} in the audit log (resolution undone)",
+                state.status, resolution.state.status
+            ),
+        )),
+        Some(state) => match difference(state, &resolution.state) {
+            None => Ok(()),
+            Some(problem) => Err(mismatch("review_queue", id, problem)),
+        },
+    }
+}
+
+/// One `review_queue` item on its own: it points at its REVIEW decision row (`decision` is
+/// `(kind, ref_id, verdict)` of the audit row at the item's seq), and an open item carries no
+/// resolution. Resolved items are matched to the chain's resolutions by the caller.
+pub fn check_queue_item(
+    decision_id: &str,
+    decision: Option<(&str, &str, &str)>,
+    state: &QueueState,
+) -> Result<(), TableMismatch> {
+    let item = |problem: String| Err(mismatch("review_queue", decision_id, problem));
+    if decision != Some(("decision", decision_id, "REVIEW")) {
+        return item("does not point at a REVIEW decision row of the audit log".into());
+    }
+    match state.status.as_str() {
+        "resolved" => Ok(()),
+        "open" => {
+            let untouched = QueueState {
+                status: "open".into(),
+                outcome: String::new(),
+                note: String::new(),
+                resolved_by: String::new(),
+                resolved_at_ms: None,
+            };
+            match difference(state, &untouched) {
+                None => Ok(()),
+                Some(problem) => item(format!("open, but {problem}")),
             }
         }
-        Ok(())
-    }
-
-    /// One `review_queue` item against the chain: `decision` is `(kind, ref_id, verdict)` of the
-    /// audit row at the item's seq, if there is one.
-    pub fn check_queue_item(
-        &self,
-        decision_id: &str,
-        decision: Option<(&str, &str, &str)>,
-        state: &QueueState,
-    ) -> Result<(), TableMismatch> {
-        let item = |problem: String| Err(mismatch("review_queue", decision_id, problem));
-        if decision != Some(("decision", decision_id, "REVIEW")) {
-            return item("does not point at a REVIEW decision row of the audit log".into());
-        }
-        match (self.resolutions.get(decision_id), state.status.as_str()) {
-            (None, "open") => Ok(()),
-            (None, _) => item(format!(
-                "status {:?} in the table, with no resolution in the audit log",
-                state.status
-            )),
-            (Some(recorded), status) if status != recorded.status => item(format!(
-                "status is {status:?} in the table but {:?} in the audit log (resolution undone)",
-                recorded.status
-            )),
-            (Some(recorded), _) => match difference(state, recorded) {
-                None => Ok(()),
-                Some(problem) => item(problem),
-            },
-        }
-    }
-
-    /// Decisions resolved in the chain, for checking that each still has its queue item.
-    pub fn resolved_decisions(&self) -> impl Iterator<Item = &str> {
-        self.resolutions.keys().map(String::as_str)
+        other => item(format!("status {other:?} is neither open nor resolved")),
     }
 }
 
@@ -236,6 +299,9 @@ mod tests {
                 .to_string()
                 .contains("removed_at_ms is null in the table but 2000")
         );
+        // A checkpoint's copy stands for rows retention removed.
+        let resumed = Expected::from_overrides(vec![removed.clone()]);
+        assert_eq!(resumed.check_overrides(&[removed]), Ok(()));
     }
 
     fn open() -> QueueState {
@@ -248,72 +314,98 @@ mod tests {
         }
     }
 
-    #[test]
-    fn queue_items_match_their_decision_and_resolution() {
-        let mut expected = Expected::default();
-        let row = Some(("decision", "d1", "REVIEW"));
-        assert_eq!(expected.check_queue_item("d1", row, &open()), Ok(()));
-        assert!(
-            expected
-                .check_queue_item("d1", Some(("decision", "d1", "ALLOW")), &open())
-                .is_err()
-        );
-        assert!(expected.check_queue_item("d1", None, &open()).is_err());
-
-        let resolved = QueueState {
+    fn resolved() -> QueueState {
+        QueueState {
             status: "resolved".into(),
             outcome: "confirmed".into(),
             note: "ok".into(),
             resolved_by: "alice".into(),
             resolved_at_ms: Some(3000),
-        };
-        assert!(
-            expected
-                .check_queue_item("d1", row, &resolved)
-                .unwrap_err()
-                .to_string()
-                .contains("with no resolution in the audit log")
-        );
-        expected.observe(
-            5,
-            &reviewer_row(
-                serde_json::json!({ "queue_item": { "decision_id": "d1", "state": resolved } }),
-            ),
-        );
-        assert_eq!(expected.check_queue_item("d1", row, &resolved), Ok(()));
-        assert!(
-            expected
-                .check_queue_item("d1", row, &open())
-                .unwrap_err()
-                .to_string()
-                .contains("status is \"open\" in the table but \"resolved\"")
-        );
-        let rewritten = QueueState {
-            outcome: "cleared".into(),
-            ..resolved
-        };
-        assert!(expected.check_queue_item("d1", row, &rewritten).is_err());
-        assert_eq!(expected.resolved_decisions().collect::<Vec<_>>(), ["d1"]);
+        }
     }
 
     #[test]
-    fn rows_without_a_change_are_ignored_and_an_unreadable_change_is_named() {
+    fn queue_items_point_at_their_decision_and_open_ones_carry_no_resolution() {
+        let row = Some(("decision", "d1", "REVIEW"));
+        assert_eq!(check_queue_item("d1", row, &open()), Ok(()));
+        assert_eq!(check_queue_item("d1", row, &resolved()), Ok(()));
+        assert!(check_queue_item("d1", Some(("decision", "d1", "ALLOW")), &open()).is_err());
+        assert!(check_queue_item("d1", None, &open()).is_err());
+        let forged = QueueState {
+            resolved_by: "mallory".into(),
+            ..open()
+        };
+        assert_eq!(
+            check_queue_item("d1", row, &forged)
+                .unwrap_err()
+                .to_string(),
+            "review_queue: d1: open, but resolved_by is \"mallory\" in the table but \"\" in the audit log"
+        );
+        let odd = QueueState {
+            status: "parked".into(),
+            ..open()
+        };
+        assert!(check_queue_item("d1", row, &odd).is_err());
+    }
+
+    #[test]
+    fn resolutions_come_back_to_be_checked_against_their_item() {
+        let mut expected = Expected::default();
+        let resolution = expected
+            .observe(
+                5,
+                &reviewer_row(
+                    serde_json::json!({ "queue_item": { "decision_id": "d1", "state": resolved() } }),
+                ),
+            )
+            .unwrap();
+        assert_eq!(resolution.decision_id, "d1");
+        assert_eq!(check_resolution(&resolution, Some(&resolved())), Ok(()));
+        assert!(
+            check_resolution(&resolution, Some(&open()))
+                .unwrap_err()
+                .to_string()
+                .contains("(resolution undone)")
+        );
+        let rewritten = QueueState {
+            outcome: "cleared".into(),
+            ..resolved()
+        };
+        assert!(check_resolution(&resolution, Some(&rewritten)).is_err());
+        assert!(
+            check_resolution(&resolution, None)
+                .unwrap_err()
+                .to_string()
+                .contains("missing from the queue")
+        );
+    }
+
+    #[test]
+    fn rows_without_a_change_are_ignored_old_changing_rows_and_unreadable_ones_are_named() {
         let mut expected = Expected::default();
         let plain = AuditRow {
             kind: "review".into(),
             body: "{\"rpc\":\"ListQueue\"}".into(),
             ..Default::default()
         };
-        expected.observe(1, &plain);
-        expected.observe(2, &AuditRow::default());
-        assert_eq!(expected.check_overrides(&[]), Ok(()));
+        assert_eq!(expected.observe(1, &plain), None);
+        assert_eq!(expected.observe(2, &AuditRow::default()), None);
+        assert_eq!(expected.check_readable(), Ok(()));
+        assert_eq!(expected.legacy(), None);
+        let old = AuditRow {
+            kind: "review".into(),
+            body: "{\"rpc\":\"Resolve\",\"request\":{}}".into(),
+            ..Default::default()
+        };
+        expected.observe(3, &old);
+        assert_eq!(expected.legacy(), Some(3));
         expected.observe(
             9,
             &reviewer_row(serde_json::json!({ "override": { "id": 3 } })),
         );
         assert!(
             expected
-                .check_overrides(&[])
+                .check_readable()
                 .unwrap_err()
                 .to_string()
                 .starts_with("audit_log: row seq 9: the change it records cannot be read")

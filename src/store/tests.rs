@@ -41,7 +41,7 @@ async fn rows_are_chained_queued_and_survive_reopening() {
     recorder.flush().await;
     assert_eq!(recorder.stats().recorded, 40);
     let conn = open_for_reading(dir.path()).unwrap();
-    assert_eq!(verify(&conn).unwrap(), Ok(40));
+    assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(40));
     assert_eq!(open_items(&conn), 10);
     drop(recorder);
 
@@ -52,7 +52,9 @@ async fn rows_are_chained_queued_and_survive_reopening() {
         .await;
     recorder.flush().await;
     assert_eq!(
-        verify(&open_for_reading(dir.path()).unwrap()).unwrap(),
+        verify(&open_for_reading(dir.path()).unwrap())
+            .unwrap()
+            .map(|v| v.rows),
         Ok(41)
     );
 }
@@ -90,7 +92,7 @@ async fn review_changes_commit_with_their_audit_row_or_not_at_all() {
     ));
     let conn = open_for_reading(dir.path()).unwrap();
     assert_eq!(
-        verify(&conn).unwrap(),
+        verify(&conn).unwrap().map(|v| v.rows),
         Ok(2),
         "the decision and the one successful review action"
     );
@@ -118,7 +120,9 @@ async fn a_full_writer_samples_allow_decisions_and_counts_them() {
     let stats = recorder.stats();
     assert_eq!(stats.recorded + stats.dropped, 2000);
     assert_eq!(
-        verify(&open_for_reading(dir.path()).unwrap()).unwrap(),
+        verify(&open_for_reading(dir.path()).unwrap())
+            .unwrap()
+            .map(|v| v.rows),
         Ok(stats.recorded)
     );
 }
@@ -136,18 +140,22 @@ async fn direct_edits_and_deletions_are_detected() {
     let conn = Connection::open(db_path(dir.path())).unwrap();
     conn.execute("UPDATE audit_log SET verdict = 'ALLOW' WHERE seq = 3", [])
         .unwrap();
-    let err = verify(&conn).unwrap().unwrap_err();
+    let err = verify(&conn).unwrap().map(|v| v.rows).unwrap_err();
     assert_eq!(
         err.to_string(),
         "row seq 3 (decision d2): content does not match its hash (edited)"
     );
     conn.execute("UPDATE audit_log SET verdict = 'DENY' WHERE seq = 3", [])
         .unwrap();
-    assert_eq!(verify(&conn).unwrap(), Ok(5));
+    assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(5));
     conn.execute("DELETE FROM audit_log WHERE seq = 4", [])
         .unwrap();
     assert_eq!(
-        verify(&conn).unwrap().unwrap_err().to_string(),
+        verify(&conn)
+            .unwrap()
+            .map(|v| v.rows)
+            .unwrap_err()
+            .to_string(),
         "rows seq 3 to 5 are missing (deleted)"
     );
 }
@@ -192,6 +200,6 @@ async fn a_bad_row_costs_only_itself() {
     recorder.flush().await;
     assert_eq!(recorder.stats().recorded, 21);
     let conn = open_for_reading(dir.path()).unwrap();
-    assert_eq!(verify(&conn).unwrap(), Ok(21));
+    assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(21));
     assert_eq!(open_items(&conn), 10);
 }

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::GENESIS;
-use super::{AuditRow, OverrideRecord, QueueState, StoreError, open_for_writing};
+use super::{AuditRow, OverrideRecord, QueueState, StoreError, open_for_writing, retention};
 
 /// Most commands one transaction takes.
 const BATCH: usize = 256;
@@ -67,7 +67,15 @@ enum Command {
     // Boxed: reviewer actions are rare, decisions are the bulk of the channel.
     Review(Box<ReviewCommand>),
     Flush(oneshot::Sender<()>),
+    /// Let rows recorded before `cutoff_ms` go (`retention`); answers with the rows deleted.
+    Retain {
+        cutoff_ms: i64,
+        done: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
+
+/// Rows deleted per transaction while retention catches up, between normal batches.
+const RETENTION_CHUNK: usize = 2_000;
 
 struct ReviewCommand {
     row: AuditRow,
@@ -157,6 +165,18 @@ impl Recorder {
                 change,
                 reply,
             })))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Applies retention for `cutoff_ms`: appends a checkpoint when rows are due, then deletes
+    /// them while the writer has nothing else to do (the rest goes a chunk after each batch).
+    /// Answers with the rows deleted by this call.
+    pub async fn retain(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Retain { cutoff_ms, done })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
@@ -397,6 +417,8 @@ fn run(
     mut prev: String,
     counters: &Counters,
 ) {
+    // A deletion a restart interrupted goes on.
+    let mut pending = retention::pending(&conn).unwrap_or(None);
     while let Some(first) = rx.blocking_recv() {
         let mut commands = vec![first];
         while commands.len() < BATCH {
@@ -408,6 +430,7 @@ fn run(
         let mut items = Vec::with_capacity(commands.len());
         let mut replies = Vec::with_capacity(commands.len());
         let mut acks = Vec::new();
+        let mut retains = Vec::new();
         for command in commands {
             match command {
                 // A row builder that panics loses its own decision (counted), not the writer.
@@ -432,6 +455,7 @@ fn run(
                     replies.push(Some(reply));
                 }
                 Command::Flush(ack) => acks.push(ack),
+                Command::Retain { cutoff_ms, done } => retains.push((cutoff_ms, done)),
             }
         }
         // One transaction for the batch; if it fails, each item alone, so that one bad row
@@ -481,5 +505,66 @@ fn run(
         for ack in acks {
             let _ = ack.send(());
         }
+        for (cutoff_ms, done) in retains {
+            let result = retain(&mut conn, &mut seq, &mut prev, cutoff_ms, &mut pending, &rx);
+            if let Err(error) = &result {
+                tracing::error!(%error, "audit retention failed; the rows stay");
+            }
+            let _ = done.send(result.map_err(|error| StoreError::Sqlite {
+                path: "store".into(),
+                error,
+            }));
+        }
+        // Retention catching up: one chunk between batches, so decisions never wait long.
+        if let Some(through) = pending {
+            match delete_chunk(&mut conn, through) {
+                Ok(0) => pending = None,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(%error, "audit retention failed; the rows stay");
+                    pending = None;
+                }
+            }
+        }
     }
+}
+
+fn delete_chunk(conn: &mut Connection, through: i64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let deleted = retention::delete_chunk(&tx, through, RETENTION_CHUNK)?;
+    tx.commit()?;
+    Ok(deleted)
+}
+
+/// Appends a checkpoint if rows are due for `cutoff_ms`, then deletes due rows for as long as
+/// no other command waits.
+fn retain(
+    conn: &mut Connection,
+    seq: &mut i64,
+    prev: &mut String,
+    cutoff_ms: i64,
+    pending: &mut Option<i64>,
+    rx: &mpsc::Receiver<Command>,
+) -> rusqlite::Result<u64> {
+    let row = retention::checkpoint_row(
+        conn,
+        cutoff_ms,
+        super::now_ms(),
+        uuid::Uuid::now_v7().to_string(),
+    )?;
+    if let Some(row) = row {
+        commit(conn, &[Item::Decision(row)], seq, prev)?;
+        *pending = retention::pending(conn)?;
+    }
+    let mut deleted = 0;
+    while let Some(through) = *pending {
+        if !rx.is_empty() {
+            break;
+        }
+        match delete_chunk(conn, through)? {
+            0 => *pending = None,
+            n => deleted += n as u64,
+        }
+    }
+    Ok(deleted)
 }
