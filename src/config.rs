@@ -141,6 +141,9 @@ pub struct StoreConfig {
     /// counted; other decisions always wait.
     pub overflow: String,
     pub block_ms: u64,
+    /// Audit rows older than this many days are removed (after a chained checkpoint; never an
+    /// open queue item's decision). None: kept for ever.
+    pub retain_days: Option<u32>,
 }
 
 impl Default for StoreConfig {
@@ -152,6 +155,7 @@ impl Default for StoreConfig {
             queue_capacity: 10_000,
             overflow: "block".into(),
             block_ms: 5,
+            retain_days: None,
         }
     }
 }
@@ -173,6 +177,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("queue_capacity", &self.queue_capacity)
             .field("overflow", &self.overflow)
             .field("block_ms", &self.block_ms)
+            .field("retain_days", &self.retain_days)
             .finish()
     }
 }
@@ -192,6 +197,17 @@ impl StoreConfig {
             other => Err(ConfigError::Invalid(format!(
                 "store.ip_storage = {other:?}: expected \"full\", \"truncated\" or \"hashed\""
             ))),
+        }
+    }
+
+    /// How long audit rows are kept, if not for ever.
+    pub fn retention(&self) -> Result<Option<Duration>, ConfigError> {
+        match self.retain_days {
+            None => Ok(None),
+            Some(0) => Err(ConfigError::Invalid(
+                "store.retain_days must be at least 1 (leave it out to keep every row)".into(),
+            )),
+            Some(days) => Ok(Some(Duration::from_secs(u64::from(days) * 86_400))),
         }
     }
 
@@ -292,6 +308,7 @@ impl Config {
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
         self.store.overflow()?;
+        self.store.retention()?;
         if self.tls.cert.is_none() && !self.listen.ip().is_loopback() && !self.tls.allow_plaintext {
             return Err(ConfigError::Invalid(format!(
                 "listen = {}: plaintext gRPC off loopback needs [tls] cert and key, or [tls] allow_plaintext = true",
@@ -377,5 +394,12 @@ mod tests {
         assert_eq!(gateway.gateway.trusted_hops, 1);
         let err = Config::from_toml("[gateway]\ndeny_status = 451\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("deny_status"), "{err}");
+        let keep = Config::from_toml("[store]\nretain_days = 400\n", "c.toml").unwrap();
+        assert_eq!(
+            keep.store.retention().unwrap(),
+            Some(Duration::from_secs(400 * 86_400))
+        );
+        let err = Config::from_toml("[store]\nretain_days = 0\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("store.retain_days"), "{err}");
     }
 }

@@ -287,6 +287,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
         let settings = ServerSettings { tls: config.tls.server_config()?, ..ServerSettings::from_config(&config) };
         let audit = loaded.audit;
+        if let (Some(audit), Some(keep)) = (&audit, config.store.retention()?) {
+            tokio::spawn(retention(audit.clone(), keep));
+        }
         server::run(listener, engine, audit.clone(), ops, settings, shutdown_signal()).await?;
         if let Some(audit) = audit {
             audit.recorder().flush().await;
@@ -297,6 +300,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Applies `[store] retain_days` once a minute (and at start); the writer does the work.
+async fn retention(
+    audit: std::sync::Arc<regionguard::audit::AuditTrail>,
+    keep: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let cutoff_ms = regionguard::store::now_ms().saturating_sub(keep.as_millis() as i64);
+        match audit.recorder().retain(cutoff_ms).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, cutoff_ms, "audit retention removed rows"),
+            Err(error) => tracing::error!(%error, "audit retention failed; the rows stay"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -304,6 +304,12 @@ impl Collector for EngineCollector {
                 "Decisions not recorded: their row failed to commit or to build",
                 stats.failed,
             )?;
+            counter(
+                e,
+                "audit_pruned",
+                "Audit rows removed by retention (store.retain_days)",
+                stats.pruned,
+            )?;
         }
         Ok(())
     }

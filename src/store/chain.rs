@@ -72,6 +72,10 @@ pub enum ChainBreak {
     #[error("rows seq {after} to {seq} are missing (deleted)")]
     Gap { after: i64, seq: i64 },
     #[error(
+        "the chain starts at row seq {seq}: the rows before it are missing and no retention checkpoint covers them (deleted)"
+    )]
+    Unanchored { seq: i64 },
+    #[error(
         "row seq {seq} does not have the hash that checkpoint row seq {checkpoint} recorded for it"
     )]
     Checkpoint { seq: i64, checkpoint: i64 },

@@ -241,7 +241,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
             };
             chain::Walker::resume(seq - 1, last_hash)
         }
-        (Some((seq, _)), _) => return broken(ChainBreak::Gap { after: 0, seq }),
+        (Some((seq, _)), _) => return broken(ChainBreak::Unanchored { seq }),
     };
     let mut expected = consistency::Expected::from_overrides(
         checkpoint

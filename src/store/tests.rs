@@ -203,3 +203,113 @@ async fn a_bad_row_costs_only_itself() {
     assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(21));
     assert_eq!(open_items(&conn), 10);
 }
+
+fn decision_at(id: &str, verdict: &str, recorded_at_ms: i64) -> writer::RowBuilder {
+    let row = AuditRow {
+        kind: "decision".into(),
+        ref_id: id.into(),
+        recorded_at_ms,
+        account_id: "acct-1".into(),
+        verdict: verdict.into(),
+        body: "{}".into(),
+        ..Default::default()
+    };
+    Box::new(move || row)
+}
+
+fn reviewer_row(id: &str) -> AuditRow {
+    AuditRow {
+        kind: "review".into(),
+        ref_id: id.into(),
+        actor: "alice".into(),
+        recorded_at_ms: now_ms(),
+        body: "{\"rpc\":\"test\"}".into(),
+        ..Default::default()
+    }
+}
+
+/// Retention removes what is due, never an open queue item's decision, and leaves a store that
+/// verifies, tables included (the override whose setting row went is vouched for by the
+/// checkpoint); a row missing beyond what the checkpoint covers is still a deletion.
+#[tokio::test]
+async fn retention_removes_due_rows_and_the_rest_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 64, Overflow::Sample).unwrap();
+    let day = 86_400_000;
+    let old = now_ms() - 10 * day;
+    let set = Change::SetOverride(OverrideRecord {
+        id: "o1".into(),
+        scope: "account".into(),
+        value: "acct-1".into(),
+        action: "DENY".into(),
+        reviewer: "alice".into(),
+        reason: "shell".into(),
+        created_at_ms: old,
+        expires_at_ms: None,
+        removed_at_ms: None,
+        removed_by: String::new(),
+    });
+    let mut set_row = reviewer_row("r-set");
+    set_row.recorded_at_ms = old;
+    recorder.review(set_row, set).await.unwrap(); // seq 1
+    for i in 0..30 {
+        let verdict = if i == 19 { "REVIEW" } else { "ALLOW" };
+        recorder
+            .decision(decision_at(&format!("old{i}"), verdict, old + i), true)
+            .await; // seq 2..=31; old19 (seq 21) stays open
+    }
+    for i in 0..10 {
+        recorder
+            .decision(decision_at(&format!("new{i}"), "ALLOW", now_ms()), true)
+            .await; // seq 32..=41
+    }
+    recorder.flush().await;
+    let cutoff = now_ms() - 5 * day;
+    assert_eq!(
+        recorder.retain(cutoff).await.unwrap(),
+        20,
+        "up to the open item"
+    );
+    let conn = open_for_reading(dir.path()).unwrap();
+    let verified = verify(&conn).unwrap().unwrap();
+    assert_eq!(verified.pruned_through, Some(20));
+    assert_eq!(verified.rows, 22, "seq 21..=41 and the checkpoint");
+    assert_eq!(open_items(&conn), 1);
+    assert_eq!(
+        recorder.retain(cutoff).await.unwrap(),
+        0,
+        "nothing new is due"
+    );
+
+    // Once resolved, the rest of the old rows go, the resolution row with them staying valid.
+    let resolve = Change::Resolve {
+        decision_id: "old19".into(),
+        outcome: "confirmed".into(),
+        note: String::new(),
+        by: "alice".into(),
+        at_ms: now_ms(),
+    };
+    recorder
+        .review(reviewer_row("r-resolve"), resolve)
+        .await
+        .unwrap();
+    assert_eq!(recorder.retain(cutoff).await.unwrap(), 11);
+    let verified = verify(&conn).unwrap().unwrap();
+    assert_eq!(verified.pruned_through, Some(31));
+    assert_eq!(verified.tables_unchecked_from, None);
+    assert_eq!(
+        overrides(&conn).unwrap().len(),
+        1,
+        "overrides are not log rows"
+    );
+    assert_eq!(recorder.stats().pruned, 31);
+
+    // Deleting past the checkpoint is still a deletion; editing the checkpoint breaks the chain.
+    let raw = Connection::open(db_path(dir.path())).unwrap();
+    raw.execute("DELETE FROM audit_log WHERE seq = 32", [])
+        .unwrap();
+    assert_eq!(
+        verify(&conn).unwrap().unwrap_err().to_string(),
+        "the chain starts at row seq 33: the rows before it are missing and no retention checkpoint covers them (deleted)"
+    );
+}
