@@ -754,3 +754,80 @@ async fn kill_9_while_writing_keeps_the_chain_intact() {
         "nothing committed was lost; the chain continued"
     );
 }
+
+/// `[store] retain_days` in the real binary: rows older than the window (written here through
+/// the store's own writer, with old times) are removed soon after start, and the store verifies.
+#[tokio::test]
+async fn the_server_applies_retention_and_the_store_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let recorder = regionguard::store::writer::Recorder::start(
+        &data,
+        64,
+        regionguard::store::writer::Overflow::Sample,
+    )
+    .unwrap();
+    let long_ago = regionguard::store::now_ms() - 30 * 86_400_000;
+    for (i, at) in [long_ago, long_ago + 1, regionguard::store::now_ms()]
+        .into_iter()
+        .enumerate()
+    {
+        let row = regionguard::store::AuditRow {
+            kind: "decision".into(),
+            ref_id: format!("d{i}"),
+            recorded_at_ms: at,
+            verdict: "ALLOW".into(),
+            body: "{}".into(),
+            ..Default::default()
+        };
+        recorder.decision(Box::new(move || row), true).await;
+    }
+    recorder.flush().await;
+    drop(recorder);
+    let config = dir.path().join("regionguard.toml");
+    std::fs::write(
+        &config,
+        "metrics_listen = \"127.0.0.1:0\"\n[store]\nretain_days = 7\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("REGIONGUARD_CONFIG", &config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        out = verify_cli(&data).1;
+        if out.contains("removed by retention") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        out.starts_with("ok: 2 audit rows verified"),
+        "the new row and the checkpoint: {out}"
+    );
+    assert!(
+        out.contains("rows through seq 2 removed by retention"),
+        "{out}"
+    );
+    support::record(format_args!(
+        "audit verify after retention: {}",
+        out.trim().replace('\n', " |")
+    ));
+}
