@@ -350,6 +350,15 @@ async fn callers_are_separated_by_role() {
     server.shutdown().await;
 }
 
+/// A loopback port nothing listens on, for a server binary to take.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn verify_cli(dir: &std::path::Path) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["audit", "verify", "--data-dir"])
@@ -544,14 +553,17 @@ async fn audit_verify_checks_overrides_and_the_queue_against_the_chain() {
         ),
     );
     assert!(out.contains("(resolution undone)"), "{out}");
-    let out = broken_by(
-        &format!(
-            "CREATE TEMP TABLE saved AS SELECT * FROM review_queue WHERE decision_id = '{0}'; \
-             DELETE FROM review_queue WHERE decision_id = '{0}'",
-            second.decision_id
-        ),
-        "INSERT INTO review_queue SELECT * FROM saved; DROP TABLE saved",
-    );
+    // Deletes a queue item (kept aside, and put back after the check).
+    let without_item = |id: &str| {
+        broken_by(
+            &format!(
+                "CREATE TEMP TABLE saved AS SELECT * FROM review_queue WHERE decision_id = '{id}'; \
+                 DELETE FROM review_queue WHERE decision_id = '{id}'"
+            ),
+            "INSERT INTO review_queue SELECT * FROM saved; DROP TABLE saved",
+        )
+    };
+    let out = without_item(&second.decision_id);
     assert_eq!(
         out.trim(),
         format!(
@@ -573,14 +585,7 @@ async fn audit_verify_checks_overrides_and_the_queue_against_the_chain() {
         out.contains("open, but resolved_by is \"mallory\""),
         "{out}"
     );
-    let out = broken_by(
-        &format!(
-            "CREATE TEMP TABLE saved AS SELECT * FROM review_queue WHERE decision_id = '{0}'; \
-             DELETE FROM review_queue WHERE decision_id = '{0}'",
-            tor.decision_id
-        ),
-        "INSERT INTO review_queue SELECT * FROM saved; DROP TABLE saved",
-    );
+    let out = without_item(&tor.decision_id);
     assert!(
         out.contains("resolved in the audit log but missing from the queue (deleted)"),
         "{out}"
@@ -652,11 +657,7 @@ async fn kill_9_while_writing_keeps_the_chain_intact() {
     let location = dir.path().join("city.mmdb");
     std::fs::write(&location, support::fixtures::city_db()).unwrap();
     let start = || {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(BIN)
             .args([
                 "serve",
@@ -790,11 +791,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         "metrics_listen = \"127.0.0.1:0\"\n[store]\nretain_days = 7\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(BIN)
         .args([
             "serve",
