@@ -90,6 +90,10 @@ enum AuditCommand {
         /// detects rows cut from the end of the chain.
         #[arg(long)]
         expect_head: Option<String>,
+        /// Fail if a retention checkpoint in the chain kept fewer days than this (the
+        /// retention you promised): checkpoints are chained, but not keyed.
+        #[arg(long)]
+        min_retain_days: Option<u32>,
     },
 }
 
@@ -229,7 +233,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Verify {
             data_dir,
             expect_head,
-        }) => reviewer_cli::audit_verify(&data_dir, expect_head.as_deref()),
+            min_retain_days,
+        }) => reviewer_cli::audit_verify(&data_dir, expect_head.as_deref(), min_retain_days),
         Command::Replay {
             policy,
             since,
@@ -302,7 +307,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Applies `[store] retain_days` once a minute (and at start); the writer does the work.
+/// Applies `[store] retain_days` once a minute (and at start); the writer does the work, with
+/// at most one checkpoint a day, so rows stay up to a day past the window.
 async fn retention(
     audit: std::sync::Arc<regionguard::audit::AuditTrail>,
     keep: std::time::Duration,
@@ -311,7 +317,8 @@ async fn retention(
     loop {
         tick.tick().await;
         let cutoff_ms = regionguard::store::now_ms().saturating_sub(keep.as_millis() as i64);
-        match audit.recorder().retain(cutoff_ms).await {
+        let daily = std::time::Duration::from_secs(86_400);
+        match audit.recorder().retain(cutoff_ms, daily).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, cutoff_ms, "audit retention removed rows"),
             Err(error) => tracing::error!(%error, "audit retention failed; the rows stay"),

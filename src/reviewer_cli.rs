@@ -209,7 +209,11 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
 /// `regionguard audit verify`: exit 0 when the chain holds, 1 naming the first broken row.
 /// A chain cannot show that rows were cut from its end; `expect_head` ("SEQ:HASH", as printed by
 /// an earlier run and kept outside the store) checks that that row is still there, unchanged.
-pub fn audit_verify(data_dir: &Path, expect_head: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn audit_verify(
+    data_dir: &Path,
+    expect_head: Option<&str>,
+    min_retain_days: Option<u32>,
+) -> anyhow::Result<ExitCode> {
     let conn = store::open_for_reading(data_dir)?;
     let mut notes = Vec::new();
     if let Some(expected) = expect_head {
@@ -247,8 +251,21 @@ pub fn audit_verify(data_dir: &Path, expect_head: Option<&str>) -> anyhow::Resul
         Ok(verified) => {
             let head = store::head(&conn)?
                 .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
+            const DAY_MS: f64 = 86_400_000.0;
             if let Some(through) = verified.pruned_through {
-                notes.push(format!("rows through seq {through} removed by retention"));
+                let kept = verified.shortest_retention_ms.unwrap_or(0) as f64 / DAY_MS;
+                notes.push(format!(
+                    "rows through seq {through} removed by retention (shortest window kept: {kept:.1} days)"
+                ));
+            }
+            if let (Some(days), Some(kept)) = (min_retain_days, verified.shortest_retention_ms)
+                && (kept as f64) < f64::from(days) * DAY_MS
+            {
+                println!(
+                    "BROKEN: a retention checkpoint kept only {:.1} days, fewer than --min-retain-days {days}",
+                    kept as f64 / DAY_MS
+                );
+                return Ok(ExitCode::from(1));
             }
             match verified.tables_unchecked_from {
                 Some(seq) => notes.push(format!(

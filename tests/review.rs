@@ -823,6 +823,22 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         out.contains("rows through seq 2 removed by retention"),
         "{out}"
     );
+    // The auditor's promise: 7 days holds, 8 does not.
+    let with_promise = |days: &str| {
+        Command::new(BIN)
+            .args(["audit", "verify", "--min-retain-days", days, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    assert!(with_promise("7").status.success());
+    let short = String::from_utf8_lossy(&with_promise("8").stdout).into_owned();
+    assert!(
+        short.starts_with(
+            "BROKEN: a retention checkpoint kept only 7.0 days, fewer than --min-retain-days 8"
+        ),
+        "{short}"
+    );
     support::record(format_args!(
         "audit verify after retention: {}",
         out.trim().replace('\n', " |")

@@ -112,6 +112,13 @@ impl Expected {
         }
     }
 
+    /// The overrides as the rows observed left them.
+    pub fn into_overrides(self) -> Vec<OverrideRecord> {
+        let mut all: Vec<OverrideRecord> = self.overrides.into_values().collect();
+        all.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        all
+    }
+
     /// The first row that predates recorded changes, if any: the tables cannot be checked.
     pub fn legacy(&self) -> Option<i64> {
         self.legacy

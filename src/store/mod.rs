@@ -19,7 +19,13 @@ pub use chain::{AuditRow, ChainBreak};
 pub use consistency::TableMismatch;
 
 /// Versioned schema migrations, applied in order, each once.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/0002_retention_indexes.sql"),
+    ),
+];
 const DB_FILE: &str = "regionguard.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +166,9 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-const ROW_COLUMNS: &str = "seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash";
+pub(crate) const ROW_COLUMNS: &str = "seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash";
 
-fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, AuditRow, String, String)> {
+pub(crate) fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, AuditRow, String, String)> {
     Ok((
         r.get(0)?,
         AuditRow {
@@ -197,6 +203,9 @@ pub struct Verified {
     pub rows: u64,
     /// The last row retention removed (the chain starts after it), if any.
     pub pruned_through: Option<i64>,
+    /// The shortest window a checkpoint still in the chain kept (its time minus its cutoff),
+    /// to compare with the retention the operator promised.
+    pub shortest_retention_ms: Option<i64>,
     /// `Some(seq)`: reviewer changes from before rows recorded them (the first at `seq`), so
     /// the overrides and queue tables were not checked.
     pub tables_unchecked_from: Option<i64>,
@@ -233,7 +242,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
     let mut walker = match (first, &checkpoint) {
         (None | Some((1, _)), _) => chain::Walker::default(),
         // Rows through the checkpoint may be gone, or going (deleted a chunk at a time).
-        (Some((seq, prev)), Some((_, c))) if seq - 1 <= c.through_seq => {
+        (Some((seq, prev)), Some((_, c))) if seq > 1 && seq - 1 <= c.through_seq => {
             let last_hash = if seq - 1 == c.through_seq {
                 c.through_hash.clone()
             } else {
@@ -250,6 +259,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
             .unwrap_or_default(),
     );
     let mut resolutions_matched = 0u64;
+    let mut shortest_retention_ms: Option<i64> = None;
     let mut stmt = tx.prepare(&format!("SELECT {ROW_COLUMNS} FROM audit_log ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
@@ -266,6 +276,27 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
                 checkpoint: *at,
             });
         }
+        if row.kind == retention::KIND {
+            let problem = match serde_json::from_str::<retention::Checkpoint>(&row.body) {
+                Ok(c) => retention::implausible(seq, &row, &c).map_or_else(
+                    || {
+                        let kept = row.recorded_at_ms.saturating_sub(c.cutoff_ms);
+                        shortest_retention_ms =
+                            Some(shortest_retention_ms.map_or(kept, |s| s.min(kept)));
+                        None
+                    },
+                    Some,
+                ),
+                Err(e) => Some(format!("cannot be read ({e})")),
+            };
+            if let Some(problem) = problem {
+                return broken(TableMismatch {
+                    table: "audit_log",
+                    key: format!("row seq {seq}"),
+                    problem: format!("retention checkpoint {problem}"),
+                });
+            }
+        }
         if let Some(resolution) = expected.observe(seq, &row) {
             let item = queue_item(&tx, &resolution.decision_id)?;
             if item.is_none() && !decision_exists(&tx, &resolution.decision_id)? {
@@ -280,7 +311,12 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
     let verified = Verified {
         rows: walker.count(),
         pruned_through: checkpoint.as_ref().map(|(_, c)| c.through_seq),
-        tables_unchecked_from: expected.legacy(),
+        shortest_retention_ms,
+        // A checkpoint made from a chain with unrecorded changes carries that on.
+        tables_unchecked_from: expected.legacy().or(checkpoint
+            .as_ref()
+            .filter(|(_, c)| c.legacy)
+            .map(|(seq, _)| *seq)),
     };
     if verified.tables_unchecked_from.is_some() {
         return Ok(Ok(verified));

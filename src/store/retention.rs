@@ -2,8 +2,9 @@
 //! `verify` can prove.
 //!
 //! The writer first appends a chained `checkpoint` row naming the last row to go (its seq and
-//! hash), the cutoff, and the `overrides` table as it stands (their setting rows may be among
-//! those that go). Then it deletes the rows through that seq a chunk at a time, with their
+//! hash), the cutoff, and the overrides as the chain says they stand (the previous checkpoint's
+//! copy plus the reviewer rows since; never the table itself, so an edit to the table is not
+//! laundered into the copy). At most one checkpoint a `min_interval` (a day in the server). Then it deletes the rows through that seq a chunk at a time, with their
 //! queue items, between its normal batches. `verify` starts the chain at the checkpoint's hash:
 //! rows missing without a checkpoint that covers them are still deletions, and a checkpoint
 //! cannot be added or edited without breaking the chain after it.
@@ -16,7 +17,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
 use super::chain::AuditRow;
-use super::{OverrideRecord, overrides};
+use super::consistency::Expected;
+use super::{OverrideRecord, read_row};
 
 /// What a checkpoint row's body holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,8 +28,12 @@ pub struct Checkpoint {
     pub through_hash: String,
     /// Rows recorded before this time were due.
     pub cutoff_ms: i64,
-    /// The `overrides` table when the checkpoint was written.
+    /// The overrides as the chain said they stood when the checkpoint was written.
     pub overrides: Vec<OverrideRecord>,
+    /// Some reviewer change in the chain predates rows recording their change: the copy is
+    /// incomplete and the tables cannot be held to it.
+    #[serde(default)]
+    pub legacy: bool,
 }
 
 pub const KIND: &str = "checkpoint";
@@ -49,13 +55,10 @@ pub fn latest(conn: &Connection) -> rusqlite::Result<Option<(i64, Result<Checkpo
 }
 
 /// The last seq rows may be deleted through for `cutoff_ms`: every row before the first one
-/// recorded at or after the cutoff, and before the first open queue item.
-fn due_through(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<i64> {
-    let first_kept: Option<i64> = conn.query_row(
-        "SELECT MIN(seq) FROM audit_log WHERE recorded_at_ms >= ?1",
-        [cutoff_ms],
-        |r| r.get(0),
-    )?;
+/// recorded at or after the cutoff, before the first open queue item, and before the newest row
+/// (the head must stay to continue the chain from). The scan starts after what is already
+/// covered and stops at the first row to keep.
+fn due_through(conn: &Connection, cutoff_ms: i64, covered: i64) -> rusqlite::Result<i64> {
     let first_open: Option<i64> = conn.query_row(
         "SELECT MIN(seq) FROM review_queue WHERE status = 'open'",
         [],
@@ -64,28 +67,78 @@ fn due_through(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<i64> {
     let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_log", [], |r| {
         r.get(0)
     })?;
-    // The newest row always stays: the chain's head must remain to continue from.
-    let limit = [first_kept, first_open, Some(last)]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(0);
-    Ok(limit - 1)
+    let bound = first_open.map_or(last, |open| open.min(last));
+    let first_kept: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM audit_log WHERE seq > ?1 AND seq < ?2 AND recorded_at_ms >= ?3 ORDER BY seq LIMIT 1",
+            params![covered, bound, cutoff_ms],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let through = first_kept.unwrap_or(bound) - 1;
+    if first_kept.is_none() && first_open.is_some_and(|open| open < last) {
+        tracing::warn!(
+            open_item_seq = bound,
+            "audit retention is held back by an open review item older than the window"
+        );
+    }
+    Ok(through)
 }
 
-/// The checkpoint row to append for `cutoff_ms`, when it lets more rows go than the latest
-/// checkpoint did.
+/// The overrides as the chain says they stand: the latest checkpoint's copy, then every
+/// reviewer row after that checkpoint. `legacy` when a change was not recorded in its row.
+fn overrides_from_chain(
+    conn: &Connection,
+    latest: Option<&(i64, Checkpoint)>,
+) -> rusqlite::Result<(Vec<OverrideRecord>, bool)> {
+    let (after, mut expected, legacy) = match latest {
+        Some((seq, c)) => (
+            *seq,
+            Expected::from_overrides(c.overrides.clone()),
+            c.legacy,
+        ),
+        None => (0, Expected::default(), false),
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {} FROM audit_log WHERE kind = 'review' AND seq > ?1 ORDER BY seq",
+        super::ROW_COLUMNS
+    ))?;
+    let mut rows = stmt.query([after])?;
+    while let Some(r) = rows.next()? {
+        let (seq, row, _, _) = read_row(r)?;
+        expected.observe(seq, &row);
+    }
+    let legacy = legacy || expected.legacy().is_some();
+    Ok((expected.into_overrides(), legacy))
+}
+
+/// The checkpoint row to append for `cutoff_ms`: when the latest checkpoint is at least
+/// `min_interval_ms` old and more rows are due than it covered.
 pub fn checkpoint_row(
     conn: &Connection,
     cutoff_ms: i64,
+    min_interval_ms: i64,
     now_ms: i64,
     ref_id: String,
 ) -> rusqlite::Result<Option<AuditRow>> {
-    let through = due_through(conn, cutoff_ms)?;
-    let covered = match latest(conn)? {
-        Some((_, Ok(checkpoint))) => checkpoint.through_seq,
-        _ => 0,
+    let latest = match latest(conn)? {
+        Some((seq, Ok(checkpoint))) => Some((seq, checkpoint)),
+        // An unreadable checkpoint: verify names it; nothing is deleted past it.
+        Some((_, Err(_))) => return Ok(None),
+        None => None,
     };
+    if let Some((seq, _)) = &latest {
+        let written: i64 = conn.query_row(
+            "SELECT recorded_at_ms FROM audit_log WHERE seq = ?1",
+            [seq],
+            |r| r.get(0),
+        )?;
+        if now_ms.saturating_sub(written) < min_interval_ms {
+            return Ok(None);
+        }
+    }
+    let covered = latest.as_ref().map_or(0, |(_, c)| c.through_seq);
+    let through = due_through(conn, cutoff_ms, covered)?;
     if through <= covered {
         return Ok(None);
     }
@@ -94,21 +147,44 @@ pub fn checkpoint_row(
         [through],
         |r| r.get(0),
     )?;
+    let (overrides, legacy) = overrides_from_chain(conn, latest.as_ref())?;
     let checkpoint = Checkpoint {
         through_seq: through,
         through_hash,
         cutoff_ms,
-        overrides: overrides(conn)?,
+        overrides,
+        legacy,
     };
     Ok(Some(AuditRow {
         kind: KIND.into(),
         ref_id,
         recorded_at_ms: now_ms,
-        actor: "retention".into(),
+        actor: ACTOR.into(),
         reasons: format!("through seq {through}"),
         body: serde_json::to_string(&checkpoint).unwrap_or_default(),
         ..Default::default()
     }))
+}
+
+/// The actor of checkpoint rows.
+pub const ACTOR: &str = "retention";
+
+/// Why a checkpoint row (at `seq`, recorded at `recorded_at_ms`) cannot be one the writer
+/// wrote: it would cover itself, or rows from after its own cutoff's time.
+pub fn implausible(seq: i64, row: &AuditRow, c: &Checkpoint) -> Option<String> {
+    if row.actor != ACTOR {
+        return Some(format!("actor is {:?}, not {ACTOR:?}", row.actor));
+    }
+    if c.through_seq >= seq || c.through_seq < 1 {
+        return Some(format!("covers seq {} from seq {seq}", c.through_seq));
+    }
+    if c.cutoff_ms > row.recorded_at_ms {
+        return Some(format!(
+            "its cutoff {} is after its own time {}",
+            c.cutoff_ms, row.recorded_at_ms
+        ));
+    }
+    None
 }
 
 /// Rows still to delete under the latest checkpoint: `Some(through_seq)` while any remain.
@@ -135,4 +211,30 @@ pub fn delete_chunk(tx: &Transaction<'_>, through: i64, limit: usize) -> rusqlit
     };
     tx.execute("DELETE FROM review_queue WHERE seq <= ?1", [upper])?;
     tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_the_writer_could_not_have_written_is_named() {
+        let row = |actor: &str, at: i64| AuditRow {
+            kind: KIND.into(),
+            actor: actor.into(),
+            recorded_at_ms: at,
+            ..Default::default()
+        };
+        let checkpoint = Checkpoint {
+            through_seq: 10,
+            through_hash: String::new(),
+            cutoff_ms: 1_000,
+            overrides: Vec::new(),
+            legacy: false,
+        };
+        assert_eq!(implausible(20, &row(ACTOR, 5_000), &checkpoint), None);
+        assert!(implausible(20, &row("mallory", 5_000), &checkpoint).is_some());
+        assert!(implausible(10, &row(ACTOR, 5_000), &checkpoint).is_some());
+        assert!(implausible(20, &row(ACTOR, 500), &checkpoint).is_some());
+    }
 }

@@ -266,7 +266,10 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
     recorder.flush().await;
     let cutoff = now_ms() - 5 * day;
     assert_eq!(
-        recorder.retain(cutoff).await.unwrap(),
+        recorder
+            .retain(cutoff, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
         20,
         "up to the open item"
     );
@@ -276,7 +279,10 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
     assert_eq!(verified.rows, 22, "seq 21..=41 and the checkpoint");
     assert_eq!(open_items(&conn), 1);
     assert_eq!(
-        recorder.retain(cutoff).await.unwrap(),
+        recorder
+            .retain(cutoff, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
         0,
         "nothing new is due"
     );
@@ -293,7 +299,13 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
         .review(reviewer_row("r-resolve"), resolve)
         .await
         .unwrap();
-    assert_eq!(recorder.retain(cutoff).await.unwrap(), 11);
+    assert_eq!(
+        recorder
+            .retain(cutoff, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        11
+    );
     let verified = verify(&conn).unwrap().unwrap();
     assert_eq!(verified.pruned_through, Some(31));
     assert_eq!(verified.tables_unchecked_from, None);
@@ -304,12 +316,53 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
     );
     assert_eq!(recorder.stats().pruned, 31);
 
-    // Deleting past the checkpoint is still a deletion; editing the checkpoint breaks the chain.
+    // An override written into the table behind the writer's back is not laundered into the
+    // next checkpoint's copy: that copy comes from the chain, and verify still names it.
     let raw = Connection::open(db_path(dir.path())).unwrap();
-    raw.execute("DELETE FROM audit_log WHERE seq = 32", [])
+    raw.execute(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+         VALUES ('planted', 'account', 'acct-9', 'ALLOW', 'alice', 'x', 1)",
+        [],
+    )
+    .unwrap();
+    for i in 0..3 {
+        recorder
+            .decision(
+                decision_at(&format!("late{i}"), "ALLOW", old + 100 + i),
+                true,
+            )
+            .await;
+    }
+    recorder.flush().await;
+    assert!(
+        recorder
+            .retain(now_ms() - 1, std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            > 0
+    );
+    assert!(
+        verify(&conn)
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+            .starts_with("overrides: planted: no reviewer row"),
+    );
+    raw.execute("DELETE FROM overrides WHERE id = 'planted'", [])
+        .unwrap();
+    assert!(verify(&conn).unwrap().is_ok());
+
+    // Deleting past the checkpoint is still a deletion.
+    let first: i64 = conn
+        .query_row("SELECT MIN(seq) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    raw.execute("DELETE FROM audit_log WHERE seq = ?1", [first])
         .unwrap();
     assert_eq!(
         verify(&conn).unwrap().unwrap_err().to_string(),
-        "the chain starts at row seq 33: the rows before it are missing and no retention checkpoint covers them (deleted)"
+        format!(
+            "the chain starts at row seq {}: the rows before it are missing and no retention checkpoint covers them (deleted)",
+            first + 1
+        )
     );
 }

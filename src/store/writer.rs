@@ -70,6 +70,7 @@ enum Command {
     /// Let rows recorded before `cutoff_ms` go (`retention`); answers with the rows deleted.
     Retain {
         cutoff_ms: i64,
+        min_interval_ms: i64,
         done: oneshot::Sender<Result<u64, StoreError>>,
     },
 }
@@ -174,13 +175,19 @@ impl Recorder {
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Applies retention for `cutoff_ms`: appends a checkpoint when rows are due, then deletes
-    /// them while the writer has nothing else to do (the rest goes a chunk after each batch).
-    /// Answers with the rows deleted by this call.
-    pub async fn retain(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+    /// Applies retention for `cutoff_ms`: appends a checkpoint when rows are due and the latest
+    /// checkpoint is at least `min_interval` old, then deletes due rows while the writer has
+    /// nothing else to do (the rest goes a chunk after each batch). Answers with the rows
+    /// deleted by this call.
+    pub async fn retain(&self, cutoff_ms: i64, min_interval: Duration) -> Result<u64, StoreError> {
         let (done, answer) = oneshot::channel();
+        let min_interval_ms = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
         self.tx
-            .send(Command::Retain { cutoff_ms, done })
+            .send(Command::Retain {
+                cutoff_ms,
+                min_interval_ms,
+                done,
+            })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
@@ -423,7 +430,10 @@ fn run(
     counters: &Counters,
 ) {
     // A deletion a restart interrupted goes on.
-    let mut pending = retention::pending(&conn).unwrap_or(None);
+    let mut pending = retention::pending(&conn).unwrap_or_else(|error| {
+        tracing::error!(%error, "audit retention: cannot tell what is left to delete; the next run will");
+        None
+    });
     let mut last_chunk = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut commands = vec![first];
@@ -461,7 +471,11 @@ fn run(
                     replies.push(Some(reply));
                 }
                 Command::Flush(ack) => acks.push(ack),
-                Command::Retain { cutoff_ms, done } => retains.push((cutoff_ms, done)),
+                Command::Retain {
+                    cutoff_ms,
+                    min_interval_ms,
+                    done,
+                } => retains.push((cutoff_ms, min_interval_ms, done)),
             }
         }
         // One transaction for the batch; if it fails, each item alone, so that one bad row
@@ -511,8 +525,9 @@ fn run(
         for ack in acks {
             let _ = ack.send(());
         }
-        for (cutoff_ms, done) in retains {
-            let result = retain(&mut conn, &mut seq, &mut prev, cutoff_ms, &mut pending, &rx);
+        for (cutoff_ms, min_interval_ms, done) in retains {
+            let window = (cutoff_ms, min_interval_ms);
+            let result = retain(&mut conn, &mut seq, &mut prev, window, &mut pending, &rx);
             if let Ok(deleted) = result {
                 counters.pruned.fetch_add(deleted, Ordering::Relaxed);
             }
@@ -553,20 +568,22 @@ fn retain(
     conn: &mut Connection,
     seq: &mut i64,
     prev: &mut String,
-    cutoff_ms: i64,
+    (cutoff_ms, min_interval_ms): (i64, i64),
     pending: &mut Option<i64>,
     rx: &mpsc::Receiver<Command>,
 ) -> rusqlite::Result<u64> {
     let row = retention::checkpoint_row(
         conn,
         cutoff_ms,
+        min_interval_ms,
         super::now_ms(),
         uuid::Uuid::now_v7().to_string(),
     )?;
     if let Some(row) = row {
         commit(conn, &[Item::Decision(row)], seq, prev)?;
-        *pending = retention::pending(conn)?;
     }
+    // Recomputed each time, so a deletion an error stopped goes on.
+    *pending = retention::pending(conn)?;
     let mut deleted = 0;
     while let Some(through) = *pending {
         if !rx.is_empty() {
