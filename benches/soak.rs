@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench soak -- --minutes 5 [--usage-mb 64]` (default 2 minutes, 64 MiB of usage
 //! history). Under `cargo test` it runs 3 seconds. Every decision is audited: the store grows by
-//! about 3 GB a minute at this rate, so mind the disk on long runs.
+//! about 2.5 GB a minute at this rate, so mind the disk on long runs.
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;

@@ -431,6 +431,51 @@ async fn audit_verify_passes_then_names_an_edited_row() {
     server.shutdown().await;
 }
 
+/// The audit row keeps the usage a decision saw once (in its inputs); Explain still answers
+/// with the usage summary the caller received.
+#[tokio::test]
+async fn explain_returns_the_answer_as_given_usage_included() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let usage = pb::UsageSummary {
+        requests_1h: 5000,
+        baseline_requests_per_hour: 20.0,
+        accounts_sharing_payment: 9,
+        regions_7d: vec!["FR".into()],
+        ..Default::default()
+    };
+    let given = server
+        .classify(pb::ClassifyRequest {
+            usage: Some(usage),
+            ..account(scenario.ips.allowed, "acct-busy")
+        })
+        .await
+        .unwrap();
+    assert!(given.usage.is_some());
+    settle().await;
+    let explained = review(&server)
+        .explain(as_caller(
+            pb::ExplainRequest {
+                decision_id: given.decision_id.clone(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explained.decision.as_ref(), Some(&given));
+    let db = rusqlite::Connection::open(regionguard::store::db_path(&server.data_dir())).unwrap();
+    let stored: Option<String> = db
+        .query_row(
+            "SELECT json_extract(body, '$.decision.usage') FROM audit_log WHERE ref_id = ?1",
+            [&given.decision_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, None, "kept once, in inputs.usage");
+    server.shutdown().await;
+}
+
 /// The overrides and the queue are mutable tables; `verify` checks them against the chain, so
 /// writing them around the Review API is caught like an edited audit row.
 #[tokio::test]

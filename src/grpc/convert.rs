@@ -358,7 +358,7 @@ pub fn usage_facts(usage: &pb::UsageSummary) -> Result<UsageFacts, ApiError> {
     })
 }
 
-fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
+pub fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
     pb::UsageSummary {
         requests_1h: usage.requests_1h,
         baseline_requests_per_hour: usage.baseline_requests_per_hour,

@@ -20,6 +20,7 @@ pub(super) fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiEr
         crate::classify::Flow::Signup => pb::Flow::Signup,
         crate::classify::Flow::Login => pb::Flow::Login,
     };
+    let answer = body.answer();
     Ok(pb::DecisionRecord {
         seq: stored.seq as u64,
         recorded_at_unix_ms: stored.row.recorded_at_ms,
@@ -27,7 +28,7 @@ pub(super) fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiEr
         ip: body.ip,
         flow: flow.into(),
         inputs_json: serde_json::to_string(&body.inputs).unwrap_or_default(),
-        decision: Some(body.decision),
+        decision: Some(answer),
     })
 }
 

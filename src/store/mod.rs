@@ -119,6 +119,10 @@ pub fn open_for_writing(dir: &Path) -> Result<Connection, StoreError> {
     let path = db_path(dir);
     let err = sqlite(&path);
     let mut conn = Connection::open(&path).map_err(&err)?;
+    // Decision rows are about 2 KB: on 4 KB pages a page holds one or two with much left over;
+    // 16 KB pages waste a fraction of that. Takes effect only when the file is created.
+    conn.pragma_update(None, "page_size", 16_384)
+        .map_err(&err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(&err)?;
     // NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only an
