@@ -40,6 +40,20 @@ fn review(server: &TestServer) -> ReviewClient<Channel> {
     ReviewClient::new(server.channel.clone())
 }
 
+/// A decision's record, as Alice asks for it.
+async fn explain(server: &TestServer, decision_id: &str) -> pb::DecisionRecord {
+    review(server)
+        .explain(as_caller(
+            pb::ExplainRequest {
+                decision_id: decision_id.to_owned(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn account(ip: &str, account_id: &str) -> pb::ClassifyRequest {
     pb::ClassifyRequest {
         account: Some(pb::Account {
@@ -87,16 +101,7 @@ async fn review_decisions_queue_explain_and_resolve() {
         record.inputs_json
     );
 
-    let explained = review(&server)
-        .explain(as_caller(
-            pb::ExplainRequest {
-                decision_id: tor.decision_id.clone(),
-            },
-            ALICE,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let explained = explain(&server, &tor.decision_id).await;
     assert_eq!(
         codes(explained.decision.as_ref().unwrap()),
         ["ANONYMIZER_TOR"]
@@ -453,16 +458,7 @@ async fn explain_returns_the_answer_as_given_usage_included() {
         .unwrap();
     assert!(given.usage.is_some());
     settle().await;
-    let explained = review(&server)
-        .explain(as_caller(
-            pb::ExplainRequest {
-                decision_id: given.decision_id.clone(),
-            },
-            ALICE,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let explained = explain(&server, &given.decision_id).await;
     assert_eq!(explained.decision.as_ref(), Some(&given));
     let db = rusqlite::Connection::open(regionguard::store::db_path(&server.data_dir())).unwrap();
     let stored: Option<String> = db
