@@ -117,8 +117,8 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
             let trail = AuditTrail::start(
                 dir,
                 config.store.ip_storage()?,
-                config.store.queue_capacity,
-                config.store.overflow()?,
+                (config.store.queue_capacity, config.store.overflow()?),
+                config.store.chain_key()?,
             )?;
             let overrides = store::open_for_reading(dir).and_then(|c| {
                 store::overrides(&c).map_err(|error| store::StoreError::Sqlite {

@@ -13,7 +13,7 @@ use crate::engine::{ClassifyInput, Outcome};
 use crate::grpc::pb;
 use crate::replay::StoredInputs;
 use crate::store::writer::{Overflow, Recorder};
-use crate::store::{AuditRow, StoreError};
+use crate::store::{AuditRow, ChainKey, StoreError};
 
 /// How request IPs are kept in the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,11 +87,11 @@ impl AuditTrail {
     pub fn start(
         data_dir: &Path,
         ip_storage: IpStorage,
-        capacity: usize,
-        overflow: Overflow,
+        (capacity, overflow): (usize, Overflow),
+        key: Option<ChainKey>,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            recorder: Recorder::start(data_dir, capacity, overflow)?,
+            recorder: Recorder::start_keyed(data_dir, capacity, overflow, key)?,
             ip_storage: Arc::new(ip_storage),
             data_dir: data_dir.to_path_buf(),
         })

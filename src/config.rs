@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::audit::IpStorage;
 use crate::auth::AuthConfig;
 use crate::gateway::GatewayConfig;
+use crate::store::ChainKey;
 use crate::store::writer::Overflow;
 
 /// Where the default policy and database live in a checkout.
@@ -144,6 +145,9 @@ pub struct StoreConfig {
     /// Audit rows older than this many days are removed (after a chained checkpoint; never an
     /// open queue item's decision). None: kept for ever.
     pub retain_days: Option<u32>,
+    /// A file of at least 32 secret bytes: audit rows are then HMAC-keyed with it, so that
+    /// nobody without it can append or rewrite rows that verify. None: plain SHA-256.
+    pub chain_key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -156,6 +160,7 @@ impl Default for StoreConfig {
             overflow: "block".into(),
             block_ms: 5,
             retain_days: None,
+            chain_key_file: None,
         }
     }
 }
@@ -178,6 +183,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("overflow", &self.overflow)
             .field("block_ms", &self.block_ms)
             .field("retain_days", &self.retain_days)
+            .field("chain_key_file", &self.chain_key_file)
             .finish()
     }
 }
@@ -198,6 +204,17 @@ impl StoreConfig {
                 "store.ip_storage = {other:?}: expected \"full\", \"truncated\" or \"hashed\""
             ))),
         }
+    }
+
+    /// The chain key, read from `chain_key_file`.
+    pub fn chain_key(&self) -> Result<Option<ChainKey>, ConfigError> {
+        self.chain_key_file
+            .as_deref()
+            .map(|path| {
+                ChainKey::from_file(path)
+                    .map_err(|e| ConfigError::Invalid(format!("store.chain_key_file: {e}")))
+            })
+            .transpose()
     }
 
     /// How long audit rows are kept, if not for ever.
@@ -309,6 +326,7 @@ impl Config {
         self.store.ip_storage()?;
         self.store.overflow()?;
         self.store.retention()?;
+        self.store.chain_key()?;
         if self.tls.cert.is_none() && !self.listen.ip().is_loopback() && !self.tls.allow_plaintext {
             return Err(ConfigError::Invalid(format!(
                 "listen = {}: plaintext gRPC off loopback needs [tls] cert and key, or [tls] allow_plaintext = true",
@@ -401,5 +419,17 @@ mod tests {
         );
         let err = Config::from_toml("[store]\nretain_days = 0\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("store.retain_days"), "{err}");
+        let short_key = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(short_key.path(), b"too short").unwrap();
+        let text = format!(
+            "[store]\nchain_key_file = {:?}\n",
+            short_key.path().display().to_string()
+        );
+        let err = Config::from_toml(&text, "c.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("store.chain_key_file")
+                && err.to_string().contains("32 bytes"),
+            "{err}"
+        );
     }
 }

@@ -94,6 +94,10 @@ enum AuditCommand {
         /// retention you promised): checkpoints are chained, but not keyed.
         #[arg(long)]
         min_retain_days: Option<u32>,
+        /// The server's `[store] chain_key_file`: keyed rows are checked with it, and with it
+        /// the chain must be keyed.
+        #[arg(long, env = "REGIONGUARD_CHAIN_KEY_FILE")]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -234,7 +238,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             expect_head,
             min_retain_days,
-        }) => reviewer_cli::audit_verify(&data_dir, expect_head.as_deref(), min_retain_days),
+            key_file,
+        }) => reviewer_cli::audit_verify(
+            &data_dir,
+            expect_head.as_deref(),
+            min_retain_days,
+            key_file.as_deref(),
+        ),
         Command::Replay {
             policy,
             since,

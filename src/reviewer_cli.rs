@@ -213,7 +213,12 @@ pub fn audit_verify(
     data_dir: &Path,
     expect_head: Option<&str>,
     min_retain_days: Option<u32>,
+    key_file: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let key = key_file
+        .map(store::ChainKey::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let conn = store::open_for_reading(data_dir)?;
     let mut notes = Vec::new();
     if let Some(expected) = expect_head {
@@ -247,7 +252,7 @@ pub fn audit_verify(
             },
         }
     }
-    match store::verify(&conn)? {
+    match store::verify_keyed(&conn, key.as_ref())? {
         Ok(verified) => {
             let head = store::head(&conn)?
                 .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));

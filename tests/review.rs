@@ -826,12 +826,32 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
     }
     recorder.flush().await;
     drop(recorder);
+    // The server keys what it writes from now on; the plain rows before stay verifiable.
+    let key = dir.path().join("audit.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
     let config = dir.path().join("regionguard.toml");
     std::fs::write(
         &config,
-        "metrics_listen = \"127.0.0.1:0\"\n[store]\nretain_days = 7\n",
+        format!(
+            "metrics_listen = \"127.0.0.1:0\"\n[store]\nretain_days = 7\nchain_key_file = {:?}\n",
+            key.display().to_string()
+        ),
     )
     .unwrap();
+    let verify_with = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--key-file"])
+            .arg(&key)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
     let port = free_port();
     let mut child = Command::new(BIN)
         .args([
@@ -849,7 +869,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
     let mut out = String::new();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        out = verify_cli(&data).1;
+        out = verify_with(&[]).1;
         if out.contains("removed by retention") {
             break;
         }
@@ -864,16 +884,17 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         out.contains("rows through seq 2 removed by retention"),
         "{out}"
     );
+    // The checkpoint is keyed: without the key it cannot be checked.
+    let (ok, unkeyed) = verify_cli(&data);
+    assert!(!ok);
+    assert!(
+        unkeyed.starts_with("BROKEN: row seq 4 is keyed: pass the chain key"),
+        "{unkeyed}"
+    );
     // The auditor's promise: 7 days holds, 8 does not.
-    let with_promise = |days: &str| {
-        Command::new(BIN)
-            .args(["audit", "verify", "--min-retain-days", days, "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap()
-    };
-    assert!(with_promise("7").status.success());
-    let short = String::from_utf8_lossy(&with_promise("8").stdout).into_owned();
+    assert!(verify_with(&["--min-retain-days", "7"]).0);
+    let (ok, short) = verify_with(&["--min-retain-days", "8"]);
+    assert!(!ok);
     assert!(
         short.starts_with(
             "BROKEN: a retention checkpoint kept only 7.0 days, fewer than --min-retain-days 8"

@@ -1,8 +1,51 @@
 //! The hash chain over `audit_log`: each row's hash covers its content and the previous row's
 //! hash, so editing or deleting any row breaks every hash after it, and `verify` names the first
 //! row that does not hold.
+//!
+//! With a chain key (`[store] chain_key_file`), rows carry an HMAC-SHA-256 under that key
+//! (`k1:<hex>`) instead of a plain SHA-256: without the key, nobody can append, edit or rewrite
+//! rows that verify. Once a row is keyed, every later row must be (no downgrade), and the keyed
+//! rows anchor the unkeyed ones before them through their `prev_hash`.
 
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+
+/// The prefix of a keyed row hash.
+pub const KEYED: &str = "k1:";
+
+/// The secret the chain is keyed with. Its bytes never reach a log.
+#[derive(Clone)]
+pub struct ChainKey(Arc<[u8]>);
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChainKey(<redacted>)")
+    }
+}
+
+impl ChainKey {
+    /// At least 32 bytes (e.g. `head -c 32 /dev/urandom > audit.key`).
+    pub fn new(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() < 32 {
+            return Err(format!(
+                "a chain key needs at least 32 bytes, this one has {}",
+                bytes.len()
+            ));
+        }
+        Ok(Self(bytes.into()))
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// The hash a chain starts from.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -22,10 +65,8 @@ pub struct AuditRow {
 }
 
 impl AuditRow {
-    /// The row's hash given the previous row's: SHA-256 over the fields, each length-prefixed so
-    /// no two different rows serialise alike.
-    pub fn hash(&self, seq: i64, prev_hash: &str) -> String {
-        let mut hasher = Sha256::new();
+    /// The fields as hashed, each length-prefixed so no two different rows serialise alike.
+    fn feed(&self, seq: i64, prev_hash: &str, mut update: impl FnMut(&[u8])) {
         let fields: [&[u8]; 11] = [
             prev_hash.as_bytes(),
             &seq.to_be_bytes(),
@@ -40,14 +81,30 @@ impl AuditRow {
             self.body.as_bytes(),
         ];
         for field in fields {
-            hasher.update((field.len() as u64).to_be_bytes());
-            hasher.update(field);
+            update(&(field.len() as u64).to_be_bytes());
+            update(field);
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+    }
+
+    /// The row's plain hash given the previous row's: SHA-256 over the fields.
+    pub fn hash(&self, seq: i64, prev_hash: &str) -> String {
+        let mut hasher = Sha256::new();
+        self.feed(seq, prev_hash, |bytes| hasher.update(bytes));
+        hex(&hasher.finalize())
+    }
+
+    /// The row's hash under `key` (`k1:` + HMAC-SHA-256 over the same fields), or the plain
+    /// hash without one.
+    pub fn hash_with(&self, seq: i64, prev_hash: &str, key: Option<&ChainKey>) -> String {
+        let Some(key) = key else {
+            return self.hash(seq, prev_hash);
+        };
+        // HMAC takes keys of any length: this cannot fail.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key.0) else {
+            return self.hash(seq, prev_hash);
+        };
+        self.feed(seq, prev_hash, |bytes| mac.update(bytes));
+        format!("{KEYED}{}", hex(&mac.finalize().into_bytes()))
     }
 }
 
@@ -79,6 +136,14 @@ pub enum ChainBreak {
         "row seq {seq} does not have the hash that checkpoint row seq {checkpoint} recorded for it"
     )]
     Checkpoint { seq: i64, checkpoint: i64 },
+    #[error("row seq {seq} is keyed: pass the chain key (--key-file) to verify it")]
+    NeedsKey { seq: i64 },
+    #[error("row seq {seq} is not keyed but follows keyed rows (written without the key)")]
+    Downgraded { seq: i64 },
+    #[error(
+        "no row is keyed with the given chain key (the chain was written, or rewritten, without it)"
+    )]
+    NeverKeyed,
 }
 
 /// Checks rows one at a time, in `seq` order, holding only the last row's seq and hash: a
@@ -88,6 +153,8 @@ pub struct Walker {
     expected_prev: String,
     last_seq: i64,
     count: u64,
+    key: Option<ChainKey>,
+    keyed: bool,
 }
 
 impl Default for Walker {
@@ -96,6 +163,8 @@ impl Default for Walker {
             expected_prev: GENESIS.to_owned(),
             last_seq: 0,
             count: 0,
+            key: None,
+            keyed: false,
         }
     }
 }
@@ -105,10 +174,18 @@ impl Walker {
     /// hash.
     pub fn resume(last_seq: i64, last_hash: String) -> Self {
         Self {
+            // A chain resumed at a keyed hash continues keyed.
+            keyed: last_hash.starts_with(KEYED),
             expected_prev: last_hash,
             last_seq,
-            count: 0,
+            ..Self::default()
         }
+    }
+
+    /// Checks keyed rows with `key`.
+    pub fn with_key(mut self, key: Option<ChainKey>) -> Self {
+        self.key = key;
+        self
     }
 
     /// Takes the next row: `Err` names it when it does not continue the chain.
@@ -133,7 +210,18 @@ impl Walker {
                 expected_prev: self.last_seq,
             });
         }
-        if row.hash(seq, prev_hash) != row_hash {
+        let expected = if row_hash.starts_with(KEYED) {
+            let Some(key) = &self.key else {
+                return Err(ChainBreak::NeedsKey { seq });
+            };
+            self.keyed = true;
+            row.hash_with(seq, prev_hash, Some(key))
+        } else if self.keyed {
+            return Err(ChainBreak::Downgraded { seq });
+        } else {
+            row.hash(seq, prev_hash)
+        };
+        if expected != row_hash {
             return Err(ChainBreak::Edited {
                 seq,
                 kind: row.kind.clone(),
@@ -150,6 +238,14 @@ impl Walker {
     pub fn count(&self) -> u64 {
         self.count
     }
+
+    /// At the end of the chain: with a key, its rows must have been keyed.
+    pub fn finish(&self) -> Result<u64, ChainBreak> {
+        if self.key.is_some() && !self.keyed && self.count > 0 {
+            return Err(ChainBreak::NeverKeyed);
+        }
+        Ok(self.count)
+    }
 }
 
 /// Checks rows in `seq` order: `(seq, row, prev_hash, row_hash)`.
@@ -161,7 +257,7 @@ where
     for (seq, row, prev_hash, row_hash) in rows {
         walker.push(seq, &row, &prev_hash, &row_hash)?;
     }
-    Ok(walker.count())
+    walker.finish()
 }
 
 #[cfg(test)]
@@ -227,5 +323,82 @@ mod tests {
             ..Default::default()
         };
         assert_ne!(a.hash(1, GENESIS), b.hash(1, GENESIS));
+    }
+
+    /// The row format, pinned by values computed independently (Python's hashlib and hmac over
+    /// the same length-prefixed fields): stored chains must keep verifying.
+    #[test]
+    fn plain_and_keyed_hashes_match_an_independent_computation() {
+        let row = AuditRow {
+            kind: "decision".into(),
+            ref_id: "d1".into(),
+            recorded_at_ms: 1_700_000_000_000,
+            account_id: "acct-1".into(),
+            verdict: "DENY".into(),
+            country: "IR".into(),
+            reasons: "REGION_SANCTIONED".into(),
+            body: "{\"n\":1}".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            row.hash(1, GENESIS),
+            "2e3eb5b563c49e52cd6d3ea025d5d0f3c7b05c9c8a918a0c593e7e5eac62a9c9"
+        );
+        let key = ChainKey::new(&[b'k'; 32]).unwrap();
+        assert_eq!(
+            row.hash_with(1, GENESIS, Some(&key)),
+            "k1:e024cd5dc8d2d9084172c48fdaba935019d1933e2d00e163cdda55f7b887bafc"
+        );
+        assert!(ChainKey::new(b"short").is_err());
+        assert_eq!(format!("{key:?}"), "ChainKey(<redacted>)");
+    }
+
+    #[test]
+    fn a_keyed_chain_needs_its_key_and_allows_no_downgrade() {
+        let key = ChainKey::new(&[7; 32]).unwrap();
+        let other = ChainKey::new(&[8; 32]).unwrap();
+        // Two plain rows (written before the key was configured), then three keyed ones.
+        let mut prev = GENESIS.to_owned();
+        let rows: Vec<_> = (1..=5)
+            .map(|seq| {
+                let row = AuditRow {
+                    kind: "decision".into(),
+                    ref_id: format!("d{seq}"),
+                    ..Default::default()
+                };
+                let hash = row.hash_with(seq, &prev, (seq > 2).then_some(&key));
+                let entry = (seq, row, prev.clone(), hash.clone());
+                prev = hash;
+                entry
+            })
+            .collect();
+        let walk = |rows: &[(i64, AuditRow, String, String)], key: Option<&ChainKey>| {
+            let mut walker = Walker::default().with_key(key.cloned());
+            for (seq, row, prev, hash) in rows {
+                walker.push(*seq, row, prev, hash)?;
+            }
+            walker.finish()
+        };
+        assert_eq!(walk(&rows, Some(&key)), Ok(5));
+        assert_eq!(walk(&rows, None), Err(ChainBreak::NeedsKey { seq: 3 }));
+        assert!(matches!(
+            walk(&rows, Some(&other)),
+            Err(ChainBreak::Edited { seq: 3, .. })
+        ));
+        // Without the key, a row can only be appended plain: refused after keyed rows.
+        let mut appended = rows.clone();
+        let forged = AuditRow {
+            kind: "review".into(),
+            ..Default::default()
+        };
+        let hash = forged.hash(6, &prev);
+        appended.push((6, forged, prev.clone(), hash));
+        assert_eq!(
+            walk(&appended, Some(&key)),
+            Err(ChainBreak::Downgraded { seq: 6 })
+        );
+        // Rewriting the whole chain plain is caught by the key's absence.
+        assert_eq!(walk(&chain(3), Some(&key)), Err(ChainBreak::NeverKeyed));
+        assert_eq!(walk(&chain(3), None), Ok(3));
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub use chain::{AuditRow, ChainBreak};
+pub use chain::{AuditRow, ChainBreak, ChainKey};
 
 pub use consistency::TableMismatch;
 
@@ -224,6 +224,14 @@ fn broken<T>(b: impl Into<Broken>) -> rusqlite::Result<Result<T, Broken>> {
 /// server writing meanwhile cannot make them disagree. `Ok` when all hold, else the first
 /// break, naming the row.
 pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
+    verify_keyed(conn, None)
+}
+
+/// As `verify`, checking keyed rows with `key`; with a key, the chain's rows must be keyed.
+pub fn verify_keyed(
+    conn: &Connection,
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<Result<Verified, Broken>> {
     let tx = conn.unchecked_transaction()?;
     let checkpoint = match retention::latest(&tx)? {
         None => None,
@@ -255,7 +263,8 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
             chain::Walker::resume(seq - 1, last_hash)
         }
         (Some((seq, _)), _) => return broken(ChainBreak::Unanchored { seq }),
-    };
+    }
+    .with_key(key.cloned());
     let mut expected = consistency::Expected::from_overrides(
         checkpoint
             .as_ref()
@@ -312,8 +321,12 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
             resolutions_matched += 1;
         }
     }
+    let rows = match walker.finish() {
+        Ok(rows) => rows,
+        Err(b) => return broken(b),
+    };
     let verified = Verified {
-        rows: walker.count(),
+        rows,
         pruned_through: checkpoint.as_ref().map(|(_, c)| c.through_seq),
         shortest_retention_ms,
         // A checkpoint made from a chain with unrecorded changes carries that on.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::chain::GENESIS;
+use super::chain::{ChainKey, GENESIS};
 use super::{AuditRow, OverrideRecord, QueueState, StoreError, open_for_writing, retention};
 
 /// Most commands one transaction takes.
@@ -111,8 +111,19 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Opens the store in `dir` (migrating it) and starts the writer thread.
+    /// Opens the store in `dir` (migrating it) and starts the writer thread; rows are hashed
+    /// plain (no chain key).
     pub fn start(dir: &Path, capacity: usize, overflow: Overflow) -> Result<Self, StoreError> {
+        Self::start_keyed(dir, capacity, overflow, None)
+    }
+
+    /// As `start`, keying every row it writes with `key` when there is one.
+    pub fn start_keyed(
+        dir: &Path,
+        capacity: usize,
+        overflow: Overflow,
+        key: Option<ChainKey>,
+    ) -> Result<Self, StoreError> {
         let conn = open_for_writing(dir)?;
         let path = dir.display().to_string();
         let (seq, prev): (i64, String) = conn
@@ -132,7 +143,7 @@ impl Recorder {
         let thread_counters = counters.clone();
         std::thread::Builder::new()
             .name("regionguard-store".into())
-            .spawn(move || run(conn, rx, seq, prev, &thread_counters))
+            .spawn(move || run(conn, rx, (seq, prev), key.as_ref(), &thread_counters))
             .map_err(|error| StoreError::Dir { path, error })?;
         Ok(Self {
             tx,
@@ -218,6 +229,7 @@ fn append(
     seq: &mut i64,
     prev: &mut String,
     row: &AuditRow,
+    key: Option<&ChainKey>,
 ) -> rusqlite::Result<bool> {
     // Only a repeated (kind, ref_id) is skipped; any other conflict (a second writer on the same
     // store, say) fails the batch rather than hide a row.
@@ -230,7 +242,7 @@ fn append(
         return Ok(false);
     }
     let next = *seq + 1;
-    let hash = row.hash(next, prev);
+    let hash = row.hash_with(next, prev, key);
     let inserted = tx.execute(
         "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -371,6 +383,7 @@ fn commit(
     items: &[Item],
     seq: &mut i64,
     prev: &mut String,
+    key: Option<&ChainKey>,
 ) -> rusqlite::Result<Vec<Committed>> {
     let (mut next_seq, mut next_prev) = (*seq, prev.clone());
     let tx = conn.transaction()?;
@@ -378,7 +391,8 @@ fn commit(
     for item in items {
         match item {
             Item::Decision(row) => {
-                if append(&tx, &mut next_seq, &mut next_prev, row)? && row.verdict == "REVIEW" {
+                if append(&tx, &mut next_seq, &mut next_prev, row, key)? && row.verdict == "REVIEW"
+                {
                     tx.execute(
                         "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
                         params![row.ref_id, next_seq],
@@ -395,6 +409,7 @@ fn commit(
                             &mut next_seq,
                             &mut next_prev,
                             &with_applied(row, change, &applied),
+                            key,
                         )? =>
                     {
                         tx.execute("RELEASE review", [])?;
@@ -425,8 +440,8 @@ fn commit(
 fn run(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
-    mut seq: i64,
-    mut prev: String,
+    (mut seq, mut prev): (i64, String),
+    key: Option<&ChainKey>,
     counters: &Counters,
 ) {
     // A deletion a restart interrupted goes on.
@@ -481,7 +496,7 @@ fn run(
         // One transaction for the batch; if it fails, each item alone, so that one bad row
         // costs only itself.
         let outcomes: Vec<Result<Committed, rusqlite::Error>> = match commit(
-            &mut conn, &items, &mut seq, &mut prev,
+            &mut conn, &items, &mut seq, &mut prev, key,
         ) {
             Ok(done) => done.into_iter().map(Ok).collect(),
             Err(error) => {
@@ -489,8 +504,14 @@ fn run(
                 items
                     .iter()
                     .map(|item| {
-                        commit(&mut conn, std::slice::from_ref(item), &mut seq, &mut prev)
-                            .map(|mut done| done.remove(0))
+                        commit(
+                            &mut conn,
+                            std::slice::from_ref(item),
+                            &mut seq,
+                            &mut prev,
+                            key,
+                        )
+                        .map(|mut done| done.remove(0))
                     })
                     .collect()
             }
@@ -527,7 +548,8 @@ fn run(
         }
         for (cutoff_ms, min_interval_ms, done) in retains {
             let window = (cutoff_ms, min_interval_ms);
-            let result = retain(&mut conn, &mut seq, &mut prev, window, &mut pending, &rx);
+            let head = (&mut seq, &mut prev, key);
+            let result = retain(&mut conn, head, window, &mut pending, &rx);
             if let Ok(deleted) = result {
                 counters.pruned.fetch_add(deleted, Ordering::Relaxed);
             }
@@ -566,8 +588,7 @@ fn delete_chunk(conn: &mut Connection, through: i64) -> rusqlite::Result<usize> 
 /// no other command waits.
 fn retain(
     conn: &mut Connection,
-    seq: &mut i64,
-    prev: &mut String,
+    (seq, prev, key): (&mut i64, &mut String, Option<&ChainKey>),
     (cutoff_ms, min_interval_ms): (i64, i64),
     pending: &mut Option<i64>,
     rx: &mpsc::Receiver<Command>,
@@ -580,7 +601,7 @@ fn retain(
         uuid::Uuid::now_v7().to_string(),
     )?;
     if let Some(row) = row {
-        commit(conn, &[Item::Decision(row)], seq, prev)?;
+        commit(conn, &[Item::Decision(row)], seq, prev, key)?;
     }
     // Recomputed each time, so a deletion an error stopped goes on.
     *pending = retention::pending(conn)?;
