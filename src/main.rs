@@ -91,13 +91,21 @@ enum AuditCommand {
         #[arg(long)]
         expect_head: Option<String>,
         /// Fail if a retention checkpoint in the chain kept fewer days than this (the
-        /// retention you promised): checkpoints are chained, but not keyed.
+        /// retention you promised).
         #[arg(long)]
         min_retain_days: Option<u32>,
         /// The server's `[store] chain_key_file`: keyed rows are checked with it, and with it
         /// the chain must be keyed.
         #[arg(long, env = "REGIONGUARD_CHAIN_KEY_FILE")]
         key_file: Option<PathBuf>,
+    },
+    /// Key an existing plain store (once, with the server stopped): appends a keyed row from
+    /// which every row must be keyed; then start the server with the same chain_key_file.
+    AdoptKey {
+        #[arg(long, env = "REGIONGUARD_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, env = "REGIONGUARD_CHAIN_KEY_FILE")]
+        key_file: PathBuf,
     },
 }
 
@@ -245,6 +253,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             min_retain_days,
             key_file.as_deref(),
         ),
+        Command::Audit(AuditCommand::AdoptKey { data_dir, key_file }) => {
+            reviewer_cli::adopt_key(&data_dir, &key_file)
+        }
         Command::Replay {
             policy,
             since,

@@ -272,6 +272,9 @@ pub fn audit_verify(
                 );
                 return Ok(ExitCode::from(1));
             }
+            if let Some(seq) = verified.keyed_from {
+                notes.push(format!("rows keyed with the chain key from seq {seq}"));
+            }
             match verified.tables_unchecked_from {
                 Some(seq) => notes.push(format!(
                     "overrides and review queue NOT checked: row seq {seq} predates recorded changes"
@@ -293,6 +296,17 @@ pub fn audit_verify(
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `regionguard audit adopt-key`: keys an existing plain store.
+pub fn adopt_key(data_dir: &Path, key_file: &Path) -> anyhow::Result<ExitCode> {
+    let key = store::ChainKey::from_file(key_file).map_err(anyhow::Error::msg)?;
+    let seq = store::writer::adopt_key(data_dir, &key)?;
+    println!(
+        "keyed: row seq {seq} and every row after it carry an HMAC under {}; start the server with [store] chain_key_file = that file",
+        key_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `regionguard replay`: what a candidate policy would change, over recorded decisions.

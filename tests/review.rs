@@ -838,6 +838,15 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         ),
     )
     .unwrap();
+    // Keying the existing plain store is an explicit, one-time step.
+    let adopted = Command::new(BIN)
+        .args(["audit", "adopt-key", "--key-file"])
+        .arg(&key)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(adopted.status.success(), "{adopted:?}");
     let verify_with = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(["audit", "verify", "--key-file"])
@@ -877,8 +886,12 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        out.starts_with("ok: 2 audit rows verified"),
-        "the new row and the checkpoint: {out}"
+        out.starts_with("ok: 3 audit rows verified"),
+        "the new row, the keying row and the checkpoint: {out}"
+    );
+    assert!(
+        out.contains("rows keyed with the chain key from seq 4"),
+        "{out}"
     );
     assert!(
         out.contains("rows through seq 2 removed by retention"),

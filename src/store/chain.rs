@@ -136,6 +136,10 @@ pub enum ChainBreak {
         "row seq {seq} does not have the hash that checkpoint row seq {checkpoint} recorded for it"
     )]
     Checkpoint { seq: i64, checkpoint: i64 },
+    #[error(
+        "row seq {seq}, the first keyed row, does not match its keyed hash: the key is not this chain's, or the row was edited"
+    )]
+    KeyMismatch { seq: i64 },
     #[error("row seq {seq} is keyed: pass the chain key (--key-file) to verify it")]
     NeedsKey { seq: i64 },
     #[error("row seq {seq} is not keyed but follows keyed rows (written without the key)")]
@@ -155,6 +159,7 @@ pub struct Walker {
     count: u64,
     key: Option<ChainKey>,
     keyed: bool,
+    keyed_from: Option<i64>,
 }
 
 impl Default for Walker {
@@ -165,6 +170,7 @@ impl Default for Walker {
             count: 0,
             key: None,
             keyed: false,
+            keyed_from: None,
         }
     }
 }
@@ -214,8 +220,15 @@ impl Walker {
             let Some(key) = &self.key else {
                 return Err(ChainBreak::NeedsKey { seq });
             };
+            let expected = row.hash_with(seq, prev_hash, Some(key));
+            if self.keyed_from.is_none() {
+                if expected != row_hash {
+                    return Err(ChainBreak::KeyMismatch { seq });
+                }
+                self.keyed_from = Some(seq);
+            }
             self.keyed = true;
-            row.hash_with(seq, prev_hash, Some(key))
+            expected
         } else if self.keyed {
             return Err(ChainBreak::Downgraded { seq });
         } else {
@@ -237,6 +250,11 @@ impl Walker {
     /// Rows verified so far.
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// The first keyed row this walk checked.
+    pub fn keyed_from(&self) -> Option<i64> {
+        self.keyed_from
     }
 
     /// At the end of the chain: with a key, its rows must have been keyed.
@@ -381,10 +399,10 @@ mod tests {
         };
         assert_eq!(walk(&rows, Some(&key)), Ok(5));
         assert_eq!(walk(&rows, None), Err(ChainBreak::NeedsKey { seq: 3 }));
-        assert!(matches!(
+        assert_eq!(
             walk(&rows, Some(&other)),
-            Err(ChainBreak::Edited { seq: 3, .. })
-        ));
+            Err(ChainBreak::KeyMismatch { seq: 3 })
+        );
         // Without the key, a row can only be appended plain: refused after keyed rows.
         let mut appended = rows.clone();
         let forged = AuditRow {

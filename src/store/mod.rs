@@ -207,6 +207,8 @@ pub struct Verified {
     pub rows: u64,
     /// The last row retention removed (the chain starts after it), if any.
     pub pruned_through: Option<i64>,
+    /// The first keyed row (checked with the chain key), if any.
+    pub keyed_from: Option<i64>,
     /// The shortest window a checkpoint still in the chain kept (its time minus its cutoff),
     /// to compare with the retention the operator promised.
     pub shortest_retention_ms: Option<i64>,
@@ -327,6 +329,7 @@ pub fn verify_keyed(
     };
     let verified = Verified {
         rows,
+        keyed_from: walker.keyed_from(),
         pruned_through: checkpoint.as_ref().map(|(_, c)| c.through_seq),
         shortest_retention_ms,
         // A checkpoint made from a chain with unrecorded changes carries that on.

@@ -366,3 +366,49 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
         )
     );
 }
+
+/// A keyed chain is only continued keyed, and a plain one is keyed only by adoption: the
+/// writer refuses both mismatches, so a chain replaced by a plain one behind its back cannot be
+/// keyed past.
+#[tokio::test]
+async fn keying_is_adopted_once_and_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ChainKey::new(&[9; 32]).unwrap();
+    let plain = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    plain.decision(decision_row("p1", "DENY"), true).await;
+    plain.flush().await;
+    drop(plain);
+
+    let refused = Recorder::start_keyed(dir.path(), 16, Overflow::Sample, Some(key.clone()));
+    assert!(
+        refused
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("head (row seq 1) is not keyed"),
+    );
+    assert_eq!(writer::adopt_key(dir.path(), &key).unwrap(), 2);
+    assert!(
+        writer::adopt_key(dir.path(), &key).is_err(),
+        "already keyed"
+    );
+    let keyed = Recorder::start_keyed(dir.path(), 16, Overflow::Sample, Some(key.clone())).unwrap();
+    keyed.decision(decision_row("k1", "DENY"), true).await;
+    keyed.flush().await;
+    drop(keyed);
+    let conn = open_for_reading(dir.path()).unwrap();
+    let verified = verify_keyed(&conn, Some(&key)).unwrap().unwrap();
+    assert_eq!((verified.rows, verified.keyed_from), (3, Some(2)));
+    assert_eq!(
+        verify(&conn).unwrap().unwrap_err(),
+        Broken::Chain(ChainBreak::NeedsKey { seq: 2 })
+    );
+    let unkeyed = Recorder::start(dir.path(), 16, Overflow::Sample);
+    assert!(
+        unkeyed
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("the audit chain is keyed")
+    );
+}

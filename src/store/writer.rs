@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::chain::{ChainKey, GENESIS};
+use super::chain::{ChainKey, GENESIS, KEYED};
 use super::{AuditRow, OverrideRecord, QueueState, StoreError, open_for_writing, retention};
 
 /// Most commands one transaction takes.
@@ -138,6 +138,7 @@ impl Recorder {
                 error,
             })?
             .unwrap_or((0, GENESIS.to_owned()));
+        check_keying(&path, seq, &prev, key.as_ref())?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
@@ -220,6 +221,68 @@ impl Recorder {
             pruned: self.counters.pruned.load(Ordering::Relaxed),
         }
     }
+}
+
+/// A keyed chain is only continued keyed, and a plain one is keyed only by an explicit
+/// adoption (`adopt_key`): otherwise someone who can write the file but lacks the key could
+/// replace the chain with a plain one and have the server key its way past it.
+fn check_keying(
+    path: &str,
+    seq: i64,
+    head: &str,
+    key: Option<&ChainKey>,
+) -> Result<(), StoreError> {
+    match (key, seq > 0, head.starts_with(KEYED)) {
+        (Some(_), true, false) => Err(StoreError::Conflict(format!(
+            "{path}: a chain key is configured but the audit chain's head (row seq {seq}) is not keyed; \
+             to key an existing store, run `regionguard audit adopt-key --data-dir {path} --key-file FILE` once, with the server stopped"
+        ))),
+        (None, _, true) => Err(StoreError::Conflict(format!(
+            "{path}: the audit chain is keyed (row seq {seq}); set [store] chain_key_file to the key it was written with"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Keys an existing plain store: appends a keyed `keying` row after its head, from which every
+/// row must be keyed. Run with the server stopped. Returns the seq keying starts at.
+pub fn adopt_key(dir: &Path, key: &ChainKey) -> Result<i64, StoreError> {
+    let mut conn = open_for_writing(dir)?;
+    let path = dir.display().to_string();
+    let sql = |error| StoreError::Sqlite {
+        path: path.clone(),
+        error,
+    };
+    let head: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    let Some((mut seq, mut prev)) = head else {
+        return Err(StoreError::Conflict(format!(
+            "{path}: the store is empty: a server started with the key keys it from its first row"
+        )));
+    };
+    if prev.starts_with(KEYED) {
+        return Err(StoreError::Conflict(format!(
+            "{path}: the audit chain is already keyed (head row seq {seq})"
+        )));
+    }
+    let row = AuditRow {
+        kind: "keying".into(),
+        ref_id: uuid::Uuid::now_v7().to_string(),
+        recorded_at_ms: super::now_ms(),
+        actor: "operator".into(),
+        body: serde_json::json!({ "keyed_from_seq": seq + 1 }).to_string(),
+        ..Default::default()
+    };
+    let tx = conn.transaction().map_err(sql)?;
+    append(&tx, &mut seq, &mut prev, &row, Some(key)).map_err(sql)?;
+    tx.commit().map_err(sql)?;
+    Ok(seq)
 }
 
 /// Appends `row` to the chain. A row whose (kind, ref_id) is already there is skipped (a
