@@ -175,13 +175,18 @@ impl Recorder {
 
     /// Commits a reviewer's action and its change; answers once both are on disk.
     pub async fn review(&self, row: AuditRow, change: Change) -> Result<Applied, StoreError> {
+        self.ask(|reply| Command::Review(Box::new(ReviewCommand { row, change, reply })))
+            .await
+    }
+
+    /// Sends the writer a command that answers, and waits for the answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::Review(Box::new(ReviewCommand {
-                row,
-                change,
-                reply,
-            })))
+            .send(command(reply))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
@@ -192,17 +197,13 @@ impl Recorder {
     /// nothing else to do (the rest goes a chunk after each batch). Answers with the rows
     /// deleted by this call.
     pub async fn retain(&self, cutoff_ms: i64, min_interval: Duration) -> Result<u64, StoreError> {
-        let (done, answer) = oneshot::channel();
         let min_interval_ms = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
-        self.tx
-            .send(Command::Retain {
-                cutoff_ms,
-                min_interval_ms,
-                done,
-            })
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        answer.await.map_err(|_| StoreError::WriterGone)?
+        self.ask(|done| Command::Retain {
+            cutoff_ms,
+            min_interval_ms,
+            done,
+        })
+        .await
     }
 
     /// Waits until everything handed over before this call is committed.
