@@ -46,7 +46,7 @@ impl IpStorage {
                     .chain_update(salt.as_bytes())
                     .chain_update(ip.to_string().as_bytes())
                     .finalize();
-                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                let hex = crate::hex(&digest[..16]);
                 format!("sha256:{hex}")
             }
         }

@@ -5,8 +5,8 @@
 //! DER, as Envoy's `verify_certificate_hash` does), with a name and a role per caller. A token,
 //! when sent, decides; without one, a registered client certificate does. A tonic interceptor
 //! per service checks the role and puts the caller's identity in the request for handlers
-//! (reviewer identity on overrides and in the audit log). With no gateway callers configured the gateway services are open (a
-//! single-machine default); the Review service is never open.
+//! (reviewer identity on overrides and in the audit log). With no gateway callers configured
+//! the gateway services are open (a single-machine default); the Review service is never open.
 
 use std::sync::Arc;
 
@@ -116,46 +116,62 @@ pub struct Caller {
 }
 
 pub fn token_sha256(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    crate::hex(&Sha256::digest(token.as_bytes()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A caller as the gate matches it: digests decoded once, compared as bytes per request.
+struct Known {
+    name: String,
+    role: Role,
+    token: Option<[u8; 32]>,
+    certs: Vec<[u8; 32]>,
+}
+
+/// 32 bytes from a configured hex SHA-256 (colons allowed), if it is one.
+fn digest_bytes(hex: &str) -> Option<[u8; 32]> {
+    let hex = fingerprint(hex)?;
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 /// The interceptor guarding one service for one role.
 #[derive(Clone)]
 pub struct Gate {
-    callers: Arc<Vec<CallerConfig>>,
+    callers: Arc<Vec<Known>>,
     role: Role,
+    /// Whether any caller is known by a certificate: if none is, no certificate is hashed.
+    by_certificate: bool,
 }
 
 impl Gate {
     pub fn new(config: &AuthConfig, role: Role) -> Self {
-        let callers = config
+        let callers: Vec<Known> = config
             .callers
             .iter()
-            .map(|c| CallerConfig {
-                token_sha256: c.token_sha256.to_ascii_lowercase(),
-                client_cert_sha256: c
+            .map(|c| Known {
+                name: c.name.clone(),
+                role: c.role,
+                token: digest_bytes(&c.token_sha256),
+                certs: c
                     .client_cert_sha256
                     .iter()
-                    .filter_map(|h| fingerprint(h))
+                    .filter_map(|h| digest_bytes(h))
                     .collect(),
-                ..c.clone()
             })
             .collect();
         Self {
+            by_certificate: callers.iter().any(|c| !c.certs.is_empty()),
             callers: Arc::new(callers),
             role,
         }
     }
-}
 
-impl Gate {
     /// The caller a request identifies: by its bearer token when it sends one (`Err` for an
     /// unknown token), else by its mTLS client certificate; `Ok(None)` when neither names one.
-    fn identify(&self, request: &Request<()>) -> Result<Option<&CallerConfig>, &'static str> {
+    fn identify(&self, request: &Request<()>) -> Result<Option<&Known>, &'static str> {
         let header = request
             .metadata()
             .get("authorization")
@@ -165,25 +181,25 @@ impl Gate {
                 .or_else(|| h.strip_prefix("bearer "))
         });
         if let Some(token) = token {
-            let hash = token_sha256(token.trim());
+            let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
             return self
                 .callers
                 .iter()
-                .find(|c| !c.token_sha256.is_empty() && c.token_sha256 == hash)
+                .find(|c| c.token == Some(hash))
                 .map(Some)
                 .ok_or("authorization: unknown token");
         }
-        let Some(leaf) = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-        else {
+        if !self.by_certificate {
+            return Ok(None);
+        }
+        let Some(certs) = request.peer_certs() else {
             return Ok(None);
         };
-        let hash = hex(&Sha256::digest(leaf.as_ref()));
-        Ok(self
-            .callers
-            .iter()
-            .find(|c| c.client_cert_sha256.contains(&hash)))
+        let Some(leaf) = certs.first() else {
+            return Ok(None);
+        };
+        let hash: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
+        Ok(self.callers.iter().find(|c| c.certs.contains(&hash)))
     }
 }
 

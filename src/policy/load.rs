@@ -119,7 +119,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         ));
     }
     let digest = Sha256::digest(text.as_bytes());
-    let hash: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let hash = crate::hex(&digest[..6]);
     let version = PolicyVersion(format!("{date}+{hash}").into());
 
     let mut applies_to = [0u8; 2];

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::hex;
+
 /// The prefix of a keyed row hash.
 pub const KEYED: &str = "k1:";
 
@@ -41,10 +43,6 @@ impl ChainKey {
         let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The hash a chain starts from.
@@ -266,21 +264,21 @@ impl Walker {
     }
 }
 
-/// Checks rows in `seq` order: `(seq, row, prev_hash, row_hash)`.
-pub fn verify<I>(rows: I) -> Result<u64, ChainBreak>
-where
-    I: IntoIterator<Item = (i64, AuditRow, String, String)>,
-{
-    let mut walker = Walker::default();
-    for (seq, row, prev_hash, row_hash) in rows {
-        walker.push(seq, &row, &prev_hash, &row_hash)?;
-    }
-    walker.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checks rows in `seq` order: `(seq, row, prev_hash, row_hash)`.
+    pub fn verify<I>(rows: I) -> Result<u64, ChainBreak>
+    where
+        I: IntoIterator<Item = (i64, AuditRow, String, String)>,
+    {
+        let mut walker = Walker::default();
+        for (seq, row, prev_hash, row_hash) in rows {
+            walker.push(seq, &row, &prev_hash, &row_hash)?;
+        }
+        walker.finish()
+    }
 
     fn chain(n: i64) -> Vec<(i64, AuditRow, String, String)> {
         let mut prev = GENESIS.to_owned();
