@@ -419,6 +419,9 @@ pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
     proptest! {
         #[test]
         fn network_text_is_display(addr in any::<u32>(), prefix in 0u8..=32) {
@@ -427,9 +430,6 @@ mod tests {
             prop_assert_eq!(super::network_text(&network), network.to_string());
         }
     }
-
-    use super::*;
-    use proptest::prelude::*;
 
     fn arb_text() -> impl Strategy<Value = String> {
         prop_oneof![

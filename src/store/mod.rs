@@ -292,24 +292,18 @@ pub fn verify_keyed(
             });
         }
         if row.kind == retention::KIND {
-            let problem = match serde_json::from_str::<retention::Checkpoint>(&row.body) {
-                Ok(c) => retention::implausible(seq, &row, &c).map_or_else(
-                    || {
-                        let kept = row.recorded_at_ms.saturating_sub(c.cutoff_ms);
-                        shortest_retention_ms =
-                            Some(shortest_retention_ms.map_or(kept, |s| s.min(kept)));
-                        None
-                    },
-                    Some,
-                ),
-                Err(e) => Some(format!("cannot be read ({e})")),
-            };
-            if let Some(problem) = problem {
-                return broken(TableMismatch {
-                    table: "audit_log",
-                    key: format!("row seq {seq}"),
-                    problem: format!("retention checkpoint {problem}"),
-                });
+            match retention::window_kept(seq, &row) {
+                Ok(kept) => {
+                    shortest_retention_ms =
+                        Some(shortest_retention_ms.map_or(kept, |s| s.min(kept)));
+                }
+                Err(problem) => {
+                    return broken(TableMismatch {
+                        table: "audit_log",
+                        key: format!("row seq {seq}"),
+                        problem: format!("retention checkpoint {problem}"),
+                    });
+                }
             }
         }
         if let Some(resolution) = expected.observe(seq, &row) {

@@ -169,9 +169,20 @@ pub fn checkpoint_row(
 /// The actor of checkpoint rows.
 pub const ACTOR: &str = "retention";
 
+/// The window a checkpoint row (at `seq`) kept: its time minus its cutoff; `Err` says why it
+/// cannot be one the writer wrote.
+pub fn window_kept(seq: i64, row: &AuditRow) -> Result<i64, String> {
+    let checkpoint: Checkpoint =
+        serde_json::from_str(&row.body).map_err(|e| format!("cannot be read ({e})"))?;
+    match implausible(seq, row, &checkpoint) {
+        Some(problem) => Err(problem),
+        None => Ok(row.recorded_at_ms.saturating_sub(checkpoint.cutoff_ms)),
+    }
+}
+
 /// Why a checkpoint row (at `seq`, recorded at `recorded_at_ms`) cannot be one the writer
 /// wrote: it would cover itself, or rows from after its own cutoff's time.
-pub fn implausible(seq: i64, row: &AuditRow, c: &Checkpoint) -> Option<String> {
+fn implausible(seq: i64, row: &AuditRow, c: &Checkpoint) -> Option<String> {
     if row.actor != ACTOR {
         return Some(format!("actor is {:?}, not {ACTOR:?}", row.actor));
     }
