@@ -126,13 +126,7 @@ impl Recorder {
     ) -> Result<Self, StoreError> {
         let conn = open_for_writing(dir)?;
         let path = dir.display().to_string();
-        let (seq, prev): (i64, String) = conn
-            .query_row(
-                "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
+        let (seq, prev): (i64, String) = super::head(&conn)
             .map_err(|error| StoreError::Sqlite {
                 path: path.clone(),
                 error,
@@ -254,14 +248,7 @@ pub fn adopt_key(dir: &Path, key: &ChainKey) -> Result<i64, StoreError> {
         path: path.clone(),
         error,
     };
-    let head: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(sql)?;
+    let head = super::head(&conn).map_err(sql)?;
     let Some((mut seq, mut prev)) = head else {
         return Err(StoreError::Conflict(format!(
             "{path}: the store is empty: a server started with the key keys it from its first row"
