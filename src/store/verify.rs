@@ -1,0 +1,269 @@
+//! `verify`: the chain walked in one read snapshot (resuming at a retention checkpoint,
+//! checking keyed rows with the chain key), then the `overrides` and `review_queue` tables
+//! held to it.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::consistency::{self, TableMismatch};
+use super::{
+    ChainBreak, ChainKey, QueueState, ROW_COLUMNS, chain, overrides, queue_state, read_row,
+    retention,
+};
+
+/// Why `verify` does not pass.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Broken {
+    #[error(transparent)]
+    Chain(#[from] ChainBreak),
+    #[error(transparent)]
+    Table(#[from] TableMismatch),
+}
+
+/// What `verify` established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Rows whose chain holds.
+    pub rows: u64,
+    /// The last row retention removed (the chain starts after it), if any.
+    pub pruned_through: Option<i64>,
+    /// The first keyed row (checked with the chain key), if any.
+    pub keyed_from: Option<i64>,
+    /// The shortest window a checkpoint still in the chain kept (its time minus its cutoff),
+    /// to compare with the retention the operator promised.
+    pub shortest_retention_ms: Option<i64>,
+    /// `Some(seq)`: reviewer changes from before rows recorded them (the first at `seq`), so
+    /// the overrides and queue tables were not checked.
+    pub tables_unchecked_from: Option<i64>,
+}
+
+fn broken<T>(b: impl Into<Broken>) -> rusqlite::Result<Result<T, Broken>> {
+    Ok(Err(b.into()))
+}
+
+/// Walks the whole chain (streaming: memory holds the overrides table, not the log), then
+/// checks the `overrides` and `review_queue` tables against it, all in one read snapshot, so a
+/// server writing meanwhile cannot make them disagree. `Ok` when all hold, else the first
+/// break, naming the row.
+pub fn verify(conn: &Connection) -> rusqlite::Result<Result<Verified, Broken>> {
+    verify_keyed(conn, None)
+}
+
+/// As `verify`, checking keyed rows with `key`; with a key, the chain's rows must be keyed.
+pub fn verify_keyed(
+    conn: &Connection,
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<Result<Verified, Broken>> {
+    let tx = conn.unchecked_transaction()?;
+    let checkpoint = match retention::latest(&tx)? {
+        None => None,
+        Some((seq, Ok(checkpoint))) => Some((seq, checkpoint)),
+        Some((seq, Err(error))) => {
+            return broken(TableMismatch {
+                table: "audit_log",
+                key: format!("row seq {seq}"),
+                problem: format!("retention checkpoint cannot be read ({error})"),
+            });
+        }
+    };
+    let first: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, prev_hash FROM audit_log ORDER BY seq LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let mut walker = match (first, &checkpoint) {
+        (None | Some((1, _)), _) => chain::Walker::default(),
+        // Rows through the checkpoint may be gone, or going (deleted a chunk at a time).
+        (Some((seq, prev)), Some((_, c))) if seq > 1 && seq - 1 <= c.through_seq => {
+            let last_hash = if seq - 1 == c.through_seq {
+                c.through_hash.clone()
+            } else {
+                prev
+            };
+            chain::Walker::resume(seq - 1, last_hash)
+        }
+        (Some((seq, _)), _) => return broken(ChainBreak::Unanchored { seq }),
+    }
+    .with_key(key.cloned());
+    let mut expected = consistency::Expected::from_overrides(
+        checkpoint
+            .as_ref()
+            .map(|(_, c)| c.overrides.clone())
+            .unwrap_or_default(),
+    );
+    let mut resolutions_matched = 0u64;
+    let mut shortest_retention_ms: Option<i64> = None;
+    let mut stmt = tx.prepare(&format!("SELECT {ROW_COLUMNS} FROM audit_log ORDER BY seq"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (seq, row, prev_hash, row_hash) = read_row(r)?;
+        if let Err(b) = walker.push(seq, &row, &prev_hash, &row_hash) {
+            return broken(b);
+        }
+        if let Some((at, c)) = &checkpoint
+            && seq == c.through_seq
+            && row_hash != c.through_hash
+        {
+            return broken(ChainBreak::Checkpoint {
+                seq,
+                checkpoint: *at,
+            });
+        }
+        if row.kind == retention::KIND {
+            match retention::window_kept(seq, &row) {
+                Ok(kept) => {
+                    shortest_retention_ms =
+                        Some(shortest_retention_ms.map_or(kept, |s| s.min(kept)));
+                }
+                Err(problem) => {
+                    return broken(TableMismatch {
+                        table: "audit_log",
+                        key: format!("row seq {seq}"),
+                        problem: format!("retention checkpoint {problem}"),
+                    });
+                }
+            }
+        }
+        if let Some(resolution) = expected.observe(seq, &row) {
+            let item = queue_item(&tx, &resolution.decision_id)?;
+            if item.is_none() && !decision_exists(&tx, &resolution.decision_id)? {
+                continue; // the decision and its item went with retention
+            }
+            if let Err(m) = consistency::check_resolution(&resolution, item.as_ref()) {
+                return broken(m);
+            }
+            resolutions_matched += 1;
+        }
+    }
+    let rows = match walker.finish() {
+        Ok(rows) => rows,
+        Err(b) => return broken(b),
+    };
+    let verified = Verified {
+        rows,
+        keyed_from: walker.keyed_from(),
+        pruned_through: checkpoint.as_ref().map(|(_, c)| c.through_seq),
+        shortest_retention_ms,
+        // A checkpoint made from a chain with unrecorded changes carries that on.
+        tables_unchecked_from: expected.legacy().or(checkpoint
+            .as_ref()
+            .filter(|(_, c)| c.legacy)
+            .map(|(seq, _)| *seq)),
+    };
+    if verified.tables_unchecked_from.is_some() {
+        return Ok(Ok(verified));
+    }
+    let table = overrides(&tx)?;
+    if let Err(m) = expected
+        .check_readable()
+        .and_then(|()| expected.check_overrides(&table))
+    {
+        return broken(m);
+    }
+    if let Err(b) = check_queue(&tx, resolutions_matched)? {
+        return broken(b);
+    }
+    Ok(Ok(verified))
+}
+
+fn queue_item(conn: &Connection, decision_id: &str) -> rusqlite::Result<Option<QueueState>> {
+    conn.query_row(
+        "SELECT status, outcome, note, resolved_by, resolved_at_ms FROM review_queue WHERE decision_id = ?1",
+        [decision_id],
+        |r| queue_state(r, 0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
+fn decision_exists(conn: &Connection, decision_id: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = 'decision' AND ref_id = ?1)",
+        [decision_id],
+        |r| r.get(0),
+    )
+}
+
+/// Every queue item against its decision row; resolved items counted against the chain's
+/// resolutions (each already matched to its item); REVIEW decisions without an item.
+fn check_queue(conn: &Connection, resolutions: u64) -> rusqlite::Result<Result<(), Broken>> {
+    let mut stmt = conn.prepare(
+        "SELECT q.decision_id, q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms, a.kind, a.ref_id, a.verdict \
+         FROM review_queue q LEFT JOIN audit_log a ON a.seq = q.seq ORDER BY q.seq",
+    )?;
+    let mut items = stmt.query([])?;
+    let mut resolved = 0u64;
+    while let Some(r) = items.next()? {
+        let decision_id: String = r.get(0)?;
+        let Some(state) = queue_state(r, 1)? else {
+            return broken(TableMismatch {
+                table: "review_queue",
+                key: decision_id,
+                problem: "has no status".into(),
+            });
+        };
+        let row: (Option<String>, Option<String>, Option<String>) =
+            (r.get(6)?, r.get(7)?, r.get(8)?);
+        let decision = match &row {
+            (Some(kind), Some(ref_id), Some(verdict)) => {
+                Some((kind.as_str(), ref_id.as_str(), verdict.as_str()))
+            }
+            _ => None,
+        };
+        if let Err(m) = consistency::check_queue_item(&decision_id, decision, &state) {
+            return broken(m);
+        }
+        resolved += u64::from(state.status == "resolved");
+    }
+    if resolved != resolutions {
+        // Rare and already broken: name the item, at the cost of holding the resolutions' ids.
+        let recorded = resolved_ids(conn)?;
+        let mut stmt = conn.prepare(
+            "SELECT decision_id FROM review_queue WHERE status = 'resolved' ORDER BY seq",
+        )?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        for id in ids {
+            let id = id?;
+            if !recorded.contains(&id) {
+                return broken(TableMismatch {
+                    table: "review_queue",
+                    key: id,
+                    problem: "resolved in the table, with no resolution in the audit log".into(),
+                });
+            }
+        }
+        return broken(TableMismatch {
+            table: "review_queue",
+            key: format!("{resolved} resolved items"),
+            problem: format!("the audit log resolves {resolutions}"),
+        });
+    }
+    let orphan: Option<String> = conn
+        .query_row(
+            "SELECT a.ref_id FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id \
+             WHERE a.kind = 'decision' AND a.verdict = 'REVIEW' AND q.decision_id IS NULL ORDER BY a.seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match orphan {
+        Some(id) => broken(TableMismatch {
+            table: "review_queue",
+            key: id,
+            problem: "a REVIEW decision in the audit log but missing from the queue (deleted)"
+                .into(),
+        }),
+        None => Ok(Ok(())),
+    }
+}
+
+/// The decisions the chain's reviewer rows resolve.
+fn resolved_ids(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT json_extract(body, '$.applied.queue_item.decision_id') FROM audit_log \
+         WHERE kind = 'review' AND json_extract(body, '$.applied.queue_item.decision_id') IS NOT NULL",
+    )?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    ids.collect()
+}
