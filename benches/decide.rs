@@ -169,7 +169,9 @@ fn bench_engine(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % ips.len();
                 let input = ClassifyInput::for_ip(ips[i]);
-                engine.classify(black_box(&input)).unwrap()
+                engine
+                    .classify_now(black_box(&input), std::time::SystemTime::now())
+                    .unwrap()
             })
         });
     }
@@ -193,7 +195,9 @@ fn bench_engine(c: &mut Criterion) {
     let response_bytes: usize = ips
         .iter()
         .map(|ip| {
-            let outcome = engine.classify(&ClassifyInput::for_ip(*ip)).unwrap();
+            let outcome = engine
+                .classify_now(&ClassifyInput::for_ip(*ip), std::time::SystemTime::now())
+                .unwrap();
             pb::ClassifyResponse::from(outcome).encoded_len()
         })
         .sum();
@@ -209,7 +213,9 @@ fn bench_engine(c: &mut Criterion) {
             i = (i + 1) % requests.len();
             let request = pb::ClassifyRequest::decode(black_box(&requests[i][..])).unwrap();
             let input = ClassifyInput::try_from(&request).unwrap();
-            let outcome = engine.classify(&input).unwrap();
+            let outcome = engine
+                .classify_now(&input, std::time::SystemTime::now())
+                .unwrap();
             pb::ClassifyResponse::from(outcome).encode_to_vec()
         })
     });

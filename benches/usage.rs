@@ -98,7 +98,7 @@ fn bench_ingest(c: &mut Criterion) {
         100_000,
     );
     let engine = Engine::new(embedded_policy().unwrap(), geo, None)
-        .with_usage(UsageAggregator::new(1 << 30));
+        .with_usage(std::sync::Arc::new(UsageAggregator::new(1 << 30)));
     group.bench_function("engine_record_usage_with_geo", |b| {
         let mut i = 0usize;
         b.iter(|| {

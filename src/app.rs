@@ -12,7 +12,8 @@ use crate::overrides::OverrideIndex;
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
 use crate::reload::{Target, Watched};
 use crate::store;
-use crate::usage::UsageAggregator;
+use crate::usage::redis::{RedisStartError, RedisUsage};
+use crate::usage::{UsageAggregator, UsageHistory};
 use std::sync::Arc;
 
 /// The default location database, compiled in (see data/README.md for source and licence).
@@ -31,6 +32,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Redis(#[from] RedisStartError),
 }
 
 /// A loaded engine and the files to watch for it.
@@ -56,6 +59,22 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, StartError> {
     }
 }
 
+/// The configured usage-history adapter: Redis when `[usage] redis_url` is set, else in-process.
+/// The Redis adapter's tasks start on the current tokio runtime.
+fn usage_history(config: &Config) -> Result<Option<Arc<dyn UsageHistory>>, StartError> {
+    if !config.usage.enabled {
+        return Ok(None);
+    }
+    Ok(Some(match config.usage.redis()? {
+        Some(settings) => Arc::new(RedisUsage::start(&settings)?),
+        None => Arc::new(UsageAggregator::new(
+            config.usage.max_memory_mb.saturating_mul(1 << 20),
+        )),
+    }))
+}
+
+/// Loads everything the config names. Call it inside a tokio runtime (the Redis adapter spawns
+/// its writer there).
 pub fn load(config: &Config) -> Result<Loaded, StartError> {
     let mut targets = Vec::new();
     let policy_path = config.policy_path();
@@ -95,16 +114,16 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     let asn = optional(DbRole::Asn, &config.asn_db)?;
     let geo = Geo::new(location, anonymous, asn, config.cache_capacity);
     let engine = Engine::new(policy, geo, config.max_db_age());
-    let engine = if config.usage.enabled {
-        engine.with_usage(UsageAggregator::new(
-            config.usage.max_memory_mb.saturating_mul(1 << 20),
-        ))
-    } else {
-        engine
+    let engine = match usage_history(config)? {
+        Some(history) => {
+            tracing::info!(usage = %history.describe(), "usage history");
+            engine.with_usage(history)
+        }
+        None => engine,
     };
     let metrics = config.metrics_listen.map(|_| Metrics::new());
     let engine = match &metrics {
-        Some(metrics) => engine.with_metrics(metrics.clone()),
+        Some(metrics) => engine.with_observer(metrics.clone()),
         None => engine,
     };
     if let Some(path) = &config.shadow_policy {

@@ -240,12 +240,23 @@ impl StoreConfig {
 }
 
 /// Usage history (`Usage/Report` and the USAGE_* reasons).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UsageConfig {
     pub enabled: bool,
-    /// Ceiling for the aggregator's estimated memory; accounts are evicted beyond it.
+    /// Ceiling for the in-process aggregator's estimated memory; accounts are evicted beyond it.
     pub max_memory_mb: u64,
+    /// Keep usage history in Redis, shared by every replica (`redis://host:port/db`). Unset:
+    /// in-process, one history per replica.
+    pub redis_url: Option<String>,
+    /// Prefix of every key regionguard writes in Redis.
+    pub redis_prefix: String,
+    /// Longest a decision waits for Redis before deciding without it (`degraded`).
+    pub redis_timeout_ms: u64,
+    /// How long a read from Redis answers later decisions for the same account.
+    pub redis_cache_ms: u64,
+    /// Events accepted but not yet written to Redis, at most; more are lost (counted).
+    pub redis_max_pending_events: usize,
 }
 
 impl Default for UsageConfig {
@@ -253,7 +264,65 @@ impl Default for UsageConfig {
         Self {
             enabled: true,
             max_memory_mb: 512,
+            redis_url: None,
+            redis_prefix: "regionguard:".into(),
+            redis_timeout_ms: 5,
+            redis_cache_ms: 1000,
+            redis_max_pending_events: 1_000_000,
         }
+    }
+}
+
+/// The Redis URL may carry a password: the config is logged at start, the password never.
+impl std::fmt::Debug for UsageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageConfig")
+            .field("enabled", &self.enabled)
+            .field("max_memory_mb", &self.max_memory_mb)
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::usage::redis::redacted),
+            )
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_cache_ms", &self.redis_cache_ms)
+            .field("redis_max_pending_events", &self.redis_max_pending_events)
+            .finish()
+    }
+}
+
+impl UsageConfig {
+    /// The Redis adapter's settings, when `redis_url` is set.
+    pub fn redis(&self) -> Result<Option<crate::usage::redis::RedisSettings>, ConfigError> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err(ConfigError::Invalid(
+                "usage.redis_url: expected redis://host:port (or rediss://, unix://)".into(),
+            ));
+        }
+        if self.redis_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "usage.redis_timeout_ms: must be at least 1".into(),
+            ));
+        }
+        if self.redis_max_pending_events == 0 {
+            return Err(ConfigError::Invalid(
+                "usage.redis_max_pending_events: must be at least 1".into(),
+            ));
+        }
+        Ok(Some(crate::usage::redis::RedisSettings {
+            url: url.clone(),
+            prefix: self.redis_prefix.clone(),
+            timeout: Duration::from_millis(self.redis_timeout_ms),
+            cache_ttl: Duration::from_millis(self.redis_cache_ms),
+            max_pending_events: self.redis_max_pending_events,
+        }))
     }
 }
 
@@ -327,6 +396,7 @@ impl Config {
         self.store.overflow()?;
         self.store.retention()?;
         self.store.chain_key()?;
+        self.usage.redis()?;
         if self.tls.cert.is_none() && !self.listen.ip().is_loopback() && !self.tls.allow_plaintext {
             return Err(ConfigError::Invalid(format!(
                 "listen = {}: plaintext gRPC off loopback needs [tls] cert and key, or [tls] allow_plaintext = true",

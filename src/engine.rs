@@ -16,10 +16,15 @@ use crate::classify::{
     AccountFacts, Decision, Facts, Flow, HintFacts, OverrideFact, UsageFacts, classify,
 };
 use crate::geo::{DatabaseMeta, Geo, GeoError, GeoLookup};
-use crate::metrics::Metrics;
 use crate::overrides::OverrideIndex;
 use crate::policy::Policy;
-use crate::usage::{EventLocation, UsageAggregator, UsageEvent};
+use crate::usage::{EventLocation, UsageEvent, UsageHistory, UsageLookup, UsageQuery};
+
+/// What the engine tells about each decision it makes (metrics implement it); narrow, so the
+/// engine does not depend on how decisions are counted.
+pub trait DecisionObserver: Send + Sync {
+    fn decision(&self, decision: &Decision);
+}
 
 /// One request, parsed and checked at the edge.
 #[derive(Clone, Debug)]
@@ -83,14 +88,14 @@ pub struct Engine {
     policy: ArcSwap<Policy>,
     geo: Geo,
     max_db_age: Option<Duration>,
-    usage: Option<UsageAggregator>,
+    usage: Option<Arc<dyn UsageHistory>>,
     overrides: ArcSwap<OverrideIndex>,
     /// A candidate policy evaluated beside the active one; its answers are counted and logged,
     /// never returned.
     shadow: ArcSwap<Option<Policy>>,
     shadow_evaluated: AtomicU64,
     shadow_differed: AtomicU64,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn DecisionObserver>>,
 }
 
 /// How often the shadow policy was evaluated and disagreed with the active one.
@@ -111,19 +116,19 @@ impl Engine {
             shadow: ArcSwap::from_pointee(None),
             shadow_evaluated: AtomicU64::new(0),
             shadow_differed: AtomicU64::new(0),
-            metrics: None,
+            observer: None,
         }
     }
 
-    /// Keeps usage history in `aggregator` (fed by [`Engine::record_usage`]).
-    pub fn with_usage(mut self, aggregator: UsageAggregator) -> Self {
-        self.usage = Some(aggregator);
+    /// Keeps usage history in `history` (fed by [`Engine::record_usage`]).
+    pub fn with_usage(mut self, history: Arc<dyn UsageHistory>) -> Self {
+        self.usage = Some(history);
         self
     }
 
-    /// Counts verdicts and reasons in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Tells `observer` of every decision (metrics count verdicts and reasons).
+    pub fn with_observer(mut self, observer: Arc<dyn DecisionObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -144,14 +149,14 @@ impl Engine {
         self.overrides.store(Arc::new(index));
     }
 
-    pub fn usage(&self) -> Option<&UsageAggregator> {
-        self.usage.as_ref()
+    pub fn usage(&self) -> Option<&dyn UsageHistory> {
+        self.usage.as_deref()
     }
 
     /// Records one usage event, located by the geo databases (unlocated when they cannot say).
-    /// Returns false when usage history is turned off.
+    /// Returns false when usage history is turned off or the event could not be kept.
     pub fn record_usage(&self, event: &UsageEvent) -> bool {
-        let Some(aggregator) = &self.usage else {
+        let Some(history) = &self.usage else {
             return false;
         };
         let location = match self.geo.lookup(event.ip) {
@@ -171,8 +176,7 @@ impl Engine {
             }
             Err(_) => EventLocation::default(),
         };
-        aggregator.record(event, &location);
-        true
+        history.record(event, &location)
     }
 
     pub fn geo(&self) -> &Geo {
@@ -188,35 +192,94 @@ impl Engine {
         self.policy.store(Arc::new(policy));
     }
 
-    pub fn classify(&self, input: &ClassifyInput) -> Result<Outcome, GeoError> {
-        self.classify_at(input, SystemTime::now())
+    /// Decides. Waits only for a remote usage history, and never longer than its timeout.
+    pub async fn classify(&self, input: &ClassifyInput) -> Result<Outcome, GeoError> {
+        self.classify_at(input, SystemTime::now()).await
     }
 
     /// As [`Engine::classify`], at a given time (tests, replays).
-    pub fn classify_at(&self, input: &ClassifyInput, now: SystemTime) -> Result<Outcome, GeoError> {
+    pub async fn classify_at(
+        &self,
+        input: &ClassifyInput,
+        now: SystemTime,
+    ) -> Result<Outcome, GeoError> {
         let location = self.geo.lookup(input.ip)?;
-        Ok(self.decide_at(input, location, now))
+        Ok(self.decide_at(input, location, now).await)
+    }
+
+    /// Decides without waiting, for callers with no runtime (benches, fuzzing): usage history
+    /// that only a remote engine holds is not waited for; the decision then says `degraded`.
+    pub fn classify_now(
+        &self,
+        input: &ClassifyInput,
+        now: SystemTime,
+    ) -> Result<Outcome, GeoError> {
+        let location = self.geo.lookup(input.ip)?;
+        let now_unix = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let usage = match self.usage_lookup(input, &location, now_unix) {
+            UsageLookup::Ready(facts) => facts,
+            UsageLookup::Pending(_) => Some(UsageFacts {
+                degraded: true,
+                ..UsageFacts::default()
+            }),
+        };
+        Ok(self.decide_with(input, location, usage, now))
+    }
+
+    /// The request's usage facts: inline from the caller, else from the history.
+    fn usage_lookup<'a>(
+        &'a self,
+        input: &ClassifyInput,
+        location: &GeoLookup,
+        now_unix: i64,
+    ) -> UsageLookup<'a> {
+        match (&input.usage, &self.usage) {
+            (Some(inline), _) => UsageLookup::Ready(Some(inline.clone())),
+            (None, None) => UsageLookup::Ready(None),
+            (None, Some(history)) => history.facts(UsageQuery {
+                account_id: input.account_id.as_deref(),
+                ip: location.ip,
+                payment_fingerprint: input.payment_fingerprint.as_deref(),
+                now: now_unix,
+            }),
+        }
     }
 
     /// Decides with a location already looked up (callers that key a cache on it).
-    pub fn decide(&self, input: &ClassifyInput, location: GeoLookup) -> Outcome {
-        self.decide_at(input, location, SystemTime::now())
+    pub async fn decide(&self, input: &ClassifyInput, location: GeoLookup) -> Outcome {
+        self.decide_at(input, location, SystemTime::now()).await
     }
 
-    fn decide_at(&self, input: &ClassifyInput, location: GeoLookup, now: SystemTime) -> Outcome {
+    async fn decide_at(
+        &self,
+        input: &ClassifyInput,
+        location: GeoLookup,
+        now: SystemTime,
+    ) -> Outcome {
+        let now_unix = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let usage = match self.usage_lookup(input, &location, now_unix) {
+            UsageLookup::Ready(facts) => facts,
+            UsageLookup::Pending(read) => read.await,
+        };
+        self.decide_with(input, location, usage, now)
+    }
+
+    /// The decision itself, once the usage facts are known: no waiting.
+    fn decide_with(
+        &self,
+        input: &ClassifyInput,
+        location: GeoLookup,
+        usage: Option<UsageFacts>,
+        now: SystemTime,
+    ) -> Outcome {
         let policy = self.policy.load();
         let now_unix = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let usage = input.usage.clone().or_else(|| {
-            let aggregator = self.usage.as_ref()?;
-            aggregator.facts(
-                input.account_id.as_deref(),
-                location.ip,
-                input.payment_fingerprint.as_deref(),
-                now_unix,
-            )
-        });
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -244,8 +307,8 @@ impl Engine {
                 .encode_lower(&mut text)
                 .to_owned()
         };
-        if let Some(metrics) = &self.metrics {
-            metrics.decision(&decision);
+        if let Some(observer) = &self.observer {
+            observer.decision(&decision);
         }
         if let Some(shadow) = self.shadow.load().as_ref() {
             let candidate = classify(&facts, shadow);
@@ -302,8 +365,8 @@ pub fn is_stale(build_epoch: u64, max_age: Option<Duration>, now: SystemTime) ->
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_shadow_policy_is_counted_never_returned() {
+    #[tokio::test]
+    async fn a_shadow_policy_is_counted_never_returned() {
         use crate::geo::{DbRole, GeoDatabase, fixtures};
         use crate::policy::{EMBEDDED_POLICY, parse_policy};
         let db = GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap();
@@ -315,13 +378,13 @@ mod tests {
         let shadow = EMBEDDED_POLICY.replacen("  \"CU\",", "  \"US\",\n  \"CU\",", 1);
         engine.set_shadow_policy(Some(parse_policy(&shadow, "shadow").unwrap()));
         let input = |ip: &str| ClassifyInput::for_ip(ip.parse().unwrap());
-        let us = engine.classify(&input("216.160.83.57")).unwrap();
+        let us = engine.classify(&input("216.160.83.57")).await.unwrap();
         assert_eq!(
             us.decision.verdict,
             crate::classify::Verdict::Allow,
             "the active policy decides"
         );
-        engine.classify(&input("175.16.199.10")).unwrap();
+        engine.classify(&input("175.16.199.10")).await.unwrap();
         assert_eq!(
             engine.shadow_stats(),
             ShadowStats {

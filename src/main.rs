@@ -218,6 +218,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::Classify(args) => classify(args),
         Command::Lookup { ip, data } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let _inside = runtime.enter();
             let loaded = app::load(&data.config()?)?;
             let ip = convert::parse_ip("ip", &ip)?;
             let (lookup, databases) = loaded.engine.lookup(ip)?;
@@ -289,13 +293,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     config.validate()?;
     tracing::info!(?config, "starting");
-    let loaded = app::load(&config)?;
-    let engine = Arc::new(loaded.engine);
-    tracing::info!(policy_version = %engine.policy().version(), databases = ?engine.geo().databases(), watching = ?loaded.targets, "loaded");
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let inside = runtime.enter();
+    let loaded = app::load(&config)?;
+    drop(inside);
+    let engine = Arc::new(loaded.engine);
+    tracing::info!(policy_version = %engine.policy().version(), databases = ?engine.geo().databases(), watching = ?loaded.targets, "loaded");
+
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(address = %listener.local_addr()?, "serving regionguard.v1.Classifier, grpc.health.v1, reflection");
@@ -393,8 +399,12 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(65));
         }
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _inside = runtime.enter();
     let loaded = app::load(&args.data.config()?)?;
-    let outcome = loaded.engine.classify(&input)?;
+    let outcome = runtime.block_on(loaded.engine.classify(&input))?;
     let response = pb::ClassifyResponse::from(outcome);
     println!(
         "{}",

@@ -51,6 +51,17 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+impl crate::engine::DecisionObserver for Metrics {
+    fn decision(&self, decision: &Decision) {
+        self.verdict_counters[decision.verdict as usize].inc();
+        for reason in &decision.reasons {
+            if let Some(counter) = self.reason_counters.get(reason.code as usize) {
+                counter.inc();
+            }
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let calls = Family::<Labels, Counter>::default();
@@ -135,15 +146,6 @@ impl Metrics {
             });
         calls.inc();
         latency.observe(seconds);
-    }
-
-    pub fn decision(&self, decision: &Decision) {
-        self.verdict_counters[decision.verdict as usize].inc();
-        for reason in &decision.reasons {
-            if let Some(counter) = self.reason_counters.get(reason.code as usize) {
-                counter.inc();
-            }
-        }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -282,6 +284,37 @@ impl Collector for EngineCollector {
                 "Estimated bytes held by usage history",
                 &[],
                 stats.bytes as f64,
+            )?;
+            counter(
+                e,
+                "usage_backend_errors",
+                "Calls to the usage history's remote engine (Redis) that failed or timed out",
+                stats.backend_errors,
+            )?;
+            counter(
+                e,
+                "usage_degraded_reads",
+                "Decisions made without the remote usage history (UsageSummary.degraded)",
+                stats.degraded_reads,
+            )?;
+            gauge(
+                e,
+                "usage_pending_events",
+                "Usage events accepted but not yet written to the remote engine",
+                &[],
+                stats.pending_events as f64,
+            )?;
+            counter(
+                e,
+                "usage_lost_events",
+                "Usage events that could not be kept: the queue to the remote engine was full",
+                stats.lost_events,
+            )?;
+            counter(
+                e,
+                "usage_written_events",
+                "Usage events written to the remote engine",
+                stats.written_events,
             )?;
         }
         if let Some(audit) = &self.audit {

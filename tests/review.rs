@@ -356,14 +356,6 @@ async fn callers_are_separated_by_role() {
 }
 
 /// A loopback port nothing listens on, for a server binary to take.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn verify_cli(dir: &std::path::Path) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["audit", "verify", "--data-dir"])
@@ -698,7 +690,7 @@ async fn kill_9_while_writing_keeps_the_chain_intact() {
     let location = dir.path().join("city.mmdb");
     std::fs::write(&location, support::fixtures::city_db()).unwrap();
     let start = || {
-        let port = free_port();
+        let port = support::free_port();
         let child = Command::new(BIN)
             .args([
                 "serve",
@@ -861,7 +853,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     };
-    let port = free_port();
+    let port = support::free_port();
     let mut child = Command::new(BIN)
         .args([
             "serve",

@@ -114,10 +114,10 @@ pub fn classify_request(data: &[u8]) {
     };
     let now = UNIX_EPOCH + Duration::from_secs(NOW_UNIX);
     let outcome = engine()
-        .classify_at(&input, now)
+        .classify_now(&input, now)
         .expect("every address resolves, if only to 'unknown'");
     check_decision(&outcome.decision);
-    let again = engine().classify_at(&input, now).expect("resolves again");
+    let again = engine().classify_now(&input, now).expect("resolves again");
     assert_eq!(
         outcome.decision, again.decision,
         "decisions are deterministic"

@@ -95,6 +95,9 @@ pub struct UsageFacts {
     pub accounts_sharing_network: u32,
     /// Countries and subdivisions the account was used from in 7 days.
     pub regions_7d: Vec<RegionCode>,
+    /// The shared usage history could not be read in time: these facts are what this replica
+    /// held locally (possibly nothing), and may undercount.
+    pub degraded: bool,
 }
 
 /// What a reviewer's override does.

@@ -68,13 +68,16 @@ impl GatewayService {
     }
 
     /// The decision for `request`, and whether it was made now (not reused from the cache).
-    fn decide(
+    async fn decide(
         &self,
         request: &GatewayRequest,
     ) -> Result<(Arc<Outcome>, bool), crate::geo::GeoError> {
         let location = self.engine.geo().lookup(request.input.ip)?;
         let Some(cache) = &self.cache else {
-            return Ok((Arc::new(self.engine.decide(&request.input, location)), true));
+            return Ok((
+                Arc::new(self.engine.decide(&request.input, location).await),
+                true,
+            ));
         };
         let account = &request.input.account;
         let key = DecisionKey {
@@ -92,20 +95,24 @@ impl GatewayService {
             created_at_unix: account.created_at_unix,
             language_regions: request.input.hints.language_regions.clone(),
         };
-        let entry = cache
-            .entry(key)
-            .or_insert_with(|| Arc::new(self.engine.decide(&request.input, location)));
+        if let Some(hit) = cache.get(&key) {
+            return Ok((hit, false));
+        }
+        // Decided outside the cache's lock (a usage read may wait); a request that raced this
+        // one to the same key keeps the first answer, as the cache promises.
+        let outcome = Arc::new(self.engine.decide(&request.input, location).await);
+        let entry = cache.entry(key).or_insert(outcome);
         let fresh = entry.is_fresh();
         Ok((entry.into_value(), fresh))
     }
 
     /// Answers one check; pure of transport concerns so tests and benches can call it directly.
-    pub fn answer(&self, check: &CheckRequest) -> CheckResponse {
-        self.evaluate(check).0
+    pub async fn answer(&self, check: &CheckRequest) -> CheckResponse {
+        self.evaluate(check).await.0
     }
 
     /// The answer, and the decision to record when one was made now.
-    fn evaluate(
+    async fn evaluate(
         &self,
         check: &CheckRequest,
     ) -> (CheckResponse, Option<(ClassifyInput, Arc<Outcome>)>) {
@@ -124,7 +131,7 @@ impl GatewayService {
             Ok(request) => request,
             Err(error) => return failure(error.to_string()),
         };
-        match self.decide(&request) {
+        match self.decide(&request).await {
             Ok((outcome, fresh)) => {
                 let answer = response::decision(&outcome, &self.config, self.deny_status);
                 (answer, fresh.then_some((request.input, outcome)))
@@ -140,7 +147,7 @@ impl Authorization for GatewayService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let (answer, made) = self.evaluate(request.get_ref());
+        let (answer, made) = self.evaluate(request.get_ref()).await;
         if let (Some(audit), Some((input, outcome))) = (&self.audit, made) {
             audit.record(&input, &outcome).await;
         }
@@ -186,24 +193,24 @@ mod tests {
         envoy::check_request("216.160.83.57", "/", &[("x-account-id", account)], &[])
     }
 
-    #[test]
-    fn identical_checks_reuse_the_decision_until_something_changes() {
+    #[tokio::test]
+    async fn identical_checks_reuse_the_decision_until_something_changes() {
         let engine = engine(true);
         let service = GatewayService::new(engine.clone(), GatewayConfig::default(), None).unwrap();
-        let first = decision_id(&service.answer(&check("a"))).unwrap();
+        let first = decision_id(&service.answer(&check("a")).await).unwrap();
         assert_eq!(
-            decision_id(&service.answer(&check("a"))).unwrap(),
+            decision_id(&service.answer(&check("a")).await).unwrap(),
             first,
             "same check, same decision"
         );
         let neighbour = envoy::check_request("216.160.83.58", "/", &[("x-account-id", "a")], &[]);
         assert_eq!(
-            decision_id(&service.answer(&neighbour)).unwrap(),
+            decision_id(&service.answer(&neighbour).await).unwrap(),
             first,
             "same network, same decision"
         );
         assert_ne!(
-            decision_id(&service.answer(&check("b"))).unwrap(),
+            decision_id(&service.answer(&check("b")).await).unwrap(),
             first,
             "another account"
         );
@@ -211,31 +218,31 @@ mod tests {
             parse_policy(&format!("{EMBEDDED_POLICY}\n# new version\n"), "p2").unwrap(),
         );
         assert_ne!(
-            decision_id(&service.answer(&check("a"))).unwrap(),
+            decision_id(&service.answer(&check("a")).await).unwrap(),
             first,
             "a new policy decides anew"
         );
     }
 
-    #[test]
-    fn without_a_ttl_every_check_is_decided() {
+    #[tokio::test]
+    async fn without_a_ttl_every_check_is_decided() {
         let config = GatewayConfig {
             decision_cache_ttl_ms: 0,
             ..Default::default()
         };
         let service = GatewayService::new(engine(true), config, None).unwrap();
         assert_ne!(
-            decision_id(&service.answer(&check("a"))),
-            decision_id(&service.answer(&check("a")))
+            decision_id(&service.answer(&check("a")).await),
+            decision_id(&service.answer(&check("a")).await)
         );
     }
 
-    #[test]
-    fn failures_are_not_cached() {
+    #[tokio::test]
+    async fn failures_are_not_cached() {
         let engine = engine(false);
         let service = GatewayService::new(engine.clone(), GatewayConfig::default(), None).unwrap();
         assert_eq!(
-            decision_id(&service.answer(&check("a"))),
+            decision_id(&service.answer(&check("a")).await),
             None,
             "no database: an error answer"
         );
@@ -244,7 +251,7 @@ mod tests {
             Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
         );
         assert!(
-            decision_id(&service.answer(&check("a"))).is_some(),
+            decision_id(&service.answer(&check("a")).await).is_some(),
             "decided as soon as the database is there"
         );
     }

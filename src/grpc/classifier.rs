@@ -47,14 +47,14 @@ impl ClassifierService {
         &self,
         request: &pb::ClassifyRequest,
     ) -> Result<pb::ClassifyResponse, ApiError> {
-        let (input, outcome) = self.classify_one(request)?;
+        let (input, outcome) = self.classify_one(request).await?;
         if let Some(audit) = &self.audit {
             audit.record(&input, &outcome).await;
         }
         Ok(pb::ClassifyResponse::from(outcome))
     }
 
-    fn classify_one(
+    async fn classify_one(
         &self,
         request: &pb::ClassifyRequest,
     ) -> Result<(ClassifyInput, Outcome), ApiError> {
@@ -66,7 +66,7 @@ impl ClassifierService {
             });
         }
         let input = ClassifyInput::try_from(request)?;
-        let outcome = self.engine.classify(&input)?;
+        let outcome = self.engine.classify(&input).await?;
         Ok((input, outcome))
     }
 }

@@ -382,6 +382,7 @@ pub fn usage_facts(usage: &pb::UsageSummary) -> Result<UsageFacts, ApiError> {
         accounts_sharing_payment: usage.accounts_sharing_payment,
         accounts_sharing_network: usage.accounts_sharing_network,
         regions_7d,
+        degraded: usage.degraded,
     })
 }
 
@@ -401,6 +402,7 @@ pub fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
         distinct_networks_24h: usage.distinct_networks_24h,
         distinct_asns_24h: usage.distinct_asns_24h,
         api_keys_24h: usage.api_keys_24h,
+        degraded: usage.degraded,
     }
 }
 

@@ -179,8 +179,16 @@ impl Usage for UsageService {
                 .map_or(0, |d| d.as_secs() as i64);
             match usage_event(&event, now) {
                 Ok(event) => {
-                    self.engine.record_usage(&event);
-                    summary.accepted += 1;
+                    if self.engine.record_usage(&event) {
+                        summary.accepted += 1;
+                    } else {
+                        reject(
+                            &mut summary,
+                            index,
+                            "stream".into(),
+                            "usage history is behind (the queue to Redis is full): event not kept; retry it later".into(),
+                        );
+                    }
                 }
                 Err(error) => reject(
                     &mut summary,

@@ -30,6 +30,9 @@ impl Counts {
     }
 }
 
+/// Bucket starts and their counts, oldest first.
+pub type Buckets = VecDeque<(i64, Counts)>;
+
 /// Request counters in 5-minute buckets for 24 hours and hourly buckets for 7 days, sorted by
 /// bucket start, stored sparsely.
 #[derive(Clone, Debug, Default)]
@@ -112,6 +115,35 @@ impl Series {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The buckets (fine, then coarse, each oldest first) and the newest event time: what a
+    /// remote copy of the series stores.
+    pub fn parts(&self) -> (&Buckets, &Buckets, Option<i64>) {
+        (&self.fine, &self.coarse, self.newest)
+    }
+
+    /// Rebuilds a series from [`Series::parts`]; buckets out of order or out of their span are
+    /// put back where `add` would have put them.
+    pub fn from_parts(
+        fine: impl IntoIterator<Item = (i64, Counts)>,
+        coarse: impl IntoIterator<Item = (i64, Counts)>,
+        newest: Option<i64>,
+    ) -> Self {
+        let mut series = Self {
+            newest,
+            ..Self::default()
+        };
+        for (start, counts) in fine {
+            upsert(&mut series.fine, start, counts);
+        }
+        for (start, counts) in coarse {
+            upsert(&mut series.coarse, start, counts);
+        }
+        if let Some(newest) = newest {
+            series.prune(newest);
+        }
+        series
+    }
 }
 
 /// Up to `cap` keys with the last time each was seen; when full, a new key replaces the one
@@ -167,6 +199,15 @@ impl<K: PartialEq> Recent<K> {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Every key with the last time it was seen.
+    pub fn entries(&self) -> &[(K, i64)] {
+        &self.entries
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 }
 
@@ -273,6 +314,19 @@ impl<C: Copy + PartialEq> CountryRuns<C> {
     /// Heap bytes allocated, for memory accounting.
     pub fn heap_bytes(&self) -> usize {
         self.runs.capacity() * std::mem::size_of::<Run<C>>()
+    }
+
+    pub fn runs(&self) -> impl Iterator<Item = &Run<C>> + '_ {
+        self.runs.iter()
+    }
+
+    /// Rebuilds runs from [`CountryRuns::runs`] (time order, as stored), keeping the newest `cap`.
+    pub fn from_runs(cap: usize, runs: impl IntoIterator<Item = Run<C>>) -> Self {
+        let mut runs: VecDeque<Run<C>> = runs.into_iter().collect();
+        while runs.len() > cap {
+            runs.pop_front();
+        }
+        Self { runs, cap }
     }
 
     pub fn countries(&self) -> impl Iterator<Item = C> + '_ {

@@ -3,6 +3,7 @@
 
 pub mod envoy;
 pub mod fixtures;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -240,6 +241,15 @@ impl TestServer {
             task.await.unwrap();
         }
     }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes a measured figure straight to stderr, past the test harness's output capture, so it

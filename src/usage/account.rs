@@ -1,0 +1,149 @@
+//! One account's usage history and the facts read from it: the part both adapters share, so
+//! the in-process and the Redis history count the same way (Redis stores this state encoded by
+//! [`super::codec`]).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::window::{CountryRuns, Counts, HISTORY_SECS, Recent, Series};
+use super::{DAY, EventLocation, HOUR, NetworkKey, UsageEvent};
+use crate::classify::UsageFacts;
+use crate::region::{CountryCode, RegionCode};
+
+/// Set sizes: counts saturate here.
+pub(crate) const MAX_IPS: usize = 64;
+pub(crate) const MAX_NETWORKS: usize = 32;
+pub(crate) const MAX_COUNTRIES: usize = 32;
+pub(crate) const MAX_ASNS: usize = 32;
+pub(crate) const MAX_API_KEYS: usize = 16;
+pub(crate) const MAX_RUNS: usize = 64;
+/// Accounts remembered per payment fingerprint or network.
+pub(crate) const MAX_ACCOUNTS_PER_KEY: usize = 256;
+
+/// What is kept of one account.
+#[derive(Clone, Debug)]
+pub(crate) struct AccountState {
+    pub series: Series,
+    pub ips: Recent<IpAddr>,
+    pub networks: Recent<NetworkKey>,
+    pub countries: Recent<CountryCode>,
+    pub regions: Recent<RegionCode>,
+    pub asns: Recent<u32>,
+    pub api_keys: Recent<Arc<str>>,
+    pub runs: CountryRuns<CountryCode>,
+    /// The oldest event seen (for the baseline's observed hours).
+    pub oldest: i64,
+}
+
+impl AccountState {
+    pub fn new(t: i64) -> Self {
+        Self {
+            series: Series::default(),
+            ips: Recent::new(MAX_IPS),
+            networks: Recent::new(MAX_NETWORKS),
+            countries: Recent::new(MAX_COUNTRIES),
+            regions: Recent::new(MAX_COUNTRIES),
+            asns: Recent::new(MAX_ASNS),
+            api_keys: Recent::new(MAX_API_KEYS),
+            runs: CountryRuns::new(MAX_RUNS),
+            oldest: t,
+        }
+    }
+
+    /// Adds one event.
+    pub fn apply(&mut self, event: &UsageEvent, location: &EventLocation) {
+        let t = event.timestamp;
+        let counts = Counts {
+            requests: event.requests,
+            tokens: event.input_tokens.saturating_add(event.output_tokens),
+            anonymized: if location.anonymized {
+                event.requests
+            } else {
+                0
+            },
+        };
+        self.series.add(t, counts);
+        self.oldest = self.oldest.min(t);
+        self.ips.touch(event.ip.to_canonical(), t);
+        self.networks.touch(NetworkKey::of(event.ip), t);
+        if let Some(country) = location.country {
+            self.countries.touch(country, t);
+            self.regions.touch(RegionCode::country_only(country), t);
+            self.runs.observe(t, country);
+            self.runs.prune(t - DAY);
+        }
+        for region in &location.subdivisions {
+            self.regions.touch(*region, t);
+        }
+        if let Some(asn) = location.asn {
+            self.asns.touch(asn, t);
+        }
+        if let Some(key) = &event.api_key_id {
+            self.api_keys.touch(key.clone(), t);
+        }
+    }
+
+    /// Heap bytes allocated by the state, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.series.heap_bytes()
+            + self.ips.heap_bytes()
+            + self.networks.heap_bytes()
+            + self.countries.heap_bytes()
+            + self.regions.heap_bytes()
+            + self.asns.heap_bytes()
+            + self.api_keys.heap_bytes()
+            + self.api_keys.len() * 48
+            + self.runs.heap_bytes()
+    }
+
+    /// Writes the account's own facts at `now` into `facts` (sharing counts are the caller's).
+    pub fn fill(&self, facts: &mut UsageFacts, now: i64) {
+        let hour = self.series.sum(now, HOUR);
+        let day = self.series.sum(now, DAY);
+        let week = self.series.sum(now, HISTORY_SECS);
+        let observed_hours = ((now - self.oldest) / HOUR).clamp(1, HISTORY_SECS / HOUR - 1);
+        let (switches, fastest) = self.runs.switches_since(now - DAY);
+        facts.requests_1h = hour.requests;
+        facts.baseline_requests_per_hour =
+            week.requests.saturating_sub(hour.requests) as f64 / observed_hours as f64;
+        facts.requests_24h = day.requests;
+        facts.anonymized_requests_24h = day.anonymized;
+        facts.distinct_countries_24h = self.countries.count_since(now - DAY);
+        facts.distinct_ips_24h = self.ips.count_since(now - DAY);
+        facts.distinct_networks_24h = self.networks.count_since(now - DAY);
+        facts.distinct_asns_24h = self.asns.count_since(now - DAY);
+        facts.country_switches_24h = switches;
+        facts.fastest_country_switch_secs = fastest;
+        facts.api_keys_24h = self.api_keys.count_since(now - DAY);
+        facts.regions_7d = self.regions.since(now - HISTORY_SECS).copied().collect();
+    }
+}
+
+/// Accounts sharing a key, this one included: `others` seen in the window besides the asking
+/// account, plus one for the asking account when it is known.
+pub(crate) fn sharing(others: u32, asking: bool) -> u32 {
+    others + u32::from(asking)
+}
+
+/// Facts from what a history found: `None` when it knows nothing of the account, the payment
+/// fingerprint or the network.
+pub(crate) fn facts(
+    state: Option<&AccountState>,
+    payment_others: Option<u32>,
+    network_others: Option<u32>,
+    asking: bool,
+    now: i64,
+) -> Option<UsageFacts> {
+    if state.is_none() && payment_others.is_none() && network_others.is_none() {
+        return None;
+    }
+    let mut facts = UsageFacts {
+        accounts_sharing_payment: payment_others.map_or(0, |n| sharing(n, asking)),
+        accounts_sharing_network: network_others.map_or(0, |n| sharing(n, asking)),
+        ..UsageFacts::default()
+    };
+    if let Some(state) = state {
+        state.fill(&mut facts, now);
+    }
+    Some(facts)
+}

@@ -1,0 +1,220 @@
+//! The usage-history port's shared suite: the same events into the in-process adapter and the
+//! Redis adapter (a throwaway `redis-server`), then the same questions to both. Every adapter
+//! must give the same facts, so decisions do not depend on where history is kept.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use regionguard::region::{CountryCode, RegionCode};
+use regionguard::usage::redis::{RedisSettings, RedisUsage};
+use regionguard::usage::{EventLocation, UsageAggregator, UsageEvent, UsageHistory, UsageQuery};
+use support::redis::RedisServer;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A small deterministic generator (xorshift), so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const COUNTRIES: [&str; 5] = ["DE", "FR", "US", "NL", "UA"];
+
+fn location(host: u64) -> EventLocation {
+    let country = COUNTRIES[(host % 5) as usize];
+    EventLocation {
+        country: CountryCode::parse(country).ok(),
+        subdivisions: if country == "UA" {
+            vec![RegionCode::parse("UA-43").unwrap()]
+        } else {
+            Vec::new()
+        },
+        asn: Some(64_500 + (host % 7) as u32),
+        anonymized: host % 4 == 0,
+    }
+}
+
+fn ip(host: u64) -> IpAddr {
+    if host % 6 == 5 {
+        format!("2001:db8:{:x}::{:x}", host % 9, host)
+            .parse()
+            .unwrap()
+    } else {
+        format!("198.{}.{}.{}", 18 + host % 3, host % 11, host % 250)
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Accounts hopping between countries, sharing cards and networks, over three days; some
+/// events arrive out of order.
+fn events(now: i64) -> Vec<(UsageEvent, EventLocation)> {
+    let mut rng = Rng(0x5eed_1234_abcd_0042);
+    let mut out = Vec::new();
+    for _ in 0..3_000 {
+        let account = rng.below(40);
+        let host = if account < 10 {
+            rng.below(400)
+        } else {
+            account * 13 + rng.below(2)
+        };
+        let t = now - rng.below(3 * 86_400) as i64;
+        let card = match account {
+            0..=7 => Some(format!("card-shared-{}", account % 2)),
+            _ if rng.below(3) == 0 => Some(format!("card-{account}")),
+            _ => None,
+        };
+        out.push((
+            UsageEvent {
+                account_id: format!("acct-{account}").into(),
+                ip: ip(host),
+                timestamp: t,
+                api_key_id: Some(format!("key-{}-{}", account, rng.below(3)).into()),
+                requests: 1 + rng.below(20),
+                input_tokens: rng.below(5_000),
+                output_tokens: rng.below(2_000),
+                payment_fingerprint: card.map(Into::into),
+            },
+            location(host),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_and_redis_adapters_give_the_same_facts() {
+    let redis = RedisServer::start();
+    let remote = RedisUsage::start(&RedisSettings {
+        url: redis.url(),
+        prefix: "test:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+    })
+    .unwrap();
+    let local = UsageAggregator::new(256 << 20);
+    let now = now();
+    let events = events(now);
+    for (event, location) in &events {
+        assert!(UsageHistory::record(&local, event, location));
+        assert!(remote.record(event, location));
+    }
+    remote.flush().await;
+    assert_eq!(remote.stats().written_events, events.len() as u64);
+    assert_eq!(remote.stats().pending_events, 0);
+
+    let mut questions: Vec<(Option<String>, IpAddr, Option<String>)> = Vec::new();
+    for account in 0..40u64 {
+        let id = Some(format!("acct-{account}"));
+        questions.push((id.clone(), ip(account * 13), None));
+        questions.push((
+            id.clone(),
+            ip(3),
+            Some(format!("card-shared-{}", account % 2)),
+        ));
+        questions.push((id, ip(401 + account), Some(format!("card-{account}"))));
+    }
+    questions.push((Some("newcomer".into()), ip(7), Some("card-shared-1".into())));
+    questions.push((None, ip(7), Some("card-shared-0".into())));
+    questions.push((
+        Some("stranger".into()),
+        "203.0.113.9".parse().unwrap(),
+        None,
+    ));
+
+    let mut known = 0;
+    for (account, ip, card) in &questions {
+        let q = UsageQuery {
+            account_id: account.as_deref(),
+            ip: *ip,
+            payment_fingerprint: card.as_deref(),
+            now,
+        };
+        let expected = local.facts(q.account_id, q.ip, q.payment_fingerprint, now);
+        let got = remote.facts(q).resolve().await;
+        assert_eq!(got, expected, "{account:?} on {ip} with {card:?}");
+        known += usize::from(expected.is_some());
+    }
+    assert!(
+        known > 100,
+        "the questions must mostly hit history ({known})"
+    );
+    let hopper = local
+        .facts(Some("acct-3"), ip(3), None, now)
+        .expect("acct-3 has history");
+    assert!(hopper.distinct_countries_24h >= 3 && hopper.country_switches_24h > 0);
+    assert!(hopper.accounts_sharing_network > 0);
+    assert!(
+        local
+            .facts(Some("acct-1"), ip(3), Some("card-shared-1"), now)
+            .unwrap()
+            .accounts_sharing_payment
+            >= 4
+    );
+    assert!(remote.stats().backend_errors == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_one_account_lose_no_event() {
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        url: redis.url(),
+        prefix: "race:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+    };
+    let (a, b) = (
+        RedisUsage::start(&settings).unwrap(),
+        RedisUsage::start(&settings).unwrap(),
+    );
+    let now = now();
+    for i in 0..2_000i64 {
+        let event = UsageEvent {
+            account_id: "shared".into(),
+            ip: ip(i as u64 % 50),
+            timestamp: now - i,
+            api_key_id: None,
+            requests: 1,
+            input_tokens: 0,
+            output_tokens: 0,
+            payment_fingerprint: None,
+        };
+        let writer = if i % 2 == 0 { &a } else { &b };
+        assert!(writer.record(&event, &location(i as u64 % 50)));
+        if i % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::join!(a.flush(), b.flush());
+    let facts = a
+        .facts(UsageQuery {
+            account_id: Some("shared"),
+            ip: ip(1),
+            payment_fingerprint: None,
+            now,
+        })
+        .resolve()
+        .await
+        .unwrap();
+    assert_eq!(
+        facts.requests_24h, 2_000,
+        "compare-and-set keeps both writers' events"
+    );
+}
