@@ -116,6 +116,9 @@ impl AccountState {
         facts.fastest_country_switch_secs = fastest;
         facts.api_keys_24h = self.api_keys.count_since(now - DAY);
         facts.regions_7d = self.regions.since(now - HISTORY_SECS).copied().collect();
+        // A set: in code order, so the answer does not depend on the order events arrived in
+        // (replicas write one account's events in any interleaving).
+        facts.regions_7d.sort_unstable();
     }
 }
 
