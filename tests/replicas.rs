@@ -29,7 +29,7 @@ impl Replica {
             format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[usage]\n{usage}\n"),
         )
         .unwrap();
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -58,6 +58,8 @@ impl Replica {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("{name} did not start");
     }
 
