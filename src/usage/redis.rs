@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
-use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
@@ -73,6 +73,10 @@ const VERSION_LEN: usize = 8;
 const BATCH_EVENTS: usize = 8_192;
 /// How long the writer gathers events after the first one, to merge more per account.
 const GATHER: Duration = Duration::from_millis(5);
+/// Accounts per pipeline (a pipeline's reply must come back within the write timeout).
+const PIPELINE_ACCOUNTS: usize = 1_024;
+/// Longest a write pipeline may take before it is retried (off the request path).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Compare-and-set rounds before a batch's contended accounts wait for the next batch.
 const CAS_ROUNDS: usize = 8;
 /// Cached reads are kept this long in all, to answer degraded decisions.
@@ -141,9 +145,14 @@ pub struct RedisUsage {
     url: String,
 }
 
-fn manager(client: redis::Client) -> Result<ConnectionManager, RedisStartError> {
+/// A reconnecting multiplexed connection; `response_timeout` None leaves the bound to the caller.
+fn manager(
+    client: redis::Client,
+    response_timeout: Option<Duration>,
+) -> Result<ConnectionManager, RedisStartError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(response_timeout)
         .set_min_delay(BACKOFF_MIN)
         .set_max_delay(BACKOFF_MAX)
         .set_number_of_retries(usize::MAX);
@@ -173,8 +182,9 @@ impl RedisUsage {
         }
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| RedisStartError(e.to_string()))?;
-        let reads = manager(client.clone())?;
-        let writes = manager(client)?;
+        // Reads are bounded by `redis_timeout_ms` around each call; writes by WRITE_TIMEOUT.
+        let reads = manager(client.clone(), None)?;
+        let writes = manager(client, Some(WRITE_TIMEOUT))?;
         let keys = Keys {
             prefix: settings.prefix.as_str().into(),
         };
@@ -184,6 +194,8 @@ impl RedisUsage {
             conn: writes,
             keys: keys.clone(),
             counters: counters.clone(),
+            cas: Script::new(CAS),
+            script_loaded: false,
         };
         tokio::spawn(writer.run(rx));
         Ok(Self {
@@ -439,6 +451,9 @@ struct Writer {
     conn: ConnectionManager,
     keys: Keys,
     counters: Arc<Counters>,
+    cas: Script,
+    /// Whether Redis is known to hold the script (a restarted Redis does not).
+    script_loaded: bool,
 }
 
 /// A batch, merged.
@@ -446,6 +461,8 @@ struct Writer {
 struct Batch {
     events: usize,
     accounts: HashMap<Arc<str>, Vec<(UsageEvent, EventLocation)>>,
+    /// Versions written by compare-and-sets whose reply has not been seen.
+    attempted: HashMap<Arc<str>, [u8; VERSION_LEN]>,
     /// Sharing-set key → account → latest time, and the key's TTL.
     shared: HashMap<String, (HashMap<Arc<str>, i64>, Duration)>,
     flushes: Vec<oneshot::Sender<()>>,
@@ -533,50 +550,20 @@ impl Writer {
     }
 
     /// Writes what is left of `batch`; what was written is taken out of it, so a retry after an
-    /// error never applies an event twice.
+    /// error never applies an event twice. A compare-and-set whose reply was lost (a timeout, a
+    /// dropped connection) is recognised on the retry by the version it wrote.
     async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
+        if !self.script_loaded {
+            self.cas.load_async(&mut self.conn).await?;
+            self.script_loaded = true;
+        }
         for _ in 0..CAS_ROUNDS {
             if batch.accounts.is_empty() {
                 break;
             }
             let ids: Vec<Arc<str>> = batch.accounts.keys().cloned().collect();
-            let mut get = redis::pipe();
-            for id in &ids {
-                get.cmd("GET").arg(self.keys.account(id));
-            }
-            let current: Vec<Option<Vec<u8>>> = get.query_async(&mut self.conn).await?;
-            let mut set = redis::pipe();
-            for (id, stored) in ids.iter().zip(&current) {
-                let (version, mut state) = match stored.as_deref().map(decode_versioned) {
-                    Some(Ok((version, state))) => (version.to_vec(), Some(state)),
-                    Some(Err(error)) => {
-                        tracing::warn!(account = %id, %error, "usage history in Redis: unreadable account state replaced");
-                        let bytes = stored.as_deref().unwrap_or_default();
-                        (bytes[..VERSION_LEN.min(bytes.len())].to_vec(), None)
-                    }
-                    None => (Vec::new(), None),
-                };
-                for (event, location) in &batch.accounts[id] {
-                    state
-                        .get_or_insert_with(|| AccountState::new(event.timestamp))
-                        .apply(event, location);
-                }
-                let state = state.expect("a batched account has an event");
-                let mut value = uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..].to_vec();
-                value.extend_from_slice(&codec::encode(&state));
-                set.cmd("EVAL")
-                    .arg(CAS)
-                    .arg(1)
-                    .arg(self.keys.account(id))
-                    .arg(version)
-                    .arg(value)
-                    .arg(HISTORY_SECS * 1000);
-            }
-            let applied: Vec<i64> = set.query_async(&mut self.conn).await?;
-            for (id, ok) in ids.iter().zip(applied) {
-                if ok == 1 {
-                    batch.accounts.remove(id);
-                }
+            for chunk in ids.chunks(PIPELINE_ACCOUNTS) {
+                self.write_accounts(batch, chunk).await?;
             }
         }
         if !batch.accounts.is_empty() {
@@ -607,6 +594,79 @@ impl Writer {
             }
             pipe.query_async::<()>(&mut self.conn).await?;
             batch.shared.clear();
+        }
+        Ok(())
+    }
+
+    /// One round for some of the batch's accounts: read, merge, compare-and-set.
+    async fn write_accounts(
+        &mut self,
+        batch: &mut Batch,
+        ids: &[Arc<str>],
+    ) -> redis::RedisResult<()> {
+        let mut get = redis::pipe();
+        for id in ids {
+            get.cmd("GET").arg(self.keys.account(id));
+        }
+        let current: Vec<Option<Vec<u8>>> = get.query_async(&mut self.conn).await?;
+        let mut set = redis::pipe();
+        let mut sent = Vec::with_capacity(ids.len());
+        for (id, stored) in ids.iter().zip(&current) {
+            let stored = stored.as_deref();
+            let version = stored.map(|b| &b[..VERSION_LEN.min(b.len())]);
+            if version.is_some() && batch.attempted.get(id).map(|v| &v[..]) == version {
+                // Written by an attempt whose reply was lost.
+                batch.accounts.remove(id);
+                batch.attempted.remove(id);
+                continue;
+            }
+            let mut state = match stored.map(decode_versioned) {
+                Some(Ok((_, state))) => Some(state),
+                Some(Err(error)) => {
+                    tracing::warn!(account = %id, %error, "usage history in Redis: unreadable account state replaced");
+                    None
+                }
+                None => None,
+            };
+            let Some(events) = batch.accounts.get(id) else {
+                continue;
+            };
+            for (event, location) in events {
+                state
+                    .get_or_insert_with(|| AccountState::new(event.timestamp))
+                    .apply(event, location);
+            }
+            let Some(state) = state else { continue };
+            let mut ours = [0u8; VERSION_LEN];
+            ours.copy_from_slice(&uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..]);
+            let mut value = ours.to_vec();
+            value.extend_from_slice(&codec::encode(&state));
+            set.cmd("EVALSHA")
+                .arg(self.cas.get_hash())
+                .arg(1)
+                .arg(self.keys.account(id))
+                .arg(version.unwrap_or_default())
+                .arg(value)
+                .arg(HISTORY_SECS * 1000);
+            batch.attempted.insert(id.clone(), ours);
+            sent.push(id.clone());
+        }
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let applied: Vec<i64> = match set.query_async(&mut self.conn).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                // Perhaps a Redis restarted without the script (NOSCRIPT): load it again first.
+                self.script_loaded = false;
+                return Err(error);
+            }
+        };
+        for (id, ok) in sent.iter().zip(applied) {
+            batch.attempted.remove(id);
+            if ok == 1 {
+                batch.accounts.remove(id);
+            }
         }
         Ok(())
     }
