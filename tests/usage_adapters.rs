@@ -218,3 +218,157 @@ async fn two_writers_on_one_account_lose_no_event() {
         "compare-and-set keeps both writers' events"
     );
 }
+
+/// A TCP proxy to Redis that can lose replies: armed, it forwards a request holding a
+/// compare-and-set (EVALSHA) to Redis, then closes the connection instead of passing the reply
+/// on, so the writer cannot tell whether Redis applied it.
+struct ReplyLosingProxy {
+    port: u16,
+    /// Replies still to lose.
+    armed: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl ReplyLosingProxy {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(AtomicU32::new(0));
+        let shared = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let armed = shared.clone();
+                let lose = std::sync::Arc::new(AtomicBool::new(false));
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let up = {
+                    let (armed, lose) = (armed.clone(), lose.clone());
+                    async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let cas = buf[..n].windows(7).any(|w| w == b"EVALSHA");
+                            if cas
+                                && !lose.load(Ordering::SeqCst)
+                                && armed
+                                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                                        a.checked_sub(1)
+                                    })
+                                    .is_ok()
+                            {
+                                lose.store(true, Ordering::SeqCst);
+                            }
+                            if server_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if lose.load(Ordering::SeqCst) {
+                            return; // the reply is lost with the connection
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Self { port, armed }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_cut_mid_reply_apply_each_event_once() {
+    let redis = RedisServer::start();
+    let proxy = ReplyLosingProxy::start(redis.port).await;
+    let history = RedisUsage::start(&RedisSettings {
+        url: format!("redis://127.0.0.1:{}/", proxy.port),
+        prefix: "cut:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 1_000_000,
+    })
+    .unwrap();
+    let now = now();
+    const ACCOUNTS: u64 = 3_000;
+    const EACH: u64 = 20;
+    // Replies to compare-and-sets lost after Redis applied them.
+    const LOST: u32 = 3;
+    proxy.armed.store(LOST, std::sync::atomic::Ordering::SeqCst);
+    for round in 0..EACH {
+        for account in 0..ACCOUNTS {
+            let event = UsageEvent {
+                account_id: format!("acct-{account}").into(),
+                ip: ip(account),
+                timestamp: now - (round * 60) as i64,
+                api_key_id: None,
+                requests: 1,
+                input_tokens: 0,
+                output_tokens: 0,
+                payment_fingerprint: None,
+            };
+            assert!(history.record(&event, &location(account)));
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(60), history.flush())
+        .await
+        .is_err()
+    {
+        panic!("writes did not finish: {:?}", history.stats());
+    }
+    assert_eq!(
+        proxy.armed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "every armed reply was lost"
+    );
+    let stats = history.stats();
+    assert_eq!(stats.written_events, ACCOUNTS * EACH);
+    assert!(
+        stats.backend_errors >= u64::from(LOST),
+        "each lost reply is an error the writer saw"
+    );
+    for account in 0..ACCOUNTS {
+        let id = format!("acct-{account}");
+        let facts = history
+            .facts(UsageQuery {
+                account_id: Some(&id),
+                ip: ip(account),
+                payment_fingerprint: None,
+                now,
+            })
+            .resolve()
+            .await
+            .unwrap();
+        assert_eq!(
+            facts.requests_24h, EACH,
+            "{id}: every event once, none twice"
+        );
+    }
+    support::record(format_args!(
+        "redis write replies lost {LOST} times: {} backend errors, {} events each counted once",
+        stats.backend_errors,
+        ACCOUNTS * EACH
+    ));
+}

@@ -155,7 +155,9 @@ fn manager(
         .set_response_timeout(response_timeout)
         .set_min_delay(BACKOFF_MIN)
         .set_max_delay(BACKOFF_MAX)
-        .set_number_of_retries(usize::MAX);
+        // A few attempts per reconnection; the next call after they fail starts another, so
+        // nothing waits on a reconnection that never ends.
+        .set_number_of_retries(4);
     ConnectionManager::new_lazy_with_config(client, config)
         .map_err(|e| RedisStartError(e.to_string()))
 }
@@ -334,6 +336,17 @@ impl RedisUsage {
             q.account_id.is_some(),
             q.now,
         ))
+    }
+}
+
+/// A write call, given up after [`WRITE_TIMEOUT`] (a reconnection in progress included).
+async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+    match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "write timed out",
+        ))),
     }
 }
 
@@ -554,7 +567,7 @@ impl Writer {
     /// dropped connection) is recognised on the retry by the version it wrote.
     async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
         if !self.script_loaded {
-            self.cas.load_async(&mut self.conn).await?;
+            bounded(self.cas.load_async(&mut self.conn)).await?;
             self.script_loaded = true;
         }
         for _ in 0..CAS_ROUNDS {
@@ -592,7 +605,7 @@ impl Writer {
                     .arg(ttl.as_millis() as u64)
                     .ignore();
             }
-            pipe.query_async::<()>(&mut self.conn).await?;
+            bounded(pipe.query_async::<()>(&mut self.conn)).await?;
             batch.shared.clear();
         }
         Ok(())
@@ -608,7 +621,7 @@ impl Writer {
         for id in ids {
             get.cmd("GET").arg(self.keys.account(id));
         }
-        let current: Vec<Option<Vec<u8>>> = get.query_async(&mut self.conn).await?;
+        let current: Vec<Option<Vec<u8>>> = bounded(get.query_async(&mut self.conn)).await?;
         let mut set = redis::pipe();
         let mut sent = Vec::with_capacity(ids.len());
         for (id, stored) in ids.iter().zip(&current) {
@@ -654,7 +667,7 @@ impl Writer {
         if sent.is_empty() {
             return Ok(());
         }
-        let applied: Vec<i64> = match set.query_async(&mut self.conn).await {
+        let applied: Vec<i64> = match bounded(set.query_async(&mut self.conn)).await {
             Ok(applied) => applied,
             Err(error) => {
                 // Perhaps a Redis restarted without the script (NOSCRIPT): load it again first.
