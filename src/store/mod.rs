@@ -1,13 +1,29 @@
-//! The embedded store: SQLite (WAL) in the configured data directory, schema migrations from
-//! `migrations/`, the tamper-evident audit chain, the review queue and overrides.
+//! The store: the tamper-evident audit chain, the review queue and overrides.
 //!
-//! One writer thread owns the write connection ([`writer`]); the request path only hands it
-//! rows through a bounded channel. Reads open their own connections (WAL lets them run beside
-//! the writer) and run on blocking threads.
+//! **The port.** The rest of the service sees the store through two handles, whichever adapter
+//! runs: a [`writer::Recorder`] (a bounded channel to one writer, which commits decision rows
+//! in batches and reviewer changes with their audit row in one transaction) and [`Reads`]
+//! (decision by id, the queue, an account's decisions, paging through decisions, overrides).
+//! [`open`] picks the adapter from the config's [`Backend`], in this one place.
+//!
+//! **The adapters.** SQLite (this module, `writer`, `verify`, `retention`): WAL in the
+//! configured data directory, schema migrations from `migrations/`, one writer thread that owns
+//! the write connection; reads open their own connections and run on blocking threads.
+//! PostgreSQL ([`postgres`]): several replicas on one database, migrations from
+//! `migrations/postgres/`, one writer per replica whose batches are chained in order under an
+//! advisory lock, a local spool for decisions that must be kept while the database is away,
+//! and LISTEN/NOTIFY for overrides. Both share the row hashing ([`chain`]) and the checks of
+//! the tables against the chain ([`consistency`]).
+//!
+//! `Reads` is an enum rather than a trait object: the set of adapters is closed and chosen in
+//! one place, the SQLite side is blocking (rusqlite) while PostgreSQL is async, and an enum
+//! lets each method be a plain `async fn` without boxing every future.
 
 pub mod chain;
 pub mod consistency;
+pub mod postgres;
 pub mod retention;
+pub mod spool;
 mod verify;
 pub mod writer;
 
@@ -45,6 +61,147 @@ pub enum StoreError {
     Conflict(String),
     #[error("the store's writer has stopped")]
     WriterGone,
+    /// PostgreSQL: a query failed (not the connection).
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The database cannot be reached now; the call may be retried once it is back.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Which store the config names: the one place the adapter is chosen.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// The embedded SQLite store in this directory.
+    Sqlite { dir: PathBuf },
+    /// PostgreSQL at `url`; `spool_dir` (the config's `data_dir`) holds only the local spool.
+    Postgres { url: String, spool_dir: PathBuf },
+}
+
+/// An open store: its writer, its read side, and the overrides it holds.
+pub struct Opened {
+    pub recorder: writer::Recorder,
+    pub reads: Reads,
+    pub overrides: Vec<OverrideRecord>,
+}
+
+/// Opens the store `backend` names (creating and migrating it) and starts its writer; rows are
+/// keyed with `key` when there is one.
+pub fn open(
+    backend: &Backend,
+    capacity: usize,
+    overflow: writer::Overflow,
+    key: Option<ChainKey>,
+) -> Result<Opened, StoreError> {
+    match backend {
+        Backend::Sqlite { dir } => {
+            let recorder = writer::Recorder::start_keyed(dir, capacity, overflow, key)?;
+            let overrides = open_for_reading(dir).and_then(|c| {
+                overrides(&c).map_err(|error| StoreError::Sqlite {
+                    path: dir.display().to_string(),
+                    error,
+                })
+            })?;
+            Ok(Opened {
+                recorder,
+                reads: Reads::Sqlite { dir: dir.clone() },
+                overrides,
+            })
+        }
+        Backend::Postgres { url, spool_dir } => {
+            postgres::open(url, spool_dir, capacity, overflow, key)
+        }
+    }
+}
+
+/// The store's read side, whichever adapter runs.
+#[derive(Clone)]
+pub enum Reads {
+    Sqlite { dir: PathBuf },
+    Postgres(postgres::Reader),
+}
+
+impl Reads {
+    /// Runs a SQLite read on a blocking thread with its own connection.
+    async fn sqlite<T: Send + 'static>(
+        dir: &Path,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_for_reading(&dir)?;
+            query(&conn).map_err(|error| StoreError::Sqlite {
+                path: dir.display().to_string(),
+                error,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Postgres(format!("store read task: {e}")))?
+    }
+
+    /// A decision by its id, with its queue state.
+    pub async fn decision(&self, decision_id: &str) -> Result<Option<StoredDecision>, StoreError> {
+        let id = decision_id.to_owned();
+        match self {
+            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| decision(c, &id)).await,
+            Reads::Postgres(pg) => pg.decision(&id).await,
+        }
+    }
+
+    /// Queue items matching `filter`, in seq order.
+    pub async fn queue(&self, filter: &QueueFilter) -> Result<Vec<StoredDecision>, StoreError> {
+        let f = filter.clone();
+        match self {
+            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| queue(c, &f)).await,
+            Reads::Postgres(pg) => pg.queue(&f).await,
+        }
+    }
+
+    /// An account's decisions, newest first (at most `limit`).
+    pub async fn account_decisions(
+        &self,
+        account_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        let id = account_id.to_owned();
+        match self {
+            Reads::Sqlite { dir } => {
+                Self::sqlite(dir, move |c| account_decisions(c, &id, limit)).await
+            }
+            Reads::Postgres(pg) => pg.account_decisions(&id, limit).await,
+        }
+    }
+
+    /// Decisions recorded at or after `since_ms`, oldest first, after `after_seq` (paging).
+    pub async fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        match self {
+            Reads::Sqlite { dir } => {
+                Self::sqlite(dir, move |c| decisions_since(c, since_ms, after_seq, limit)).await
+            }
+            Reads::Postgres(pg) => pg.decisions_since(since_ms, after_seq, limit).await,
+        }
+    }
+
+    /// Every override, removed and expired ones included.
+    pub async fn overrides(&self) -> Result<Vec<OverrideRecord>, StoreError> {
+        match self {
+            Reads::Sqlite { dir } => Self::sqlite(dir, overrides).await,
+            Reads::Postgres(pg) => pg.overrides().await,
+        }
+    }
+
+    /// Keeps `engine`'s overrides in step with changes other replicas make. SQLite has one
+    /// writer, this process, whose Review service reloads them itself: nothing to watch.
+    pub fn watch_overrides(&self, engine: std::sync::Arc<crate::engine::Engine>) {
+        if let Reads::Postgres(pg) = self {
+            pg.watch_overrides(engine);
+        }
+    }
 }
 
 /// An override as stored.

@@ -62,8 +62,9 @@ pub enum Applied {
 /// nothing.
 pub type RowBuilder = Box<dyn FnOnce() -> AuditRow + Send>;
 
-enum Command {
-    Decision(RowBuilder),
+pub(crate) enum Command {
+    /// A decision's row, and whether it must be kept (signup, login, every non-ALLOW).
+    Decision(RowBuilder, bool),
     // Boxed: reviewer actions are rare, decisions are the bulk of the channel.
     Review(Box<ReviewCommand>),
     Flush(oneshot::Sender<()>),
@@ -79,10 +80,10 @@ enum Command {
 const RETENTION_CHUNK: usize = 2_000;
 const RETENTION_PAUSE: Duration = Duration::from_millis(50);
 
-struct ReviewCommand {
-    row: AuditRow,
-    change: Change,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
+pub(crate) struct ReviewCommand {
+    pub(crate) row: AuditRow,
+    pub(crate) change: Change,
+    pub(crate) reply: oneshot::Sender<Result<Applied, StoreError>>,
 }
 
 /// Counters for operators and tests.
@@ -93,14 +94,17 @@ pub struct RecorderStats {
     pub failed: u64,
     /// Rows removed by retention.
     pub pruned: u64,
+    /// Decision rows waiting in the local spool for the database to come back (PostgreSQL).
+    pub spool_depth: u64,
 }
 
 #[derive(Default)]
-struct Counters {
-    recorded: AtomicU64,
-    dropped: AtomicU64,
-    failed: AtomicU64,
-    pruned: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) recorded: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) pruned: AtomicU64,
+    pub(crate) spool_depth: AtomicU64,
 }
 
 /// The request path's handle on the writer.
@@ -147,10 +151,23 @@ impl Recorder {
         })
     }
 
+    /// A recorder over a writer another adapter runs.
+    pub(crate) fn from_parts(
+        tx: mpsc::Sender<Command>,
+        overflow: Overflow,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Self {
+            tx,
+            overflow,
+            counters,
+        }
+    }
+
     /// Hands a decision's audit row (built later, on the writer thread) to the writer.
     /// `must_keep` rows wait for room.
     pub async fn decision(&self, row: RowBuilder, must_keep: bool) {
-        let command = Command::Decision(row);
+        let command = Command::Decision(row, must_keep);
         let sent = if must_keep {
             self.tx.send(command).await.is_ok()
         } else {
@@ -214,6 +231,7 @@ impl Recorder {
             dropped: self.counters.dropped.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
             pruned: self.counters.pruned.load(Ordering::Relaxed),
+            spool_depth: self.counters.spool_depth.load(Ordering::Relaxed),
         }
     }
 }
@@ -386,7 +404,7 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
 
 /// The reviewer's row with the table row its change left (`"applied"` in the body), so the
 /// chain itself says what `overrides` and `review_queue` must hold (`consistency`).
-fn with_applied(row: &AuditRow, change: &Change, applied: &Applied) -> AuditRow {
+pub(crate) fn with_applied(row: &AuditRow, change: &Change, applied: &Applied) -> AuditRow {
     let applied = match (change, applied) {
         (_, Applied::Nothing) => return row.clone(),
         (_, Applied::Override(record)) => serde_json::json!({ "override": record }),
@@ -516,7 +534,7 @@ fn run(
         for command in commands {
             match command {
                 // A row builder that panics loses its own decision (counted), not the writer.
-                Command::Decision(build) => match catch_unwind(AssertUnwindSafe(build)) {
+                Command::Decision(build, _) => match catch_unwind(AssertUnwindSafe(build)) {
                     Ok(row) => {
                         items.push(Item::Decision(row));
                         replies.push(None);
