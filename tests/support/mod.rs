@@ -3,6 +3,7 @@
 
 pub mod envoy;
 pub mod fixtures;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
