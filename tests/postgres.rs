@@ -378,23 +378,67 @@ async fn two_replicas_share_overrides_queue_export_and_one_verified_chain() {
         "{out}"
     );
     let (na, nb) = (la.await.unwrap(), lb.await.unwrap());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every signup decision of both replicas reaches the one chain (the writers may still be
+    // catching up on a busy machine).
+    let started = Instant::now();
+    let per_replica = loop {
+        let rows = db
+            .query(
+                "SELECT substr(account_id, 1, 2), count(*) FROM audit_log WHERE kind = 'decision' AND account_id LIKE 'l_-%' GROUP BY 1 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let counts: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let expected = vec![
+            ("la".to_owned(), i64::from(na)),
+            ("lb".to_owned(), i64::from(nb)),
+        ];
+        if counts == expected || started.elapsed() > Duration::from_secs(20) {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        per_replica,
+        vec![
+            ("la".to_owned(), i64::from(na)),
+            ("lb".to_owned(), i64::from(nb))
+        ]
+    );
     let (ok, out) = verify(&pg.url());
     assert!(ok, "{out}");
     support::record(format_args!(
         "postgres: two replicas wrote {na} + {nb} decisions under load; {}",
         out.lines().next().unwrap_or("")
     ));
-    // Both replicas' rows are in the one chain.
-    let per_replica: i64 = db
-        .query_one(
-            "SELECT count(DISTINCT substr(account_id, 1, 2)) FROM audit_log WHERE account_id LIKE 'l_-%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(per_replica, 2);
+
+    // Replay reads the shared store too: the API ALLOW probes on B would be denied with the
+    // US sanctioned.
+    let candidate = dir.path().join("candidate.toml");
+    std::fs::write(&candidate, support::with_extra_sanctioned("US")).unwrap();
+    let replay = Command::new(BIN)
+        .args([
+            "replay",
+            "--since",
+            "1h",
+            "--postgres-url",
+            &pg.url(),
+            "--policy",
+        ])
+        .arg(&candidate)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        report.contains("ALLOW -> DENY") && report.contains("decisions replayed"),
+        "{report}"
+    );
 
     // Behind their backs: an edited row is named, then a deleted one.
     let seq: i64 = db
@@ -406,7 +450,7 @@ async fn two_replicas_share_overrides_queue_export_and_one_verified_chain() {
         .unwrap()
         .get(0);
     db.execute(
-        "UPDATE audit_log SET verdict = 'ALLOW' WHERE seq = $1",
+        "UPDATE audit_log SET verdict = CASE WHEN verdict = 'DENY' THEN 'ALLOW' ELSE 'DENY' END WHERE seq = $1",
         &[&seq],
     )
     .await
@@ -465,6 +509,37 @@ async fn an_override_edited_behind_the_api_is_named_by_verify() {
             && out.contains("action is \"ALLOW\" in the table but \"DENY\" in the audit log"),
         "{out}"
     );
+}
+
+/// The listener resyncs every override on reconnect: a change it was never notified of (made
+/// here behind the API, without NOTIFY) applies once its connection comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_are_resynced_when_the_listener_reconnects() {
+    let mut pg = PgServer::start_new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::start(dir.path(), "a", &pg.url()).await;
+    let probe = account(ALLOWED, "acct-r", pb::Flow::ApiRequest);
+    let db = pg.client().await;
+    db.execute(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms)          VALUES ('o-quiet', 'account', 'acct-r', 'DENY', 'dba', 'no notify', $1)",
+        &[&regionguard::store::now_ms()],
+    )
+    .await
+    .unwrap();
+    drop(db);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = replica.classifier().await;
+    let answer = client.classify(probe.clone()).await.unwrap().into_inner();
+    assert!(
+        !codes(&answer).contains(&"OVERRIDE_DENY"),
+        "not notified, not applied yet"
+    );
+    pg.stop();
+    pg.start();
+    let took = until(&replica, &probe, |r| codes(r).contains(&"OVERRIDE_DENY")).await;
+    support::record(format_args!(
+        "postgres: overrides resynced {took:?} after the database restarted"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
