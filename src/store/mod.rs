@@ -64,6 +64,9 @@ pub enum StoreError {
     /// PostgreSQL: a query failed (not the connection).
     #[error("postgres: {0}")]
     Postgres(String),
+    /// A read task did not finish (panicked or was cancelled).
+    #[error("{0}")]
+    Task(String),
     /// The database cannot be reached now; the call may be retried once it is back.
     #[error("{0}")]
     Unavailable(String),
@@ -136,7 +139,7 @@ impl Reads {
             })
         })
         .await
-        .map_err(|e| StoreError::Postgres(format!("store read task: {e}")))?
+        .map_err(|e| StoreError::Task(format!("store read task: {e}")))?
     }
 
     /// A decision by its id, with its queue state.

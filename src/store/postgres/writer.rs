@@ -39,8 +39,9 @@ use crate::store::{AuditRow, OverrideRecord, QueueState, Reads, StoreError};
 const BATCH: usize = 256;
 /// How often the writer tries the database again while it is away.
 const RETRY: Duration = Duration::from_millis(500);
-/// How long one batch may take before the database counts as away.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one batch may take before the database counts as away (a batch takes
+/// milliseconds; past this, must-keep decisions would start waiting for room in the channel).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connects to the store at `url` (migrating it), checks the chain's keying, reads the
 /// overrides and starts the writer thread. The database must be reachable at start.
@@ -89,6 +90,7 @@ pub fn open(
                         let mut writer = Writer {
                             config: thread_config,
                             client: Some(client),
+                            reconnect: None,
                             last_attempt: Instant::now(),
                             key,
                             spool,
@@ -161,6 +163,8 @@ enum Committed {
 struct Writer {
     config: tokio_postgres::Config,
     client: Option<Client>,
+    /// A connection attempt in progress while the database is away.
+    reconnect: Option<tokio::task::JoinHandle<Result<Client, StoreError>>>,
     last_attempt: Instant,
     key: Option<ChainKey>,
     spool: Spool,
@@ -221,32 +225,36 @@ impl Writer {
         }
     }
 
-    /// A live connection, or none while the database is away (tried again every `RETRY`).
+    /// A live connection, or none while the database is away. Reconnecting runs beside the
+    /// writer (a task started at most every `RETRY`), so a database that does not answer
+    /// (a partition: connects hang until their timeout) never stops the writer from taking
+    /// and spooling rows.
     async fn connected(&mut self) -> bool {
         if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
             return true;
         }
-        let was_connected = self.client.take().is_some();
-        if was_connected {
+        if self.client.take().is_some() {
             tracing::error!(spool = %self.spool.path().display(), "postgres store unreachable: decisions that must be kept go to the spool; reviewer changes fail");
             self.last_attempt = Instant::now();
             return false;
         }
-        if self.last_attempt.elapsed() < RETRY {
-            return false;
-        }
-        self.last_attempt = Instant::now();
-        match super::connect(&self.config).await {
-            Ok(client) => {
-                tracing::info!(spooled = self.spool.len(), "postgres store reachable again");
-                self.client = Some(client);
-                true
-            }
-            Err(error) => {
-                tracing::debug!(%error, "postgres store still unreachable");
-                false
+        if let Some(attempt) = self.reconnect.take_if(|a| a.is_finished()) {
+            match attempt.await {
+                Ok(Ok(client)) => {
+                    tracing::info!(spooled = self.spool.len(), "postgres store reachable again");
+                    self.client = Some(client);
+                    return true;
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "postgres store still unreachable"),
+                Err(error) => tracing::warn!(%error, "postgres reconnect task failed"),
             }
         }
+        if self.reconnect.is_none() && self.last_attempt.elapsed() >= RETRY {
+            self.last_attempt = Instant::now();
+            let config = self.config.clone();
+            self.reconnect = Some(tokio::spawn(async move { super::connect(&config).await }));
+        }
+        false
     }
 
     fn lost(&mut self, error: &StoreError) {
@@ -541,6 +549,19 @@ async fn commit(
         Some(row) => (row.try_get(0)?, row.try_get(1)?),
         None => (0, GENESIS.to_owned()),
     };
+    // Replicas configured differently must not mix keyed and plain rows in the one chain
+    // (checked at start too; this catches a replica that started on an empty chain).
+    if seq > 0 && key.is_some() != prev.starts_with(KEYED) {
+        return Err(Failure::Store(StoreError::Conflict(format!(
+            "the audit chain's head (row seq {seq}) is {} but this replica {} a chain key: every replica needs the same [store] chain_key_file",
+            if prev.starts_with(KEYED) {
+                "keyed"
+            } else {
+                "plain"
+            },
+            if key.is_some() { "has" } else { "has no" },
+        ))));
+    }
     // A decision recorded twice (the gateway's cache, a spool drained again) is skipped.
     let ids: Vec<&str> = items
         .iter()
