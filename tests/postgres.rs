@@ -480,7 +480,7 @@ async fn two_replicas_share_overrides_queue_export_and_one_verified_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_override_edited_behind_the_api_is_named_by_verify() {
+async fn verify_names_an_override_edited_behind_the_api_and_a_head_cut_from_the_end() {
     let pg = PgServer::start_new().await;
     let dir = tempfile::tempdir().unwrap();
     let a = Replica::start(dir.path(), "a", &pg.url()).await;
@@ -495,10 +495,62 @@ async fn an_override_edited_behind_the_api_is_named_by_verify() {
         }))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The last row: a decision, which the test then cuts from the end of the chain.
+    a.classifier()
+        .await
+        .classify(account(SANCTIONED, "acct-last", pb::Flow::Login))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (ok, out) = verify(&pg.url());
     assert!(ok, "{out}");
+    // The head printed, kept outside, and passed back.
+    let head = out
+        .split("head ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let expect = |head: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "audit",
+                "verify",
+                "--postgres-url",
+                &pg.url(),
+                "--expect-head",
+                head,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(expect(&head).0, "{head}");
+    let (seq, _) = head.split_once(':').unwrap();
+    let (ok, out) = expect(&format!("{seq}:{}", "0".repeat(64)));
+    assert!(!ok);
+    assert!(
+        out.starts_with(&format!(
+            "BROKEN: row seq {seq} does not have the recorded head hash"
+        )),
+        "{out}"
+    );
     let db = pg.client().await;
+    db.execute(
+        "DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(verify(&pg.url()).0, "a chain cannot show its end was cut");
+    let (ok, out) = expect(&head);
+    assert!(!ok);
+    assert!(out.contains("recorded as the head is gone"), "{out}");
     db.execute("UPDATE overrides SET action = 'ALLOW'", &[])
         .await
         .unwrap();
@@ -608,6 +660,7 @@ async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_mu
     );
     pg.start();
     let outage = stopped_at.elapsed();
+    let returned = Instant::now();
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut kept, mut answered) = (Vec::new(), 0);
@@ -657,10 +710,10 @@ async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_mu
         (r.get(0), r.get(1), r.get(2))
     };
     support::record(format_args!(
-        "postgres outage of {outage:?} under load: {answered} calls answered, none failed; {} must-keep decisions all in PostgreSQL after {:?}; \
-         {} audit rows take {} bytes with indexes ({} B/row; heap and TOAST alone {} B/row)",
+        "postgres outage of {outage:?} under load: {answered} calls answered, none failed; {} must-keep decisions all in PostgreSQL {:?} after it was back \
+         (load went on for 700 ms of that); {} audit rows take {} bytes with indexes ({} B/row; table and TOAST alone {} B/row)",
         kept.len(),
-        back.elapsed(),
+        returned.elapsed(),
         row.0,
         row.1,
         row.1 / row.0.max(1),

@@ -279,3 +279,52 @@ async fn postgres_adapter_passes_the_store_suite() {
     )
     .await;
 }
+
+/// How fast one PostgreSQL writer chains rows of a decision's size (about 1.7 KB of body),
+/// and what they take on disk there. Measured, not asserted: it depends on the machine.
+#[tokio::test]
+async fn postgres_writer_rate_and_bytes_per_row() {
+    let pg = PgServer::start_new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Postgres {
+        url: pg.url(),
+        spool_dir: dir.path().join("spool"),
+    };
+    let opened = store::open(&backend, 10_000, Overflow::Sample, None).unwrap();
+    let body = serde_json::json!({ "ip": "5.1.2.3", "pad": "x".repeat(1700) }).to_string();
+    const ROWS: usize = 20_000;
+    let start = std::time::Instant::now();
+    for i in 0..ROWS {
+        let row = AuditRow {
+            body: body.clone(),
+            ..decision(
+                &format!("r{i}"),
+                &format!("acct-{}", i % 97),
+                "DENY",
+                store::now_ms(),
+            )
+        };
+        opened.recorder.decision(Box::new(move || row), true).await;
+    }
+    opened.recorder.flush().await;
+    let took = start.elapsed();
+    assert_eq!(opened.recorder.stats().recorded, ROWS as u64);
+    let verified = Verifier::Postgres(pg.url()).verify(None).await.unwrap();
+    assert_eq!(verified.rows, ROWS as u64);
+    let db = pg.client().await;
+    let r = db
+        .query_one(
+            "SELECT pg_total_relation_size('audit_log'), pg_table_size('audit_log') FROM audit_log LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (total, table): (i64, i64) = (r.get(0), r.get(1));
+    support::record(format_args!(
+        "postgres writer: {ROWS} rows of {} B body chained in {took:?} ({:.0} rows/s); {} B/row with indexes, {} B/row table",
+        body.len(),
+        ROWS as f64 / took.as_secs_f64(),
+        total / ROWS as i64,
+        table / ROWS as i64,
+    ));
+}
