@@ -699,6 +699,18 @@ async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_mu
     );
     let (ok, out) = verify(&pg.url());
     assert!(ok, "{out}");
+    // The Review API's reads reconnected too, and see the spooled decisions.
+    let last = kept.last().unwrap().clone();
+    let explained = replica
+        .review()
+        .await
+        .explain(as_alice(pb::ExplainRequest {
+            decision_id: last.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explained.decision.unwrap().decision_id, last);
     let row: (i64, i64, i64) = {
         let r = db
             .query_one(

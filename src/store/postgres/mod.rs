@@ -109,13 +109,34 @@ pub(crate) fn is_unavailable(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The error with its causes ("error connecting to server: Connection refused (os error 111)").
+fn describe(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = cause_of(source);
+    }
+    text
+}
+
+fn cause_of<'a>(
+    error: Option<&'a (dyn std::error::Error + 'static)>,
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    error.and_then(std::error::Error::source)
+}
+
 pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
     if is_unavailable(&error) {
         StoreError::Unavailable(format!(
-            "the PostgreSQL store is unreachable ({error}); try again once it is back"
+            "the PostgreSQL store is unreachable ({}); try again once it is back",
+            describe(&error)
         ))
     } else {
-        StoreError::Postgres(error.to_string())
+        StoreError::Postgres(describe(&error))
     }
 }
 
@@ -391,16 +412,19 @@ impl Reader {
     pub fn watch_overrides(&self, engine: Arc<crate::engine::Engine>) {
         let config = self.config.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            // Short: a change made while the listener is away applies when it is back.
+            const FIRST: Duration = Duration::from_millis(100);
+            let mut backoff = FIRST;
             loop {
-                match listen(&config, &engine).await {
-                    Ok(()) => backoff = Duration::from_millis(200),
-                    Err(error) => {
-                        tracing::warn!(%error, "override listener: PostgreSQL connection lost; reconnecting (overrides resync then)");
-                    }
+                let mut listening = false;
+                if let Err(error) = listen(&config, &engine, &mut listening).await {
+                    tracing::warn!(%error, "override listener: no PostgreSQL connection; reconnecting (overrides resync then)");
+                }
+                if listening {
+                    backoff = FIRST;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         });
     }
@@ -410,6 +434,7 @@ impl Reader {
 async fn listen(
     config: &tokio_postgres::Config,
     engine: &crate::engine::Engine,
+    listening: &mut bool,
 ) -> Result<(), StoreError> {
     let (client, mut connection) =
         match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
@@ -442,6 +467,7 @@ async fn listen(
             .map_err(pg_error)?;
         // A change made while this replica was not listening is picked up here.
         resync(&client, engine).await?;
+        *listening = true;
         tracing::info!("override listener: listening on {CHANNEL}; overrides resynced");
         while notified.recv().await.is_some() {
             // Several notifications in a row: one reload covers them all.

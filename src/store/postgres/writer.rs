@@ -37,6 +37,8 @@ use crate::store::writer::{
 use crate::store::{AuditRow, OverrideRecord, QueueState, Reads, StoreError};
 
 const BATCH: usize = 256;
+/// Spool pages (of `BATCH` rows) drained between two looks at the channel.
+const DRAIN_CHUNK: usize = 8;
 /// How often the writer tries the database again while it is away.
 const RETRY: Duration = Duration::from_millis(500);
 /// How long one batch may take before the database counts as away (a batch takes
@@ -174,10 +176,21 @@ struct Writer {
 impl Writer {
     async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
-            let first = match tokio::time::timeout(RETRY, rx.recv()).await {
-                Ok(Some(command)) => Some(command),
-                Ok(None) => break,
-                Err(_) => None,
+            // Catching up on the spool with the database there: no waiting between chunks.
+            let catching_up =
+                !self.spool.is_empty() && self.client.as_ref().is_some_and(|c| !c.is_closed());
+            let first = if catching_up {
+                match rx.try_recv() {
+                    Ok(command) => Some(command),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match tokio::time::timeout(RETRY, rx.recv()).await {
+                    Ok(Some(command)) => Some(command),
+                    Ok(None) => break,
+                    Err(_) => None,
+                }
             };
             if !self.spool.is_empty() {
                 self.drain().await;
@@ -219,7 +232,8 @@ impl Writer {
                 let _ = ack.send(());
             }
         }
-        // Closing: what the spool holds stays there for the next start.
+        // Closing: what the spool still holds after one more chunk stays there for the next
+        // start.
         if !self.spool.is_empty() {
             self.drain().await;
         }
@@ -336,9 +350,15 @@ impl Writer {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Item::Review(review) => {
-                    let _ = review.reply.send(Err(StoreError::Unavailable(
-                        "the PostgreSQL store is unreachable: reviewer actions are not recorded until it is back; try again later".into(),
-                    )));
+                    let message = if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+                        format!(
+                            "the PostgreSQL store is catching up on {} decisions recorded while it was unreachable: reviewer actions wait until it has; try again in a moment",
+                            self.spool.len()
+                        )
+                    } else {
+                        "the PostgreSQL store is unreachable: reviewer actions are not recorded until it is back; try again later".into()
+                    };
+                    let _ = review.reply.send(Err(StoreError::Unavailable(message)));
                 }
             }
         }
@@ -360,11 +380,16 @@ impl Writer {
         }
     }
 
-    /// Moves the spool into the database, in order, a batch per transaction, until it is
-    /// empty or the database goes away again.
+    /// Moves up to `DRAIN_CHUNK` pages of the spool into the database, in order, a batch per
+    /// transaction (fewer if it empties or the database goes away again). A chunk at a time, so
+    /// that the channel is taken between chunks (newer must-keep rows go to the spool behind
+    /// the older ones) and no request waits for room behind a long catch-up.
     async fn drain(&mut self) {
         let start = self.spool.len();
-        while !self.spool.is_empty() {
+        for _ in 0..DRAIN_CHUNK {
+            if self.spool.is_empty() {
+                break;
+            }
             if !self.connected().await {
                 return;
             }
@@ -425,7 +450,10 @@ impl Writer {
                 .spool_depth
                 .store(self.spool.len(), Ordering::Relaxed);
             if self.spool.is_empty() {
-                tracing::info!(rows = start, "spool drained into the postgres store");
+                tracing::info!(
+                    rows = start,
+                    "spool drained into the postgres store (rows: those waiting when this last chunk began)"
+                );
             }
         }
     }
