@@ -369,7 +369,7 @@ fn verify_outcome(
 /// `regionguard audit adopt-key`: keys an existing plain store.
 pub fn adopt_key(data_dir: &Path, key_file: &Path) -> anyhow::Result<ExitCode> {
     let key = store::ChainKey::from_file(key_file).map_err(anyhow::Error::msg)?;
-    let seq = store::writer::adopt_key(data_dir, &key)?;
+    let seq = store::sqlite::writer::adopt_key(data_dir, &key)?;
     println!(
         "keyed: row seq {seq} and every row after it carry an HMAC under {}; start the server with [store] chain_key_file = that file",
         key_file.display()
