@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use envoy_types::ext_authz::v3::pb::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use regionguard::auth::token_sha256;
 use regionguard::grpc::pb::{
     self, Verdict, classifier_client::ClassifierClient, review_client::ReviewClient,
@@ -658,12 +660,28 @@ async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_mu
         "{}",
         refused.message()
     );
+    // Envoy's Check keeps answering too, and its must-keep decision is spooled.
+    let checked = AuthorizationClient::new(replica.channel().await)
+        .check(support::envoy::check_request(
+            SANCTIONED,
+            "/signup",
+            &[("x-account-id", "acct-envoy")],
+            &[("regionguard.flow", "signup")],
+        ))
+        .await
+        .expect("Check answers during the outage")
+        .into_inner();
+    let Some(HttpResponse::DeniedResponse(denied)) = checked.http_response else {
+        panic!("a sanctioned signup is denied: {checked:?}");
+    };
+    let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+    let check_id = body["decision_id"].as_str().unwrap().to_owned();
     pg.start();
     let outage = stopped_at.elapsed();
     let returned = Instant::now();
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut kept, mut answered) = (Vec::new(), 0);
+    let (mut kept, mut answered) = (vec![check_id], 1);
     for worker in workers {
         let (k, n) = worker.await.unwrap();
         kept.extend(k);
