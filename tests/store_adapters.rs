@@ -402,3 +402,35 @@ async fn postgres_spool_is_drained_in_order_before_newer_rows_without_holding_th
         SPOOLED as u64 + 200
     );
 }
+
+/// Replicas starting at once on an empty database: the migrations are applied once (under the
+/// advisory lock) and every one of them opens the store.
+#[tokio::test]
+async fn postgres_replicas_starting_together_migrate_once() {
+    let pg = PgServer::start_new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let starts: Vec<_> = (0..4)
+        .map(|i| {
+            let backend = Backend::Postgres {
+                url: url.clone(),
+                spool_dir: dir.path().join(format!("spool-{i}")),
+            };
+            std::thread::spawn(move || {
+                store::open(&backend, 8, Overflow::Sample, None)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for start in starts {
+        start.join().unwrap().unwrap();
+    }
+    let db = pg.client().await;
+    let applied: i64 = db
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+}

@@ -63,7 +63,8 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
 /// `url` with its password, if any, replaced, for logs and messages.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return "<unparsable URL>".into();
+        // A key=value connection string (or not a URL at all): nothing of it is shown.
+        return "<connection string not shown>".into();
     };
     let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
     match authority.rsplit_once('@') {
