@@ -182,7 +182,7 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::E
                     &[version],
                 )
                 .await?
-                .get(0);
+                .try_get(0)?;
             if !applied {
                 let tx = client.transaction().await?;
                 tx.batch_execute(sql).await?;

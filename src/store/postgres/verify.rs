@@ -53,12 +53,14 @@ async fn walk(
             &[],
         )
         .await?
-        .map(|r| (r.get(0), r.get(1)));
+        .map(|r| Ok::<_, tokio_postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
+        .transpose()?;
     let expected_row_hash = match expect_seq {
         Some(seq) => tx
             .query_opt("SELECT row_hash FROM audit_log WHERE seq = $1", &[&seq])
             .await?
-            .map(|r| r.get(0)),
+            .map(|r| r.try_get(0))
+            .transpose()?,
         None => None,
     };
     let result = check(&tx, key).await?;
@@ -77,7 +79,8 @@ async fn check(
     let first: Option<i64> = tx
         .query_opt("SELECT seq FROM audit_log ORDER BY seq LIMIT 1", &[])
         .await?
-        .map(|r| r.get(0));
+        .map(|r| r.try_get(0))
+        .transpose()?;
     if let Some(seq) = first.filter(|&s| s != 1) {
         // No retention on PostgreSQL: the chain starts at row 1.
         return Ok(Err(ChainBreak::Unanchored { seq }.into()));

@@ -139,7 +139,10 @@ async fn check_keying(client: &Client, key: Option<&ChainKey>) -> Result<(), Sto
         .await
         .map_err(pg_error)?;
     let Some(head) = head else { return Ok(()) };
-    let (seq, hash): (i64, String) = (head.get(0), head.get(1));
+    let (seq, hash): (i64, String) = (
+        head.try_get(0).map_err(pg_error)?,
+        head.try_get(1).map_err(pg_error)?,
+    );
     match (key, hash.starts_with(KEYED)) {
         (Some(_), false) => Err(StoreError::Conflict(format!(
             "postgres store: a chain key is configured but the audit chain's head (row seq {seq}) is not keyed; every replica must use the same [store] chain_key_file, from the chain's first row"
@@ -304,7 +307,11 @@ impl Writer {
                         self.deliver(done_items, outcomes);
                         return self.away(left);
                     }
-                    outcomes.push(result.map(|mut done| done.remove(0)));
+                    outcomes.push(result.and_then(|done| {
+                        done.into_iter().next().ok_or_else(|| {
+                            StoreError::Postgres("a commit answered for no item".into())
+                        })
+                    }));
                     done_items.push(item);
                 }
                 self.deliver(done_items, outcomes);
