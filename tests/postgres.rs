@@ -574,6 +574,27 @@ async fn overrides_are_resynced_when_the_listener_reconnects() {
     let replica = Replica::start(dir.path(), "a", &pg.url()).await;
     let probe = account(ALLOWED, "acct-r", pb::Flow::ApiRequest);
     let db = pg.client().await;
+    // Once the listener has listened and made its first resync, its session's last query is
+    // the read of the overrides.
+    let started = Instant::now();
+    loop {
+        let listening: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'SELECT%FROM overrides%'",
+                &[&regionguard::store::postgres::LISTENER_NAME],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the listener never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     db.execute(
         "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms)          VALUES ('o-quiet', 'account', 'acct-r', 'DENY', 'dba', 'no notify', $1)",
         &[&regionguard::store::now_ms()],

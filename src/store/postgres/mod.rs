@@ -35,6 +35,8 @@ const MIGRATION_LOCK: i64 = 0x0072_672d_6d69_6772;
 pub(crate) const CHAIN_LOCK: i64 = 0x7267_2d63_6861_696e;
 /// The channel override changes are announced on.
 pub const CHANNEL: &str = "regionguard_overrides";
+/// The listener session's `application_name`.
+pub const LISTENER_NAME: &str = "regionguard overrides listener";
 /// How long connecting may take before the database counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one read may take.
@@ -437,6 +439,9 @@ async fn listen(
     engine: &crate::engine::Engine,
     listening: &mut bool,
 ) -> Result<(), StoreError> {
+    // Named apart from the writer's and the reads' sessions in pg_stat_activity.
+    let mut config = config.clone();
+    config.application_name(LISTENER_NAME);
     let (client, mut connection) =
         match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
             Ok(Ok(pair)) => pair,
