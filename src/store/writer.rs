@@ -189,7 +189,8 @@ impl Recorder {
         .await
     }
 
-    /// Waits until everything handed over before this call is committed.
+    /// Waits until everything handed over before this call is committed (on PostgreSQL while
+    /// the database is away or being caught up with: committed or in the spool).
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
         if self.tx.send(Command::Flush(ack)).await.is_ok() {

@@ -96,6 +96,7 @@ pub fn open(
                             last_attempt: Instant::now(),
                             key,
                             spool,
+                            stalled: false,
                             counters: thread_counters,
                         };
                         writer.run(rx).await;
@@ -173,6 +174,8 @@ struct Writer {
     last_attempt: Instant,
     key: Option<ChainKey>,
     spool: Spool,
+    /// The last drain moved nothing (the spool could not be read): wait before the next.
+    stalled: bool,
     counters: Arc<Counters>,
 }
 
@@ -180,8 +183,9 @@ impl Writer {
     async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             // Catching up on the spool with the database there: no waiting between chunks.
-            let catching_up =
-                !self.spool.is_empty() && self.client.as_ref().is_some_and(|c| !c.is_closed());
+            let catching_up = !self.spool.is_empty()
+                && !self.stalled
+                && self.client.as_ref().is_some_and(|c| !c.is_closed());
             let first = if catching_up {
                 match rx.try_recv() {
                     Ok(command) => Some(command),
@@ -393,6 +397,7 @@ impl Writer {
     /// the older ones) and no request waits for room behind a long catch-up.
     async fn drain(&mut self) {
         let start = self.spool.len();
+        self.stalled = true;
         for _ in 0..DRAIN_CHUNK {
             if self.spool.is_empty() {
                 break;
@@ -449,6 +454,7 @@ impl Writer {
             self.counters
                 .failed
                 .fetch_add(unreadable, Ordering::Relaxed);
+            self.stalled = false;
             if let Err(error) = self.spool.advance(bytes, lines) {
                 tracing::error!(%error, "spool: cannot mark rows drained; they will be offered again (and skipped as already recorded)");
                 return;
