@@ -130,21 +130,16 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
         targets.push(Watched::before_load(Target::ShadowPolicy(path.clone())));
         engine.set_shadow_policy(Some(load_policy(Some(path))?));
     }
-    let audit = match &config.store.data_dir {
+    let audit = match config.store.backend()? {
         None => None,
-        Some(dir) => {
-            let trail = AuditTrail::start(
-                dir,
+        Some(backend) => {
+            let (trail, overrides) = AuditTrail::start(
+                &backend,
                 config.store.ip_storage()?,
                 (config.store.queue_capacity, config.store.overflow()?),
                 config.store.chain_key()?,
+                crate::grpc::encode_answer,
             )?;
-            let overrides = store::open_for_reading(dir).and_then(|c| {
-                store::overrides(&c).map_err(|error| store::StoreError::Sqlite {
-                    path: dir.display().to_string(),
-                    error,
-                })
-            })?;
             engine.set_overrides(OverrideIndex::new(overrides));
             Some(Arc::new(trail))
         }

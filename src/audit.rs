@@ -3,17 +3,15 @@
 //! IP addresses are stored in full, truncated to their /24 or /48, or hashed, per the config.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::classify::{Flow, Verdict};
 use crate::engine::{ClassifyInput, Outcome};
-use crate::grpc::pb;
 use crate::replay::StoredInputs;
 use crate::store::writer::{Overflow, Recorder};
-use crate::store::{AuditRow, ChainKey, StoreError};
+use crate::store::{self, AuditRow, Backend, ChainKey, OverrideRecord, Reads, StoreError};
 
 /// How request IPs are kept in the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,51 +56,53 @@ impl IpStorage {
 pub struct DecisionBody {
     pub ip: String,
     pub inputs: StoredInputs,
-    /// The answer as given, without its usage summary (that is `inputs.usage`).
-    pub decision: pb::ClassifyResponse,
+    /// The answer as given, without its usage summary (that is `inputs.usage`), in the wire
+    /// API's JSON form. The audit trail does not know that form: the API layer that gave the
+    /// answer encodes it ([`EncodeAnswer`]) and decodes it again for reviewers.
+    pub decision: Box<serde_json::value::RawValue>,
 }
 
-impl DecisionBody {
-    /// The answer as the caller received it.
-    pub fn answer(&self) -> pb::ClassifyResponse {
-        let mut answer = self.decision.clone();
-        if answer.usage.is_none() {
-            answer.usage = self
-                .inputs
-                .usage
-                .as_ref()
-                .map(crate::grpc::convert::usage_summary);
-        }
-        answer
-    }
-}
+/// Encodes a decision as the answer the caller received (without its usage summary, which
+/// the body keeps once, in `inputs.usage`). Supplied by the API layer when the trail starts,
+/// so that the audit trail depends on the domain only.
+pub type EncodeAnswer = fn(Outcome) -> serde_json::Result<Box<serde_json::value::RawValue>>;
 
 pub struct AuditTrail {
     recorder: Recorder,
+    reads: Reads,
     ip_storage: Arc<IpStorage>,
-    data_dir: PathBuf,
+    encode: EncodeAnswer,
 }
 
 impl AuditTrail {
+    /// Opens the store `backend` names (the one place the adapter is chosen) and starts its
+    /// writer. Returns the trail and the overrides the store holds, for the engine.
     pub fn start(
-        data_dir: &Path,
+        backend: &Backend,
         ip_storage: IpStorage,
         (capacity, overflow): (usize, Overflow),
         key: Option<ChainKey>,
-    ) -> Result<Self, StoreError> {
-        Ok(Self {
-            recorder: Recorder::start_keyed(data_dir, capacity, overflow, key)?,
-            ip_storage: Arc::new(ip_storage),
-            data_dir: data_dir.to_path_buf(),
-        })
+        encode: EncodeAnswer,
+    ) -> Result<(Self, Vec<OverrideRecord>), StoreError> {
+        let opened = store::open(backend, capacity, overflow, key)?;
+        Ok((
+            Self {
+                recorder: opened.recorder,
+                reads: opened.reads,
+                ip_storage: Arc::new(ip_storage),
+                encode,
+            },
+            opened.overrides,
+        ))
     }
 
     pub fn recorder(&self) -> &Recorder {
         &self.recorder
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+    /// The store's read side (the Review API, export, replay).
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 
     /// Records a decision. Signup and login decisions and every non-ALLOW decision wait for room
@@ -110,18 +110,27 @@ impl AuditTrail {
     pub async fn record(&self, input: &ClassifyInput, outcome: &Outcome) {
         let must_keep =
             input.flow != Flow::ApiRequest || outcome.decision.verdict != Verdict::Allow;
-        let (input, outcome, ip_storage) =
-            (input.clone(), outcome.clone(), self.ip_storage.clone());
+        let (input, outcome, ip_storage, encode) = (
+            input.clone(),
+            outcome.clone(),
+            self.ip_storage.clone(),
+            self.encode,
+        );
         self.recorder
             .decision(
-                Box::new(move || decision_row(&input, outcome, &ip_storage)),
+                Box::new(move || decision_row(&input, outcome, &ip_storage, encode)),
                 must_keep,
             )
             .await;
     }
 }
 
-fn decision_row(input: &ClassifyInput, outcome: Outcome, ip_storage: &IpStorage) -> AuditRow {
+fn decision_row(
+    input: &ClassifyInput,
+    outcome: Outcome,
+    ip_storage: &IpStorage,
+    encode: EncodeAnswer,
+) -> AuditRow {
     let decision = &outcome.decision;
     let row_base = AuditRow {
         kind: "decision".into(),
@@ -155,17 +164,16 @@ fn decision_row(input: &ClassifyInput, outcome: Outcome, ip_storage: &IpStorage)
         usage: outcome.usage.clone(),
         overrides: outcome.overrides.clone(),
     };
-    let mut decision = pb::ClassifyResponse::from(outcome);
-    // The answer's usage summary is `inputs.usage` again: kept once (about a sixth of a row),
-    // and put back by `DecisionBody::answer`.
-    decision.usage = None;
-    let body = DecisionBody {
-        ip: ip_storage.store(outcome_ip),
-        inputs,
-        decision,
-    };
+    let ip = ip_storage.store(outcome_ip);
+    let body = encode(outcome).and_then(|decision| {
+        serde_json::to_string(&DecisionBody {
+            ip,
+            inputs,
+            decision,
+        })
+    });
     AuditRow {
-        body: serde_json::to_string(&body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        body: body.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string()),
         ..row_base
     }
 }

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use crate::audit::IpStorage;
 use crate::auth::AuthConfig;
 use crate::gateway::GatewayConfig;
-use crate::store::ChainKey;
 use crate::store::writer::Overflow;
+use crate::store::{Backend, ChainKey};
 
 /// Where the default policy and database live in a checkout.
 pub const DEFAULT_POLICY_PATH: &str = "data/policy.toml";
@@ -130,7 +130,11 @@ impl Default for LimitsConfig {
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// The SQLite store's directory; with `postgres_url`, only the local spool (then required).
     pub data_dir: Option<PathBuf>,
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE`: the store is PostgreSQL, shared by every
+    /// replica (the database must exist; its tables are created). Never logged with its password.
+    pub postgres_url: Option<String>,
     /// "full", "truncated" (/24, /48) or "hashed" (salted SHA-256).
     pub ip_storage: String,
     /// Secret salt for `ip_storage = "hashed"`.
@@ -154,6 +158,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: None,
+            postgres_url: None,
             ip_storage: "full".into(),
             ip_hash_salt: String::new(),
             queue_capacity: 10_000,
@@ -170,6 +175,13 @@ impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreConfig")
             .field("data_dir", &self.data_dir)
+            .field(
+                "postgres_url",
+                &self
+                    .postgres_url
+                    .as_deref()
+                    .map(crate::store::postgres::redact),
+            )
             .field("ip_storage", &self.ip_storage)
             .field(
                 "ip_hash_salt",
@@ -189,6 +201,30 @@ impl std::fmt::Debug for StoreConfig {
 }
 
 impl StoreConfig {
+    /// Which store to open, if any: the one place the adapter is chosen.
+    pub fn backend(&self) -> Result<Option<Backend>, ConfigError> {
+        match (&self.postgres_url, &self.data_dir) {
+            (None, None) => Ok(None),
+            (None, Some(dir)) => Ok(Some(Backend::Sqlite { dir: dir.clone() })),
+            (Some(_), None) => Err(ConfigError::Invalid(
+                "store.data_dir is required with store.postgres_url: it holds the local spool for decisions recorded while PostgreSQL is unreachable".into(),
+            )),
+            (Some(url), Some(dir)) => {
+                crate::store::postgres::parse_url(url)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                if self.retain_days.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "store.retain_days is not available with store.postgres_url (retention runs on the SQLite store only)".into(),
+                    ));
+                }
+                Ok(Some(Backend::Postgres {
+                    url: url.clone(),
+                    spool_dir: dir.clone(),
+                }))
+            }
+        }
+    }
+
     pub fn ip_storage(&self) -> Result<IpStorage, ConfigError> {
         match self.ip_storage.as_str() {
             "full" => Ok(IpStorage::Full),
@@ -397,6 +433,7 @@ impl Config {
         self.store.retention()?;
         self.store.chain_key()?;
         self.usage.redis()?;
+        self.store.backend()?;
         if self.tls.cert.is_none() && !self.listen.ip().is_loopback() && !self.tls.allow_plaintext {
             return Err(ConfigError::Invalid(format!(
                 "listen = {}: plaintext gRPC off loopback needs [tls] cert and key, or [tls] allow_plaintext = true",
@@ -482,6 +519,29 @@ mod tests {
         assert_eq!(gateway.gateway.trusted_hops, 1);
         let err = Config::from_toml("[gateway]\ndeny_status = 451\n", "c.toml").unwrap_err();
         assert!(err.to_string().contains("deny_status"), "{err}");
+        let err = Config::from_toml(
+            "[store]\npostgres_url = \"postgres://rg:s3cret@127.0.0.1:5432/rg\"\n",
+            "c.toml",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("store.data_dir is required"),
+            "{err}"
+        );
+        let pg = Config::from_toml(
+            "[store]\npostgres_url = \"postgres://rg:s3cret@127.0.0.1:5432/rg\"\ndata_dir = \"spool\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            pg.store.backend().unwrap(),
+            Some(Backend::Postgres { .. })
+        ));
+        let logged = format!("{pg:?}");
+        assert!(
+            !logged.contains("s3cret") && logged.contains("rg:***@127.0.0.1"),
+            "{logged}"
+        );
         let keep = Config::from_toml("[store]\nretain_days = 400\n", "c.toml").unwrap();
         assert_eq!(
             keep.store.retention().unwrap(),

@@ -75,8 +75,8 @@ enum Command {
         /// Sample decision ids per transition.
         #[arg(long, default_value_t = 5)]
         samples: usize,
-        #[arg(long, env = "REGIONGUARD_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -84,8 +84,8 @@ enum Command {
 enum AuditCommand {
     /// Walk the hash chain; exit 1 naming the first edited or deleted row.
     Verify {
-        #[arg(long, env = "REGIONGUARD_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// SEQ:HASH of the head printed by an earlier verify and kept outside the store: also
         /// detects rows cut from the end of the chain.
         #[arg(long)]
@@ -107,6 +107,29 @@ enum AuditCommand {
         #[arg(long, env = "REGIONGUARD_CHAIN_KEY_FILE")]
         key_file: PathBuf,
     },
+}
+
+/// The store a command reads: a SQLite directory or PostgreSQL.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct StoreArgs {
+    /// The SQLite store's directory.
+    #[arg(long, env = "REGIONGUARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The PostgreSQL store: postgres://USER[:PASSWORD]@HOST:PORT/DATABASE.
+    #[arg(long, env = "REGIONGUARD_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+}
+
+impl StoreArgs {
+    fn source(self) -> reviewer_cli::StoreSource {
+        match (self.postgres_url, self.data_dir) {
+            (Some(url), _) => reviewer_cli::StoreSource::Postgres(url),
+            (None, Some(dir)) => reviewer_cli::StoreSource::Sqlite(dir),
+            // clap's group requires one of them.
+            (None, None) => reviewer_cli::StoreSource::Sqlite(PathBuf::new()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -137,8 +160,12 @@ struct DataArgs {
     #[arg(long, env = "REGIONGUARD_SHADOW_POLICY")]
     shadow_policy: Option<PathBuf>,
     /// Store directory (audit log, review queue, overrides); none: decisions are not recorded.
+    /// With --postgres-url, it holds only the local spool.
     #[arg(long, env = "REGIONGUARD_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The store in PostgreSQL, shared by replicas: postgres://USER[:PASSWORD]@HOST:PORT/DATABASE.
+    #[arg(long, env = "REGIONGUARD_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -185,6 +212,9 @@ impl DataArgs {
         overlay(&mut config.asn_db, &self.asn_db);
         overlay(&mut config.store.data_dir, &self.data_dir);
         overlay(&mut config.shadow_policy, &self.shadow_policy);
+        if self.postgres_url.is_some() {
+            config.store.postgres_url.clone_from(&self.postgres_url);
+        }
         Ok(config)
     }
 }
@@ -247,12 +277,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             runtime.block_on(reviewer_cli::review(&addr, &token, command))
         }
         Command::Audit(AuditCommand::Verify {
-            data_dir,
+            store,
             expect_head,
             min_retain_days,
             key_file,
         }) => reviewer_cli::audit_verify(
-            &data_dir,
+            store.source(),
             expect_head.as_deref(),
             min_retain_days,
             key_file.as_deref(),
@@ -264,8 +294,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             policy,
             since,
             samples,
-            data_dir,
-        } => reviewer_cli::replay(&data_dir, &policy, &since, samples),
+            store,
+        } => reviewer_cli::replay(store.source(), &policy, &since, samples),
         Command::Policy(PolicyCommand::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

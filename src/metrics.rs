@@ -343,6 +343,13 @@ impl Collector for EngineCollector {
                 "Audit rows removed by retention (store.retain_days)",
                 stats.pruned,
             )?;
+            gauge(
+                e,
+                "store_spool_depth",
+                "Decisions waiting in the local spool for the PostgreSQL store to come back",
+                &[],
+                stats.spool_depth as f64,
+            )?;
         }
         Ok(())
     }

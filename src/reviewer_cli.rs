@@ -3,7 +3,7 @@
 //! `audit verify` and `replay` read a store directory directly, for auditors and for policy
 //! authors before a change ships.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -206,11 +206,23 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
+/// The store a command reads.
+pub enum StoreSource {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 /// `regionguard audit verify`: exit 0 when the chain holds, 1 naming the first broken row.
 /// A chain cannot show that rows were cut from its end; `expect_head` ("SEQ:HASH", as printed by
 /// an earlier run and kept outside the store) checks that that row is still there, unchanged.
 pub fn audit_verify(
-    data_dir: &Path,
+    source: StoreSource,
     expect_head: Option<&str>,
     min_retain_days: Option<u32>,
     key_file: Option<&Path>,
@@ -219,13 +231,51 @@ pub fn audit_verify(
         .map(store::ChainKey::from_file)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let expected = expect_head
+        .map(|expected| -> anyhow::Result<(i64, &str)> {
+            let (seq, hash) = expected
+                .split_once(':')
+                .context("--expect-head takes SEQ:HASH")?;
+            Ok((seq.parse().context("--expect-head: SEQ is a number")?, hash))
+        })
+        .transpose()?;
+    let data_dir = match source {
+        StoreSource::Sqlite(dir) => dir,
+        StoreSource::Postgres(url) => {
+            let report = runtime()?.block_on(store::postgres::verify::verify(
+                &url,
+                key.as_ref(),
+                expected.map(|(seq, _)| seq),
+            ))?;
+            if let Some((seq, hash)) = expected {
+                match &report.expected_row_hash {
+                    Some(found) if found == hash => {}
+                    Some(_) => {
+                        println!("BROKEN: row seq {seq} does not have the recorded head hash");
+                        return Ok(ExitCode::from(1));
+                    }
+                    None => {
+                        println!(
+                            "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
+                        );
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
+            let location = store::postgres::redact(&url);
+            return Ok(verify_outcome(
+                report.result,
+                report.head,
+                Vec::new(),
+                min_retain_days,
+                &location,
+            ));
+        }
+    };
+    let data_dir = data_dir.as_path();
     let conn = store::open_for_reading(data_dir)?;
     let mut notes = Vec::new();
-    if let Some(expected) = expect_head {
-        let (seq, hash) = expected
-            .split_once(':')
-            .context("--expect-head takes SEQ:HASH")?;
-        let seq: i64 = seq.parse().context("--expect-head: SEQ is a number")?;
+    if let Some((seq, hash)) = expected {
         match store::row_hash(&conn, seq)? {
             Some(found) if found != hash => {
                 println!("BROKEN: row seq {seq} does not have the recorded head hash");
@@ -252,10 +302,29 @@ pub fn audit_verify(
             },
         }
     }
-    match store::verify_keyed(&conn, key.as_ref())? {
+    let result = store::verify_keyed(&conn, key.as_ref())?;
+    let head = store::head(&conn)?;
+    let location = store::db_path(data_dir).display().to_string();
+    Ok(verify_outcome(
+        result,
+        head,
+        notes,
+        min_retain_days,
+        &location,
+    ))
+}
+
+/// Prints what verify found (either adapter) and gives the exit code.
+fn verify_outcome(
+    result: Result<store::Verified, store::Broken>,
+    head: Option<(i64, String)>,
+    mut notes: Vec<String>,
+    min_retain_days: Option<u32>,
+    location: &str,
+) -> ExitCode {
+    match result {
         Ok(verified) => {
-            let head = store::head(&conn)?
-                .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
+            let head = head.map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
             const DAY_MS: f64 = 86_400_000.0;
             if let Some(through) = verified.pruned_through {
                 let kept = verified.shortest_retention_ms.unwrap_or(0) as f64 / DAY_MS;
@@ -270,7 +339,7 @@ pub fn audit_verify(
                     "BROKEN: a retention checkpoint kept only {:.1} days, fewer than --min-retain-days {days}",
                     kept as f64 / DAY_MS
                 );
-                return Ok(ExitCode::from(1));
+                return ExitCode::from(1);
             }
             if let Some(seq) = verified.keyed_from {
                 notes.push(format!("rows keyed with the chain key from seq {seq}"));
@@ -282,18 +351,17 @@ pub fn audit_verify(
                 None => notes.push("overrides and review queue match it".into()),
             }
             println!(
-                "ok: {} audit rows verified in {}; head {head}",
+                "ok: {} audit rows verified in {location}; head {head}",
                 verified.rows,
-                store::db_path(data_dir).display()
             );
             for note in notes {
                 println!("  {note}");
             }
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(broken) => {
             println!("BROKEN: {broken}");
-            Ok(ExitCode::from(1))
+            ExitCode::from(1)
         }
     }
 }
@@ -301,7 +369,7 @@ pub fn audit_verify(
 /// `regionguard audit adopt-key`: keys an existing plain store.
 pub fn adopt_key(data_dir: &Path, key_file: &Path) -> anyhow::Result<ExitCode> {
     let key = store::ChainKey::from_file(key_file).map_err(anyhow::Error::msg)?;
-    let seq = store::writer::adopt_key(data_dir, &key)?;
+    let seq = store::sqlite::writer::adopt_key(data_dir, &key)?;
     println!(
         "keyed: row seq {seq} and every row after it carry an HMAC under {}; start the server with [store] chain_key_file = that file",
         key_file.display()
@@ -311,7 +379,7 @@ pub fn adopt_key(data_dir: &Path, key_file: &Path) -> anyhow::Result<ExitCode> {
 
 /// `regionguard replay`: what a candidate policy would change, over recorded decisions.
 pub fn replay(
-    data_dir: &Path,
+    source: StoreSource,
     policy: &Path,
     since: &str,
     samples: usize,
@@ -319,8 +387,18 @@ pub fn replay(
     let text =
         std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
     let candidate = regionguard::policy::parse_policy(&text, &policy.display().to_string())?;
-    let conn = store::open_for_reading(data_dir)?;
-    let report = regionguard::grpc::replay_store(&conn, since_ms(since)?, &candidate, samples)?;
+    let reads = match source {
+        StoreSource::Sqlite(dir) => {
+            // Fail here, naming the directory, rather than on the first page.
+            store::open_for_reading(&dir)?;
+            store::Reads::Sqlite { dir }
+        }
+        StoreSource::Postgres(url) => store::postgres::reads(&url)?,
+    };
+    let since = since_ms(since)?;
+    let report = runtime()?.block_on(regionguard::grpc::replay_store(
+        &reads, since, &candidate, samples,
+    ))?;
     print!("{report}");
     Ok(ExitCode::SUCCESS)
 }

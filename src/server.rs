@@ -78,6 +78,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = ops.as_ref().map(|ops| ops.metrics.clone());
+    if let Some(audit) = &audit {
+        // Overrides other replicas set reach this engine (PostgreSQL store; nothing on SQLite).
+        audit.reads().watch_overrides(engine.clone());
+    }
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(ops) = ops {
         ops.metrics.watch(engine.clone(), audit.clone());

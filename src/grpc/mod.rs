@@ -11,7 +11,7 @@ mod status;
 mod usage;
 
 pub use classifier::ClassifierService;
-pub use records::{replay_store, report_pb};
+pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
 pub use status::{ApiError, excerpt};
 pub use usage::{UsageService, usage_event};

@@ -1,7 +1,5 @@
 //! Stored audit rows <-> the Review API's messages, and replay over the store.
 
-use rusqlite::Connection;
-
 use crate::audit::DecisionBody;
 use crate::grpc::ApiError;
 use crate::grpc::pb;
@@ -20,7 +18,12 @@ pub(super) fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiEr
         crate::classify::Flow::Signup => pb::Flow::Signup,
         crate::classify::Flow::Login => pb::Flow::Login,
     };
-    let answer = body.answer();
+    let answer = answer(&body).map_err(|e| {
+        ApiError::Store(format!(
+            "decision {}: unreadable answer: {e}",
+            stored.row.ref_id
+        ))
+    })?;
     Ok(pb::DecisionRecord {
         seq: stored.seq as u64,
         recorded_at_unix_ms: stored.row.recorded_at_ms,
@@ -30,6 +33,30 @@ pub(super) fn record(stored: StoredDecision) -> Result<pb::DecisionRecord, ApiEr
         inputs_json: serde_json::to_string(&body.inputs).unwrap_or_default(),
         decision: Some(answer),
     })
+}
+
+/// The answer a decision row's body keeps, in the wire API's JSON form (`DecisionBody`).
+pub fn encode_answer(
+    outcome: crate::engine::Outcome,
+) -> serde_json::Result<Box<serde_json::value::RawValue>> {
+    let mut decision = pb::ClassifyResponse::from(outcome);
+    // The answer's usage summary is `inputs.usage` again: kept once (about a sixth of a row),
+    // and put back by `answer`.
+    decision.usage = None;
+    serde_json::value::to_raw_value(&decision)
+}
+
+/// The answer as the caller received it, usage summary included.
+fn answer(body: &DecisionBody) -> serde_json::Result<pb::ClassifyResponse> {
+    let mut answer: pb::ClassifyResponse = serde_json::from_str(body.decision.get())?;
+    if answer.usage.is_none() {
+        answer.usage = body
+            .inputs
+            .usage
+            .as_ref()
+            .map(crate::grpc::convert::usage_summary);
+    }
+    Ok(answer)
 }
 
 pub(super) fn queue_item(stored: StoredDecision) -> Result<pb::QueueItem, ApiError> {
@@ -67,8 +94,8 @@ pub(super) fn override_pb(o: OverrideRecord) -> pb::Override {
 
 /// Replays every decision recorded since `since_ms`, a page at a time: memory holds one page
 /// and the report, whatever the store's size.
-pub fn replay_store(
-    conn: &Connection,
+pub async fn replay_store(
+    reads: &store::Reads,
     since_ms: i64,
     policy: &crate::policy::Policy,
     samples: usize,
@@ -76,8 +103,7 @@ pub fn replay_store(
     let mut replayer = Replayer::new(policy, samples);
     let mut after = 0;
     loop {
-        let page = store::decisions_since(conn, since_ms, after, 1000)
-            .map_err(|e| ApiError::Store(e.to_string()))?;
+        let page = reads.decisions_since(since_ms, after, 1000).await?;
         if page.is_empty() {
             break;
         }

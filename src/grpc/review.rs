@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
-use rusqlite::Connection;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -43,22 +42,9 @@ impl ReviewService {
         })
     }
 
-    /// Runs a read on a blocking thread with its own connection.
-    async fn read<T: Send + 'static>(
-        &self,
-        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let dir = self.audit()?.data_dir().to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            let conn = store::open_for_reading(&dir)?;
-            query(&conn).map_err(|error| store::StoreError::Sqlite {
-                path: dir.display().to_string(),
-                error,
-            })
-        })
-        .await
-        .map_err(|e| ApiError::Store(e.to_string()))?
-        .map_err(ApiError::from)
+    /// The store's read side.
+    fn reads(&self) -> Result<&store::Reads, ApiError> {
+        Ok(self.audit()?.reads())
     }
 
     /// Writes the reviewer's call to the audit log, with its change; answers once committed.
@@ -105,7 +91,7 @@ impl ReviewService {
     }
 
     async fn reload_overrides(&self) -> Result<(), ApiError> {
-        let all = self.read(store::overrides).await?;
+        let all = self.reads()?.overrides().await?;
         self.engine.set_overrides(OverrideIndex::new(all));
         Ok(())
     }
@@ -172,7 +158,7 @@ impl Review for ReviewService {
             limit: limit + 1,
         };
         self.log(&reviewer, "ListQueue", serde_json::json!({ "status": status, "country": r.country, "reason_code": r.reason_code, "account_id": r.account_id, "page_token": r.page_token }), Change::None).await?;
-        let mut rows = self.read(move |c| store::queue(c, &filter)).await?;
+        let mut rows = self.reads()?.queue(&filter).await?;
         let next_page_token = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|s| s.seq.to_string()).unwrap_or_default()
@@ -201,15 +187,9 @@ impl Review for ReviewService {
         )
         .await?;
         let limit = if r.limit == 0 { 100 } else { r.limit };
-        let id = account_id.clone();
-        let (decisions, overrides) = self
-            .read(move |c| {
-                Ok((
-                    store::account_decisions(c, &id, limit)?,
-                    store::overrides(c)?,
-                ))
-            })
-            .await?;
+        let reads = self.reads()?;
+        let decisions = reads.account_decisions(&account_id, limit).await?;
+        let overrides = reads.overrides().await?;
         Ok(Response::new(pb::AccountHistory {
             decisions: decisions
                 .into_iter()
@@ -237,11 +217,10 @@ impl Review for ReviewService {
             Change::None,
         )
         .await?;
-        let lookup = id.clone();
-        let stored = self
-            .read(move |c| store::decision(c, &lookup))
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("decision {id} is not in the audit log")))?;
+        let stored =
+            self.reads()?.decision(&id).await?.ok_or_else(|| {
+                ApiError::NotFound(format!("decision {id} is not in the audit log"))
+            })?;
         Ok(Response::new(record(stored)?))
     }
 
@@ -350,7 +329,8 @@ impl Review for ReviewService {
         )
         .await?;
         let stored = self
-            .read(move |c| store::decision(c, &decision_id))
+            .reads()?
+            .decision(&decision_id)
             .await?
             .ok_or_else(|| ApiError::NotFound("resolved decision vanished".into()))?;
         Ok(Response::new(queue_item(stored)?))
@@ -365,27 +345,20 @@ impl Review for ReviewService {
         let reviewer = reviewer(&request)?;
         let r = request.into_inner();
         self.log(&reviewer, "ExportDecisions", serde_json::json!({ "since_unix_ms": r.since_unix_ms, "until_unix_ms": r.until_unix_ms }), Change::None).await?;
-        let dir = self.audit()?.data_dir().to_path_buf();
+        let reads = self.reads()?.clone();
         let until = if r.until_unix_ms == 0 {
             i64::MAX
         } else {
             r.until_unix_ms
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::task::spawn_blocking(move || {
-            let conn = match store::open_for_reading(&dir) {
-                Ok(conn) => conn,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
-                    return;
-                }
-            };
+        tokio::spawn(async move {
             let mut after = 0;
             loop {
-                let page = match store::decisions_since(&conn, r.since_unix_ms, after, 500) {
+                let page = match reads.decisions_since(r.since_unix_ms, after, 500).await {
                     Ok(page) => page,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                        let _ = tx.send(Err(Status::from(ApiError::from(e)))).await;
                         return;
                     }
                 };
@@ -398,10 +371,7 @@ impl Review for ReviewService {
                     if stored.row.recorded_at_ms > until {
                         continue;
                     }
-                    if tx
-                        .blocking_send(record(stored).map_err(Status::from))
-                        .is_err()
-                    {
+                    if tx.send(record(stored).map_err(Status::from)).await.is_err() {
                         return;
                     }
                 }
@@ -424,10 +394,7 @@ impl Review for ReviewService {
         } else {
             r.max_samples.min(100)
         } as usize;
-        let since = r.since_unix_ms;
-        let report = self
-            .read(move |c| Ok(replay_store(c, since, &policy, samples)))
-            .await??;
+        let report = replay_store(self.reads()?, r.since_unix_ms, &policy, samples).await?;
         Ok(Response::new(report_pb(report)))
     }
 }

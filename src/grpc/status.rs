@@ -24,6 +24,9 @@ pub enum ApiError {
     NotConfigured(String),
     #[error("store: {0}")]
     Store(String),
+    /// A dependency (the PostgreSQL store) cannot be reached now; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<crate::store::StoreError> for ApiError {
@@ -32,6 +35,7 @@ impl From<crate::store::StoreError> for ApiError {
         match error {
             StoreError::NotFound(message) => ApiError::NotFound(message),
             StoreError::Conflict(message) => ApiError::Conflict(message),
+            StoreError::Unavailable(message) => ApiError::Unavailable(message),
             other => ApiError::Store(other.to_string()),
         }
     }
@@ -49,7 +53,9 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::TooLarge { .. } => Code::ResourceExhausted,
-            ApiError::Geo(GeoError::NoLocationDatabase) => Code::Unavailable,
+            ApiError::Geo(GeoError::NoLocationDatabase) | ApiError::Unavailable(_) => {
+                Code::Unavailable
+            }
             ApiError::Geo(_) | ApiError::Store(_) => Code::Internal,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::Conflict(_) | ApiError::NotConfigured(_) => Code::FailedPrecondition,
@@ -86,6 +92,12 @@ pub fn excerpt(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+impl From<crate::store::StoreError> for Status {
+    fn from(error: crate::store::StoreError) -> Self {
+        ApiError::from(error).into()
+    }
 }
 
 impl From<ApiError> for Status {

@@ -3,6 +3,7 @@
 
 pub mod envoy;
 pub mod fixtures;
+pub mod postgres;
 pub mod redis;
 
 use std::path::{Path, PathBuf};

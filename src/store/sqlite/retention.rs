@@ -16,9 +16,10 @@
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use super::chain::AuditRow;
-use super::consistency::Expected;
-use super::{OverrideRecord, read_row};
+use super::read_row;
+use crate::store::OverrideRecord;
+use crate::store::chain::AuditRow;
+use crate::store::consistency::Expected;
 
 /// What a checkpoint row's body holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

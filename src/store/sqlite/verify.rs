@@ -4,37 +4,9 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::consistency::{self, TableMismatch};
-use super::{
-    ChainBreak, ChainKey, QueueState, ROW_COLUMNS, chain, overrides, queue_state, read_row,
-    retention,
-};
-
-/// Why `verify` does not pass.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Broken {
-    #[error(transparent)]
-    Chain(#[from] ChainBreak),
-    #[error(transparent)]
-    Table(#[from] TableMismatch),
-}
-
-/// What `verify` established.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verified {
-    /// Rows whose chain holds.
-    pub rows: u64,
-    /// The last row retention removed (the chain starts after it), if any.
-    pub pruned_through: Option<i64>,
-    /// The first keyed row (checked with the chain key), if any.
-    pub keyed_from: Option<i64>,
-    /// The shortest window a checkpoint still in the chain kept (its time minus its cutoff),
-    /// to compare with the retention the operator promised.
-    pub shortest_retention_ms: Option<i64>,
-    /// `Some(seq)`: reviewer changes from before rows recorded them (the first at `seq`), so
-    /// the overrides and queue tables were not checked.
-    pub tables_unchecked_from: Option<i64>,
-}
+use super::{ROW_COLUMNS, overrides, queue_state, read_row, retention};
+use crate::store::consistency::{self, TableMismatch};
+use crate::store::{Broken, ChainBreak, ChainKey, QueueState, Verified, chain};
 
 fn broken<T>(b: impl Into<Broken>) -> rusqlite::Result<Result<T, Broken>> {
     Ok(Err(b.into()))

@@ -1,5 +1,7 @@
-use super::writer::{self, Applied, Change, Overflow, Recorder};
+use super::writer::adopt_key;
 use super::*;
+use crate::store::writer::{self, Applied, Change, Overflow, Recorder};
+use crate::store::{Broken, ChainBreak, ChainKey, verify, verify_keyed};
 
 fn decision_row(id: &str, verdict: &str) -> writer::RowBuilder {
     let row = AuditRow {
@@ -387,11 +389,8 @@ async fn keying_is_adopted_once_and_never_dropped() {
             .to_string()
             .contains("head (row seq 1) is not keyed"),
     );
-    assert_eq!(writer::adopt_key(dir.path(), &key).unwrap(), 2);
-    assert!(
-        writer::adopt_key(dir.path(), &key).is_err(),
-        "already keyed"
-    );
+    assert_eq!(adopt_key(dir.path(), &key).unwrap(), 2);
+    assert!(adopt_key(dir.path(), &key).is_err(), "already keyed");
     let keyed = Recorder::start_keyed(dir.path(), 16, Overflow::Sample, Some(key.clone())).unwrap();
     keyed.decision(decision_row("k1", "DENY"), true).await;
     keyed.flush().await;

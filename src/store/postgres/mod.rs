@@ -1,0 +1,530 @@
+//! The PostgreSQL adapter (`[store] postgres_url`): one database shared by every replica.
+//!
+//! - Migrations from `migrations/postgres/`, applied at start under a session advisory lock,
+//!   so replicas starting together apply each once (`schema_migrations`).
+//! - One writer per replica ([`writer`]): a bounded channel as for SQLite; each batch is one
+//!   transaction that takes `pg_advisory_xact_lock(CHAIN_LOCK)`, reads the chain head, hashes
+//!   its rows in order and inserts them. Writers of several replicas so take turns on one
+//!   chain: `verify` is the SQLite one over the same rows.
+//! - When the database cannot be reached, decisions that must be kept go to a local spool
+//!   ([`super::spool`]) and are drained in order once it is back; reviewer writes fail with
+//!   [`StoreError::Unavailable`].
+//! - Override changes `NOTIFY regionguard_overrides` in their transaction; every replica
+//!   listens, and reloads every override on a notification and on every (re)connect.
+
+pub mod verify;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls, Row};
+
+pub use writer::open;
+
+use super::{AuditRow, OverrideRecord, QueueFilter, QueueState, StoreError, StoredDecision};
+
+/// Versioned migrations, applied in order, each once.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+)];
+/// Session lock held while migrating ("rg-migr").
+const MIGRATION_LOCK: i64 = 0x0072_672d_6d69_6772;
+/// Transaction lock every writer takes before it reads the chain head ("rg-chain").
+pub(crate) const CHAIN_LOCK: i64 = 0x7267_2d63_6861_696e;
+/// The channel override changes are announced on.
+pub const CHANNEL: &str = "regionguard_overrides";
+/// The listener session's `application_name`.
+pub const LISTENER_NAME: &str = "regionguard overrides listener";
+/// How long connecting may take before the database counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one read may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses `[store] postgres_url`. The error never repeats the URL (it may hold a password).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+        StoreError::Conflict(format!(
+            "store.postgres_url is not a PostgreSQL connection URL ({e})"
+        ))
+    })?;
+    if config.get_dbname().is_none() {
+        return Err(StoreError::Conflict(
+            "store.postgres_url names no database (postgres://USER@HOST:PORT/DATABASE)".into(),
+        ));
+    }
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .application_name("regionguard");
+    Ok(config)
+}
+
+/// `url` with its password, if any, replaced, for logs and messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // A key=value connection string (or not a URL at all): nothing of it is shown.
+        return "<connection string not shown>".into();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            let tail = redact_query(tail);
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => format!("{scheme}://{authority}{}", redact_query(tail)),
+    }
+}
+
+fn redact_query(tail: &str) -> String {
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    }
+}
+
+/// Whether `error` means the database is away (connection lost or refused, server shutting
+/// down) rather than a query the database refused.
+pub(crate) fn is_unavailable(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // Class 08 (connection exception), 57 (operator intervention: shutdown, crash).
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57")
+        }
+        None => error.as_db_error().is_none(),
+    }
+}
+
+/// The error with its causes ("error connecting to server: Connection refused (os error 111)").
+fn describe(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = cause_of(source);
+    }
+    text
+}
+
+fn cause_of<'a>(
+    error: Option<&'a (dyn std::error::Error + 'static)>,
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    error.and_then(std::error::Error::source)
+}
+
+pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
+    if is_unavailable(&error) {
+        StoreError::Unavailable(format!(
+            "the PostgreSQL store is unreachable ({}); try again once it is back",
+            describe(&error)
+        ))
+    } else {
+        StoreError::Postgres(describe(&error))
+    }
+}
+
+fn timed_out() -> StoreError {
+    StoreError::Unavailable(
+        "the PostgreSQL store did not answer in time; try again once it is back".into(),
+    )
+}
+
+/// Connects and drives the connection on the current runtime.
+pub(crate) async fn connect(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    let (client, connection) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(error)) => return Err(pg_error(error)),
+            Err(_) => return Err(timed_out()),
+        };
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies pending migrations under a session advisory lock (replicas starting together
+/// take turns; each migration is applied once, in its own transaction).
+pub(crate) async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+            )
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            let applied: bool = client
+                .query_one(
+                    "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = $1)",
+                    &[version],
+                )
+                .await?
+                .try_get(0)?;
+            if !applied {
+                let tx = client.transaction().await?;
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+                    &[version, &super::now_ms()],
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::info!(version, "postgres store: migration applied");
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result.and(unlocked.map(drop))
+}
+
+pub(crate) const ROW_COLUMNS: &str = "seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash";
+
+/// `(seq, row, prev_hash, row_hash)` from columns in `ROW_COLUMNS` order starting at 0.
+pub(crate) fn read_row(r: &Row) -> Result<(i64, AuditRow, String, String), tokio_postgres::Error> {
+    Ok((
+        r.try_get(0)?,
+        AuditRow {
+            kind: r.try_get(1)?,
+            ref_id: r.try_get(2)?,
+            recorded_at_ms: r.try_get(3)?,
+            actor: r.try_get(4)?,
+            account_id: r.try_get(5)?,
+            verdict: r.try_get(6)?,
+            country: r.try_get(7)?,
+            reasons: r.try_get(8)?,
+            body: r.try_get(9)?,
+        },
+        r.try_get(10)?,
+        r.try_get(11)?,
+    ))
+}
+
+/// A queue state from the five columns from `at` (status NULL: not in the queue).
+pub(crate) fn queue_state(r: &Row, at: usize) -> Result<Option<QueueState>, tokio_postgres::Error> {
+    let status: Option<String> = r.try_get(at)?;
+    let text = |i: usize| -> Result<String, tokio_postgres::Error> {
+        Ok(r.try_get::<_, Option<String>>(at + i)?.unwrap_or_default())
+    };
+    Ok(match status {
+        None => None,
+        Some(status) => Some(QueueState {
+            status,
+            outcome: text(1)?,
+            note: text(2)?,
+            resolved_by: text(3)?,
+            resolved_at_ms: r.try_get(at + 4)?,
+        }),
+    })
+}
+
+const DECISION_SELECT: &str = "SELECT a.seq, a.kind, a.ref_id, a.recorded_at_ms, a.actor, a.account_id, a.verdict, a.country, a.reasons, a.body, a.prev_hash, a.row_hash, \
+     q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id";
+
+fn stored(r: &Row) -> Result<StoredDecision, tokio_postgres::Error> {
+    let (seq, row, _, _) = read_row(r)?;
+    Ok(StoredDecision {
+        seq,
+        row,
+        queue: queue_state(r, 12)?,
+    })
+}
+
+pub(crate) const OVERRIDE_COLUMNS: &str = "id, scope, value, action, reviewer, reason, created_at_ms, expires_at_ms, removed_at_ms, removed_by";
+
+pub(crate) fn read_override(r: &Row) -> Result<OverrideRecord, tokio_postgres::Error> {
+    Ok(OverrideRecord {
+        id: r.try_get(0)?,
+        scope: r.try_get(1)?,
+        value: r.try_get(2)?,
+        action: r.try_get(3)?,
+        reviewer: r.try_get(4)?,
+        reason: r.try_get(5)?,
+        created_at_ms: r.try_get(6)?,
+        expires_at_ms: r.try_get(7)?,
+        removed_at_ms: r.try_get(8)?,
+        removed_by: r.try_get(9)?,
+    })
+}
+
+pub(crate) async fn load_overrides(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<OverrideRecord>, tokio_postgres::Error> {
+    client
+        .query(
+            &format!("SELECT {OVERRIDE_COLUMNS} FROM overrides ORDER BY created_at_ms, id"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(read_override)
+        .collect()
+}
+
+/// The read side alone (for the command line): connects when first used.
+pub fn reads(url: &str) -> Result<super::Reads, StoreError> {
+    Ok(super::Reads::Postgres(Reader::new(parse_url(url)?)))
+}
+
+/// The read side: one shared connection (tokio-postgres pipelines concurrent queries on it),
+/// made when first needed and again after it is lost.
+#[derive(Clone)]
+pub struct Reader {
+    config: Arc<tokio_postgres::Config>,
+    client: Arc<tokio::sync::Mutex<Option<Arc<Client>>>>,
+}
+
+impl Reader {
+    pub(crate) fn new(config: tokio_postgres::Config) -> Self {
+        Self {
+            config: Arc::new(config),
+            client: Arc::default(),
+        }
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(connect(&self.config).await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(QUERY_TIMEOUT, client.query(sql, params)).await {
+            Ok(rows) => rows.map_err(pg_error),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    async fn decisions(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        self.rows(sql, params)
+            .await?
+            .iter()
+            .map(stored)
+            .collect::<Result<_, _>>()
+            .map_err(pg_error)
+    }
+
+    pub async fn decision(&self, decision_id: &str) -> Result<Option<StoredDecision>, StoreError> {
+        let sql = format!("{DECISION_SELECT} WHERE a.kind = 'decision' AND a.ref_id = $1");
+        Ok(self
+            .decisions(&sql, &[&decision_id])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    pub async fn queue(&self, f: &QueueFilter) -> Result<Vec<StoredDecision>, StoreError> {
+        let sql = format!(
+            "{DECISION_SELECT} WHERE a.kind = 'decision' AND q.decision_id IS NOT NULL AND a.seq > $1 AND a.recorded_at_ms >= $2 \
+             AND ($3::text = '' OR q.status = $3) AND ($4::text = '' OR a.country = $4) \
+             AND ($5::text = '' OR ',' || a.reasons || ',' LIKE '%,' || $5 || ',%') \
+             AND ($6::text = '' OR a.account_id = $6) ORDER BY a.seq LIMIT $7"
+        );
+        let limit = i64::from(f.limit.clamp(1, 1001));
+        self.decisions(
+            &sql,
+            &[
+                &f.after_seq,
+                &f.since_ms,
+                &f.status,
+                &f.country,
+                &f.reason,
+                &f.account_id,
+                &limit,
+            ],
+        )
+        .await
+    }
+
+    pub async fn account_decisions(
+        &self,
+        account_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        let sql = format!(
+            "{DECISION_SELECT} WHERE a.kind = 'decision' AND a.account_id = $1 ORDER BY a.seq DESC LIMIT $2"
+        );
+        let limit = i64::from(limit.clamp(1, 10_000));
+        self.decisions(&sql, &[&account_id, &limit]).await
+    }
+
+    pub async fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        let sql = format!(
+            "{DECISION_SELECT} WHERE a.kind = 'decision' AND a.recorded_at_ms >= $1 AND a.seq > $2 ORDER BY a.seq LIMIT $3"
+        );
+        let limit = i64::from(limit);
+        self.decisions(&sql, &[&since_ms, &after_seq, &limit]).await
+    }
+
+    pub async fn overrides(&self) -> Result<Vec<OverrideRecord>, StoreError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(QUERY_TIMEOUT, load_overrides(&*client)).await {
+            Ok(rows) => rows.map_err(pg_error),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Spawns the override listener: `LISTEN regionguard_overrides` on its own connection;
+    /// every notification, and every (re)connect, reloads all overrides into `engine`.
+    pub fn watch_overrides(&self, engine: Arc<crate::engine::Engine>) {
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            // Short: a change made while the listener is away applies when it is back.
+            const FIRST: Duration = Duration::from_millis(100);
+            let mut backoff = FIRST;
+            loop {
+                let mut listening = false;
+                if let Err(error) = listen(&config, &engine, &mut listening).await {
+                    tracing::warn!(%error, "override listener: no PostgreSQL connection; reconnecting (overrides resync then)");
+                }
+                if listening {
+                    backoff = FIRST;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        });
+    }
+}
+
+/// One listening session: returns when its connection ends.
+async fn listen(
+    config: &tokio_postgres::Config,
+    engine: &crate::engine::Engine,
+    listening: &mut bool,
+) -> Result<(), StoreError> {
+    // Named apart from the writer's and the reads' sessions in pg_stat_activity.
+    let mut config = config.clone();
+    config.application_name(LISTENER_NAME);
+    let (client, mut connection) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(error)) => return Err(pg_error(error)),
+            Err(_) => return Err(timed_out()),
+        };
+    let (notify, mut notified) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    if notify.send(()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "override listener connection ended");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let session = async {
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(pg_error)?;
+        // A change made while this replica was not listening is picked up here.
+        resync(&client, engine).await?;
+        *listening = true;
+        tracing::info!("override listener: listening on {CHANNEL}; overrides resynced");
+        while notified.recv().await.is_some() {
+            // Several notifications in a row: one reload covers them all.
+            while notified.try_recv().is_ok() {}
+            resync(&client, engine).await?;
+        }
+        Err(StoreError::Unavailable(
+            "override listener: connection ended".into(),
+        ))
+    };
+    let result = session.await;
+    driver.abort();
+    result
+}
+
+async fn resync(client: &Client, engine: &crate::engine::Engine) -> Result<(), StoreError> {
+    let all = match tokio::time::timeout(QUERY_TIMEOUT, load_overrides(client)).await {
+        Ok(rows) => rows.map_err(pg_error)?,
+        Err(_) => return Err(timed_out()),
+    };
+    engine.set_overrides(crate::overrides::OverrideIndex::new(all));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted_and_checked() {
+        assert_eq!(
+            redact("postgres://rg:s3cret@db.internal:5432/regionguard"),
+            "postgres://rg:***@db.internal:5432/regionguard"
+        );
+        assert_eq!(
+            redact("postgres://db:5432/rg?user=rg&password=s3cret"),
+            "postgres://db:5432/rg?user=rg&password=***"
+        );
+        assert_eq!(
+            redact("postgres://rg@127.0.0.1/rg"),
+            "postgres://rg@127.0.0.1/rg"
+        );
+        assert!(parse_url("postgres://rg@127.0.0.1:5432/rg").is_ok());
+        let err = parse_url("postgres://rg:s3cret@127.0.0.1:5432")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("names no database") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let err = parse_url("mysql://x:s3cret@h/db").unwrap_err().to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+}

@@ -1,0 +1,476 @@
+//! The SQLite writer: one thread owns the write connection and commits the `Recorder`'s
+//! commands in batches (up to 256 rows a transaction); when a batch fails, its items are
+//! committed one by one, so a bad row costs only itself. Retention runs here too.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::mpsc;
+
+use super::{open_for_writing, retention};
+use crate::store::chain::{ChainKey, GENESIS, KEYED};
+use crate::store::writer::{
+    Applied, Change, Command, Counters, Overflow, Recorder, ReviewCommand, with_applied,
+};
+use crate::store::{AuditRow, QueueState, StoreError};
+
+/// Opens the store in `dir` (migrating it) and starts the writer thread, keying every row it
+/// writes with `key` when there is one.
+pub(crate) fn start(
+    dir: &Path,
+    capacity: usize,
+    overflow: Overflow,
+    key: Option<ChainKey>,
+) -> Result<Recorder, StoreError> {
+    let conn = open_for_writing(dir)?;
+    let path = dir.display().to_string();
+    let (seq, prev): (i64, String) = super::head(&conn)
+        .map_err(|error| StoreError::Sqlite {
+            path: path.clone(),
+            error,
+        })?
+        .unwrap_or((0, GENESIS.to_owned()));
+    check_keying(&path, seq, &prev, key.as_ref())?;
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let counters = Arc::new(Counters::default());
+    let thread_counters = counters.clone();
+    std::thread::Builder::new()
+        .name("regionguard-store".into())
+        .spawn(move || run(conn, rx, (seq, prev), key.as_ref(), &thread_counters))
+        .map_err(|error| StoreError::Dir { path, error })?;
+    Ok(Recorder::from_parts(tx, overflow, counters))
+}
+
+/// Rows deleted per transaction while retention catches up, between normal batches.
+const RETENTION_CHUNK: usize = 2_000;
+const RETENTION_PAUSE: Duration = Duration::from_millis(50);
+
+/// Most commands one transaction takes.
+const BATCH: usize = 256;
+
+/// A keyed chain is only continued keyed, and a plain one is keyed only by an explicit
+/// adoption (`adopt_key`): otherwise someone who can write the file but lacks the key could
+/// replace the chain with a plain one and have the server key its way past it.
+fn check_keying(
+    path: &str,
+    seq: i64,
+    head: &str,
+    key: Option<&ChainKey>,
+) -> Result<(), StoreError> {
+    match (key, seq > 0, head.starts_with(KEYED)) {
+        (Some(_), true, false) => Err(StoreError::Conflict(format!(
+            "{path}: a chain key is configured but the audit chain's head (row seq {seq}) is not keyed; \
+             to key an existing store, run `regionguard audit adopt-key --data-dir {path} --key-file FILE` once, with the server stopped"
+        ))),
+        (None, _, true) => Err(StoreError::Conflict(format!(
+            "{path}: the audit chain is keyed (row seq {seq}); set [store] chain_key_file to the key it was written with"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Keys an existing plain store: appends a keyed `keying` row after its head, from which every
+/// row must be keyed. Run with the server stopped. Returns the seq keying starts at.
+pub fn adopt_key(dir: &Path, key: &ChainKey) -> Result<i64, StoreError> {
+    let mut conn = open_for_writing(dir)?;
+    let path = dir.display().to_string();
+    let sql = |error| StoreError::Sqlite {
+        path: path.clone(),
+        error,
+    };
+    let head = super::head(&conn).map_err(sql)?;
+    let Some((mut seq, mut prev)) = head else {
+        return Err(StoreError::Conflict(format!(
+            "{path}: the store is empty: a server started with the key keys it from its first row"
+        )));
+    };
+    if prev.starts_with(KEYED) {
+        return Err(StoreError::Conflict(format!(
+            "{path}: the audit chain is already keyed (head row seq {seq})"
+        )));
+    }
+    let row = AuditRow {
+        kind: "keying".into(),
+        ref_id: uuid::Uuid::now_v7().to_string(),
+        recorded_at_ms: super::now_ms(),
+        actor: "operator".into(),
+        body: serde_json::json!({ "keyed_from_seq": seq + 1 }).to_string(),
+        ..Default::default()
+    };
+    let tx = conn.transaction().map_err(sql)?;
+    append(&tx, &mut seq, &mut prev, &row, Some(key)).map_err(sql)?;
+    tx.commit().map_err(sql)?;
+    Ok(seq)
+}
+
+/// Appends `row` to the chain. A row whose (kind, ref_id) is already there is skipped (a
+/// decision recorded twice), so the chain stays gap-free.
+fn append(
+    tx: &Transaction<'_>,
+    seq: &mut i64,
+    prev: &mut String,
+    row: &AuditRow,
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<bool> {
+    // Only a repeated (kind, ref_id) is skipped; any other conflict (a second writer on the same
+    // store, say) fails the batch rather than hide a row.
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = ?1 AND ref_id = ?2)",
+        params![&row.kind, &row.ref_id],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Ok(false);
+    }
+    let next = *seq + 1;
+    let hash = row.hash_with(next, prev, key);
+    let inserted = tx.execute(
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash],
+    )?;
+    if inserted == 1 {
+        *seq = next;
+        *prev = hash;
+    }
+    Ok(inserted == 1)
+}
+
+fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
+    let sql = |error| StoreError::Sqlite {
+        path: "store".into(),
+        error,
+    };
+    match change {
+        Change::None => Ok(Applied::Nothing),
+        Change::SetOverride(record) => {
+            tx.execute(
+                "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![record.id, record.scope, record.value, record.action, record.reviewer, record.reason, record.created_at_ms, record.expires_at_ms],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Override(record.clone()))
+        }
+        Change::RemoveOverride { id, by, at_ms } => {
+            let mut record = super::override_by_id(tx, id)
+                .map_err(sql)?
+                .ok_or_else(|| StoreError::NotFound(format!("override {id} does not exist")))?;
+            if record.removed_at_ms.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "override {id} was already removed by {}",
+                    record.removed_by
+                )));
+            }
+            tx.execute(
+                "UPDATE overrides SET removed_at_ms = ?2, removed_by = ?3 WHERE id = ?1",
+                params![id, at_ms, by],
+            )
+            .map_err(sql)?;
+            record.removed_at_ms = Some(*at_ms);
+            record.removed_by = by.clone();
+            Ok(Applied::Override(record))
+        }
+        Change::Resolve {
+            decision_id,
+            outcome,
+            note,
+            by,
+            at_ms,
+        } => {
+            let status: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM review_queue WHERE decision_id = ?1",
+                    [decision_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            match status.as_deref() {
+                None => {
+                    return Err(StoreError::NotFound(format!(
+                        "decision {decision_id} is not in the review queue"
+                    )));
+                }
+                Some("resolved") => {
+                    return Err(StoreError::Conflict(format!(
+                        "decision {decision_id} is already resolved"
+                    )));
+                }
+                Some(_) => {}
+            }
+            tx.execute(
+                "UPDATE review_queue SET status = 'resolved', outcome = ?2, note = ?3, resolved_by = ?4, resolved_at_ms = ?5 WHERE decision_id = ?1",
+                params![decision_id, outcome, note, by, at_ms],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Queue(QueueState {
+                status: "resolved".into(),
+                outcome: outcome.clone(),
+                note: note.clone(),
+                resolved_by: by.clone(),
+                resolved_at_ms: Some(*at_ms),
+            }))
+        }
+    }
+}
+
+/// One command, ready to commit: a decision's row already built, or a reviewer's action.
+enum Item {
+    Decision(AuditRow),
+    // Boxed, as in `Command`: reviewer actions are rare.
+    Review { row: AuditRow, change: Box<Change> },
+}
+
+/// What committing one item did.
+enum Committed {
+    /// A decision's row is on disk (or was already: a repeat is skipped).
+    Decision,
+    /// A reviewer's action: its change and row are on disk, or neither is.
+    Review(Box<Result<Applied, StoreError>>),
+}
+
+/// Commits `items` in one transaction, continuing the chain at `seq`/`prev`, which move on only
+/// when the transaction commits.
+fn commit(
+    conn: &mut Connection,
+    items: &[Item],
+    seq: &mut i64,
+    prev: &mut String,
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<Vec<Committed>> {
+    let (mut next_seq, mut next_prev) = (*seq, prev.clone());
+    let tx = conn.transaction()?;
+    let mut done = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Item::Decision(row) => {
+                if append(&tx, &mut next_seq, &mut next_prev, row, key)? && row.verdict == "REVIEW"
+                {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
+                        params![row.ref_id, next_seq],
+                    )?;
+                }
+                done.push(Committed::Decision);
+            }
+            Item::Review { row, change } => {
+                tx.execute("SAVEPOINT review", [])?;
+                match apply(&tx, change) {
+                    Ok(applied)
+                        if append(
+                            &tx,
+                            &mut next_seq,
+                            &mut next_prev,
+                            &with_applied(row, change, &applied),
+                            key,
+                        )? =>
+                    {
+                        tx.execute("RELEASE review", [])?;
+                        done.push(Committed::Review(Box::new(Ok(applied))));
+                    }
+                    outcome => {
+                        // The change failed, or its audit row could not be appended: undo it.
+                        let error = outcome.err().unwrap_or_else(|| {
+                            StoreError::Conflict(format!(
+                                "review action {} is already recorded",
+                                row.ref_id
+                            ))
+                        });
+                        tx.execute("ROLLBACK TO review", [])?;
+                        tx.execute("RELEASE review", [])?;
+                        done.push(Committed::Review(Box::new(Err(error))));
+                    }
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    *seq = next_seq;
+    *prev = next_prev;
+    Ok(done)
+}
+
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    (mut seq, mut prev): (i64, String),
+    key: Option<&ChainKey>,
+    counters: &Counters,
+) {
+    // A deletion a restart interrupted goes on.
+    let mut pending = retention::pending(&conn).unwrap_or_else(|error| {
+        tracing::error!(%error, "audit retention: cannot tell what is left to delete; the next run will");
+        None
+    });
+    let mut last_chunk = std::time::Instant::now();
+    while let Some(first) = rx.blocking_recv() {
+        let mut commands = vec![first];
+        while commands.len() < BATCH {
+            match rx.try_recv() {
+                Ok(command) => commands.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut items = Vec::with_capacity(commands.len());
+        let mut replies = Vec::with_capacity(commands.len());
+        let mut acks = Vec::new();
+        let mut retains = Vec::new();
+        for command in commands {
+            match command {
+                // A row builder that panics loses its own decision (counted), not the writer.
+                Command::Decision(build, _) => match catch_unwind(AssertUnwindSafe(build)) {
+                    Ok(row) => {
+                        items.push(Item::Decision(row));
+                        replies.push(None);
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            "building a decision's audit row panicked; it is not recorded"
+                        );
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                Command::Review(review) => {
+                    let ReviewCommand { row, change, reply } = *review;
+                    items.push(Item::Review {
+                        row,
+                        change: Box::new(change),
+                    });
+                    replies.push(Some(reply));
+                }
+                Command::Flush(ack) => acks.push(ack),
+                Command::Retain {
+                    cutoff_ms,
+                    min_interval_ms,
+                    done,
+                } => retains.push((cutoff_ms, min_interval_ms, done)),
+            }
+        }
+        // One transaction for the batch; if it fails, each item alone, so that one bad row
+        // costs only itself.
+        let outcomes: Vec<Result<Committed, rusqlite::Error>> = match commit(
+            &mut conn, &items, &mut seq, &mut prev, key,
+        ) {
+            Ok(done) => done.into_iter().map(Ok).collect(),
+            Err(error) => {
+                tracing::warn!(%error, items = items.len(), "audit batch failed; committing its items one by one");
+                items
+                    .iter()
+                    .map(|item| {
+                        commit(
+                            &mut conn,
+                            std::slice::from_ref(item),
+                            &mut seq,
+                            &mut prev,
+                            key,
+                        )
+                        .map(|mut done| done.remove(0))
+                    })
+                    .collect()
+            }
+        };
+        for ((item, reply), outcome) in items.iter().zip(replies).zip(outcomes) {
+            match (outcome, reply) {
+                (Ok(Committed::Decision), _) => {
+                    counters.recorded.fetch_add(1, Ordering::Relaxed);
+                }
+                (Ok(Committed::Review(result)), reply) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(*result);
+                    }
+                }
+                (Err(error), reply) => {
+                    let (Item::Decision(row) | Item::Review { row, .. }) = item;
+                    tracing::error!(%error, kind = %row.kind, ref_id = %row.ref_id, "audit row failed to commit; it is not recorded");
+                    match reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(StoreError::Sqlite {
+                                path: "store".into(),
+                                error,
+                            }));
+                        }
+                        None => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        for (cutoff_ms, min_interval_ms, done) in retains {
+            let window = (cutoff_ms, min_interval_ms);
+            let head = (&mut seq, &mut prev, key);
+            let result = retain(&mut conn, head, window, &mut pending, &rx);
+            if let Ok(deleted) = result {
+                counters.pruned.fetch_add(deleted, Ordering::Relaxed);
+            }
+            if let Err(error) = &result {
+                tracing::error!(%error, "audit retention failed; the rows stay");
+            }
+            let _ = done.send(result.map_err(|error| StoreError::Sqlite {
+                path: "store".into(),
+                error,
+            }));
+        }
+        // Retention catching up: a chunk between batches at most every RETENTION_PAUSE (up to
+        // 40k rows a second), so decisions never wait long behind it.
+        if let Some(through) = pending.filter(|_| last_chunk.elapsed() >= RETENTION_PAUSE) {
+            last_chunk = std::time::Instant::now();
+            match delete_chunk(&mut conn, through) {
+                Ok(0) => pending = None,
+                Ok(n) => drop(counters.pruned.fetch_add(n as u64, Ordering::Relaxed)),
+                Err(error) => {
+                    tracing::error!(%error, "audit retention failed; the rows stay");
+                    pending = None;
+                }
+            }
+        }
+    }
+}
+
+fn delete_chunk(conn: &mut Connection, through: i64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let deleted = retention::delete_chunk(&tx, through, RETENTION_CHUNK)?;
+    tx.commit()?;
+    Ok(deleted)
+}
+
+/// Appends a checkpoint if rows are due for `cutoff_ms`, then deletes due rows for as long as
+/// no other command waits.
+fn retain(
+    conn: &mut Connection,
+    (seq, prev, key): (&mut i64, &mut String, Option<&ChainKey>),
+    (cutoff_ms, min_interval_ms): (i64, i64),
+    pending: &mut Option<i64>,
+    rx: &mpsc::Receiver<Command>,
+) -> rusqlite::Result<u64> {
+    let row = retention::checkpoint_row(
+        conn,
+        cutoff_ms,
+        min_interval_ms,
+        super::now_ms(),
+        uuid::Uuid::now_v7().to_string(),
+    )?;
+    if let Some(row) = row {
+        commit(conn, &[Item::Decision(row)], seq, prev, key)?;
+    }
+    // Recomputed each time, so a deletion an error stopped goes on.
+    *pending = retention::pending(conn)?;
+    let mut deleted = 0;
+    while let Some(through) = *pending {
+        if !rx.is_empty() {
+            break;
+        }
+        match delete_chunk(conn, through)? {
+            0 => *pending = None,
+            n => deleted += n as u64,
+        }
+    }
+    Ok(deleted)
+}
