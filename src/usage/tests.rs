@@ -58,17 +58,31 @@ fn shared_payment_and_network_count_accounts_including_this_one() {
             .facts(Some("nobody"), "203.0.113.1".parse().unwrap(), None, NOW)
             .is_none()
     );
-    let tomorrow = usage
+    let tomorrow = usage.facts(
+        Some("x"),
+        "198.51.100.9".parse().unwrap(),
+        None,
+        NOW + 2 * DAY,
+    );
+    assert_eq!(
+        tomorrow, None,
+        "network sharing is a 24-hour window: accounts seen before it are not counted"
+    );
+    let card_tomorrow = usage
         .facts(
             Some("x"),
             "198.51.100.9".parse().unwrap(),
-            None,
+            Some("card-1"),
             NOW + 2 * DAY,
         )
         .unwrap();
     assert_eq!(
-        tomorrow.accounts_sharing_network, 1,
-        "network sharing is a 24-hour window"
+        (
+            card_tomorrow.accounts_sharing_payment,
+            card_tomorrow.accounts_sharing_network
+        ),
+        (6, 0),
+        "payment sharing is a 7-day window; the network's has passed"
     );
 }
 
