@@ -214,6 +214,29 @@ async fn classify_round(
     }
 }
 
+/// User + system CPU seconds of a process, from /proc (0 where there is no /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|f| f.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn redis_cpu_seconds(redis: &RedisServer) -> f64 {
+    redis.info("used_cpu_user").unwrap_or(0.0) + redis.info("used_cpu_sys").unwrap_or(0.0)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -227,7 +250,7 @@ async fn bytes_per_account(
     events_each: i64,
     base: u32,
 ) -> f64 {
-    let before = redis.info("used_memory").unwrap() as f64;
+    let before = redis.info("used_memory").unwrap();
     let now = now_ms();
     let events: Vec<pb::UsageEvent> = (0..accounts)
         .flat_map(|a| (0..events_each).map(move |i| event(base + a, now - i * 300_000 - 1000)))
@@ -235,7 +258,7 @@ async fn bytes_per_account(
     let total = metric(server, "regionguard_usage_written_events") + events.len() as f64;
     report(server, events, 4).await;
     written(server, total).await;
-    (redis.info("used_memory").unwrap() as f64 - before) / f64::from(accounts)
+    (redis.info("used_memory").unwrap() - before) / f64::from(accounts)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -326,14 +349,18 @@ async fn main() {
         })
         .collect();
     let before = metric(&remote, "regionguard_usage_written_events");
+    let (server_cpu, redis_cpu) = (cpu_seconds(remote.child.id()), redis_cpu_seconds(&redis));
     let started = Instant::now();
     let accepted = report(&remote, events, 4).await;
+    let accepted_in = started.elapsed().as_secs_f64();
     written(&remote, before + accepted as f64).await;
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "Usage/Report into Redis: {accepted} events over 4 streams (50,000 accounts) written in {seconds:.2} s = {:.0} events/s; lost {}",
+        "Usage/Report into Redis: {accepted} events over 4 streams (50,000 accounts) accepted in {accepted_in:.2} s, written in {seconds:.2} s = {:.0} events/s; lost {}; CPU: server {:.2} s, Redis {:.2} s",
         accepted as f64 / seconds,
-        metric(&remote, "regionguard_usage_lost_events")
+        metric(&remote, "regionguard_usage_lost_events"),
+        cpu_seconds(remote.child.id()) - server_cpu,
+        redis_cpu_seconds(&redis) - redis_cpu,
     );
 
     // Where Redis spent its time, per command (usec_per_call, calls).

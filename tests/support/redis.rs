@@ -77,8 +77,8 @@ impl RedisServer {
         String::from_utf8(reply).ok()
     }
 
-    /// A field of `INFO`, e.g. `used_memory`.
-    pub fn info(&self, field: &str) -> Option<u64> {
+    /// A field of `INFO`, e.g. `used_memory` or `used_cpu_user`.
+    pub fn info(&self, field: &str) -> Option<f64> {
         let reply = self.command("INFO")?;
         reply.lines().find_map(|line| {
             line.strip_prefix(field)?

@@ -18,7 +18,6 @@
 //! a failed batch is retried with back-off, and an event that finds the queue full is counted
 //! as lost.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -27,17 +26,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
+use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
+use super::account::{self, AccountState};
 use super::window::HISTORY_SECS;
 use super::{
     DAY, EventLocation, NetworkKey, UsageEvent, UsageHistory, UsageLookup, UsageQuery, UsageStats,
     codec,
 };
 use crate::classify::UsageFacts;
+use writer::{Message, Writer};
+
+mod writer;
 
 /// Settings, from `[usage]`.
 #[derive(Clone, Debug)]
@@ -69,20 +71,8 @@ return 0
 ";
 
 const VERSION_LEN: usize = 8;
-/// Events one write batch takes at most.
-const BATCH_EVENTS: usize = 8_192;
-/// How long the writer gathers events after the first one, to merge more per account.
-const GATHER: Duration = Duration::from_millis(5);
-/// Accounts per pipeline (a pipeline's reply must come back within the write timeout).
-const PIPELINE_ACCOUNTS: usize = 1_024;
-/// Longest a write pipeline may take before it is retried (off the request path).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Compare-and-set rounds before a batch's contended accounts wait for the next batch.
-const CAS_ROUNDS: usize = 8;
 /// Cached reads are kept this long in all, to answer degraded decisions.
 const STALE_KEEP: Duration = Duration::from_secs(60);
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After a failed read, decisions skip Redis for this long (the connection manager
 /// reconnects meanwhile).
 const READ_BACKOFF: Duration = Duration::from_millis(250);
@@ -126,11 +116,6 @@ struct Cached {
     facts: Arc<Option<UsageFacts>>,
 }
 
-enum Message {
-    Event(Box<(UsageEvent, EventLocation)>),
-    Flush(oneshot::Sender<()>),
-}
-
 pub struct RedisUsage {
     reads: ConnectionManager,
     keys: Keys,
@@ -153,8 +138,8 @@ fn manager(
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(response_timeout)
-        .set_min_delay(BACKOFF_MIN)
-        .set_max_delay(BACKOFF_MAX)
+        .set_min_delay(writer::BACKOFF_MIN)
+        .set_max_delay(writer::BACKOFF_MAX)
         // A few attempts per reconnection; the next call after they fail starts another, so
         // nothing waits on a reconnection that never ends.
         .set_number_of_retries(4);
@@ -186,20 +171,13 @@ impl RedisUsage {
             .map_err(|e| RedisStartError(e.to_string()))?;
         // Reads are bounded by `redis_timeout_ms` around each call; writes by WRITE_TIMEOUT.
         let reads = manager(client.clone(), None)?;
-        let writes = manager(client, Some(WRITE_TIMEOUT))?;
+        let writes = manager(client, Some(writer::WRITE_TIMEOUT))?;
         let keys = Keys {
             prefix: settings.prefix.as_str().into(),
         };
         let counters = Arc::new(Counters::default());
         let (queue, rx) = mpsc::channel(settings.max_pending_events.max(1));
-        let writer = Writer {
-            conn: writes,
-            keys: keys.clone(),
-            counters: counters.clone(),
-            cas: Script::new(CAS),
-            script_loaded: false,
-        };
-        tokio::spawn(writer.run(rx));
+        tokio::spawn(Writer::new(writes, keys.clone(), counters.clone()).run(rx));
         Ok(Self {
             reads,
             keys,
@@ -339,19 +317,8 @@ impl RedisUsage {
     }
 }
 
-/// A write call, given up after [`WRITE_TIMEOUT`] (a reconnection in progress included).
-async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
-    match tokio::time::timeout(WRITE_TIMEOUT, call).await {
-        Ok(result) => result,
-        Err(_) => Err(redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "write timed out",
-        ))),
-    }
-}
-
 /// Splits a stored value into its version and the account state.
-fn decode_versioned(bytes: &[u8]) -> Result<(&[u8], AccountState), codec::DecodeError> {
+pub(super) fn decode_versioned(bytes: &[u8]) -> Result<(&[u8], AccountState), codec::DecodeError> {
     if bytes.len() < VERSION_LEN {
         return Err(codec::DecodeError::SHORT);
     }
@@ -455,232 +422,5 @@ impl OwnedQuery {
             payment_fingerprint: self.payment_fingerprint.as_deref(),
             now: self.now,
         }
-    }
-}
-
-/// The one task that writes: merges a batch of events per account, then pipelines reads,
-/// compare-and-sets and the sharing sets.
-struct Writer {
-    conn: ConnectionManager,
-    keys: Keys,
-    counters: Arc<Counters>,
-    cas: Script,
-    /// Whether Redis is known to hold the script (a restarted Redis does not).
-    script_loaded: bool,
-}
-
-/// A batch, merged.
-#[derive(Default)]
-struct Batch {
-    events: usize,
-    accounts: HashMap<Arc<str>, Vec<(UsageEvent, EventLocation)>>,
-    /// Versions written by compare-and-sets whose reply has not been seen.
-    attempted: HashMap<Arc<str>, [u8; VERSION_LEN]>,
-    /// Sharing-set key → account → latest time, and the key's TTL.
-    shared: HashMap<String, (HashMap<Arc<str>, i64>, Duration)>,
-    flushes: Vec<oneshot::Sender<()>>,
-}
-
-impl Batch {
-    fn add(&mut self, keys: &Keys, event: UsageEvent, location: EventLocation) {
-        self.events += 1;
-        let t = event.timestamp;
-        let mut share = |key: String, ttl: Duration| {
-            let (members, _) = self
-                .shared
-                .entry(key)
-                .or_insert_with(|| (HashMap::new(), ttl));
-            let seen = members.entry(event.account_id.clone()).or_insert(t);
-            *seen = (*seen).max(t);
-        };
-        if let Some(fingerprint) = &event.payment_fingerprint {
-            share(
-                keys.payment(fingerprint),
-                Duration::from_secs(HISTORY_SECS as u64),
-            );
-        }
-        share(
-            keys.network(NetworkKey::of(event.ip)),
-            Duration::from_secs(DAY as u64),
-        );
-        self.accounts
-            .entry(event.account_id.clone())
-            .or_default()
-            .push((event, location));
-    }
-}
-
-impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        let mut backoff = BACKOFF_MIN;
-        while let Some(first) = rx.recv().await {
-            let mut batch = Batch::default();
-            self.take(&mut batch, first);
-            let deadline = tokio::time::Instant::now() + GATHER;
-            while batch.events < BATCH_EVENTS && batch.flushes.is_empty() {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(message)) => self.take(&mut batch, message),
-                    _ => break,
-                }
-            }
-            // Retried until Redis takes it; meanwhile new events wait in the bounded queue.
-            loop {
-                match self.write(&mut batch).await {
-                    Ok(()) => {
-                        backoff = BACKOFF_MIN;
-                        break;
-                    }
-                    Err(error) => {
-                        let errors = self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                        if errors.is_multiple_of(100) {
-                            tracing::warn!(%error, pending = batch.events, "usage history: writing to Redis failed; retrying");
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                }
-            }
-            self.counters
-                .pending
-                .fetch_sub(batch.events as u64, Ordering::Relaxed);
-            self.counters
-                .written
-                .fetch_add(batch.events as u64, Ordering::Relaxed);
-            for done in batch.flushes {
-                let _ = done.send(());
-            }
-        }
-    }
-
-    fn take(&self, batch: &mut Batch, message: Message) {
-        match message {
-            Message::Event(event) => {
-                let (event, location) = *event;
-                batch.add(&self.keys, event, location);
-            }
-            Message::Flush(done) => batch.flushes.push(done),
-        }
-    }
-
-    /// Writes what is left of `batch`; what was written is taken out of it, so a retry after an
-    /// error never applies an event twice. A compare-and-set whose reply was lost (a timeout, a
-    /// dropped connection) is recognised on the retry by the version it wrote.
-    async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
-        if !self.script_loaded {
-            bounded(self.cas.load_async(&mut self.conn)).await?;
-            self.script_loaded = true;
-        }
-        for _ in 0..CAS_ROUNDS {
-            if batch.accounts.is_empty() {
-                break;
-            }
-            let ids: Vec<Arc<str>> = batch.accounts.keys().cloned().collect();
-            for chunk in ids.chunks(PIPELINE_ACCOUNTS) {
-                self.write_accounts(batch, chunk).await?;
-            }
-        }
-        if !batch.accounts.is_empty() {
-            // Contended beyond the rounds: the next attempt reads again.
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "account states kept changing under compare-and-set",
-            )));
-        }
-        if !batch.shared.is_empty() {
-            let mut pipe = redis::pipe();
-            for (key, (members, ttl)) in &batch.shared {
-                let mut zadd = redis::cmd("ZADD");
-                zadd.arg(key).arg("GT");
-                for (account, t) in members {
-                    zadd.arg(*t).arg(&**account);
-                }
-                pipe.add_command(zadd).ignore();
-                pipe.cmd("ZREMRANGEBYRANK")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-(MAX_ACCOUNTS_PER_KEY as i64) - 1)
-                    .ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(key)
-                    .arg(ttl.as_millis() as u64)
-                    .ignore();
-            }
-            bounded(pipe.query_async::<()>(&mut self.conn)).await?;
-            batch.shared.clear();
-        }
-        Ok(())
-    }
-
-    /// One round for some of the batch's accounts: read, merge, compare-and-set.
-    async fn write_accounts(
-        &mut self,
-        batch: &mut Batch,
-        ids: &[Arc<str>],
-    ) -> redis::RedisResult<()> {
-        let mut get = redis::pipe();
-        for id in ids {
-            get.cmd("GET").arg(self.keys.account(id));
-        }
-        let current: Vec<Option<Vec<u8>>> = bounded(get.query_async(&mut self.conn)).await?;
-        let mut set = redis::pipe();
-        let mut sent = Vec::with_capacity(ids.len());
-        for (id, stored) in ids.iter().zip(&current) {
-            let stored = stored.as_deref();
-            let version = stored.map(|b| &b[..VERSION_LEN.min(b.len())]);
-            if version.is_some() && batch.attempted.get(id).map(|v| &v[..]) == version {
-                // Written by an attempt whose reply was lost.
-                batch.accounts.remove(id);
-                batch.attempted.remove(id);
-                continue;
-            }
-            let mut state = match stored.map(decode_versioned) {
-                Some(Ok((_, state))) => Some(state),
-                Some(Err(error)) => {
-                    tracing::warn!(account = %id, %error, "usage history in Redis: unreadable account state replaced");
-                    None
-                }
-                None => None,
-            };
-            let Some(events) = batch.accounts.get(id) else {
-                continue;
-            };
-            for (event, location) in events {
-                state
-                    .get_or_insert_with(|| AccountState::new(event.timestamp))
-                    .apply(event, location);
-            }
-            let Some(state) = state else { continue };
-            let mut ours = [0u8; VERSION_LEN];
-            ours.copy_from_slice(&uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..]);
-            let mut value = ours.to_vec();
-            value.extend_from_slice(&codec::encode(&state));
-            set.cmd("EVALSHA")
-                .arg(self.cas.get_hash())
-                .arg(1)
-                .arg(self.keys.account(id))
-                .arg(version.unwrap_or_default())
-                .arg(value)
-                .arg(HISTORY_SECS * 1000);
-            batch.attempted.insert(id.clone(), ours);
-            sent.push(id.clone());
-        }
-        if sent.is_empty() {
-            return Ok(());
-        }
-        let applied: Vec<i64> = match bounded(set.query_async(&mut self.conn)).await {
-            Ok(applied) => applied,
-            Err(error) => {
-                // Perhaps a Redis restarted without the script (NOSCRIPT): load it again first.
-                self.script_loaded = false;
-                return Err(error);
-            }
-        };
-        for (id, ok) in sent.iter().zip(applied) {
-            batch.attempted.remove(id);
-            if ok == 1 {
-                batch.accounts.remove(id);
-            }
-        }
-        Ok(())
     }
 }

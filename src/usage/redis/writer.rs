@@ -1,0 +1,357 @@
+//! The one task that writes usage history to Redis: it gathers events from the bounded queue,
+//! merges them per account, and writes them in pipelines of at most [`PIPELINE_ACCOUNTS`]
+//! accounts, several pipelines at once (Redis works on one while this process merges the next).
+//!
+//! Each account is read, merged and replaced by compare-and-set. What was written is taken out
+//! of the batch, so a retry after an error never applies an event twice; a compare-and-set
+//! whose reply was lost (a timeout, a dropped connection) is recognised on the retry by the
+//! version it wrote. The sharing sets take `ZADD GT` (idempotent), then a trim to the cap and
+//! their TTL.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::{CAS, Counters, Keys, VERSION_LEN, decode_versioned};
+use crate::usage::account::{AccountState, MAX_ACCOUNTS_PER_KEY};
+use crate::usage::window::HISTORY_SECS;
+use crate::usage::{DAY, EventLocation, NetworkKey, UsageEvent, codec};
+
+/// Events one batch takes at most. A writer that falls behind takes bigger batches from the
+/// queue, so an account's events merge into fewer writes exactly when Redis is busiest.
+const BATCH_EVENTS: usize = 262_144;
+/// How long the writer gathers events after the first one, to merge more per account.
+const GATHER: Duration = Duration::from_millis(5);
+/// Accounts per pipeline (a pipeline's reply must come back within the write timeout).
+const PIPELINE_ACCOUNTS: usize = 1_024;
+/// Longest a write call may take before it is retried (off the request path).
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Compare-and-set rounds before a batch's contended accounts wait for the next attempt.
+const CAS_ROUNDS: usize = 8;
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub(super) enum Message {
+    Event(Box<(UsageEvent, EventLocation)>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// One account's share of a batch.
+#[derive(Default)]
+struct Pending {
+    events: Vec<(UsageEvent, EventLocation)>,
+    /// The version a compare-and-set wrote, while its reply has not been seen.
+    attempted: Option<[u8; VERSION_LEN]>,
+}
+
+type Accounts = Vec<(Arc<str>, Pending)>;
+
+/// A batch, merged.
+#[derive(Default)]
+struct Batch {
+    events: usize,
+    accounts: HashMap<Arc<str>, Pending>,
+    /// Sharing-set key → account → latest time, and the key's TTL.
+    shared: HashMap<String, (HashMap<Arc<str>, i64>, Duration)>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    fn add(&mut self, keys: &Keys, event: UsageEvent, location: EventLocation) {
+        self.events += 1;
+        let t = event.timestamp;
+        let mut share = |key: String, ttl: Duration| {
+            let (members, _) = self
+                .shared
+                .entry(key)
+                .or_insert_with(|| (HashMap::new(), ttl));
+            let seen = members.entry(event.account_id.clone()).or_insert(t);
+            *seen = (*seen).max(t);
+        };
+        if let Some(fingerprint) = &event.payment_fingerprint {
+            share(
+                keys.payment(fingerprint),
+                Duration::from_secs(HISTORY_SECS as u64),
+            );
+        }
+        share(
+            keys.network(NetworkKey::of(event.ip)),
+            Duration::from_secs(DAY as u64),
+        );
+        self.accounts
+            .entry(event.account_id.clone())
+            .or_default()
+            .events
+            .push((event, location));
+    }
+}
+
+pub(super) struct Writer {
+    conn: ConnectionManager,
+    keys: Keys,
+    counters: Arc<Counters>,
+    cas: Arc<Script>,
+    /// Whether Redis is known to hold the script (a restarted Redis does not).
+    script_loaded: bool,
+}
+
+/// A write call, given up after [`WRITE_TIMEOUT`] (a reconnection in progress included).
+async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+    match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "write timed out",
+        ))),
+    }
+}
+
+impl Writer {
+    pub(super) fn new(conn: ConnectionManager, keys: Keys, counters: Arc<Counters>) -> Self {
+        Self {
+            conn,
+            keys,
+            counters,
+            cas: Arc::new(Script::new(CAS)),
+            script_loaded: false,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut backoff = BACKOFF_MIN;
+        while let Some(first) = rx.recv().await {
+            let mut batch = Batch::default();
+            self.take(&mut batch, first);
+            let deadline = tokio::time::Instant::now() + GATHER;
+            while batch.events < BATCH_EVENTS && batch.flushes.is_empty() {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(message)) => self.take(&mut batch, message),
+                    _ => break,
+                }
+            }
+            // Retried until Redis takes it; meanwhile new events wait in the bounded queue.
+            loop {
+                match self.write(&mut batch).await {
+                    Ok(()) => {
+                        backoff = BACKOFF_MIN;
+                        break;
+                    }
+                    Err(error) => {
+                        // Perhaps a Redis restarted without the script: load it again first.
+                        self.script_loaded = false;
+                        let errors = self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+                        if errors.is_multiple_of(100) {
+                            tracing::warn!(%error, pending = batch.events, "usage history: writing to Redis failed; retrying");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+            let events = batch.events as u64;
+            self.counters.pending.fetch_sub(events, Ordering::Relaxed);
+            self.counters.written.fetch_add(events, Ordering::Relaxed);
+            for done in batch.flushes {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn take(&self, batch: &mut Batch, message: Message) {
+        match message {
+            Message::Event(event) => {
+                let (event, location) = *event;
+                batch.add(&self.keys, event, location);
+            }
+            Message::Flush(done) => batch.flushes.push(done),
+        }
+    }
+
+    /// Writes what is left of `batch`, taking out what was written.
+    async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
+        if !self.script_loaded {
+            bounded(self.cas.load_async(&mut self.conn)).await?;
+            self.script_loaded = true;
+        }
+        let shared = (!batch.shared.is_empty()).then(|| {
+            tokio::spawn(write_shared(
+                self.conn.clone(),
+                std::mem::take(&mut batch.shared),
+            ))
+        });
+        let mut failed = None;
+        for _ in 0..CAS_ROUNDS {
+            if batch.accounts.is_empty() {
+                break;
+            }
+            let mut chunks = JoinSet::new();
+            let mut accounts = batch.accounts.drain();
+            loop {
+                let chunk: Accounts = accounts.by_ref().take(PIPELINE_ACCOUNTS).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                chunks.spawn(write_accounts(
+                    self.conn.clone(),
+                    self.keys.clone(),
+                    self.cas.clone(),
+                    chunk,
+                ));
+            }
+            drop(accounts);
+            while let Some(done) = chunks.join_next().await {
+                // A chunk task cannot panic short of a bug; if one did, its accounts are lost
+                // and counted.
+                match done {
+                    Ok((left, result)) => {
+                        batch.accounts.extend(left);
+                        if let Err(error) = result {
+                            failed.get_or_insert(error);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "usage history: a Redis write task failed");
+                        self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(task) = shared {
+            match task.await {
+                Ok((_, Ok(()))) => {}
+                Ok((left, Err(error))) => {
+                    batch.shared = left;
+                    failed.get_or_insert(error);
+                }
+                Err(error) => tracing::error!(%error, "usage history: a Redis write task failed"),
+            }
+        }
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        if !batch.accounts.is_empty() {
+            // Contended beyond the rounds: the next attempt reads again.
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "account states kept changing under compare-and-set",
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One round for some accounts: read, merge, compare-and-set. Returns the accounts not yet
+/// written (changed under the compare-and-set, or not answered).
+async fn write_accounts(
+    mut conn: ConnectionManager,
+    keys: Keys,
+    cas: Arc<Script>,
+    mut chunk: Accounts,
+) -> (Accounts, redis::RedisResult<()>) {
+    let mut get = redis::pipe();
+    for (id, _) in &chunk {
+        get.cmd("GET").arg(keys.account(id));
+    }
+    let current: Vec<Option<Vec<u8>>> = match bounded(get.query_async(&mut conn)).await {
+        Ok(current) => current,
+        Err(error) => return (chunk, Err(error)),
+    };
+    let mut set = redis::pipe();
+    let mut sent = Vec::with_capacity(chunk.len());
+    for (i, ((id, pending), stored)) in chunk.iter_mut().zip(&current).enumerate() {
+        let stored = stored.as_deref();
+        let version = stored.map(|b| &b[..VERSION_LEN.min(b.len())]);
+        if version.is_some() && pending.attempted.as_ref().map(|v| &v[..]) == version {
+            // Written by an attempt whose reply was lost.
+            pending.events.clear();
+            continue;
+        }
+        let mut state = match stored.map(decode_versioned) {
+            Some(Ok((_, state))) => Some(state),
+            Some(Err(error)) => {
+                tracing::warn!(account = %id, %error, "usage history in Redis: unreadable account state replaced");
+                None
+            }
+            None => None,
+        };
+        for (event, location) in &pending.events {
+            state
+                .get_or_insert_with(|| AccountState::new(event.timestamp))
+                .apply(event, location);
+        }
+        let Some(state) = state else { continue };
+        let mut ours = [0u8; VERSION_LEN];
+        ours.copy_from_slice(&uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..]);
+        let mut value = ours.to_vec();
+        value.extend_from_slice(&codec::encode(&state));
+        set.cmd("EVALSHA")
+            .arg(cas.get_hash())
+            .arg(1)
+            .arg(keys.account(id))
+            .arg(version.unwrap_or_default())
+            .arg(value)
+            .arg(HISTORY_SECS * 1000);
+        pending.attempted = Some(ours);
+        sent.push(i);
+    }
+    let result = if sent.is_empty() {
+        Ok(())
+    } else {
+        match bounded(set.query_async::<Vec<i64>>(&mut conn)).await {
+            Ok(applied) => {
+                for (&i, ok) in sent.iter().zip(applied) {
+                    let pending = &mut chunk[i].1;
+                    pending.attempted = None;
+                    if ok == 1 {
+                        pending.events.clear();
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    };
+    chunk.retain(|(_, pending)| !pending.events.is_empty());
+    (chunk, result)
+}
+
+type Shared = HashMap<String, (HashMap<Arc<str>, i64>, Duration)>;
+
+/// The sharing sets: `ZADD GT` (a retry cannot move a time back), the cap, the TTL.
+async fn write_shared(
+    mut conn: ConnectionManager,
+    shared: Shared,
+) -> (Shared, redis::RedisResult<()>) {
+    let mut pipe = redis::pipe();
+    for (key, (members, ttl)) in &shared {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(key).arg("GT");
+        for (account, t) in members {
+            zadd.arg(*t).arg(&**account);
+        }
+        pipe.add_command(zadd).ignore();
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(key)
+            .arg(0)
+            .arg(-(MAX_ACCOUNTS_PER_KEY as i64) - 1)
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl.as_millis() as u64)
+            .ignore();
+    }
+    match bounded(pipe.query_async::<()>(&mut conn)).await {
+        Ok(()) => (HashMap::new(), Ok(())),
+        Err(error) => (shared, Err(error)),
+    }
+}
