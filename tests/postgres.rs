@@ -7,18 +7,16 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use regionguard::auth::token_sha256;
-use regionguard::grpc::pb::{
-    self, Verdict, classifier_client::ClassifierClient, review_client::ReviewClient,
-};
+use regionguard::grpc::pb::{self, Verdict, classifier_client::ClassifierClient};
 use support::postgres::PgServer;
+use support::replica::Replica;
 use support::{codes, request, verdict};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -29,129 +27,15 @@ const SANCTIONED: &str = "5.1.2.3";
 const ALLOWED: &str = "216.160.83.57";
 const TOR: &str = "65.1.0.1";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One replica: the real binary, on its own ports and spool, on the shared database.
-struct Replica {
-    child: Child,
-    addr: String,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl Replica {
-    async fn start(dir: &Path, name: &str, url: &str) -> Self {
-        let location = dir.join("city.mmdb");
-        let anonymous = dir.join("anonymous.mmdb");
-        if !location.exists() {
-            std::fs::write(&location, support::fixtures::city_db()).unwrap();
-            std::fs::write(&anonymous, support::fixtures::anonymous_db()).unwrap();
-        }
-        let (port, metrics_port) = (free_port(), free_port());
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                 [store]\npostgres_url = {url:?}\ndata_dir = {spool:?}\n\
-                 [[auth.callers]]\nname = \"alice@compliance\"\nrole = \"reviewer\"\ntoken_sha256 = {token:?}\n",
-                spool = dir.join(format!("{name}-spool")).display().to_string(),
-                token = token_sha256(ALICE),
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--policy",
-                "data/policy.toml",
-            ])
-            .arg("--location-db")
-            .arg(&location)
-            .arg("--anonymous-db")
-            .arg(&anonymous)
-            .env("REGIONGUARD_CONFIG", &config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut replica = Self {
-            child,
-            addr: format!("http://127.0.0.1:{port}"),
-            metrics: format!("127.0.0.1:{metrics_port}"),
-            log,
-        };
-        replica.wait_ready().await;
-        replica
-    }
-
-    async fn wait_ready(&mut self) {
-        for _ in 0..400 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "replica exited ({status}): {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if Channel::from_shared(self.addr.clone())
-                .unwrap()
-                .connect()
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("replica at {} did not start", self.addr);
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn classifier(&self) -> ClassifierClient<Channel> {
-        ClassifierClient::new(self.channel().await)
-    }
-
-    async fn review(&self) -> ReviewClient<Channel> {
-        ReviewClient::new(self.channel().await)
-    }
-
-    /// One metric's value from the ops port.
-    fn metric(&self, name: &str) -> f64 {
-        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {body}"))
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A replica on the shared database, with its own spool and a reviewer.
+async fn pg_replica(dir: &Path, name: &str, url: &str) -> Replica {
+    let config = format!(
+        "[store]\npostgres_url = {url:?}\ndata_dir = {spool:?}\n\
+         [[auth.callers]]\nname = \"alice@compliance\"\nrole = \"reviewer\"\ntoken_sha256 = {token:?}\n",
+        spool = dir.join(format!("{name}-spool")).display().to_string(),
+        token = token_sha256(ALICE),
+    );
+    Replica::start(dir, name, &config).await
 }
 
 fn as_alice<T>(message: T) -> tonic::Request<T> {
@@ -245,8 +129,8 @@ async fn two_replicas_share_overrides_queue_export_and_one_verified_chain() {
     // Started together: the migrations are applied once, under the advisory lock.
     let url = pg.url();
     let (a, b) = tokio::join!(
-        Replica::start(dir.path(), "a", &url),
-        Replica::start(dir.path(), "b", &url)
+        pg_replica(dir.path(), "a", &url),
+        pg_replica(dir.path(), "b", &url)
     );
     let db = pg.client().await;
     let version: i64 = db
@@ -485,7 +369,7 @@ async fn two_replicas_share_overrides_queue_export_and_one_verified_chain() {
 async fn verify_names_an_override_edited_behind_the_api_and_a_head_cut_from_the_end() {
     let pg = PgServer::start_new().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Replica::start(dir.path(), "a", &pg.url()).await;
+    let a = pg_replica(dir.path(), "a", &pg.url()).await;
     a.review()
         .await
         .set_override(as_alice(pb::SetOverrideRequest {
@@ -571,7 +455,7 @@ async fn verify_names_an_override_edited_behind_the_api_and_a_head_cut_from_the_
 async fn overrides_are_resynced_when_the_listener_reconnects() {
     let mut pg = PgServer::start_new().await;
     let dir = tempfile::tempdir().unwrap();
-    let replica = Replica::start(dir.path(), "a", &pg.url()).await;
+    let replica = pg_replica(dir.path(), "a", &pg.url()).await;
     let probe = account(ALLOWED, "acct-r", pb::Flow::ApiRequest);
     let db = pg.client().await;
     // Once the listener has listened and made its first resync, its session's last query is
@@ -621,7 +505,7 @@ async fn overrides_are_resynced_when_the_listener_reconnects() {
 async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_must_be_kept() {
     let mut pg = PgServer::start_new().await;
     let dir = tempfile::tempdir().unwrap();
-    let replica = Replica::start(dir.path(), "a", &pg.url()).await;
+    let replica = pg_replica(dir.path(), "a", &pg.url()).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for worker in 0..4u32 {

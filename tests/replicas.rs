@@ -4,111 +4,27 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use regionguard::grpc::pb::{self, classifier_client::ClassifierClient, usage_client::UsageClient};
+use regionguard::grpc::pb;
+use support::postgres::PgServer;
 use support::redis::RedisServer;
-use tonic::transport::Channel;
+use support::replica::Replica;
 
-const BIN: &str = env!("CARGO_BIN_EXE_regionguard");
-
-/// One `regionguard serve` process; killed when dropped.
-struct Replica {
-    child: Child,
-    channel: Channel,
-    metrics_port: u16,
+/// A replica on one Redis (and, given, one PostgreSQL: the store too).
+async fn replica(dir: &Path, name: &str, usage: &str, store: &str) -> Replica {
+    Replica::start(dir, name, &format!("[usage]\n{usage}\n{store}")).await
 }
 
-impl Replica {
-    async fn start(dir: &Path, name: &str, usage: &str) -> Self {
-        let (port, metrics_port) = (support::free_port(), support::free_port());
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[usage]\n{usage}\n"),
-        )
-        .unwrap();
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--policy", "data/policy.toml"])
-            .arg("--location-db")
-            .arg(dir.join("city.mmdb"))
-            .arg("--anonymous-db")
-            .arg(dir.join("anonymous.mmdb"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let address = format!("http://127.0.0.1:{port}");
-        for _ in 0..400 {
-            if let Ok(channel) = Channel::from_shared(address.clone())
-                .unwrap()
-                .connect()
-                .await
-            {
-                return Self {
-                    child,
-                    channel,
-                    metrics_port,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{name} did not start");
-    }
-
-    fn classifier(&self) -> ClassifierClient<Channel> {
-        ClassifierClient::new(self.channel.clone())
-    }
-
-    async fn report(&self, events: Vec<pb::UsageEvent>) -> pb::ReportSummary {
-        UsageClient::new(self.channel.clone())
-            .report(tokio_stream::iter(events))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    /// A metric's value from `/metrics`.
-    fn metric(&self, name: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name) && !l.starts_with('#'))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn world() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("city.mmdb"), support::fixtures::city_db()).unwrap();
-    std::fs::write(
-        dir.path().join("anonymous.mmdb"),
-        support::fixtures::anonymous_db(),
-    )
-    .unwrap();
-    dir
+async fn report(replica: &Replica, events: Vec<pb::UsageEvent>) -> pb::ReportSummary {
+    replica
+        .usage()
+        .await
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 fn now_ms() -> i64 {
@@ -152,6 +68,7 @@ async fn settled(replica: &Replica, account: &str, requests: u64) -> pb::Classif
     loop {
         let answer = replica
             .classifier()
+            .await
             .classify(ask(account))
             .await
             .unwrap()
@@ -170,14 +87,30 @@ fn reasons(answer: &pb::ClassifyResponse) -> Vec<String> {
     codes
 }
 
+/// Two replicas on one Redis and one PostgreSQL, usage split between them round-robin: the same
+/// counts, reasons and score as one replica that saw everything; each replica's decisions are in
+/// the shared store, Explain on either gives the answer as the other made it, and the one chain
+/// verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_split_between_two_replicas_counts_as_on_one() {
     let redis = RedisServer::start();
-    let dir = world();
+    let pg = PgServer::start_new().await;
+    let dir = tempfile::tempdir().unwrap();
     let shared = format!("redis_url = \"{}\"\nredis_cache_ms = 200", redis.url());
-    let a = Replica::start(dir.path(), "a", &shared).await;
-    let b = Replica::start(dir.path(), "b", &shared).await;
-    let alone = Replica::start(dir.path(), "alone", "enabled = true").await;
+    let store = |name: &str| {
+        format!(
+            "[store]\npostgres_url = {:?}\ndata_dir = {:?}\n[[auth.callers]]\nname = \"rita\"\nrole = \"reviewer\"\ntoken_sha256 = {:?}\n",
+            pg.url(),
+            dir.path()
+                .join(format!("{name}-spool"))
+                .display()
+                .to_string(),
+            regionguard::auth::token_sha256(REVIEWER)
+        )
+    };
+    let a = replica(dir.path(), "a", &shared, &store("a")).await;
+    let b = replica(dir.path(), "b", &shared, &store("b")).await;
+    let alone = replica(dir.path(), "alone", "enabled = true", "").await;
 
     let now = now_ms();
     let events: Vec<pb::UsageEvent> = (0..50).map(|i| hop("hopper", i, now)).collect();
@@ -187,9 +120,9 @@ async fn usage_split_between_two_replicas_counts_as_on_one() {
         .enumerate()
         .partition(|(i, _)| i % 2 == 0);
     let strip = |v: Vec<(usize, pb::UsageEvent)>| v.into_iter().map(|(_, e)| e).collect::<Vec<_>>();
-    assert_eq!(a.report(strip(even)).await.accepted, 25);
-    assert_eq!(b.report(strip(odd)).await.accepted, 25);
-    assert_eq!(alone.report(events).await.accepted, 50);
+    assert_eq!(report(&a, strip(even)).await.accepted, 25);
+    assert_eq!(report(&b, strip(odd)).await.accepted, 25);
+    assert_eq!(report(&alone, events).await.accepted, 50);
 
     let one = settled(&alone, "hopper", 50).await;
     let on_a = settled(&a, "hopper", 50).await;
@@ -219,28 +152,75 @@ async fn usage_split_between_two_replicas_counts_as_on_one() {
         );
         assert!(!answer.usage.as_ref().unwrap().degraded);
     }
+    // A decision made on A, explained by B from the shared store, with the usage it saw.
+    let explained = explain(&b, &on_a.decision_id).await;
+    assert_eq!(
+        explained.usage.as_ref(),
+        Some(&usage),
+        "B explains A's decision as A answered it"
+    );
+    let explained = explain(&a, &on_b.decision_id).await;
+    assert_eq!(reasons(&explained), reasons(&on_b));
+    let verify = Command::new(env!("CARGO_BIN_EXE_regionguard"))
+        .args(["audit", "verify", "--postgres-url", &pg.url()])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     support::record(format_args!(
-        "two replicas on one Redis: {} requests, {} countries, reasons {:?} on each, as on one replica",
+        "two replicas on one Redis and one PostgreSQL: {} requests, {} countries, reasons {:?} on each, as on one replica; {}",
         usage.requests_24h,
         usage.distinct_countries_24h,
-        reasons(&one)
+        reasons(&one),
+        String::from_utf8_lossy(&verify.stdout).trim()
     ));
+}
+
+const REVIEWER: &str = "rita-reviewer-token";
+
+/// The answer a stored decision gave, through the Review API (waiting for the deciding
+/// replica's writer to commit it).
+async fn explain(replica: &Replica, decision_id: &str) -> pb::ClassifyResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut request = tonic::Request::new(pb::ExplainRequest {
+            decision_id: decision_id.into(),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {REVIEWER}").parse().unwrap(),
+        );
+        match replica.review().await.explain(request).await {
+            Ok(record) => {
+                return record
+                    .into_inner()
+                    .decision
+                    .expect("the decision as answered");
+            }
+            Err(status) if status.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("explain {decision_id}: {status}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_degrades_and_recovers() {
     let mut redis = RedisServer::start();
-    let dir = world();
-    let replica = Replica::start(
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica(
         dir.path(),
         "r",
         &format!("redis_url = \"{}\"\nredis_cache_ms = 50", redis.url()),
+        "",
     )
     .await;
     let now = now_ms();
-    replica
-        .report((0..12).map(|i| hop("before", i, now)).collect())
-        .await;
+    report(&replica, (0..12).map(|i| hop("before", i, now)).collect()).await;
     assert_eq!(
         settled(&replica, "before", 12)
             .await
@@ -254,7 +234,7 @@ async fn redis_killed_under_load_degrades_and_recovers() {
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..4 {
-        let mut client = replica.classifier();
+        let mut client = replica.classifier().await;
         workers.push(tokio::spawn(async move {
             let (mut latencies, mut degraded, mut failed) = (Vec::new(), 0u32, 0u32);
             let mut i = 0u32;
@@ -297,18 +277,12 @@ async fn redis_killed_under_load_degrades_and_recovers() {
     // The budget is 5 ms; the bound leaves room for a debug build on a shared 2-core machine,
     // and is far below any stall (the request timeout is 30 s).
     assert!(p99 < Duration::from_millis(250), "p99 {p99:?}");
-    assert!(
-        replica
-            .metric("regionguard_usage_backend_errors")
-            .unwrap_or(0.0)
-            > 0.0
-    );
+    assert!(replica.metric("regionguard_usage_backend_errors_total") > 0.0);
+    assert!(replica.metric("regionguard_usage_degraded_reads_total") > 0.0);
 
     // Back without restarting regionguard: new history is written and read again.
     let now = now_ms();
-    replica
-        .report((0..7).map(|i| hop("after", i, now)).collect())
-        .await;
+    report(&replica, (0..7).map(|i| hop("after", i, now)).collect()).await;
     let after = settled(&replica, "after", 7).await;
     let usage = after.usage.unwrap();
     assert_eq!(

@@ -5,6 +5,7 @@ pub mod envoy;
 pub mod fixtures;
 pub mod postgres;
 pub mod redis;
+pub mod replica;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,125 @@
+//! A replica: the real `regionguard serve` binary in its own process, on its own ports, with the
+//! fixture databases and a config of the test's choosing; killed when dropped.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use regionguard::grpc::pb::{
+    classifier_client::ClassifierClient, review_client::ReviewClient, usage_client::UsageClient,
+};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_regionguard");
+
+pub struct Replica {
+    pub child: Child,
+    pub addr: String,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Replica {
+    /// Starts `name` with `config` (TOML, appended after its own `metrics_listen`) and waits
+    /// until it serves; panics with its log if it exits first.
+    pub async fn start(dir: &Path, name: &str, config: &str) -> Self {
+        let location = dir.join("city.mmdb");
+        let anonymous = dir.join("anonymous.mmdb");
+        if !location.exists() {
+            std::fs::write(&location, super::fixtures::city_db()).unwrap();
+            std::fs::write(&anonymous, super::fixtures::anonymous_db()).unwrap();
+        }
+        let (port, metrics_port) = (super::free_port(), super::free_port());
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n{config}\n"),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--policy", "data/policy.toml"])
+            .arg("--location-db")
+            .arg(&location)
+            .arg("--anonymous-db")
+            .arg(&anonymous)
+            .env("REGIONGUARD_CONFIG", &file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut replica = Self {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            metrics: format!("127.0.0.1:{metrics_port}"),
+            log,
+        };
+        replica.wait_ready().await;
+        replica
+    }
+
+    async fn wait_ready(&mut self) {
+        for _ in 0..400 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "replica exited ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if Channel::from_shared(self.addr.clone())
+                .unwrap()
+                .connect()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("replica at {} did not start", self.addr);
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn classifier(&self) -> ClassifierClient<Channel> {
+        ClassifierClient::new(self.channel().await)
+    }
+
+    pub async fn review(&self) -> ReviewClient<Channel> {
+        ReviewClient::new(self.channel().await)
+    }
+
+    pub async fn usage(&self) -> UsageClient<Channel> {
+        UsageClient::new(self.channel().await)
+    }
+
+    /// One metric's value from the ops port (its exposition name, `_total` included).
+    pub fn metric(&self, name: &str) -> f64 {
+        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
