@@ -80,7 +80,12 @@ pub async fn run(
     let metrics = ops.as_ref().map(|ops| ops.metrics.clone());
     if let Some(audit) = &audit {
         // Overrides other replicas set reach this engine (PostgreSQL store; nothing on SQLite).
-        audit.reads().watch_overrides(engine.clone());
+        let engine = engine.clone();
+        audit
+            .reads()
+            .watch_overrides(std::sync::Arc::new(move |all| {
+                engine.set_overrides(crate::overrides::OverrideIndex::new(all))
+            }));
     }
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(ops) = ops {

@@ -218,11 +218,15 @@ impl Reads {
         }
     }
 
-    /// Keeps `engine`'s overrides in step with changes other replicas make. SQLite has one
-    /// writer, this process, whose Review service reloads them itself: nothing to watch.
-    pub fn watch_overrides(&self, engine: std::sync::Arc<crate::engine::Engine>) {
+    /// Hands every override to `apply` whenever another replica changes them (the server
+    /// loads them into the engine). SQLite has one writer, this process, whose Review service
+    /// reloads them itself: nothing to watch.
+    pub fn watch_overrides(
+        &self,
+        apply: std::sync::Arc<dyn Fn(Vec<OverrideRecord>) + Send + Sync>,
+    ) {
         if let Reads::Postgres(pg) = self {
-            pg.watch_overrides(engine);
+            pg.watch_overrides(apply);
         }
     }
 }

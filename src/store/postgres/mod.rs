@@ -411,8 +411,8 @@ impl Reader {
     }
 
     /// Spawns the override listener: `LISTEN regionguard_overrides` on its own connection;
-    /// every notification, and every (re)connect, reloads all overrides into `engine`.
-    pub fn watch_overrides(&self, engine: Arc<crate::engine::Engine>) {
+    /// every notification, and every (re)connect, hands all overrides to `apply`.
+    pub fn watch_overrides(&self, apply: Arc<dyn Fn(Vec<OverrideRecord>) + Send + Sync>) {
         let config = self.config.clone();
         tokio::spawn(async move {
             // Short: a change made while the listener is away applies when it is back.
@@ -420,7 +420,7 @@ impl Reader {
             let mut backoff = FIRST;
             loop {
                 let mut listening = false;
-                if let Err(error) = listen(&config, &engine, &mut listening).await {
+                if let Err(error) = listen(&config, &*apply, &mut listening).await {
                     tracing::warn!(%error, "override listener: no PostgreSQL connection; reconnecting (overrides resync then)");
                 }
                 if listening {
@@ -436,7 +436,7 @@ impl Reader {
 /// One listening session: returns when its connection ends.
 async fn listen(
     config: &tokio_postgres::Config,
-    engine: &crate::engine::Engine,
+    apply: &(dyn Fn(Vec<OverrideRecord>) + Send + Sync),
     listening: &mut bool,
 ) -> Result<(), StoreError> {
     // Named apart from the writer's and the reads' sessions in pg_stat_activity.
@@ -472,13 +472,13 @@ async fn listen(
             .await
             .map_err(pg_error)?;
         // A change made while this replica was not listening is picked up here.
-        resync(&client, engine).await?;
+        resync(&client, apply).await?;
         *listening = true;
         tracing::info!("override listener: listening on {CHANNEL}; overrides resynced");
         while notified.recv().await.is_some() {
             // Several notifications in a row: one reload covers them all.
             while notified.try_recv().is_ok() {}
-            resync(&client, engine).await?;
+            resync(&client, apply).await?;
         }
         Err(StoreError::Unavailable(
             "override listener: connection ended".into(),
@@ -489,12 +489,15 @@ async fn listen(
     result
 }
 
-async fn resync(client: &Client, engine: &crate::engine::Engine) -> Result<(), StoreError> {
+async fn resync(
+    client: &Client,
+    apply: &(dyn Fn(Vec<OverrideRecord>) + Send + Sync),
+) -> Result<(), StoreError> {
     let all = match tokio::time::timeout(QUERY_TIMEOUT, load_overrides(client)).await {
         Ok(rows) => rows.map_err(pg_error)?,
         Err(_) => return Err(timed_out()),
     };
-    engine.set_overrides(crate::overrides::OverrideIndex::new(all));
+    apply(all);
     Ok(())
 }
 
