@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
@@ -114,20 +114,28 @@ struct CacheKey {
 struct Cached {
     at: Instant,
     facts: Arc<Option<UsageFacts>>,
+    /// A background read to replace this entry has started.
+    refreshing: Arc<AtomicBool>,
 }
 
 pub struct RedisUsage {
-    reads: ConnectionManager,
+    reads: Arc<Reads>,
+    queue: mpsc::Sender<Message>,
+    counters: Arc<Counters>,
+    url: String,
+}
+
+/// The read side, shared with the background reads that refresh hot entries.
+struct Reads {
+    conn: ConnectionManager,
     keys: Keys,
     timeout: Duration,
     cache_ttl: Duration,
     cache: Cache<CacheKey, Cached>,
-    queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
     /// Milliseconds since `epoch` before which reads skip Redis.
     skip_until_ms: AtomicU64,
     epoch: Instant,
-    url: String,
 }
 
 /// A reconnecting multiplexed connection; `response_timeout` None leaves the bound to the caller.
@@ -179,20 +187,39 @@ impl RedisUsage {
         let (queue, rx) = mpsc::channel(settings.max_pending_events.max(1));
         tokio::spawn(Writer::new(writes, keys.clone(), counters.clone()).run(rx));
         Ok(Self {
-            reads,
-            keys,
-            timeout: settings.timeout,
-            cache_ttl: settings.cache_ttl,
-            cache: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(STALE_KEEP.max(settings.cache_ttl))
-                .build(),
+            reads: Arc::new(Reads {
+                conn: reads,
+                keys,
+                timeout: settings.timeout,
+                cache_ttl: settings.cache_ttl,
+                cache: Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(STALE_KEEP.max(settings.cache_ttl))
+                    .build(),
+                counters: counters.clone(),
+                skip_until_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
             queue,
             counters,
-            skip_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
             url: redacted(&settings.url),
         })
+    }
+}
+
+impl Reads {
+    /// Reads for `q` in the background (an entry past half its life that decisions still ask
+    /// for), so hot accounts never wait on Redis. Needs a runtime; without one, nothing.
+    fn refresh(self: &Arc<Self>, q: &UsageQuery<'_>, key: CacheKey) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (reads, query) = (self.clone(), OwnedQuery::from(q));
+        runtime.spawn(async move {
+            let q = query.borrowed();
+            // A failure is counted and opens the back-off; the entry answers until its TTL.
+            let _ = reads.read(&q, key).await;
+        });
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -209,12 +236,8 @@ impl RedisUsage {
         Some(facts)
     }
 
-    async fn read(
-        &self,
-        q: &UsageQuery<'_>,
-        key: CacheKey,
-        stale: Option<Cached>,
-    ) -> Option<UsageFacts> {
+    /// One bounded read into the cache; `Err` when Redis did not answer in time (counted).
+    async fn read(&self, q: &UsageQuery<'_>, key: CacheKey) -> Result<Option<UsageFacts>, ()> {
         let network = NetworkKey::of(q.ip);
         let mut pipe = redis::pipe();
         if let Some(id) = q.account_id {
@@ -230,18 +253,18 @@ impl RedisUsage {
             shared(self.keys.payment(fingerprint), q.now - HISTORY_SECS);
         }
         shared(self.keys.network(network), q.now - DAY);
-        let mut conn = self.reads.clone();
+        let mut conn = self.conn.clone();
         let reply =
             tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await;
         let values = match reply {
             Ok(Ok(values)) => values,
             Ok(Err(error)) => {
                 self.failed(&format!("read: {error}"));
-                return self.degraded(stale);
+                return Err(());
             }
             Err(_) => {
                 self.failed("read: timed out");
-                return self.degraded(stale);
+                return Err(());
             }
         };
         match self.answer(q, values) {
@@ -252,14 +275,15 @@ impl RedisUsage {
                     Cached {
                         at: Instant::now(),
                         facts: Arc::new(facts.clone()),
+                        refreshing: Arc::default(),
                     },
                 );
-                facts
+                Ok(facts)
             }
             Err(message) => {
                 self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%message, "usage history in Redis: unreadable answer");
-                self.degraded(stale)
+                Err(())
             }
         }
     }
@@ -350,24 +374,37 @@ impl UsageHistory for RedisUsage {
     }
 
     fn facts<'a>(&'a self, q: UsageQuery<'_>) -> UsageLookup<'a> {
+        let reads = &self.reads;
         let key = CacheKey {
             account: q.account_id.map(Arc::from),
             network: NetworkKey::of(q.ip),
             payment: q.payment_fingerprint.map(Arc::from),
         };
-        let cached = self.cache.get(&key);
-        if let Some(hit) = &cached
-            && hit.at.elapsed() < self.cache_ttl
-        {
-            return UsageLookup::Ready(hit.facts.as_ref().clone());
+        let cached = reads.cache.get(&key);
+        if let Some(hit) = &cached {
+            let age = hit.at.elapsed();
+            if age < reads.cache_ttl {
+                // Past half its life, a hot entry is read again in the background: the next
+                // decisions keep answering at once, from an entry never older than the TTL.
+                if age >= reads.cache_ttl / 2
+                    && !hit.refreshing.swap(true, Ordering::Relaxed)
+                    && reads.elapsed_ms() >= reads.skip_until_ms.load(Ordering::Relaxed)
+                {
+                    reads.refresh(&q, key);
+                }
+                return UsageLookup::Ready(hit.facts.as_ref().clone());
+            }
         }
-        if self.elapsed_ms() < self.skip_until_ms.load(Ordering::Relaxed) {
-            return UsageLookup::Ready(self.degraded(cached));
+        if reads.elapsed_ms() < reads.skip_until_ms.load(Ordering::Relaxed) {
+            return UsageLookup::Ready(reads.degraded(cached));
         }
         let query = OwnedQuery::from(&q);
         UsageLookup::Pending(Box::pin(async move {
             let q = query.borrowed();
-            self.read(&q, key, cached).await
+            match reads.read(&q, key).await {
+                Ok(facts) => facts,
+                Err(()) => reads.degraded(cached),
+            }
         }))
     }
 
@@ -393,7 +430,7 @@ impl UsageHistory for RedisUsage {
     }
 
     fn describe(&self) -> String {
-        format!("redis {} (prefix {:?})", self.url, &*self.keys.prefix)
+        format!("redis {} (prefix {:?})", self.url, &*self.reads.keys.prefix)
     }
 }
 
