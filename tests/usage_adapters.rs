@@ -170,6 +170,25 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
     assert!(remote.stats().backend_errors == 0);
 }
 
+/// What the history holds of an account that has some, asked from `ip`.
+async fn account_facts(
+    history: &RedisUsage,
+    account: &str,
+    ip: IpAddr,
+    now: i64,
+) -> regionguard::classify::UsageFacts {
+    history
+        .facts(UsageQuery {
+            account_id: Some(account),
+            ip,
+            payment_fingerprint: None,
+            now,
+        })
+        .resolve()
+        .await
+        .unwrap_or_else(|| panic!("{account} has history"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_on_one_account_lose_no_event() {
     let redis = RedisServer::start();
@@ -203,16 +222,7 @@ async fn two_writers_on_one_account_lose_no_event() {
         }
     }
     tokio::join!(a.flush(), b.flush());
-    let facts = a
-        .facts(UsageQuery {
-            account_id: Some("shared"),
-            ip: ip(1),
-            payment_fingerprint: None,
-            now,
-        })
-        .resolve()
-        .await
-        .unwrap();
+    let facts = account_facts(&a, "shared", ip(1), now).await;
     assert_eq!(
         facts.requests_24h, 2_000,
         "compare-and-set keeps both writers' events"
@@ -348,16 +358,7 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
     assert!(stats.backend_errors > 0, "the writer saw its writes fail");
     for account in 0..ACCOUNTS {
         let id = format!("acct-{account}");
-        let facts = history
-            .facts(UsageQuery {
-                account_id: Some(&id),
-                ip: ip(account),
-                payment_fingerprint: None,
-                now,
-            })
-            .resolve()
-            .await
-            .unwrap();
+        let facts = account_facts(&history, &id, ip(account), now).await;
         assert_eq!(
             facts.requests_24h, EACH,
             "{id}: every event once, none twice"
