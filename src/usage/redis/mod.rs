@@ -50,7 +50,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// How long a read answers later decisions for the same account, network and card.
     pub cache_ttl: Duration,
-    /// Events accepted but not yet written, at most; beyond it events are lost (counted).
+    /// Events waiting in the queue to Redis, at most (the writer holds up to 262,144 more in
+    /// the batch it is writing); beyond it events are lost (counted).
     pub max_pending_events: usize,
 }
 
@@ -307,7 +308,7 @@ impl Reads {
             Some(_) => match next()? {
                 Value::Nil => None,
                 Value::BulkString(bytes) => {
-                    Some(decode_versioned(&bytes).map_err(|e| e.to_string())?.1)
+                    Some(decode_stored(&bytes).map_err(|e| e.to_string())?.state)
                 }
                 other => return Err(format!("unexpected {other:?}")),
             },
@@ -341,26 +342,79 @@ impl Reads {
     }
 }
 
-/// Splits a stored value into its version and the account state.
-pub(super) fn decode_versioned(bytes: &[u8]) -> Result<(&[u8], AccountState), codec::DecodeError> {
-    if bytes.len() < VERSION_LEN {
-        return Err(codec::DecodeError::SHORT);
+/// Writers remembered in a stored value (the most recent first): more than the replicas that
+/// write one account at once.
+const MAX_WRITERS: usize = 8;
+
+/// An account's value as Redis holds it: the version the compare-and-set compares, the last
+/// write of each recent writer, then the state ([`codec`]).
+///
+/// `[8-byte version][1-byte n][n × (8-byte writer id, 8-byte sequence)][state]`. A writer whose
+/// compare-and-set got no reply looks for its own sequence here on the retry: the write took
+/// effect if the value holds that sequence or a later one from the same writer, whatever other
+/// replicas wrote since.
+pub(super) struct Stored<'a> {
+    pub version: &'a [u8],
+    pub writers: Vec<(u64, u64)>,
+    pub state: AccountState,
+}
+
+pub(super) fn decode_stored(bytes: &[u8]) -> Result<Stored<'_>, codec::DecodeError> {
+    let short = || codec::DecodeError::SHORT;
+    let version = bytes.get(..VERSION_LEN).ok_or_else(short)?;
+    let n = usize::from(*bytes.get(VERSION_LEN).ok_or_else(short)?).min(MAX_WRITERS);
+    let table_end = VERSION_LEN + 1 + n * 16;
+    let table = bytes.get(VERSION_LEN + 1..table_end).ok_or_else(short)?;
+    let writers = table
+        .chunks_exact(16)
+        .map(|w| {
+            let (id, seq) = w.split_at(8);
+            (
+                u64::from_le_bytes(id.try_into().expect("8 bytes")),
+                u64::from_le_bytes(seq.try_into().expect("8 bytes")),
+            )
+        })
+        .collect();
+    Ok(Stored {
+        version,
+        writers,
+        state: codec::decode(&bytes[table_end..])?,
+    })
+}
+
+/// A new value: `writer`'s write `seq` goes first in the table, older writers after it.
+pub(super) fn encode_stored(
+    version: [u8; VERSION_LEN],
+    previous: &[(u64, u64)],
+    (writer, seq): (u64, u64),
+    state: &AccountState,
+) -> Vec<u8> {
+    let others = previous.iter().filter(|(id, _)| *id != writer);
+    let writers: Vec<(u64, u64)> = std::iter::once((writer, seq))
+        .chain(others.copied())
+        .take(MAX_WRITERS)
+        .collect();
+    let mut value = version.to_vec();
+    value.push(writers.len() as u8);
+    for (id, seq) in &writers {
+        value.extend_from_slice(&id.to_le_bytes());
+        value.extend_from_slice(&seq.to_le_bytes());
     }
-    let (version, state) = bytes.split_at(VERSION_LEN);
-    Ok((version, codec::decode(state)?))
+    value.extend_from_slice(&codec::encode(state));
+    value
 }
 
 impl UsageHistory for RedisUsage {
     fn record(&self, event: &UsageEvent, location: &EventLocation) -> bool {
+        // Counted before it is sent: the writer may write it and count it down first.
+        self.counters.pending.fetch_add(1, Ordering::Relaxed);
         match self
             .queue
             .try_send(Message::Event(Box::new((event.clone(), location.clone()))))
         {
-            Ok(()) => {
-                self.counters.pending.fetch_add(1, Ordering::Relaxed);
-                true
-            }
+            Ok(()) => true,
             Err(_) => {
+                self.counters.pending.fetch_sub(1, Ordering::Relaxed);
                 let lost = self.counters.lost.fetch_add(1, Ordering::Relaxed);
                 if lost.is_multiple_of(10_000) {
                     tracing::error!(
@@ -387,8 +441,8 @@ impl UsageHistory for RedisUsage {
                 // Past half its life, a hot entry is read again in the background: the next
                 // decisions keep answering at once, from an entry never older than the TTL.
                 if age >= reads.cache_ttl / 2
-                    && !hit.refreshing.swap(true, Ordering::Relaxed)
                     && reads.elapsed_ms() >= reads.skip_until_ms.load(Ordering::Relaxed)
+                    && !hit.refreshing.swap(true, Ordering::Relaxed)
                 {
                     reads.refresh(&q, key);
                 }

@@ -11,18 +11,18 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Script;
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{CAS, Counters, Keys, VERSION_LEN, decode_versioned};
+use super::{CAS, Counters, Keys, VERSION_LEN, decode_stored, encode_stored};
 use crate::usage::account::{AccountState, MAX_ACCOUNTS_PER_KEY};
 use crate::usage::window::HISTORY_SECS;
-use crate::usage::{DAY, EventLocation, NetworkKey, UsageEvent, codec};
+use crate::usage::{DAY, EventLocation, NetworkKey, UsageEvent};
 
 /// Events one batch takes at most. A writer that falls behind takes bigger batches from the
 /// queue, so an account's events merge into fewer writes exactly when Redis is busiest.
@@ -33,6 +33,11 @@ const GATHER: Duration = Duration::from_millis(5);
 const PIPELINE_ACCOUNTS: usize = 1_024;
 /// Longest a write call may take before it is retried (off the request path).
 pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pipelines in flight at once: enough to keep Redis busy while the next is merged, few enough
+/// that a pipeline's timeout is not spent queueing behind the others.
+const IN_FLIGHT: usize = 4;
+/// Sharing-set keys per pipeline (three commands each).
+const PIPELINE_KEYS: usize = 2_048;
 /// Compare-and-set rounds before a batch's contended accounts wait for the next attempt.
 const CAS_ROUNDS: usize = 8;
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -47,8 +52,9 @@ pub(super) enum Message {
 #[derive(Default)]
 struct Pending {
     events: Vec<(UsageEvent, EventLocation)>,
-    /// The version a compare-and-set wrote, while its reply has not been seen.
-    attempted: Option<[u8; VERSION_LEN]>,
+    /// The sequence of this writer's first compare-and-set for these events whose reply was
+    /// not seen: if the stored value holds it (or a later one of ours), the events are in.
+    attempted: Option<u64>,
 }
 
 type Accounts = Vec<(Arc<str>, Pending)>;
@@ -100,6 +106,15 @@ pub(super) struct Writer {
     cas: Arc<Script>,
     /// Whether Redis is known to hold the script (a restarted Redis does not).
     script_loaded: bool,
+    /// This process's writer id and the sequence of its compare-and-sets.
+    me: Arc<Me>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Who writes: a random id per process, and a sequence per compare-and-set.
+pub(super) struct Me {
+    id: u64,
+    seq: AtomicU64,
 }
 
 /// A write call, given up after [`WRITE_TIMEOUT`] (a reconnection in progress included).
@@ -121,6 +136,15 @@ impl Writer {
             counters,
             cas: Arc::new(Script::new(CAS)),
             script_loaded: false,
+            me: Arc::new(Me {
+                id: u64::from_le_bytes(
+                    uuid::Uuid::now_v7().as_bytes()[8..]
+                        .try_into()
+                        .expect("8 bytes"),
+                ),
+                seq: AtomicU64::new(1),
+            }),
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
         }
     }
 
@@ -164,6 +188,13 @@ impl Writer {
         }
     }
 
+    /// `events` of the batch will never be written: counted as lost, not as written.
+    fn lose(&self, batch: &mut Batch, events: usize) {
+        self.counters.lost.fetch_add(events as u64, Ordering::Relaxed);
+        self.counters.pending.fetch_sub(events as u64, Ordering::Relaxed);
+        batch.events -= events.min(batch.events);
+    }
+
     fn take(&self, batch: &mut Batch, message: Message) {
         match message {
             Message::Event(event) => {
@@ -180,12 +211,19 @@ impl Writer {
             bounded(self.cas.load_async(&mut self.conn)).await?;
             self.script_loaded = true;
         }
-        let shared = (!batch.shared.is_empty()).then(|| {
-            tokio::spawn(write_shared(
+        let mut shared = JoinSet::new();
+        let mut keys = std::mem::take(&mut batch.shared).into_iter();
+        loop {
+            let chunk: Shared = keys.by_ref().take(PIPELINE_KEYS).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            shared.spawn(write_shared(
                 self.conn.clone(),
-                std::mem::take(&mut batch.shared),
-            ))
-        });
+                self.in_flight.clone(),
+                chunk,
+            ));
+        }
         let mut failed = None;
         for _ in 0..CAS_ROUNDS {
             if batch.accounts.is_empty() {
@@ -193,32 +231,41 @@ impl Writer {
             }
             let mut chunks = JoinSet::new();
             let mut accounts = batch.accounts.drain();
+            let mut sizes = HashMap::new();
             loop {
                 let chunk: Accounts = accounts.by_ref().take(PIPELINE_ACCOUNTS).collect();
                 if chunk.is_empty() {
                     break;
                 }
-                chunks.spawn(write_accounts(
-                    self.conn.clone(),
-                    self.keys.clone(),
-                    self.cas.clone(),
+                let events: usize = chunk.iter().map(|(_, p)| p.events.len()).sum();
+                let task = chunks.spawn(write_accounts(
+                    Chunk {
+                        conn: self.conn.clone(),
+                        keys: self.keys.clone(),
+                        cas: self.cas.clone(),
+                        me: self.me.clone(),
+                        in_flight: self.in_flight.clone(),
+                    },
                     chunk,
                 ));
+                sizes.insert(task.id(), events);
             }
             drop(accounts);
-            while let Some(done) = chunks.join_next().await {
-                // A chunk task cannot panic short of a bug; if one did, its accounts are lost
-                // and counted.
+            while let Some(done) = chunks.join_next_with_id().await {
                 match done {
-                    Ok((left, result)) => {
+                    Ok((_, (left, lost, result))) => {
+                        self.lose(batch, lost);
                         batch.accounts.extend(left);
                         if let Err(error) = result {
                             failed.get_or_insert(error);
                         }
                     }
                     Err(error) => {
-                        tracing::error!(%error, "usage history: a Redis write task failed");
-                        self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                        // Short of a bug a chunk cannot panic; if one did, its events are lost,
+                        // and counted as such.
+                        let events = sizes.get(&error.id()).copied().unwrap_or(0);
+                        tracing::error!(%error, events, "usage history: a Redis write task failed");
+                        self.lose(batch, events);
                     }
                 }
             }
@@ -226,14 +273,14 @@ impl Writer {
                 break;
             }
         }
-        if let Some(task) = shared {
-            match task.await {
+        while let Some(done) = shared.join_next().await {
+            match done {
                 Ok((_, Ok(()))) => {}
                 Ok((left, Err(error))) => {
-                    batch.shared = left;
+                    batch.shared.extend(left);
                     failed.get_or_insert(error);
                 }
-                Err(error) => tracing::error!(%error, "usage history: a Redis write task failed"),
+                Err(error) => tracing::error!(%error, "usage history: a Redis write task failed; sharing updates of a batch lost"),
             }
         }
         if let Some(error) = failed {
@@ -250,67 +297,94 @@ impl Writer {
     }
 }
 
-/// One round for some accounts: read, merge, compare-and-set. Returns the accounts not yet
-/// written (changed under the compare-and-set, or not answered).
-async fn write_accounts(
-    mut conn: ConnectionManager,
+/// What a chunk task needs.
+struct Chunk {
+    conn: ConnectionManager,
     keys: Keys,
     cas: Arc<Script>,
+    me: Arc<Me>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// One round for some accounts: read, merge, compare-and-set. Returns the accounts not yet
+/// written (changed under the compare-and-set, or not answered).
+/// Also returns how many events cannot be written (their account's value is unreadable).
+async fn write_accounts(
+    mut c: Chunk,
     mut chunk: Accounts,
-) -> (Accounts, redis::RedisResult<()>) {
+) -> (Accounts, usize, redis::RedisResult<()>) {
+    let Ok(_permit) = c.in_flight.clone().acquire_owned().await else {
+        return (chunk, 0, Ok(()));
+    };
+    let mut lost = 0;
     let mut get = redis::pipe();
     for (id, _) in &chunk {
-        get.cmd("GET").arg(keys.account(id));
+        get.cmd("GET").arg(c.keys.account(id));
     }
-    let current: Vec<Option<Vec<u8>>> = match bounded(get.query_async(&mut conn)).await {
+    let current: Vec<Option<Vec<u8>>> = match bounded(get.query_async(&mut c.conn)).await {
         Ok(current) => current,
-        Err(error) => return (chunk, Err(error)),
+        Err(error) => return (chunk, 0, Err(error)),
     };
     let mut set = redis::pipe();
     let mut sent = Vec::with_capacity(chunk.len());
     for (i, ((id, pending), stored)) in chunk.iter_mut().zip(&current).enumerate() {
-        let stored = stored.as_deref();
-        let version = stored.map(|b| &b[..VERSION_LEN.min(b.len())]);
-        if version.is_some() && pending.attempted.as_ref().map(|v| &v[..]) == version {
-            // Written by an attempt whose reply was lost.
+        let stored = match stored.as_deref().map(decode_stored) {
+            None => None,
+            Some(Ok(stored)) => Some(stored),
+            Some(Err(error)) => {
+                // Not a value this version can read (a newer replica's, or damage): it is not
+                // overwritten, and these events are lost, counted.
+                tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: unreadable account state left as it is; events lost");
+                lost += pending.events.len();
+                pending.events.clear();
+                continue;
+            }
+        };
+        let ours = stored.as_ref().and_then(|s| {
+            s.writers
+                .iter()
+                .find(|(writer, _)| *writer == c.me.id)
+                .map(|(_, seq)| *seq)
+        });
+        if let (Some(first), Some(stored_seq)) = (pending.attempted, ours)
+            && stored_seq >= first
+        {
+            // An attempt whose reply was lost took effect (other writes may have come since).
             pending.events.clear();
             continue;
         }
-        let mut state = match stored.map(decode_versioned) {
-            Some(Ok((_, state))) => Some(state),
-            Some(Err(error)) => {
-                tracing::warn!(account = %id, %error, "usage history in Redis: unreadable account state replaced");
-                None
-            }
-            None => None,
+        let (version, previous, mut state) = match stored {
+            Some(s) => (Some(s.version), s.writers, s.state),
+            None => (
+                None,
+                Vec::new(),
+                AccountState::new(pending.events.first().map_or(0, |(e, _)| e.timestamp)),
+            ),
         };
         for (event, location) in &pending.events {
-            state
-                .get_or_insert_with(|| AccountState::new(event.timestamp))
-                .apply(event, location);
+            state.apply(event, location);
         }
-        let Some(state) = state else { continue };
-        let mut ours = [0u8; VERSION_LEN];
-        ours.copy_from_slice(&uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..]);
-        let mut value = ours.to_vec();
-        value.extend_from_slice(&codec::encode(&state));
+        let seq = c.me.seq.fetch_add(1, Ordering::Relaxed);
+        let mut new_version = [0u8; VERSION_LEN];
+        new_version.copy_from_slice(&uuid::Uuid::now_v7().as_bytes()[VERSION_LEN..]);
         set.cmd("EVALSHA")
-            .arg(cas.get_hash())
+            .arg(c.cas.get_hash())
             .arg(1)
-            .arg(keys.account(id))
+            .arg(c.keys.account(id))
             .arg(version.unwrap_or_default())
-            .arg(value)
+            .arg(encode_stored(new_version, &previous, (c.me.id, seq), &state))
             .arg(HISTORY_SECS * 1000);
-        pending.attempted = Some(ours);
+        pending.attempted.get_or_insert(seq);
         sent.push(i);
     }
     let result = if sent.is_empty() {
         Ok(())
     } else {
-        match bounded(set.query_async::<Vec<i64>>(&mut conn)).await {
+        match bounded(set.query_async::<Vec<i64>>(&mut c.conn)).await {
             Ok(applied) => {
                 for (&i, ok) in sent.iter().zip(applied) {
                     let pending = &mut chunk[i].1;
+                    // Answered: written (1), or not written because the value changed (0).
                     pending.attempted = None;
                     if ok == 1 {
                         pending.events.clear();
@@ -322,7 +396,7 @@ async fn write_accounts(
         }
     };
     chunk.retain(|(_, pending)| !pending.events.is_empty());
-    (chunk, result)
+    (chunk, lost, result)
 }
 
 type Shared = HashMap<String, (HashMap<Arc<str>, i64>, Duration)>;
@@ -330,8 +404,12 @@ type Shared = HashMap<String, (HashMap<Arc<str>, i64>, Duration)>;
 /// The sharing sets: `ZADD GT` (a retry cannot move a time back), the cap, the TTL.
 async fn write_shared(
     mut conn: ConnectionManager,
+    in_flight: Arc<Semaphore>,
     shared: Shared,
 ) -> (Shared, redis::RedisResult<()>) {
+    let Ok(_permit) = in_flight.acquire_owned().await else {
+        return (shared, Ok(()));
+    };
     let mut pipe = redis::pipe();
     for (key, (members, ttl)) in &shared {
         let mut zadd = redis::cmd("ZADD");
