@@ -352,7 +352,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if let (Some(audit), Some(keep)) = (&audit, config.store.retention()?) {
             tokio::spawn(retention(audit.clone(), keep));
         }
-        server::run(listener, engine, audit.clone(), ops, settings, shutdown_signal()).await?;
+        server::run(listener, engine.clone(), audit.clone(), ops, settings, shutdown_signal()).await?;
+        // Usage events still queued for Redis are written before the process ends (within the
+        // grace period); what cannot be is said, not dropped silently.
+        if let Some(usage) = engine.usage() {
+            match tokio::time::timeout(config.shutdown_grace(), usage.flush()).await {
+                Ok(()) => tracing::info!(stats = ?usage.stats(), "usage history flushed"),
+                Err(_) => tracing::warn!(stats = ?usage.stats(), "usage history not flushed within shutdown_grace_ms: pending events are lost"),
+            }
+        }
         if let Some(audit) = audit {
             audit.recorder().flush().await;
             tracing::info!(stats = ?audit.recorder().stats(), "audit trail flushed");

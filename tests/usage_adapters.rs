@@ -370,3 +370,57 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
         ACCOUNTS * EACH
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_then_another_writer_still_counts_each_event_once() {
+    let redis = RedisServer::start();
+    let proxy = ReplyLosingProxy::start(redis.port).await;
+    let settings = |port: u16| RedisSettings {
+        url: format!("redis://127.0.0.1:{port}/"),
+        prefix: "two:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+    };
+    // A writes through the proxy, which loses the reply to its first compare-and-set; B writes
+    // the same accounts directly while A waits to retry.
+    let a = RedisUsage::start(&settings(proxy.port)).unwrap();
+    let b = RedisUsage::start(&settings(redis.port)).unwrap();
+    let now = now();
+    let event = |account: u64, t: i64| UsageEvent {
+        account_id: format!("acct-{account}").into(),
+        ip: ip(account),
+        timestamp: t,
+        api_key_id: None,
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 0,
+        payment_fingerprint: None,
+    };
+    proxy.armed.store(1, std::sync::atomic::Ordering::SeqCst);
+    for account in 0..100 {
+        assert!(a.record(&event(account, now - 10), &location(account)));
+    }
+    // A's batch is sent and its reply lost; its retry waits out a back-off of 50 ms or more.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    for account in 0..100 {
+        assert!(b.record(&event(account, now - 5), &location(account)));
+    }
+    b.flush().await;
+    tokio::time::timeout(Duration::from_secs(30), a.flush())
+        .await
+        .expect("A's writes finish");
+    assert_eq!(
+        proxy.armed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the reply was lost"
+    );
+    assert!(a.stats().backend_errors > 0);
+    for account in 0..100 {
+        let facts = account_facts(&b, &format!("acct-{account}"), ip(account), now).await;
+        assert_eq!(
+            facts.requests_24h, 2,
+            "acct-{account}: one event from each writer, once"
+        );
+    }
+}

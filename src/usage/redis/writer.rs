@@ -190,8 +190,12 @@ impl Writer {
 
     /// `events` of the batch will never be written: counted as lost, not as written.
     fn lose(&self, batch: &mut Batch, events: usize) {
-        self.counters.lost.fetch_add(events as u64, Ordering::Relaxed);
-        self.counters.pending.fetch_sub(events as u64, Ordering::Relaxed);
+        self.counters
+            .lost
+            .fetch_add(events as u64, Ordering::Relaxed);
+        self.counters
+            .pending
+            .fetch_sub(events as u64, Ordering::Relaxed);
         batch.events -= events.min(batch.events);
     }
 
@@ -280,7 +284,9 @@ impl Writer {
                     batch.shared.extend(left);
                     failed.get_or_insert(error);
                 }
-                Err(error) => tracing::error!(%error, "usage history: a Redis write task failed; sharing updates of a batch lost"),
+                Err(error) => {
+                    tracing::error!(%error, "usage history: a Redis write task failed; sharing updates of a batch lost")
+                }
             }
         }
         if let Some(error) = failed {
@@ -372,7 +378,12 @@ async fn write_accounts(
             .arg(1)
             .arg(c.keys.account(id))
             .arg(version.unwrap_or_default())
-            .arg(encode_stored(new_version, &previous, (c.me.id, seq), &state))
+            .arg(encode_stored(
+                new_version,
+                &previous,
+                (c.me.id, seq),
+                &state,
+            ))
             .arg(HISTORY_SECS * 1000);
         pending.attempted.get_or_insert(seq);
         sent.push(i);
