@@ -215,9 +215,7 @@ impl Engine {
         now: SystemTime,
     ) -> Result<Outcome, GeoError> {
         let location = self.geo.lookup(input.ip)?;
-        let now_unix = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now_unix = unix_secs(now);
         let usage = match self.usage_lookup(input, &location, now_unix) {
             UsageLookup::Ready(facts) => facts,
             UsageLookup::Pending(_) => Some(UsageFacts {
@@ -258,13 +256,11 @@ impl Engine {
         location: GeoLookup,
         now: SystemTime,
     ) -> Outcome {
-        let now_unix = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let usage = match self.usage_lookup(input, &location, now_unix) {
-            UsageLookup::Ready(facts) => facts,
-            UsageLookup::Pending(read) => read.await,
-        };
+        let now_unix = unix_secs(now);
+        let usage = self
+            .usage_lookup(input, &location, now_unix)
+            .resolve()
+            .await;
         self.decide_with(input, location, usage, now)
     }
 
@@ -277,9 +273,7 @@ impl Engine {
         now: SystemTime,
     ) -> Outcome {
         let policy = self.policy.load();
-        let now_unix = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now_unix = unix_secs(now);
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -352,6 +346,12 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+fn unix_secs(now: SystemTime) -> i64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Whether a database built at `build_epoch` is older than `max_age` at `now`.

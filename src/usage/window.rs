@@ -205,10 +205,6 @@ impl<K: PartialEq> Recent<K> {
     pub fn entries(&self) -> &[(K, i64)] {
         &self.entries
     }
-
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
 }
 
 /// Maximal stretches of time during which every observation came from one country.
