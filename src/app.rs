@@ -137,6 +137,7 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
                 &backend,
                 config.store.ip_storage()?,
                 (config.store.queue_capacity, config.store.overflow()?),
+                config.store.must_record()?,
                 config.store.chain_key()?,
                 crate::grpc::encode_answer,
             )?;

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -51,6 +52,32 @@ impl IpStorage {
     }
 }
 
+/// Which decisions are answered only once their audit row is committed (`[store]
+/// must_record`): those of the listed flows, and those with the listed verdicts. The rest are
+/// recorded without waiting and may be left out under overflow (counted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MustRecord {
+    pub flows: Vec<Flow>,
+    pub verdicts: Vec<Verdict>,
+    /// How long a caller waits for its row's commit at most, before it is answered with an error.
+    pub wait: Duration,
+}
+
+impl MustRecord {
+    /// Signup and login decisions and every non-ALLOW decision.
+    pub fn standard(wait: Duration) -> Self {
+        Self {
+            flows: vec![Flow::Signup, Flow::Login],
+            verdicts: vec![Verdict::Review, Verdict::Deny],
+            wait,
+        }
+    }
+
+    pub fn applies(&self, flow: Flow, verdict: Verdict) -> bool {
+        self.flows.contains(&flow) || self.verdicts.contains(&verdict)
+    }
+}
+
 /// What the body of a decision row holds.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct DecisionBody {
@@ -69,6 +96,7 @@ pub type EncodeAnswer = fn(Outcome) -> serde_json::Result<Box<serde_json::value:
 
 pub struct AuditTrail {
     recorder: Recorder,
+    must_record: MustRecord,
     reads: Reads,
     ip_storage: Arc<IpStorage>,
     encode: EncodeAnswer,
@@ -81,6 +109,7 @@ impl AuditTrail {
         backend: &Backend,
         ip_storage: IpStorage,
         (capacity, overflow): (usize, Overflow),
+        must_record: MustRecord,
         key: Option<ChainKey>,
         encode: EncodeAnswer,
     ) -> Result<(Self, Vec<OverrideRecord>), StoreError> {
@@ -88,6 +117,7 @@ impl AuditTrail {
         Ok((
             Self {
                 recorder: opened.recorder,
+                must_record,
                 reads: opened.reads,
                 ip_storage: Arc::new(ip_storage),
                 encode,
@@ -105,11 +135,14 @@ impl AuditTrail {
         &self.reads
     }
 
-    /// Records a decision. Signup and login decisions and every non-ALLOW decision wait for room
-    /// in the writer; other ALLOW decisions follow the overflow policy.
-    pub async fn record(&self, input: &ClassifyInput, outcome: &Outcome) {
-        let must_keep =
-            input.flow != Flow::ApiRequest || outcome.decision.verdict != Verdict::Allow;
+    /// Records a decision. One that must be recorded (`MustRecord`) returns once its row is
+    /// committed, or with why it could not be: the caller must then not give the decision as
+    /// if it were on record. Others are handed to the writer and follow the overflow policy.
+    pub async fn record(&self, input: &ClassifyInput, outcome: &Outcome) -> Result<(), StoreError> {
+        let must_record = self
+            .must_record
+            .applies(input.flow, outcome.decision.verdict)
+            .then_some(self.must_record.wait);
         let (input, outcome, ip_storage, encode) = (
             input.clone(),
             outcome.clone(),
@@ -119,9 +152,9 @@ impl AuditTrail {
         self.recorder
             .decision(
                 Box::new(move || decision_row(&input, outcome, &ip_storage, encode)),
-                must_keep,
+                must_record,
             )
-            .await;
+            .await
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::audit::IpStorage;
+use crate::audit::MustRecord;
 use crate::auth::AuthConfig;
+use crate::classify::{Flow, Verdict};
 use crate::gateway::GatewayConfig;
 use crate::store::writer::Overflow;
 use crate::store::{Backend, ChainKey};
@@ -146,6 +148,12 @@ pub struct StoreConfig {
     /// counted; other decisions always wait.
     pub overflow: String,
     pub block_ms: u64,
+    /// Decisions answered only once their audit row is committed: flows (`api_request`,
+    /// `signup`, `login`) and verdicts (`allow`, `review`, `deny`). When the row cannot be
+    /// committed, Classify answers UNAVAILABLE and Check gives its `on_error` answer.
+    pub must_record: Vec<String>,
+    /// How long a must-record decision waits for its commit at most.
+    pub must_record_timeout_ms: u64,
     /// Audit rows older than this many days are removed (after a chained checkpoint; never an
     /// open queue item's decision). None: kept for ever.
     pub retain_days: Option<u32>,
@@ -164,6 +172,10 @@ impl Default for StoreConfig {
             queue_capacity: 10_000,
             overflow: "block".into(),
             block_ms: 5,
+            must_record: ["signup", "login", "review", "deny"]
+                .map(String::from)
+                .into(),
+            must_record_timeout_ms: 2_000,
             retain_days: None,
             chain_key_file: None,
         }
@@ -194,6 +206,8 @@ impl std::fmt::Debug for StoreConfig {
             .field("queue_capacity", &self.queue_capacity)
             .field("overflow", &self.overflow)
             .field("block_ms", &self.block_ms)
+            .field("must_record", &self.must_record)
+            .field("must_record_timeout_ms", &self.must_record_timeout_ms)
             .field("retain_days", &self.retain_days)
             .field("chain_key_file", &self.chain_key_file)
             .finish()
@@ -262,6 +276,36 @@ impl StoreConfig {
             )),
             Some(days) => Ok(Some(Duration::from_secs(u64::from(days) * 86_400))),
         }
+    }
+
+    /// Which decisions wait for their commit (`must_record`, `must_record_timeout_ms`).
+    pub fn must_record(&self) -> Result<MustRecord, ConfigError> {
+        if self.must_record_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "store.must_record_timeout_ms must be above 0".into(),
+            ));
+        }
+        let mut must = MustRecord {
+            flows: Vec::new(),
+            verdicts: Vec::new(),
+            wait: Duration::from_millis(self.must_record_timeout_ms),
+        };
+        for entry in &self.must_record {
+            let flow = Flow::ALL.into_iter().find(|f| f.as_str() == entry);
+            let verdict = [Verdict::Allow, Verdict::Review, Verdict::Deny]
+                .into_iter()
+                .find(|v| v.as_str().eq_ignore_ascii_case(entry));
+            match (flow, verdict) {
+                (Some(flow), _) => must.flows.push(flow),
+                (None, Some(verdict)) => must.verdicts.push(verdict),
+                (None, None) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "store.must_record: {entry:?} is not a flow (api_request, signup, login) or a verdict (allow, review, deny)"
+                    )));
+                }
+            }
+        }
+        Ok(must)
     }
 
     pub fn overflow(&self) -> Result<Overflow, ConfigError> {
@@ -430,6 +474,7 @@ impl Config {
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
         self.store.overflow()?;
+        self.store.must_record()?;
         self.store.retention()?;
         self.store.chain_key()?;
         self.usage.redis()?;

@@ -84,6 +84,22 @@ pub struct Outcome {
     pub request_id: String,
 }
 
+/// What a decision depends on besides its request and the policy (`Engine::circumstances`).
+#[derive(Clone, Debug)]
+pub struct Circumstances {
+    pub usage: Option<UsageFacts>,
+    pub overrides: Vec<OverrideFact>,
+    pub now: SystemTime,
+}
+
+impl Circumstances {
+    /// Whether `outcome` was decided in these circumstances (its time aside): the same usage
+    /// history and the same matching overrides.
+    pub fn match_outcome(&self, outcome: &Outcome) -> bool {
+        outcome.usage == self.usage && outcome.overrides == self.overrides
+    }
+}
+
 pub struct Engine {
     policy: ArcSwap<Policy>,
     geo: Geo,
@@ -223,7 +239,8 @@ impl Engine {
                 ..UsageFacts::default()
             }),
         };
-        Ok(self.decide_with(input, location, usage, now))
+        let circumstances = self.circumstances_with(input, &location, usage, now);
+        Ok(self.decide_in(input, location, circumstances))
     }
 
     /// The request's usage facts: inline from the caller, else from the history.
@@ -245,7 +262,7 @@ impl Engine {
         }
     }
 
-    /// Decides with a location already looked up (callers that key a cache on it).
+    /// Decides with a location already looked up.
     pub async fn decide(&self, input: &ClassifyInput, location: GeoLookup) -> Outcome {
         self.decide_at(input, location, SystemTime::now()).await
     }
@@ -256,24 +273,32 @@ impl Engine {
         location: GeoLookup,
         now: SystemTime,
     ) -> Outcome {
-        let now_unix = unix_secs(now);
-        let usage = self
-            .usage_lookup(input, &location, now_unix)
-            .resolve()
-            .await;
-        self.decide_with(input, location, usage, now)
+        let circumstances = self.circumstances(input, &location, now).await;
+        self.decide_in(input, location, circumstances)
     }
 
-    /// The decision itself, once the usage facts are known: no waiting.
-    fn decide_with(
+    /// Everything besides the request and the policy that a decision for `input` at `now`
+    /// depends on: the usage history it would see and the overrides that match. A cache of
+    /// decisions compares these with what a cached decision saw (`Outcome::usage`,
+    /// `Outcome::overrides`) before reusing it.
+    pub async fn circumstances(
         &self,
         input: &ClassifyInput,
-        location: GeoLookup,
+        location: &GeoLookup,
+        now: SystemTime,
+    ) -> Circumstances {
+        let now_unix = unix_secs(now);
+        let usage = self.usage_lookup(input, location, now_unix).resolve().await;
+        self.circumstances_with(input, location, usage, now)
+    }
+
+    fn circumstances_with(
+        &self,
+        input: &ClassifyInput,
+        location: &GeoLookup,
         usage: Option<UsageFacts>,
         now: SystemTime,
-    ) -> Outcome {
-        let policy = self.policy.load();
-        let now_unix = unix_secs(now);
+    ) -> Circumstances {
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -283,6 +308,30 @@ impl Engine {
             location.ip,
             now_ms,
         );
+        Circumstances {
+            usage,
+            overrides,
+            now,
+        }
+    }
+
+    /// The decision itself, once its circumstances are known: no waiting.
+    pub fn decide_in(
+        &self,
+        input: &ClassifyInput,
+        location: GeoLookup,
+        circumstances: Circumstances,
+    ) -> Outcome {
+        let Circumstances {
+            usage,
+            overrides,
+            now,
+        } = circumstances;
+        let policy = self.policy.load();
+        let now_unix = unix_secs(now);
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         let facts = Facts {
             flow: input.flow,
             now_unix,

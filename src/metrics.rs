@@ -339,6 +339,12 @@ impl Collector for EngineCollector {
             )?;
             counter(
                 e,
+                "audit_unrecorded",
+                "Must-record decisions not given because their row could not be committed (Classify UNAVAILABLE, Check on_error)",
+                stats.unrecorded,
+            )?;
+            counter(
+                e,
                 "audit_pruned",
                 "Audit rows removed by retention (store.retain_days)",
                 stats.pruned,

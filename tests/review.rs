@@ -15,6 +15,9 @@ use support::{TestServer, codes, request, scenarios, verdict};
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// Must-record decisions wait this long for their commit at most.
+const MUST: Option<std::time::Duration> = Some(std::time::Duration::from_secs(10));
+
 const ALICE: &str = "alice-reviewer-token";
 const EDGE: &str = "edge-gateway-token";
 const BIN: &str = env!("CARGO_BIN_EXE_regionguard");
@@ -814,7 +817,10 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
             body: "{}".into(),
             ..Default::default()
         };
-        recorder.decision(Box::new(move || row), true).await;
+        recorder
+            .decision(Box::new(move || row), MUST)
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     drop(recorder);

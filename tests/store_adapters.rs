@@ -12,6 +12,9 @@ use regionguard::store::{
 };
 use support::postgres::PgServer;
 
+/// Must-record decisions wait this long for their commit at most.
+const MUST: Option<std::time::Duration> = Some(std::time::Duration::from_secs(10));
+
 fn decision(id: &str, account: &str, verdict: &str, at: i64) -> AuditRow {
     AuditRow {
         kind: "decision".into(),
@@ -79,7 +82,10 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
     .enumerate()
     {
         let row = decision(id, "acct-1", verdict, t0 + i as i64);
-        recorder.decision(Box::new(move || row), true).await;
+        recorder
+            .decision(Box::new(move || row), MUST)
+            .await
+            .unwrap();
     }
     recorder.flush().await;
 
@@ -247,8 +253,9 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
     let row = decision("d4", "acct-2", "DENY", store::now_ms());
     reopened
         .recorder
-        .decision(Box::new(move || row), true)
-        .await;
+        .decision(Box::new(move || row), MUST)
+        .await
+        .unwrap();
     reopened.recorder.flush().await;
     assert_eq!(verifier.verify(Some(&key)).await.unwrap().rows, 8, "{name}");
 }
@@ -304,7 +311,11 @@ async fn postgres_writer_rate_and_bytes_per_row() {
                 store::now_ms(),
             )
         };
-        opened.recorder.decision(Box::new(move || row), true).await;
+        opened
+            .recorder
+            .decision(Box::new(move || row), MUST)
+            .await
+            .unwrap();
     }
     opened.recorder.flush().await;
     let took = start.elapsed();
@@ -355,7 +366,11 @@ async fn postgres_spool_is_drained_in_order_before_newer_rows_without_holding_th
     for i in 0..200 {
         let row = decision(&format!("n{i:03}"), "acct-n", "DENY", store::now_ms());
         let start = std::time::Instant::now();
-        opened.recorder.decision(Box::new(move || row), true).await;
+        opened
+            .recorder
+            .decision(Box::new(move || row), MUST)
+            .await
+            .unwrap();
         slowest = slowest.max(start.elapsed());
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }

@@ -63,8 +63,9 @@ pub struct GatewayConfig {
     pub on_error: OnError,
     /// Paths never classified: exact, or a prefix when ending in `*`. The query is ignored.
     pub bypass_paths: Vec<String>,
-    /// How long a decision is reused for an identical check (same account and attributes, same
-    /// network, same policy and database generation); 0 turns the cache off.
+    /// How long a decision is reused for an identical check (same address, account and
+    /// attributes, same policy and database generation, and the same usage history and matching
+    /// overrides as the decision saw); 0 turns the cache off.
     pub decision_cache_ttl_ms: u64,
     pub decision_cache_capacity: u64,
 }

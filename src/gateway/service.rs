@@ -1,14 +1,20 @@
 //! `envoy.service.auth.v3.Authorization/Check`: the gateway's entry point.
 //!
 //! Never answers a policy decision with a gRPC error: a request that cannot be classified gets
-//! the operator's `on_error` answer as an ordinary CheckResponse. Identical checks within the
-//! decision-cache TTL reuse the decision (errors are never cached).
+//! the operator's `on_error` answer as an ordinary CheckResponse, and so does a decision that
+//! must be recorded but could not be.
+//!
+//! Identical checks within the decision-cache TTL reuse the decision (errors are never cached).
+//! Identical means everything that can change the answer: the same address (not its database
+//! network: an override or a usage count can single out one address), the same account fields,
+//! and, checked on every hit, the same usage history and matching overrides as the cached
+//! decision saw. A decision enters the cache only once it is recorded.
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
-use ipnetwork::IpNetwork;
 use moka::sync::Cache;
 use tonic::{Request, Response, Status};
 
@@ -17,7 +23,7 @@ use super::request::{GatewayRequest, map_check, path};
 use super::response;
 use crate::audit::AuditTrail;
 use crate::classify::Flow;
-use crate::engine::{ClassifyInput, Engine, Outcome};
+use crate::engine::{Engine, Outcome};
 use crate::policy::PolicyVersion;
 use crate::region::CountryCode;
 
@@ -26,7 +32,7 @@ use crate::region::CountryCode;
 struct DecisionKey {
     generation: u64,
     policy: PolicyVersion,
-    network: IpNetwork,
+    ip: IpAddr,
     flow: Flow,
     account_id: Option<String>,
     countries: [Option<CountryCode>; 4],
@@ -67,76 +73,75 @@ impl GatewayService {
         })
     }
 
-    /// The decision for `request`, and whether it was made now (not reused from the cache).
-    async fn decide(
-        &self,
-        request: &GatewayRequest,
-    ) -> Result<(Arc<Outcome>, bool), crate::geo::GeoError> {
-        let location = self.engine.geo().lookup(request.input.ip)?;
-        let Some(cache) = &self.cache else {
-            return Ok((
-                Arc::new(self.engine.decide(&request.input, location).await),
-                true,
-            ));
-        };
-        let account = &request.input.account;
-        let key = DecisionKey {
-            generation: location.generation,
-            policy: self.engine.policy().version().clone(),
-            network: location.record.network,
-            flow: request.input.flow,
-            account_id: request.input.account_id.clone(),
-            countries: [
-                account.billing_country,
-                account.phone_country,
-                account.payment_country,
-                account.declared_country,
-            ],
-            created_at_unix: account.created_at_unix,
-            language_regions: request.input.hints.language_regions.clone(),
-        };
-        if let Some(hit) = cache.get(&key) {
-            return Ok((hit, false));
+    /// The decision for `request`: reused from the cache when nothing it depends on changed,
+    /// else made now and recorded (a must-record decision that cannot be recorded is an error).
+    async fn decide(&self, request: &GatewayRequest) -> Result<Arc<Outcome>, String> {
+        let location = self
+            .engine
+            .geo()
+            .lookup(request.input.ip)
+            .map_err(|e| e.to_string())?;
+        let circumstances = self
+            .engine
+            .circumstances(&request.input, &location, SystemTime::now())
+            .await;
+        let key = self.cache.as_ref().map(|_| {
+            let account = &request.input.account;
+            DecisionKey {
+                generation: location.generation,
+                policy: self.engine.policy().version().clone(),
+                ip: request.input.ip,
+                flow: request.input.flow,
+                account_id: request.input.account_id.clone(),
+                countries: [
+                    account.billing_country,
+                    account.phone_country,
+                    account.payment_country,
+                    account.declared_country,
+                ],
+                created_at_unix: account.created_at_unix,
+                language_regions: request.input.hints.language_regions.clone(),
+            }
+        });
+        if let (Some(cache), Some(key)) = (&self.cache, &key)
+            && let Some(hit) = cache.get(key)
+            && circumstances.match_outcome(&hit)
+        {
+            return Ok(hit);
         }
-        // Decided outside the cache's lock (a usage read may wait); a request that raced this
-        // one to the same key keeps the first answer, as the cache promises.
-        let outcome = Arc::new(self.engine.decide(&request.input, location).await);
-        let entry = cache.entry(key).or_insert(outcome);
-        let fresh = entry.is_fresh();
-        Ok((entry.into_value(), fresh))
+        let outcome = Arc::new(
+            self.engine
+                .decide_in(&request.input, location, circumstances),
+        );
+        if let Some(audit) = &self.audit {
+            audit
+                .record(&request.input, &outcome)
+                .await
+                .map_err(|error| format!("the decision could not be recorded: {error}"))?;
+        }
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            cache.insert(key, outcome.clone());
+        }
+        Ok(outcome)
     }
 
     /// Answers one check; pure of transport concerns so tests and benches can call it directly.
     pub async fn answer(&self, check: &CheckRequest) -> CheckResponse {
-        self.evaluate(check).await.0
-    }
-
-    /// The answer, and the decision to record when one was made now.
-    async fn evaluate(
-        &self,
-        check: &CheckRequest,
-    ) -> (CheckResponse, Option<(ClassifyInput, Arc<Outcome>)>) {
         if self.config.bypassed(path(check)) {
-            return (response::bypass(), None);
+            return response::bypass();
         }
         let failure = |message: String| {
             let fail_open = self.config.on_error == OnError::Allow;
             tracing::warn!(%message, fail_open, "gateway check could not be classified");
-            (
-                response::failure(&message, fail_open, self.deny_status),
-                None,
-            )
+            response::failure(&message, fail_open, self.deny_status)
         };
         let request = match map_check(check, &self.config) {
             Ok(request) => request,
             Err(error) => return failure(error.to_string()),
         };
         match self.decide(&request).await {
-            Ok((outcome, fresh)) => {
-                let answer = response::decision(&outcome, &self.config, self.deny_status);
-                (answer, fresh.then_some((request.input, outcome)))
-            }
-            Err(error) => failure(error.to_string()),
+            Ok(outcome) => response::decision(&outcome, &self.config, self.deny_status),
+            Err(message) => failure(message),
         }
     }
 }
@@ -147,11 +152,7 @@ impl Authorization for GatewayService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let (answer, made) = self.evaluate(request.get_ref()).await;
-        if let (Some(audit), Some((input, outcome))) = (&self.audit, made) {
-            audit.record(&input, &outcome).await;
-        }
-        Ok(Response::new(answer))
+        Ok(Response::new(self.answer(request.get_ref()).await))
     }
 }
 
@@ -204,10 +205,10 @@ mod tests {
             "same check, same decision"
         );
         let neighbour = envoy::check_request("216.160.83.58", "/", &[("x-account-id", "a")], &[]);
-        assert_eq!(
+        assert_ne!(
             decision_id(&service.answer(&neighbour).await).unwrap(),
             first,
-            "same network, same decision"
+            "another address in the same database network: decided anew"
         );
         assert_ne!(
             decision_id(&service.answer(&check("b")).await).unwrap(),
@@ -221,6 +222,69 @@ mod tests {
             decision_id(&service.answer(&check("a")).await).unwrap(),
             first,
             "a new policy decides anew"
+        );
+    }
+
+    fn verdict(response: &CheckResponse) -> Option<String> {
+        let headers = match response.http_response.as_ref()? {
+            HttpResponse::OkResponse(ok) => &ok.headers,
+            HttpResponse::DeniedResponse(denied) => &denied.headers,
+            _ => return None,
+        };
+        headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == crate::gateway::response::VERDICT_HEADER)
+            .map(|h| h.value.clone())
+    }
+
+    fn network_override(value: &str, action: &str) -> crate::store::OverrideRecord {
+        crate::store::OverrideRecord {
+            id: format!("o-{value}"),
+            scope: "network".into(),
+            value: value.into(),
+            action: action.into(),
+            reviewer: "r".into(),
+            reason: "test".into(),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            removed_at_ms: None,
+            removed_by: String::new(),
+        }
+    }
+
+    /// #12, defect 1: a /32 network override is not bypassed by a decision cached for a
+    /// neighbour in the same database network, nor by one cached before the override was set.
+    #[tokio::test]
+    async fn an_override_is_never_bypassed_by_the_cache() {
+        let engine = engine(true);
+        let service = GatewayService::new(engine.clone(), GatewayConfig::default(), None).unwrap();
+        let at = |ip: &str| envoy::check_request(ip, "/", &[("x-account-id", "a")], &[]);
+        engine.set_overrides(crate::overrides::OverrideIndex::new([network_override(
+            "216.160.83.57/32",
+            "DENY",
+        )]));
+        let neighbour = service.answer(&at("216.160.83.58")).await;
+        assert_eq!(verdict(&neighbour).as_deref(), Some("ALLOW"));
+        let denied = service.answer(&at("216.160.83.57")).await;
+        assert_eq!(
+            verdict(&denied).as_deref(),
+            Some("DENY"),
+            "the override holds"
+        );
+        assert_ne!(decision_id(&denied), decision_id(&neighbour));
+
+        // Cached as ALLOW, then an override arrives: the next check sees it at once.
+        let before = service.answer(&at("216.160.83.58")).await;
+        assert_eq!(decision_id(&before), decision_id(&neighbour), "cached");
+        engine.set_overrides(crate::overrides::OverrideIndex::new([network_override(
+            "216.160.83.58/32",
+            "DENY",
+        )]));
+        assert_eq!(
+            verdict(&service.answer(&at("216.160.83.58")).await).as_deref(),
+            Some("DENY"),
+            "an override set after the decision was cached"
         );
     }
 

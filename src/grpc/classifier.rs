@@ -41,15 +41,20 @@ impl ClassifierService {
         self
     }
 
-    /// Decides, records the decision in the audit trail (waiting only when the writer is
-    /// behind and the decision must be kept), and answers.
+    /// Decides, records the decision in the audit trail and answers. A decision that must be
+    /// recorded is answered only once its row is committed; when it cannot be, the caller gets
+    /// UNAVAILABLE rather than a decision that is not on record.
     async fn decide(
         &self,
         request: &pb::ClassifyRequest,
     ) -> Result<pb::ClassifyResponse, ApiError> {
         let (input, outcome) = self.classify_one(request).await?;
         if let Some(audit) = &self.audit {
-            audit.record(&input, &outcome).await;
+            audit.record(&input, &outcome).await.map_err(|error| {
+                ApiError::Unavailable(format!(
+                    "the decision could not be recorded in the audit trail, so it is not given: {error}"
+                ))
+            })?;
         }
         Ok(pb::ClassifyResponse::from(outcome))
     }

@@ -2,11 +2,14 @@
 //! writer (`sqlite::writer`, `postgres::writer`) through a bounded channel, and the writer
 //! commits them in batches, so no request waits on disk or on the network.
 //!
-//! When the channel is full, decisions that must be kept (signup and login decisions, every
-//! non-ALLOW decision) wait for room; other ALLOW decisions follow the configured overflow
-//! policy (wait briefly, or be sampled out) and every one left out is counted. Reviewer actions
-//! always wait, and their change (override, resolution) commits in the same transaction as
-//! their audit row.
+//! Decisions that must be recorded (by default signup and login decisions and every non-ALLOW
+//! decision: `[store] must_record`) are answered only once their row is committed: the caller
+//! waits for its batch (group commit: the writer takes everything queued while the previous
+//! batch committed, so one WAL commit serves every caller waiting on it), and an error when the
+//! row cannot be committed. Other decisions are handed over and not waited for; when the
+//! channel is full they follow the configured overflow policy (wait briefly, or be sampled out)
+//! and every one left out is counted. Reviewer actions always wait, and their change (override,
+//! resolution) commits in the same transaction as their audit row.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,9 +61,31 @@ pub enum Applied {
 /// nothing.
 pub type RowBuilder = Box<dyn FnOnce() -> AuditRow + Send>;
 
+/// Whether a decision's caller waits for its row, and where the answer goes.
+pub(crate) enum Keep {
+    /// May be left out when the writer is behind; nobody waits.
+    Optional,
+    /// Must be recorded: the writer answers once the row is committed (or, with the PostgreSQL
+    /// store away, durably spooled), or with why it is not.
+    Wait(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Keep {
+    pub(crate) fn must_keep(&self) -> bool {
+        matches!(self, Keep::Wait(_))
+    }
+
+    /// Tells a waiting caller how its row went; an optional row's failure is only counted.
+    pub(crate) fn answer(self, result: Result<(), StoreError>) {
+        if let Keep::Wait(reply) = self {
+            let _ = reply.send(result);
+        }
+    }
+}
+
 pub(crate) enum Command {
-    /// A decision's row, and whether it must be kept (signup, login, every non-ALLOW).
-    Decision(RowBuilder, bool),
+    /// A decision's row, and whether its caller waits for the commit.
+    Decision(RowBuilder, Keep),
     // Boxed: reviewer actions are rare, decisions are the bulk of the channel.
     Review(Box<ReviewCommand>),
     Flush(oneshot::Sender<()>),
@@ -88,6 +113,9 @@ pub struct RecorderStats {
     pub pruned: u64,
     /// Decision rows waiting in the local spool for the database to come back (PostgreSQL).
     pub spool_depth: u64,
+    /// Must-record decisions whose row could not be committed: their callers got an error
+    /// (Classify UNAVAILABLE, Check the `on_error` answer) instead of the decision.
+    pub unrecorded: u64,
 }
 
 #[derive(Default)]
@@ -97,6 +125,7 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) pruned: AtomicU64,
     pub(crate) spool_depth: AtomicU64,
+    pub(crate) unrecorded: AtomicU64,
 }
 
 /// The request path's handle on the writer.
@@ -137,23 +166,48 @@ impl Recorder {
     }
 
     /// Hands a decision's audit row (built later, on the writer thread) to the writer.
-    /// `must_keep` rows wait for room.
-    pub async fn decision(&self, row: RowBuilder, must_keep: bool) {
-        let command = Command::Decision(row, must_keep);
-        let sent = if must_keep {
-            self.tx.send(command).await.is_ok()
-        } else {
-            match self.overflow {
+    ///
+    /// `must_record`: waits until the row is committed, at most `wait` (the writer behind, the
+    /// disk stalled), and says why not when it is not. Otherwise it is not waited for: it
+    /// follows the overflow policy when the writer is behind, and always answers `Ok`.
+    pub async fn decision(
+        &self,
+        row: RowBuilder,
+        must_record: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let Some(wait) = must_record else {
+            let command = Command::Decision(row, Keep::Optional);
+            let sent = match self.overflow {
                 Overflow::Sample => self.tx.try_send(command).is_ok(),
                 Overflow::Block(wait) => matches!(
                     tokio::time::timeout(wait, self.tx.send(command)).await,
                     Ok(Ok(()))
                 ),
+            };
+            if !sent {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
+            return Ok(());
         };
-        if !sent {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let committed = tokio::time::timeout(wait, async {
+            self.tx
+                .send(Command::Decision(row, Keep::Wait(reply)))
+                .await
+                .map_err(|_| StoreError::WriterGone)?;
+            answer.await.map_err(|_| StoreError::WriterGone)?
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "the audit store did not commit the decision within {} ms",
+                wait.as_millis()
+            )))
+        });
+        if committed.is_err() {
+            self.counters.unrecorded.fetch_add(1, Ordering::Relaxed);
         }
+        committed
     }
 
     /// Commits a reviewer's action and its change; answers once both are on disk.
@@ -205,6 +259,7 @@ impl Recorder {
             failed: self.counters.failed.load(Ordering::Relaxed),
             pruned: self.counters.pruned.load(Ordering::Relaxed),
             spool_depth: self.counters.spool_depth.load(Ordering::Relaxed),
+            unrecorded: self.counters.unrecorded.load(Ordering::Relaxed),
         }
     }
 }

@@ -32,7 +32,7 @@ use super::{CHAIN_LOCK, CHANNEL, Reader, is_unavailable, pg_error};
 use crate::store::chain::{ChainKey, GENESIS, KEYED};
 use crate::store::spool::Spool;
 use crate::store::writer::{
-    Applied, Change, Command, Counters, Overflow, Recorder, ReviewCommand, with_applied,
+    Applied, Change, Command, Counters, Keep, Overflow, Recorder, ReviewCommand, with_applied,
 };
 use crate::store::{AuditRow, OverrideRecord, QueueState, Reads, StoreError};
 
@@ -155,8 +155,16 @@ async fn check_keying(client: &Client, key: Option<&ChainKey>) -> Result<(), Sto
     }
 }
 
+// Decisions are the bulk and stay inline; the rare reviewer actions are boxed.
+#[allow(clippy::large_enum_variant)]
 enum Item {
-    Decision { row: AuditRow, must_keep: bool },
+    /// `must_keep`: spooled while the database is away (rows from the spool itself too);
+    /// `keep` says who waits for the answer.
+    Decision {
+        row: AuditRow,
+        must_keep: bool,
+        keep: Keep,
+    },
     Review(Box<ReviewCommand>),
 }
 
@@ -214,17 +222,22 @@ impl Writer {
             let mut acks = Vec::new();
             for command in commands {
                 match command {
-                    Command::Decision(build, must_keep) => {
-                        match catch_unwind(AssertUnwindSafe(build)) {
-                            Ok(row) => items.push(Item::Decision { row, must_keep }),
-                            Err(_) => {
-                                tracing::error!(
-                                    "building a decision's audit row panicked; it is not recorded"
-                                );
-                                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                            }
+                    Command::Decision(build, keep) => match catch_unwind(AssertUnwindSafe(build)) {
+                        Ok(row) => items.push(Item::Decision {
+                            row,
+                            must_keep: keep.must_keep(),
+                            keep,
+                        }),
+                        Err(_) => {
+                            tracing::error!(
+                                "building a decision's audit row panicked; it is not recorded"
+                            );
+                            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                            keep.answer(Err(StoreError::Task(
+                                "building the decision's audit row failed".into(),
+                            )));
                         }
-                    }
+                    },
                     Command::Review(review) => items.push(Item::Review(review)),
                     Command::Flush(ack) => acks.push(ack),
                     Command::Retain { done, .. } => {
@@ -326,8 +339,9 @@ impl Writer {
     fn deliver(&self, items: Vec<Item>, outcomes: Vec<Result<Committed, StoreError>>) {
         for (item, outcome) in items.into_iter().zip(outcomes) {
             match (item, outcome) {
-                (Item::Decision { .. }, Ok(_)) => {
+                (Item::Decision { keep, .. }, Ok(_)) => {
                     self.counters.recorded.fetch_add(1, Ordering::Relaxed);
+                    keep.answer(Ok(()));
                 }
                 (Item::Review(review), Ok(Committed::Review(result))) => {
                     let _ = review.reply.send(*result);
@@ -335,9 +349,10 @@ impl Writer {
                 (Item::Review(review), Ok(Committed::Decision)) => {
                     let _ = review.reply.send(Ok(Applied::Nothing));
                 }
-                (Item::Decision { row, .. }, Err(error)) => {
+                (Item::Decision { row, keep, .. }, Err(error)) => {
                     tracing::error!(%error, kind = %row.kind, ref_id = %row.ref_id, "audit row failed to commit; it is not recorded");
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    keep.answer(Err(error));
                 }
                 (Item::Review(review), Err(error)) => {
                     tracing::error!(%error, ref_id = %review.row.ref_id, "reviewer row failed to commit");
@@ -351,12 +366,17 @@ impl Writer {
     /// actions refused.
     fn away(&mut self, items: Vec<Item>) {
         let mut keep = Vec::new();
+        let mut waiting = Vec::new();
         for item in items {
             match item {
                 Item::Decision {
                     row,
                     must_keep: true,
-                } => keep.push(row),
+                    keep: waiter,
+                } => {
+                    keep.push(row);
+                    waiting.push(waiter);
+                }
                 Item::Decision { .. } => {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -381,12 +401,20 @@ impl Writer {
                 self.counters
                     .spool_depth
                     .store(self.spool.len(), Ordering::Relaxed);
+                // On disk (fsynced) until the database takes them: kept.
+                waiting.into_iter().for_each(|w| w.answer(Ok(())));
             }
             Err(error) => {
                 tracing::error!(%error, rows = keep.len(), "spool: rows could not be written; they are not recorded");
                 self.counters
                     .failed
                     .fetch_add(keep.len() as u64, Ordering::Relaxed);
+                let message = format!(
+                    "the PostgreSQL store is unreachable and the local spool cannot be written: {error}"
+                );
+                for waiter in waiting {
+                    waiter.answer(Err(StoreError::Unavailable(message.clone())));
+                }
             }
         }
     }
@@ -418,6 +446,7 @@ impl Writer {
                 .map(|row| Item::Decision {
                     row,
                     must_keep: true,
+                    keep: Keep::Optional,
                 })
                 .collect();
             let committed = match self.commit(&items).await {

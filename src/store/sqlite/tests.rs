@@ -3,6 +3,9 @@ use super::*;
 use crate::store::writer::{self, Applied, Change, Overflow, Recorder};
 use crate::store::{Broken, ChainBreak, ChainKey, verify, verify_keyed};
 
+/// Must-record decisions wait this long for their commit at most.
+const MUST: Option<std::time::Duration> = Some(std::time::Duration::from_secs(10));
+
 fn decision_row(id: &str, verdict: &str) -> writer::RowBuilder {
     let row = AuditRow {
         kind: "decision".into(),
@@ -36,9 +39,10 @@ async fn rows_are_chained_queued_and_survive_reopening() {
         recorder
             .decision(
                 decision_row(&format!("d{i}"), if i % 4 == 0 { "REVIEW" } else { "DENY" }),
-                true,
+                MUST,
             )
-            .await;
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     assert_eq!(recorder.stats().recorded, 40);
@@ -50,8 +54,9 @@ async fn rows_are_chained_queued_and_survive_reopening() {
     // A new writer continues the same chain.
     let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
     recorder
-        .decision(decision_row("after-restart", "ALLOW"), true)
-        .await;
+        .decision(decision_row("after-restart", "ALLOW"), MUST)
+        .await
+        .unwrap();
     recorder.flush().await;
     assert_eq!(
         verify(&open_for_reading(dir.path()).unwrap())
@@ -65,7 +70,10 @@ async fn rows_are_chained_queued_and_survive_reopening() {
 async fn review_changes_commit_with_their_audit_row_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
-    recorder.decision(decision_row("d1", "REVIEW"), true).await;
+    recorder
+        .decision(decision_row("d1", "REVIEW"), MUST)
+        .await
+        .unwrap();
     let review = |id: &str| AuditRow {
         kind: "review".into(),
         ref_id: id.into(),
@@ -115,8 +123,9 @@ async fn a_full_writer_samples_allow_decisions_and_counts_them() {
     let recorder = Recorder::start(dir.path(), 1, Overflow::Sample).unwrap();
     for i in 0..2000 {
         recorder
-            .decision(decision_row(&format!("a{i}"), "ALLOW"), false)
-            .await;
+            .decision(decision_row(&format!("a{i}"), "ALLOW"), None)
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     let stats = recorder.stats();
@@ -135,8 +144,9 @@ async fn direct_edits_and_deletions_are_detected() {
     let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
     for i in 0..5 {
         recorder
-            .decision(decision_row(&format!("d{i}"), "DENY"), true)
-            .await;
+            .decision(decision_row(&format!("d{i}"), "DENY"), MUST)
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     let conn = Connection::open(db_path(dir.path())).unwrap();
@@ -179,26 +189,33 @@ async fn a_bad_row_costs_only_itself() {
     let recorder = Recorder::start(dir.path(), 64, Overflow::Sample).unwrap();
     for i in 0..10 {
         recorder
-            .decision(decision_row(&format!("before{i}"), "DENY"), true)
-            .await;
+            .decision(decision_row(&format!("before{i}"), "DENY"), MUST)
+            .await
+            .unwrap();
     }
     recorder
-        .decision(decision_row("poison", "DENY"), true)
-        .await;
+        .decision(decision_row("poison", "DENY"), MUST)
+        .await
+        .expect_err("a row that cannot be committed is not answered as recorded");
     recorder
-        .decision(Box::new(|| panic!("a row builder bug")), true)
-        .await;
+        .decision(Box::new(|| panic!("a row builder bug")), MUST)
+        .await
+        .expect_err("a row that cannot be built is not answered as recorded");
     for i in 0..10 {
         recorder
-            .decision(decision_row(&format!("after{i}"), "REVIEW"), true)
-            .await;
+            .decision(decision_row(&format!("after{i}"), "REVIEW"), MUST)
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     let stats = recorder.stats();
-    assert_eq!((stats.recorded, stats.failed), (20, 2));
+    assert_eq!((stats.recorded, stats.failed, stats.unrecorded), (20, 2, 2));
 
     // The writer is still alive, the chain has no gap, the REVIEW rows are queued.
-    recorder.decision(decision_row("later", "DENY"), true).await;
+    recorder
+        .decision(decision_row("later", "DENY"), MUST)
+        .await
+        .unwrap();
     recorder.flush().await;
     assert_eq!(recorder.stats().recorded, 21);
     let conn = open_for_reading(dir.path()).unwrap();
@@ -257,13 +274,15 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
     for i in 0..30 {
         let verdict = if i == 19 { "REVIEW" } else { "ALLOW" };
         recorder
-            .decision(decision_at(&format!("old{i}"), verdict, old + i), true)
-            .await; // seq 2..=31; old19 (seq 21) stays open
+            .decision(decision_at(&format!("old{i}"), verdict, old + i), MUST)
+            .await
+            .unwrap(); // seq 2..=31; old19 (seq 21) stays open
     }
     for i in 0..10 {
         recorder
-            .decision(decision_at(&format!("new{i}"), "ALLOW", now_ms()), true)
-            .await; // seq 32..=41
+            .decision(decision_at(&format!("new{i}"), "ALLOW", now_ms()), MUST)
+            .await
+            .unwrap(); // seq 32..=41
     }
     recorder.flush().await;
     let cutoff = now_ms() - 5 * day;
@@ -331,9 +350,10 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
         recorder
             .decision(
                 decision_at(&format!("late{i}"), "ALLOW", old + 100 + i),
-                true,
+                MUST,
             )
-            .await;
+            .await
+            .unwrap();
     }
     recorder.flush().await;
     assert!(
@@ -377,7 +397,10 @@ async fn keying_is_adopted_once_and_never_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let key = ChainKey::new(&[9; 32]).unwrap();
     let plain = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
-    plain.decision(decision_row("p1", "DENY"), true).await;
+    plain
+        .decision(decision_row("p1", "DENY"), MUST)
+        .await
+        .unwrap();
     plain.flush().await;
     drop(plain);
 
@@ -392,7 +415,10 @@ async fn keying_is_adopted_once_and_never_dropped() {
     assert_eq!(adopt_key(dir.path(), &key).unwrap(), 2);
     assert!(adopt_key(dir.path(), &key).is_err(), "already keyed");
     let keyed = Recorder::start_keyed(dir.path(), 16, Overflow::Sample, Some(key.clone())).unwrap();
-    keyed.decision(decision_row("k1", "DENY"), true).await;
+    keyed
+        .decision(decision_row("k1", "DENY"), MUST)
+        .await
+        .unwrap();
     keyed.flush().await;
     drop(keyed);
     let conn = open_for_reading(dir.path()).unwrap();

@@ -1,6 +1,8 @@
 //! The SQLite writer: one thread owns the write connection and commits the `Recorder`'s
-//! commands in batches (up to 256 rows a transaction); when a batch fails, its items are
-//! committed one by one, so a bad row costs only itself. Retention runs here too.
+//! commands in batches (up to 256 rows a transaction: everything queued while the last batch
+//! committed, so callers waiting for a must-record row share one commit); when a batch fails,
+//! its items are committed one by one, so a bad row costs only itself. Each waiting caller is
+//! answered after the transaction holding its row commits. Retention runs here too.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -14,7 +16,7 @@ use tokio::sync::mpsc;
 use super::{open_for_writing, retention};
 use crate::store::chain::{ChainKey, GENESIS, KEYED};
 use crate::store::writer::{
-    Applied, Change, Command, Counters, Overflow, Recorder, ReviewCommand, with_applied,
+    Applied, Change, Command, Counters, Keep, Overflow, Recorder, ReviewCommand, with_applied,
 };
 use crate::store::{AuditRow, QueueState, StoreError};
 
@@ -220,7 +222,7 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
 
 /// One command, ready to commit: a decision's row already built, or a reviewer's action.
 enum Item {
-    Decision(AuditRow),
+    Decision(AuditRow, Keep),
     // Boxed, as in `Command`: reviewer actions are rare.
     Review { row: AuditRow, change: Box<Change> },
 }
@@ -247,7 +249,7 @@ fn commit(
     let mut done = Vec::with_capacity(items.len());
     for item in items {
         match item {
-            Item::Decision(row) => {
+            Item::Decision(row, _) => {
                 if append(&tx, &mut next_seq, &mut next_prev, row, key)? && row.verdict == "REVIEW"
                 {
                     tx.execute(
@@ -322,9 +324,9 @@ fn run(
         for command in commands {
             match command {
                 // A row builder that panics loses its own decision (counted), not the writer.
-                Command::Decision(build, _) => match catch_unwind(AssertUnwindSafe(build)) {
+                Command::Decision(build, keep) => match catch_unwind(AssertUnwindSafe(build)) {
                     Ok(row) => {
-                        items.push(Item::Decision(row));
+                        items.push(Item::Decision(row, keep));
                         replies.push(None);
                     }
                     Err(_) => {
@@ -332,6 +334,9 @@ fn run(
                             "building a decision's audit row panicked; it is not recorded"
                         );
                         counters.failed.fetch_add(1, Ordering::Relaxed);
+                        keep.answer(Err(StoreError::Task(
+                            "building the decision's audit row failed".into(),
+                        )));
                     }
                 },
                 Command::Review(review) => {
@@ -373,10 +378,13 @@ fn run(
                     .collect()
             }
         };
-        for ((item, reply), outcome) in items.iter().zip(replies).zip(outcomes) {
+        for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
             match (outcome, reply) {
                 (Ok(Committed::Decision), _) => {
                     counters.recorded.fetch_add(1, Ordering::Relaxed);
+                    if let Item::Decision(_, keep) = item {
+                        keep.answer(Ok(()));
+                    }
                 }
                 (Ok(Committed::Review(result)), reply) => {
                     if let Some(reply) = reply {
@@ -384,16 +392,21 @@ fn run(
                     }
                 }
                 (Err(error), reply) => {
-                    let (Item::Decision(row) | Item::Review { row, .. }) = item;
+                    let (Item::Decision(row, _) | Item::Review { row, .. }) = &item;
                     tracing::error!(%error, kind = %row.kind, ref_id = %row.ref_id, "audit row failed to commit; it is not recorded");
-                    match reply {
-                        Some(reply) => {
-                            let _ = reply.send(Err(StoreError::Sqlite {
-                                path: "store".into(),
-                                error,
-                            }));
+                    let failure = StoreError::Sqlite {
+                        path: "store".into(),
+                        error,
+                    };
+                    match (item, reply) {
+                        (_, Some(reply)) => {
+                            let _ = reply.send(Err(failure));
                         }
-                        None => {
+                        (Item::Decision(_, keep), None) => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                            keep.answer(Err(failure));
+                        }
+                        (Item::Review { .. }, None) => {
                             counters.failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -458,7 +471,7 @@ fn retain(
         uuid::Uuid::now_v7().to_string(),
     )?;
     if let Some(row) = row {
-        commit(conn, &[Item::Decision(row)], seq, prev, key)?;
+        commit(conn, &[Item::Decision(row, Keep::Optional)], seq, prev, key)?;
     }
     // Recomputed each time, so a deletion an error stopped goes on.
     *pending = retention::pending(conn)?;
