@@ -114,6 +114,17 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
     /// Messages one ClassifyStream or Usage/Report stream may carry.
     pub max_stream_messages: u64,
+    /// Connections served at once on the gRPC port; one more is closed at once (counted).
+    pub max_connections: usize,
+    /// Connections accepted that have sent nothing yet; past it, the oldest is closed.
+    pub max_pending_connections: usize,
+    /// A connection that has sent nothing (no HTTP/2 preface, no TLS hello) for this long is
+    /// closed.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 pings on a served connection this often; 0: none.
+    pub keepalive_interval_ms: u64,
+    /// A connection whose peer does not answer a ping within this is closed.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -123,6 +134,11 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 1024,
             request_timeout_ms: 30_000,
             max_stream_messages: 10_000_000,
+            max_connections: 10_000,
+            max_pending_connections: 1_024,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
         }
     }
 }

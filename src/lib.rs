@@ -7,7 +7,8 @@
 //! - [`geo`]: MaxMind-format database readers, the prefix cache and hot reload.
 //! - [`engine`]: joins geo lookups, the current policy and the clock into decisions.
 //! - [`grpc`]: tonic services; translates proto <-> domain and maps errors to `Status`.
-//! - [`server`]: the listener, health, reflection and graceful shutdown.
+//! - [`server`]: the listener, health, reflection and graceful shutdown; [`connections`] bounds
+//!   the connections it takes.
 //! - [`config`]: the one typed configuration, from file, environment and flags.
 
 pub mod app;
@@ -15,6 +16,7 @@ pub mod audit;
 pub mod auth;
 pub mod classify;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod gateway;
 pub mod geo;

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::audit::AuditTrail;
 use crate::classify::{Decision, ReasonCode, Verdict};
+use crate::connections::ConnectionStats;
 use crate::engine::Engine;
 
 type Labels = Vec<(&'static str, String)>;
@@ -135,6 +136,13 @@ impl Metrics {
             registry.register_collector(Box::new(EngineCollector { engine, audit }));
         }
     }
+    /// Adds the scrape-time collector over the gRPC port's connections.
+    pub fn watch_connections(&self, stats: Arc<ConnectionStats>) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.register_collector(Box::new(ConnectionCollector(stats)));
+        }
+    }
+
     /// Counts a call to `path` (a gRPC method path); unknown paths count as `other`.
     pub fn call(&self, path: &str, seconds: f64) {
         let (calls, latency) = self
@@ -200,6 +208,48 @@ fn counter(
 ) -> Result<(), std::fmt::Error> {
     let c = ConstCounter::new(value);
     c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// The gRPC port's connections (`connections::ConnectionStats`), read at scrape time.
+#[derive(Debug)]
+struct ConnectionCollector(Arc<ConnectionStats>);
+
+impl Collector for ConnectionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.0;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            &mut encoder,
+            "connections_open",
+            "Connections being served on the gRPC port",
+            &[],
+            load(&stats.open) as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "connections_pending",
+            "Connections accepted on the gRPC port that have not sent anything yet",
+            &[],
+            load(&stats.pending) as f64,
+        )?;
+        let shed = [
+            ("max_connections", load(&stats.shed_full)),
+            ("handshake_timeout", load(&stats.shed_silent)),
+            ("max_pending_connections", load(&stats.shed_evicted)),
+            ("accept_error", load(&stats.accept_errors)),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "connections_shed",
+            "Connections closed on the gRPC port for a limit, by reason (accept_error: accepts that failed)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, value) in shed {
+            ConstCounter::new(value)
+                .encode(family.encode_family(&vec![("reason", reason.to_owned())])?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for EngineCollector {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -19,6 +18,7 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use crate::audit::AuditTrail;
 use crate::auth::{AuthConfig, Gate, Role};
 use crate::config::LimitsConfig;
+use crate::connections::{ConnectionLimits, ConnectionStats};
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
 use crate::grpc::pb::review_server::ReviewServer;
@@ -158,6 +158,21 @@ pub async fn run(
         let _ = began.send(true);
     };
     let limits = settings.limits;
+    let connections = Arc::new(ConnectionStats::default());
+    if let Some(metrics) = &metrics {
+        metrics.watch_connections(connections.clone());
+    }
+    let incoming = crate::connections::incoming(
+        listener,
+        ConnectionLimits {
+            max_connections: limits.max_connections,
+            max_pending: limits.max_pending_connections,
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms.max(1)),
+        },
+        connections,
+    );
+    let keepalive = (limits.keepalive_interval_ms > 0)
+        .then(|| Duration::from_millis(limits.keepalive_interval_ms));
     let mut builder = Server::builder();
     if let Some(tls) = settings.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -167,6 +182,10 @@ pub async fn run(
         .load_shed(true)
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))
         .timeout(Duration::from_millis(limits.request_timeout_ms.max(1)))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_millis(
+            limits.keepalive_timeout_ms.max(1),
+        )))
         .layer(tower::util::option_layer(
             metrics.clone().map(CallMetricsLayer),
         ))
@@ -176,7 +195,7 @@ pub async fn run(
         .add_service(authorization)
         .add_service(usage)
         .add_service(review)
-        .serve_with_incoming_shutdown(incoming(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     if let Some(metrics) = &metrics {
         metrics.set_ready(true);
@@ -196,19 +215,4 @@ pub async fn run(
             Ok(())
         }
     }
-}
-
-/// Accepted connections, with Nagle's algorithm off: small gRPC frames must not wait for ACKs.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted
-            && let Err(error) = stream.set_nodelay(true)
-        {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-        accepted
-    })
 }

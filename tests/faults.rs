@@ -256,3 +256,90 @@ async fn a_network_override_is_not_bypassed_by_the_gateway_cache() {
     let second = gateway.check(at(ALLOWED)).await.unwrap().into_inner();
     assert_eq!(verdict(&second), "DENY", "the override holds: {second:?}");
 }
+
+/// #12 defect 3, as reproduced (scaled to a server allowed 1,024 file descriptors): thousands
+/// of TCP connections that send nothing. The health check answers throughout, on new
+/// connections; the silent ones are closed (oldest first past `max_pending_connections`, the
+/// rest after `handshake_timeout_ms`), counted and logged; memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_take_the_service_down() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[limits]\nmax_pending_connections = 256\nhandshake_timeout_ms = 2000\n";
+    let replica =
+        Replica::start_under(dir.path(), "rg", config, &["prlimit", "--nofile=1024:1024"]).await;
+    let addr = replica.addr.trim_start_matches("http://").to_owned();
+    let rss_before = replica.rss_bytes();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let mut held = Vec::new();
+            for _ in 0..3_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(stream) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            held
+        })
+    };
+    let (mut checks, mut failures) = (0, Vec::new());
+    let started = std::time::Instant::now();
+    while (!flood.is_finished() || started.elapsed() < Duration::from_secs(3)) && failures.len() < 5
+    {
+        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+            let channel = tonic::transport::Channel::from_shared(replica.addr.clone())
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        checks += 1;
+        if !matches!(answer, Ok(Ok(()))) {
+            failures.push(format!("{:?}: {answer:?}", started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held = flood.join().unwrap();
+    let rss_during = replica.rss_bytes();
+    assert!(
+        failures.is_empty(),
+        "{} of {checks} health checks failed during the flood: {failures:?}",
+        failures.len()
+    );
+    let evicted =
+        replica.metric("regionguard_connections_shed_total{reason=\"max_pending_connections\"}");
+    assert!(evicted > 0.0, "silent connections evicted: {evicted}");
+    assert!(replica.metric("regionguard_connections_pending") <= 300.0);
+    assert!(
+        rss_during < rss_before + 64 * 1024 * 1024,
+        "RSS {rss_before} -> {rss_during}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("rg.log")).unwrap();
+    assert!(log.contains("shedding connections"), "{log}");
+    // Those still held time out.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(replica.metric("regionguard_connections_pending"), 0.0);
+    assert!(
+        replica.metric("regionguard_connections_shed_total{reason=\"handshake_timeout\"}") > 0.0
+    );
+    support::record(format_args!(
+        "{} silent connections against a server with 1,024 descriptors: {checks} health checks on new connections, all answered; {evicted} evicted, RSS {} -> {} MB",
+        held.len(),
+        rss_before / 1_048_576,
+        rss_during / 1_048_576
+    ));
+}

@@ -24,6 +24,11 @@ impl Replica {
     /// Starts `name` with `config` (TOML, appended after its own `metrics_listen`) and waits
     /// until it serves; panics with its log if it exits first.
     pub async fn start(dir: &Path, name: &str, config: &str) -> Self {
+        Self::start_under(dir, name, config, &[]).await
+    }
+
+    /// As `start`, run under `wrapper` (e.g. `["prlimit", "--nofile=1024"]`).
+    pub async fn start_under(dir: &Path, name: &str, config: &str, wrapper: &[&str]) -> Self {
         let location = dir.join("city.mmdb");
         let anonymous = dir.join("anonymous.mmdb");
         if !location.exists() {
@@ -38,7 +43,15 @@ impl Replica {
         )
         .unwrap();
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
+        let mut command = match wrapper {
+            [] => Command::new(BIN),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+        };
+        let child = command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--policy", "data/policy.toml"])
             .arg("--location-db")
@@ -99,6 +112,17 @@ impl Replica {
 
     pub async fn usage(&self) -> UsageClient<Channel> {
         UsageClient::new(self.channel().await)
+    }
+
+    /// The server's resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap()
     }
 
     /// One metric's value from the ops port (its exposition name, `_total` included).

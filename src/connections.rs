@@ -1,0 +1,328 @@
+//! The gRPC port's connections, bounded so that nobody can take the service down without
+//! sending a byte.
+//!
+//! A connection is *pending* from its accept until its peer sends its first bytes (the HTTP/2
+//! preface, or a TLS ClientHello); only then is it handed to the HTTP/2 server, which is where
+//! a connection starts to cost buffers and a task of its own. So:
+//! - a pending connection that sends nothing within `handshake_timeout` is closed;
+//! - at most `max_pending` are pending: the oldest is closed to make room for a new one, so a
+//!   flood of silent connections can never lock a real client (a health check) out;
+//! - at most `max_connections` are served; one more is closed at once;
+//! - accept errors (out of file descriptors) back off instead of spinning on the listener.
+//!
+//! Every connection closed for a limit is counted by reason ([`ConnectionStats`]) and logged,
+//! at most once a second. Connections that stop answering once served are the HTTP/2
+//! keepalive's business (`[limits] keepalive_*`, set on the server).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// How many connections the gRPC port takes, and how long a silent one may stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// Counters for the metrics port and tests.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections being served now.
+    pub open: AtomicU64,
+    /// Connections accepted that have not sent anything yet.
+    pub pending: AtomicU64,
+    /// Closed because `max_connections` were being served.
+    pub shed_full: AtomicU64,
+    /// Closed for sending nothing within the handshake timeout.
+    pub shed_silent: AtomicU64,
+    /// Closed while still silent to make room for a newer connection (`max_pending`).
+    pub shed_evicted: AtomicU64,
+    /// Accepts that failed (out of file descriptors, mostly).
+    pub accept_errors: AtomicU64,
+    /// When the last shedding line was logged, in ms since `epoch`.
+    last_log_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl ConnectionStats {
+    fn shed(&self, counter: &AtomicU64, why: &'static str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        let now = epoch.elapsed().as_millis() as u64 + 1_000;
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1_000
+            && self
+                .last_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                why,
+                open = self.open.load(Ordering::Relaxed),
+                pending = self.pending.load(Ordering::Relaxed),
+                shed_full = self.shed_full.load(Ordering::Relaxed),
+                shed_silent = self.shed_silent.load(Ordering::Relaxed),
+                shed_evicted = self.shed_evicted.load(Ordering::Relaxed),
+                "shedding connections on the gRPC port (logged at most once a second)"
+            );
+        }
+    }
+}
+
+/// A served connection: the socket, and its place among `max_connections`.
+pub struct Connection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    stats: Arc<ConnectionStats>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Decrements a gauge when dropped: a pending connection's task may end any way (spoke, timed
+/// out, evicted by abort).
+struct Pending(Arc<ConnectionStats>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The connections of `listener` the server may take, under `limits`. Accepting stops when the
+/// server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+) -> impl tokio_stream::Stream<Item = io::Result<Connection>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, limits, stats, tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+    tx: mpsc::Sender<io::Result<Connection>>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max_pending = limits.max_pending.max(1);
+    // Oldest first; finished tasks are skipped when evicting and pruned now and then.
+    let mut pending: VecDeque<AbortHandle> = VecDeque::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = tx.closed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                stats.shed(&stats.accept_errors, "accept failed");
+                tracing::debug!(%error, "accept failed");
+                // Out of descriptors (or similar): give closing connections time instead of
+                // spinning on a listener that stays readable.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        if pending.len() > 2 * max_pending {
+            pending.retain(|task| !task.is_finished());
+        }
+        while stats.pending.load(Ordering::Relaxed) as usize >= max_pending {
+            let Some(oldest) = pending.pop_front() else {
+                break;
+            };
+            if !oldest.is_finished() {
+                oldest.abort();
+                stats.shed(&stats.shed_evicted, "too many silent connections");
+                // The aborted task's guard lowers the gauge when it is dropped; count it here so
+                // the loop does not evict twice for one slot.
+                break;
+            }
+        }
+        stats.pending.fetch_add(1, Ordering::Relaxed);
+        let guard = Pending(stats.clone());
+        let (slots, stats, tx) = (slots.clone(), stats.clone(), tx.clone());
+        let task = tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            let spoke = tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first));
+            match spoke.await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return, // closed by the peer, or failed
+                Err(_) => {
+                    drop(guard);
+                    stats.shed(
+                        &stats.shed_silent,
+                        "nothing sent within the handshake timeout",
+                    );
+                    return;
+                }
+            }
+            drop(guard);
+            let Ok(slot) = slots.try_acquire_owned() else {
+                stats.shed(&stats.shed_full, "max_connections reached");
+                return;
+            };
+            stats.open.fetch_add(1, Ordering::Relaxed);
+            let connection = Connection {
+                stream,
+                _slot: slot,
+                stats,
+            };
+            let _ = tx.send(Ok(connection)).await;
+        });
+        pending.push_back(task.abort_handle());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio_stream::StreamExt;
+
+    async fn listen(
+        limits: ConnectionLimits,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<ConnectionStats>,
+        impl tokio_stream::Stream<Item = io::Result<Connection>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ConnectionStats::default());
+        (addr, stats.clone(), incoming(listener, limits, stats))
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_evicted_and_time_out_and_a_talker_gets_through() {
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_pending: 8,
+            handshake_timeout: Duration::from_millis(300),
+        };
+        let (addr, stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let mut silent = Vec::new();
+        for _ in 0..40 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        talker
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("the talker is served despite 40 silent connections")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.open.load(Ordering::Relaxed), 1);
+        assert!(stats.pending.load(Ordering::Relaxed) <= 8);
+        assert!(stats.shed_evicted.load(Ordering::Relaxed) >= 32);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            stats.pending.load(Ordering::Relaxed),
+            0,
+            "the rest timed out"
+        );
+        assert!(stats.shed_silent.load(Ordering::Relaxed) >= 1);
+        drop(served);
+        assert_eq!(stats.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn past_max_connections_a_new_one_is_closed() {
+        let limits = ConnectionLimits {
+            max_connections: 2,
+            max_pending: 8,
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let (addr, stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let mut held = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"x").await.unwrap();
+            clients.push(client);
+        }
+        for _ in 0..2 {
+            held.push(incoming.next().await.unwrap().unwrap());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.shed_full.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the third was not refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.open.load(Ordering::Relaxed), 2);
+    }
+}
