@@ -35,7 +35,8 @@ const ASSIGNED: [u32; 26] = {
     table
 };
 
-/// Why a string is not a region code.
+/// Why a string is not a region code. Each holds an [`excerpt`](crate::excerpt) of the text,
+/// never the whole of it: the text is caller input, and the error goes back to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionCodeError {
     #[error("{0:?} is not an ISO 3166-1 alpha-2 country code (two upper-case letters)")]
@@ -46,6 +47,10 @@ pub enum RegionCodeError {
     MalformedSubdivision(String),
 }
 
+fn shown(text: &str) -> String {
+    crate::excerpt(text).to_owned()
+}
+
 /// An ISO 3166-1 alpha-2 country code, upper case.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CountryCode([u8; 2]);
@@ -53,12 +58,12 @@ pub struct CountryCode([u8; 2]);
 impl CountryCode {
     /// Parses caller or policy input: two ASCII letters (case-insensitive), assigned in ISO 3166-1.
     pub fn parse(s: &str) -> Result<Self, RegionCodeError> {
-        let code = Self::from_record(s).ok_or_else(|| RegionCodeError::Malformed(s.to_owned()))?;
+        let code = Self::from_record(s).ok_or_else(|| RegionCodeError::Malformed(shown(s)))?;
         let [a, b] = code.0;
         if ASSIGNED[usize::from(a - b'A')] & (1 << (b - b'A')) != 0 {
             Ok(code)
         } else {
-            Err(RegionCodeError::Unassigned(s.to_owned()))
+            Err(RegionCodeError::Unassigned(shown(s)))
         }
     }
 
@@ -138,7 +143,7 @@ impl RegionCode {
             Some((country, sub)) => {
                 let country = CountryCode::parse(country)?;
                 Self::subdivision(country, sub)
-                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(s.to_owned()))
+                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(shown(s)))
             }
         }
     }
@@ -257,6 +262,20 @@ mod tests {
         assert!(RegionCode::parse("UA-").is_err());
         assert!(RegionCode::parse("UA-ABCD").is_err());
         assert!(RegionCode::parse("XX-1").is_err());
+    }
+
+    #[test]
+    fn errors_quote_an_excerpt_of_the_text() {
+        let huge = "A".repeat(200_000);
+        for error in [
+            CountryCode::parse(&huge).unwrap_err(),
+            RegionCode::parse(&huge).unwrap_err(),
+            RegionCode::parse(&format!("UA-{huge}")).unwrap_err(),
+        ] {
+            let text = error.to_string();
+            assert!(text.len() < 200, "{} bytes: {}", text.len(), &text[..200]);
+            assert!(text.contains("is not an ISO 3166"), "{text}");
+        }
     }
 
     proptest! {

@@ -16,7 +16,7 @@ use super::config::GatewayConfig;
 use crate::classify::hints::accept_language_regions;
 use crate::classify::{AccountFacts, Flow, HintFacts};
 use crate::engine::ClassifyInput;
-use crate::grpc::excerpt;
+use crate::excerpt;
 use crate::region::CountryCode;
 
 /// The route `context_extensions` key naming the flow (`signup`, `login`, `api_request`).
@@ -94,7 +94,7 @@ pub fn map_check(
         Some(other) => {
             return Err(error(
                 format!("context_extensions[{FLOW_KEY}]"),
-                format!("{other:?} is not signup, login or api_request"),
+                format!("{:?} is not signup, login or api_request", excerpt(other)),
             ));
         }
     };

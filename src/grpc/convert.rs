@@ -9,8 +9,8 @@ use crate::classify::ownership::{
 };
 use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
+use crate::excerpt;
 use crate::geo::GeoLookup;
-use crate::grpc::status::excerpt;
 use crate::grpc::{ApiError, pb};
 use crate::region::{CountryCode, RegionCode};
 
@@ -413,7 +413,7 @@ pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
         error: Some(pb::RequestError {
             code: error.code_name().to_owned(),
             field: error.field().to_owned(),
-            message: error.to_string(),
+            message: error.message(),
         }),
         ..Default::default()
     }

@@ -13,7 +13,7 @@ mod usage;
 pub use classifier::ClassifierService;
 pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
-pub use status::{ApiError, excerpt};
+pub use status::{ApiError, MAX_MESSAGE_BYTES, bounded, excerpt};
 pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.

@@ -74,6 +74,12 @@ impl ApiError {
         }
     }
 
+    /// What the caller is told: the error's text, bounded (see [`MAX_MESSAGE_BYTES`]). Every
+    /// message a caller sees comes from here.
+    pub fn message(&self) -> String {
+        bounded(&self.to_string()).into_owned()
+    }
+
     /// The request field at fault, where there is one.
     pub fn field(&self) -> &str {
         match self {
@@ -84,14 +90,24 @@ impl ApiError {
     }
 }
 
-/// At most the first 64 bytes of caller input (on a character boundary), for error messages:
-/// enough to recognise the value, never a whole hostile payload echoed back.
-pub fn excerpt(text: &str) -> &str {
-    let mut end = text.len().min(64);
+pub use crate::excerpt;
+
+/// The longest message a caller is sent, in bytes: `grpc-message` travels in a header, and a
+/// client with a 16 KiB header limit must see the real error, not RESOURCE_EXHAUSTED. Values
+/// quoted in messages are [`excerpt`]s already; this bounds whatever else a message carries.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `text` cut to at most [`MAX_MESSAGE_BYTES`] (on a character boundary, ending in `…` when cut).
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_MESSAGE_BYTES {
+        return text.into();
+    }
+    const MARK: &str = "…";
+    let mut end = MAX_MESSAGE_BYTES - MARK.len();
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    &text[..end]
+    format!("{}{MARK}", &text[..end]).into()
 }
 
 impl From<crate::store::StoreError> for Status {
@@ -105,6 +121,27 @@ impl From<ApiError> for Status {
         if error.code() == Code::Internal {
             tracing::error!(%error, "request failed");
         }
-        Status::new(error.code(), error.to_string())
+        Status::new(error.code(), error.message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_bounded_whatever_it_carries() {
+        let huge = "é".repeat(100_000);
+        let error = ApiError::invalid("account.organization.name", huge.clone());
+        let message = error.message();
+        assert!(message.len() <= MAX_MESSAGE_BYTES, "{}", message.len());
+        assert!(message.starts_with("account.organization.name: é"));
+        assert!(message.ends_with('…'));
+        let status = Status::from(ApiError::NotFound(huge));
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert_eq!(
+            ApiError::invalid("ip", "required").message(),
+            "ip: required"
+        );
     }
 }

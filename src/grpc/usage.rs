@@ -194,7 +194,7 @@ impl Usage for UsageService {
                     &mut summary,
                     index,
                     error.field().to_owned(),
-                    error.to_string(),
+                    error.message(),
                 ),
             }
             index += 1;
