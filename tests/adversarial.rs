@@ -8,9 +8,12 @@
 mod support;
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use prost::Message;
+use prost::bytes::BufMut;
 use regionguard::auth::{CallerConfig, Role, token_sha256};
 use regionguard::gateway::config::AccountHeaders;
 use regionguard::grpc::pb;
@@ -18,9 +21,121 @@ use support::envoy::check_request;
 use support::{TestServer, request, scenarios};
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+
+const CLASSIFY: &str = "/regionguard.v1.Classifier/Classify";
+const CLASSIFY_STREAM: &str = "/regionguard.v1.Classifier/ClassifyStream";
 
 /// The most a message may carry back (`grpc::MAX_MESSAGE_BYTES`).
 const MAX_MESSAGE: usize = 1024;
+
+/// Sends request bodies as the bytes given; decodes answers as `R`.
+struct RawCodec<R>(PhantomData<R>);
+
+impl<R> Default for RawCodec<R> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+struct RawEncoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+struct AnswerDecoder<R>(PhantomData<R>);
+
+impl<R: Message + Default> Decoder for AnswerDecoder<R> {
+    type Item = R;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<R>, tonic::Status> {
+        R::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl<R: Message + Default + Send + 'static> Codec for RawCodec<R> {
+    type Encode = Vec<u8>;
+    type Decode = R;
+    type Encoder = RawEncoder;
+    type Decoder = AnswerDecoder<R>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> AnswerDecoder<R> {
+        AnswerDecoder(PhantomData)
+    }
+}
+
+async fn raw_unary<R: Message + Default + Send + 'static>(
+    channel: &Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<R, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        PathAndQuery::from_static(path),
+        RawCodec::<R>::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Sends `bodies` on one stream; the answers in order, then how the stream ended.
+async fn raw_stream<R: Message + Default + Send + 'static>(
+    channel: &Channel,
+    path: &'static str,
+    bodies: Vec<Vec<u8>>,
+) -> (Vec<R>, Result<(), tonic::Status>) {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let call = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(bodies)),
+            PathAndQuery::from_static(path),
+            RawCodec::<R>::default(),
+        )
+        .await;
+    let mut stream = match call {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut answers = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(answer)) => answers.push(answer),
+            Ok(None) => return (answers, Ok(())),
+            Err(status) => return (answers, Err(status)),
+        }
+    }
+}
+
+/// Bytes that are not a protobuf message: a field tag with wire type 7, which does not exist.
+const GARBAGE: [u8; 8] = [0x0f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+
+/// A ClassifyRequest whose `ip` (field 1) holds bytes that are not UTF-8.
+fn not_utf8() -> Vec<u8> {
+    vec![0x0a, 0x03, 0xff, 0xfe, 0x80]
+}
+
+fn classify_bytes(ip: &str) -> Vec<u8> {
+    request(ip).encode_to_vec()
+}
 
 fn assert_bounded(status: &tonic::Status) {
     assert!(
@@ -195,6 +310,95 @@ async fn the_gateway_names_the_problem_of_a_huge_header_in_a_bounded_answer() {
         answer.body.len() <= 2 * MAX_MESSAGE,
         "{}",
         answer.body.len()
+    );
+    server.shutdown().await;
+}
+
+// ---- 7a. Malformed protobuf is the caller's error ----
+
+#[tokio::test]
+async fn malformed_protobuf_is_invalid_argument_naming_the_problem() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+
+    let garbage = raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, GARBAGE.to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+    assert!(
+        garbage.message().contains("could not be decoded")
+            && garbage.message().contains("wire type"),
+        "{}",
+        garbage.message()
+    );
+
+    let text = raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, not_utf8())
+        .await
+        .unwrap_err();
+    assert_eq!(text.code(), Code::InvalidArgument, "{text:?}");
+    assert!(
+        text.message().contains("ClassifyRequest.ip") && text.message().contains("UTF-8"),
+        "{}",
+        text.message()
+    );
+
+    // An ownership chain nested past protobuf's recursion limit (100).
+    let mut owner = pb::Owner {
+        name: "leaf".into(),
+        ..Default::default()
+    };
+    for i in 0..150 {
+        owner = pb::Owner {
+            name: format!("o{i}"),
+            share_percent: 100.0,
+            owners: vec![owner],
+            ..Default::default()
+        };
+    }
+    let mut deep = request(scenario.ips.allowed);
+    deep.account = Some(pb::Account {
+        organization: Some(pb::Organization {
+            owners: vec![owner],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let nested = raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, deep.encode_to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(nested.code(), Code::InvalidArgument, "{nested:?}");
+    assert!(
+        nested.message().contains("recursion limit"),
+        "{}",
+        nested.message()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_undecodable_stream_message_is_answered_and_named() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let bodies = vec![
+        classify_bytes(scenario.ips.allowed),
+        not_utf8(),
+        classify_bytes(scenario.ips.allowed),
+    ];
+    let (answers, end) =
+        raw_stream::<pb::ClassifyResponse>(&server.channel, CLASSIFY_STREAM, bodies).await;
+    assert!(answers[0].error.is_none(), "the first request is decided");
+    let error = answers
+        .get(1)
+        .and_then(|a| a.error.as_ref())
+        .expect("an error answer for the undecodable request");
+    assert_eq!(error.code, "INVALID_ARGUMENT");
+    assert!(error.message.contains("UTF-8"), "{}", error.message);
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("request 1") && status.message().contains("UTF-8"),
+        "{}",
+        status.message()
     );
     server.shutdown().await;
 }

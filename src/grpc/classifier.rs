@@ -9,8 +9,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::AuditTrail;
 use crate::engine::{ClassifyInput, Engine, Outcome};
-use crate::grpc::convert::{self, rejected};
+use crate::grpc::convert::{self, rejected, unreadable};
 use crate::grpc::pb::classifier_server::Classifier;
+use crate::grpc::status::bounded;
 use crate::grpc::{ApiError, pb};
 
 #[derive(Clone)]
@@ -109,7 +110,20 @@ impl Classifier for ClassifierService {
                         .decide(&request)
                         .await
                         .unwrap_or_else(|error| rejected(&request.request_id, &error))),
-                    Err(status) => Err(status),
+                    // A message that does not decode or is over max_request_bytes: tonic cannot
+                    // read a stream past it (it has lost the message boundaries), so it gets an
+                    // error answer of its own and the stream ends saying which request and why.
+                    Err(status) => {
+                        let index = seen - 1;
+                        let _ = tx.send(Ok(unreadable(&status))).await;
+                        Err(Status::new(
+                            status.code(),
+                            bounded(&format!(
+                                "request {index}: {}; the stream cannot be read past it",
+                                status.message()
+                            )),
+                        ))
+                    }
                 };
                 let last = answer.is_err();
                 if tx.send(answer).await.is_err() || last {

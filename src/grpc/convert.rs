@@ -11,6 +11,7 @@ use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::excerpt;
 use crate::geo::GeoLookup;
+use crate::grpc::status::{bounded, code_name};
 use crate::grpc::{ApiError, pb};
 use crate::region::{CountryCode, RegionCode};
 
@@ -414,6 +415,18 @@ pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
             code: error.code_name().to_owned(),
             field: error.field().to_owned(),
             message: error.message(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A stream response for a request that could not be read (see `ClassifyStream`).
+pub fn unreadable(status: &tonic::Status) -> pb::ClassifyResponse {
+    pb::ClassifyResponse {
+        error: Some(pb::RequestError {
+            code: code_name(status.code()).to_owned(),
+            field: "request".to_owned(),
+            message: bounded(status.message()).into_owned(),
         }),
         ..Default::default()
     }

@@ -1,9 +1,11 @@
 //! The gRPC edge: generated types, proto <-> domain translation, and the tonic services.
 //!
 //! Proto types stop here: the domain never imports `pb`. Handlers are convert, call, convert
-//! back; every error becomes a `Status` in one place ([`ApiError`]).
+//! back; every error becomes a `Status` in one place ([`ApiError`]), messages that do not
+//! decode included (`codec.rs`).
 
 mod classifier;
+mod codec;
 pub mod convert;
 mod records;
 mod review;
