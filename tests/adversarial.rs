@@ -402,3 +402,42 @@ async fn an_undecodable_stream_message_is_answered_and_named() {
     );
     server.shutdown().await;
 }
+
+// ---- 7b. max_request_bytes counts the bytes as received ----
+
+#[tokio::test]
+async fn unknown_fields_count_toward_max_request_bytes() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    // 600 KB in field 1000 (unknown to the server: dropped by decoding, so a check on the
+    // re-encoded message sees only the ip).
+    let mut body = classify_bytes(scenario.ips.allowed);
+    let padding = vec![b'x'; 600_000];
+    prost::encoding::bytes::encode(1000, &padding, &mut body);
+    let status = raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, body.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("262144"),
+        "names the limit: {}",
+        status.message()
+    );
+
+    // On a stream: the requests before it are answered, then the stream ends saying why.
+    let bodies = vec![classify_bytes(scenario.ips.allowed), body];
+    let (answers, end) =
+        raw_stream::<pb::ClassifyResponse>(&server.channel, CLASSIFY_STREAM, bodies).await;
+    assert!(answers[0].error.is_none());
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("262144"), "{}", status.message());
+
+    // Just under the limit is served.
+    let mut fits = classify_bytes(scenario.ips.allowed);
+    prost::encoding::bytes::encode(1000, &vec![b'x'; 200_000], &mut fits);
+    raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, fits)
+        .await
+        .expect("under max_request_bytes");
+    server.shutdown().await;
+}

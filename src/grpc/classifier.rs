@@ -3,7 +3,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use prost::Message;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,20 +16,16 @@ use crate::grpc::{ApiError, pb};
 #[derive(Clone)]
 pub struct ClassifierService {
     engine: Arc<Engine>,
-    max_request_bytes: usize,
     audit: Option<Arc<AuditTrail>>,
     max_stream_messages: u64,
 }
 
 impl ClassifierService {
-    pub fn new(
-        engine: Arc<Engine>,
-        max_request_bytes: usize,
-        audit: Option<Arc<AuditTrail>>,
-    ) -> Self {
+    /// `max_request_bytes` is not the handler's business: [`crate::grpc::MessageLimit`] holds
+    /// every message to it as received, before decoding.
+    pub fn new(engine: Arc<Engine>, audit: Option<Arc<AuditTrail>>) -> Self {
         Self {
             engine,
-            max_request_bytes,
             audit,
             max_stream_messages: u64::MAX,
         }
@@ -59,13 +54,6 @@ impl ClassifierService {
         &self,
         request: &pb::ClassifyRequest,
     ) -> Result<(ClassifyInput, Outcome), ApiError> {
-        let size = request.encoded_len();
-        if size > self.max_request_bytes {
-            return Err(ApiError::TooLarge {
-                size,
-                limit: self.max_request_bytes,
-            });
-        }
         let input = ClassifyInput::try_from(request)?;
         let outcome = self.engine.classify(&input).await?;
         Ok((input, outcome))

@@ -10,7 +10,8 @@ pub enum ApiError {
     /// The request is malformed; `field` is its path in the request ("account.billing_country").
     #[error("{field}: {message}")]
     InvalidArgument { field: String, message: String },
-    #[error("request is {size} bytes, above the limit of {limit} bytes")]
+    /// A message, as received, is larger than `max_request_bytes`.
+    #[error("message is {size} bytes, above the limit of {limit} bytes (max_request_bytes)")]
     TooLarge { size: usize, limit: usize },
     /// The bytes are not the message they should be (garbage, too deeply nested, a string that
     /// is not UTF-8): the sender's error. prost's text names the field where it can.
