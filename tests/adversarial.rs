@@ -9,6 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
@@ -27,6 +28,7 @@ use tonic::transport::Channel;
 
 const CLASSIFY: &str = "/regionguard.v1.Classifier/Classify";
 const CLASSIFY_STREAM: &str = "/regionguard.v1.Classifier/ClassifyStream";
+const REPORT: &str = "/regionguard.v1.Usage/Report";
 
 /// The most a message may carry back (`grpc::MAX_MESSAGE_BYTES`).
 const MAX_MESSAGE: usize = 1024;
@@ -439,5 +441,60 @@ async fn unknown_fields_count_toward_max_request_bytes() {
     raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, fits)
         .await
         .expect("under max_request_bytes");
+    server.shutdown().await;
+}
+
+// ---- 7c. An undecodable usage event is never dropped in silence ----
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn usage_event(account: &str) -> pb::UsageEvent {
+    pb::UsageEvent {
+        account_id: account.into(),
+        ip: "216.160.83.57".into(),
+        timestamp_unix_ms: now_ms(),
+        request_count: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_undecodable_usage_event_fails_the_report_saying_what_was_kept() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let bodies = vec![
+        usage_event("a").encode_to_vec(),
+        GARBAGE.to_vec(),
+        usage_event("b").encode_to_vec(),
+    ];
+    let (summaries, end) = raw_stream::<pb::ReportSummary>(&server.channel, REPORT, bodies).await;
+    let status = end.expect_err("the stream cannot be read past the event: it must say so");
+    assert!(summaries.is_empty(), "{summaries:?}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.starts_with("event 1:")
+            && message.contains("could not be decoded")
+            && message.contains("1 accepted"),
+        "{message}"
+    );
+
+    // An event over max_request_bytes, the same.
+    let mut big = usage_event("c").encode_to_vec();
+    prost::encoding::bytes::encode(1000, &vec![0u8; 300_000], &mut big);
+    let bodies = vec![usage_event("d").encode_to_vec(), big];
+    let (_, end) = raw_stream::<pb::ReportSummary>(&server.channel, REPORT, bodies).await;
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().starts_with("event 1:") && status.message().contains("262144"),
+        "{}",
+        status.message()
+    );
     server.shutdown().await;
 }

@@ -1,7 +1,9 @@
 //! `regionguard.v1.Usage/Report`: usage events in, one summary out.
 //!
 //! Each event is checked on its own: a bad one is counted and named (index, field, problem) and
-//! the stream goes on, so good events are never lost because a neighbour was bad.
+//! the stream goes on, so good events are never lost because a neighbour was bad. An event that
+//! cannot be read at all (undecodable, over `max_request_bytes`) fails the call, saying how many
+//! events before it were kept: tonic cannot read a stream past it, and a summary would hide that.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use crate::engine::Engine;
 use crate::grpc::ApiError;
 use crate::grpc::convert::parse_ip;
 use crate::grpc::pb::{self, usage_server::Usage};
+use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
 use crate::usage::window::HISTORY_SECS;
 
@@ -152,14 +155,18 @@ impl Usage for UsageService {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(status) => {
-                    // The transport cannot go on (e.g. an oversize message): report what was read.
-                    reject(
-                        &mut summary,
-                        index,
-                        "stream".into(),
-                        status.message().to_owned(),
-                    );
-                    break;
+                    // An event that does not decode or is over max_request_bytes: tonic cannot
+                    // read the stream past it, so the call fails saying what was kept, rather
+                    // than answer a summary that silently leaves out the rest.
+                    return Err(Status::new(
+                        status.code(),
+                        bounded(&format!(
+                            "event {index}: {}; read before it: {} accepted, {} rejected; nothing after it was read",
+                            status.message(),
+                            summary.accepted,
+                            summary.rejected
+                        )),
+                    ));
                 }
             };
             if index >= self.max_stream_messages {
