@@ -18,6 +18,7 @@ use prost::bytes::BufMut;
 use regionguard::auth::{CallerConfig, Role, token_sha256};
 use regionguard::gateway::config::AccountHeaders;
 use regionguard::grpc::pb;
+use regionguard::grpc::pb::usage_client::UsageClient;
 use support::envoy::check_request;
 use support::{TestServer, request, scenarios};
 use tokio_stream::StreamExt;
@@ -495,6 +496,132 @@ async fn an_undecodable_usage_event_fails_the_report_saying_what_was_kept() {
         status.message().starts_with("event 1:") && status.message().contains("262144"),
         "{}",
         status.message()
+    );
+    server.shutdown().await;
+}
+
+// ---- 7j. The gateway reads a creation time as Classify does ----
+
+#[tokio::test]
+async fn a_negative_creation_time_header_is_an_error_naming_the_header() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |c| {
+        c.gateway.account_headers = AccountHeaders {
+            created_at_unix: Some("x-account-created".into()),
+            ..Default::default()
+        }
+    })
+    .await;
+    let headers = [("x-account-id", "acct-1"), ("x-account-created", "-5")];
+    let answer = check(
+        &server,
+        check_request(scenario.ips.allowed, "/v1/chat", &headers, &[]),
+    )
+    .await;
+    assert_eq!(answer.http, 403, "on_error = deny");
+    let error = &answer.headers["x-regionguard-error"];
+    assert!(
+        error.starts_with("headers[x-account-created]") && error.contains("before 1970"),
+        "{error}"
+    );
+    assert!(
+        answer.body.contains("region_check_failed"),
+        "{}",
+        answer.body
+    );
+
+    // Classify says the same of the same value.
+    let mut classify = request(scenario.ips.allowed);
+    classify.account = Some(pb::Account {
+        created_at_unix: -5,
+        ..Default::default()
+    });
+    let status = server.classify(classify).await.unwrap_err();
+    assert!(status.message().contains("before 1970"), "{status:?}");
+    server.shutdown().await;
+}
+
+// ---- 7k. Control characters in ids ----
+
+#[tokio::test]
+async fn control_characters_in_ids_are_refused_naming_the_field() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let ip = scenario.ips.allowed;
+    let cases: [(&str, pb::Account); 3] = [
+        (
+            "account.account_id",
+            pb::Account {
+                account_id: "acct\u{7}1".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "account.payment_fingerprint",
+            pb::Account {
+                payment_fingerprint: "card\r\nX-Injected: 1".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "account.organization.domain",
+            pb::Account {
+                organization: Some(pb::Organization {
+                    domain: "example.com\u{0}".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, account) in cases {
+        let mut bad = request(ip);
+        bad.account = Some(account);
+        let status = server.classify(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}: "))
+                && status.message().contains("control character"),
+            "{}",
+            status.message()
+        );
+    }
+
+    // Usage events: the account and the API key.
+    let mut usage = UsageClient::new(server.channel.clone());
+    let events = vec![
+        pb::UsageEvent {
+            account_id: "a\u{1b}[31m".into(),
+            ..usage_event("x")
+        },
+        pb::UsageEvent {
+            api_key_id: "key\n2".into(),
+            ..usage_event("y")
+        },
+        usage_event("z"),
+    ];
+    let summary = usage
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.accepted, summary.rejected), (1, 2), "{summary:?}");
+    let fields: Vec<&str> = summary
+        .rejections
+        .iter()
+        .map(|r| r.field.as_str())
+        .collect();
+    assert_eq!(fields, ["account_id", "api_key_id"]);
+    assert!(summary.rejections[0].message.contains("control character"));
+
+    // The gateway, through the same conversion.
+    let headers = [("x-account-id", "acct\u{7f}1")];
+    let answer = check(&server, check_request(ip, "/v1/chat", &headers, &[])).await;
+    assert_eq!(answer.http, 403);
+    let error = &answer.headers["x-regionguard-error"];
+    assert!(
+        error.starts_with("headers[x-account-id]") && error.contains("control character"),
+        "{error}"
     );
     server.shutdown().await;
 }

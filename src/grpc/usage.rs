@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
 use crate::grpc::ApiError;
-use crate::grpc::convert::parse_ip;
+use crate::grpc::convert::{MAX_ID_BYTES, identifier, parse_ip};
 use crate::grpc::pb::{self, usage_server::Usage};
 use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
@@ -21,7 +21,6 @@ use crate::usage::window::HISTORY_SECS;
 
 /// Rejections listed by name in one summary; the rest are only counted.
 const MAX_LISTED: usize = 100;
-const MAX_ID_BYTES: usize = 256;
 /// How far ahead of the server's clock an event may be (clock skew).
 const MAX_FUTURE_SECS: i64 = 300;
 const MAX_REQUESTS: u64 = 1_000_000;
@@ -42,21 +41,10 @@ impl UsageService {
 }
 
 fn id(field: &str, value: &str, required: bool) -> Result<Option<Arc<str>>, ApiError> {
-    let value = value.trim();
-    if value.is_empty() {
-        return if required {
-            Err(ApiError::invalid(field, "required"))
-        } else {
-            Ok(None)
-        };
+    match identifier(field, value, MAX_ID_BYTES)? {
+        None if required => Err(ApiError::invalid(field, "required")),
+        id => Ok(id.map(Arc::from)),
     }
-    if value.len() > MAX_ID_BYTES {
-        return Err(ApiError::invalid(
-            field,
-            format!("{} bytes, more than {MAX_ID_BYTES}", value.len()),
-        ));
-    }
-    Ok(Some(value.into()))
 }
 
 /// Checks one event against the server's clock `now` (seconds).
