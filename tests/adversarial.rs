@@ -625,3 +625,54 @@ async fn control_characters_in_ids_are_refused_naming_the_field() {
     );
     server.shutdown().await;
 }
+
+// ---- 7d. bypass_paths are matched on the normalised path ----
+
+#[tokio::test]
+async fn bypass_paths_match_the_normalised_path_only() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |c| {
+        c.gateway.bypass_paths = vec!["/public/*".into(), "/healthz".into()]
+    })
+    .await;
+    // From a sanctioned address: bypassed answers 200 unclassified, classified ones are denied.
+    let from_sanctioned = |path: &str| check_request(scenario.ips.sanctioned, path, &[], &[]);
+    for path in [
+        "/public/app.js",
+        "/public/./a/../app.js",
+        "/healthz?probe=1",
+        "/%68ealthz",
+        "/public/my%20file.js",
+    ] {
+        let answer = check(&server, from_sanctioned(path)).await;
+        assert_eq!(answer.http, 200, "{path} is bypassed");
+        assert!(!answer.headers.contains_key("x-regionguard-verdict"));
+    }
+    for path in [
+        "/public/../signup",
+        "/public/%2e%2e/signup",
+        "/public/%2E%2E/signup",
+        "/public/.%2e/signup",
+        "/public//..//signup",
+        "/public/a/../../signup",
+        "/public%2f..%2fsignup",
+        "/public/..%2fsignup",
+        "/public/..;/signup",
+        "/public/%zz/../../signup",
+        "/public\\..\\signup",
+        "/healthz/../signup",
+        "/%68ealthz/../signup",
+    ] {
+        let answer = check(&server, from_sanctioned(path)).await;
+        assert_eq!(answer.http, 403, "{path} must be classified");
+        assert_eq!(
+            answer
+                .headers
+                .get("x-regionguard-verdict")
+                .map(String::as_str),
+            Some("DENY"),
+            "{path}"
+        );
+    }
+    server.shutdown().await;
+}
