@@ -38,6 +38,15 @@ pub struct CallerConfig {
     pub client_cert_sha256: Vec<String>,
 }
 
+/// The token of an `authorization` header with the Bearer scheme: the scheme is
+/// case-insensitive (RFC 7235 §2.1) and followed by one or more spaces.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
+}
+
 /// A hex SHA-256 as configured, lower case without colons, if it is one.
 fn fingerprint(hex: &str) -> Option<String> {
     let hex: String = hex.chars().filter(|&c| c != ':').collect();
@@ -176,10 +185,7 @@ impl Gate {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let token = header.and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        });
+        let token = header.and_then(bearer_token);
         if let Some(token) = token {
             let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
             return self
@@ -263,6 +269,17 @@ mod tests {
                 .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         gate.call(request)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("bEaReR   abc "), Some("abc"));
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 
     #[test]

@@ -676,3 +676,45 @@ async fn bypass_paths_match_the_normalised_path_only() {
     }
     server.shutdown().await;
 }
+
+// ---- 7e. The bearer scheme is case-insensitive ----
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    const EDGE: &str = "edge-token";
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |c| {
+        c.auth.callers = vec![CallerConfig {
+            name: "edge".into(),
+            role: Role::Gateway,
+            token_sha256: token_sha256(EDGE),
+            client_cert_sha256: Vec::new(),
+        }]
+    })
+    .await;
+    for header in [
+        format!("Bearer {EDGE}"),
+        format!("bearer {EDGE}"),
+        format!("BEARER {EDGE}"),
+        format!("BeArEr {EDGE}"),
+        format!("Bearer   {EDGE}"),
+    ] {
+        let mut call = tonic::Request::new(request(scenario.ips.allowed));
+        call.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        server
+            .client
+            .clone()
+            .classify(call)
+            .await
+            .unwrap_or_else(|s| panic!("{header:?}: {s:?}"));
+    }
+    for header in [format!("Bearer{EDGE}"), format!("Basic {EDGE}")] {
+        let mut call = tonic::Request::new(request(scenario.ips.allowed));
+        call.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let status = server.client.clone().classify(call).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{header:?}");
+    }
+    server.shutdown().await;
+}
