@@ -22,7 +22,7 @@ pub enum Role {
     Reviewer,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CallerConfig {
     pub name: String,
@@ -36,6 +36,26 @@ pub struct CallerConfig {
     /// certificate can be rotated without a gap.
     #[serde(default)]
     pub client_cert_sha256: Vec<String>,
+}
+
+/// The config is logged at start: a token's hash never (a weak token falls to a dictionary
+/// against it). Certificate fingerprints are of public certificates and stay.
+impl std::fmt::Debug for CallerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field(
+                "token_sha256",
+                &if self.token_sha256.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("client_cert_sha256", &self.client_cert_sha256)
+            .finish()
+    }
 }
 
 /// The token of an `authorization` header with the Bearer scheme: the scheme is
@@ -280,6 +300,16 @@ mod tests {
         assert_eq!(bearer_token("Bearerabc"), None);
         assert_eq!(bearer_token("Basic abc"), None);
         assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    #[test]
+    fn the_config_never_shows_a_token_hash() {
+        let shown = format!("{:?}", config());
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!shown.contains(&token_sha256("r-secret")), "{shown}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use regionguard::gateway::config::AccountHeaders;
 use regionguard::grpc::pb;
 use regionguard::grpc::pb::usage_client::UsageClient;
 use support::envoy::check_request;
+use support::replica::Replica;
 use support::{TestServer, request, scenarios};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -717,4 +718,27 @@ async fn the_bearer_scheme_is_case_insensitive() {
         assert_eq!(status.code(), Code::Unauthenticated, "{header:?}");
     }
     server.shutdown().await;
+}
+
+// ---- 7f. The start log keeps token hashes out ----
+
+#[tokio::test]
+async fn the_start_log_does_not_print_token_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = token_sha256("reviewer-secret");
+    let replica = Replica::start(
+        dir.path(),
+        "logged",
+        &format!(
+            "[[auth.callers]]\nname = \"rita@compliance\"\nrole = \"reviewer\"\ntoken_sha256 = {hash:?}\n"
+        ),
+    )
+    .await;
+    let log = replica.log();
+    assert!(log.contains("starting"), "{log}");
+    assert!(
+        log.contains("rita@compliance"),
+        "callers are still named: {log}"
+    );
+    assert!(!log.contains(&hash), "{log}");
 }
