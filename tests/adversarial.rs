@@ -9,6 +9,8 @@ mod support;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
@@ -16,6 +18,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use prost::Message;
 use prost::bytes::BufMut;
 use regionguard::auth::{CallerConfig, Role, token_sha256};
+use regionguard::config::Config;
 use regionguard::gateway::config::AccountHeaders;
 use regionguard::grpc::pb;
 use regionguard::grpc::pb::usage_client::UsageClient;
@@ -28,6 +31,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
+const BIN: &str = env!("CARGO_BIN_EXE_regionguard");
 const CLASSIFY: &str = "/regionguard.v1.Classifier/Classify";
 const CLASSIFY_STREAM: &str = "/regionguard.v1.Classifier/ClassifyStream";
 const REPORT: &str = "/regionguard.v1.Usage/Report";
@@ -741,4 +745,47 @@ async fn the_start_log_does_not_print_token_hashes() {
         "callers are still named: {log}"
     );
     assert!(!log.contains(&hash), "{log}");
+}
+
+// ---- 7g. metrics_listen off loopback needs an explicit opt-in ----
+
+/// Runs `regionguard serve` with `config`; its exit status and stderr, or None if it kept serving.
+fn serve_exits(config: &str) -> Option<(std::process::ExitStatus, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("regionguard.toml");
+    std::fs::write(&file, config).unwrap();
+    let db = dir.path().join("city.mmdb");
+    std::fs::write(&db, support::fixtures::city_db()).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--policy", "data/policy.toml", "--location-db"])
+        .arg(&db)
+        .env("REGIONGUARD_CONFIG", &file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status, std::fs::read_to_string(&log).unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn a_public_metrics_port_is_refused_without_the_opt_in() {
+    let (grpc, metrics) = (support::free_port(), support::free_port());
+    let public = format!("listen = \"127.0.0.1:{grpc}\"\nmetrics_listen = \"0.0.0.0:{metrics}\"\n");
+    let (status, log) = serve_exits(&public).expect("refused at start, not served");
+    assert!(!status.success());
+    assert!(
+        log.contains("metrics_listen") && log.contains("metrics_allow_public"),
+        "{log}"
+    );
+    Config::from_toml(&format!("{public}metrics_allow_public = true\n"), "c.toml")
+        .expect("accepted with the opt-in");
 }
