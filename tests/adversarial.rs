@@ -789,3 +789,68 @@ fn a_public_metrics_port_is_refused_without_the_opt_in() {
     Config::from_toml(&format!("{public}metrics_allow_public = true\n"), "c.toml")
         .expect("accepted with the opt-in");
 }
+
+// ---- Organisations ----
+
+fn with_organization(ip: &str, organization: pb::Organization) -> pb::ClassifyRequest {
+    let mut request = request(ip);
+    request.account = Some(pb::Account {
+        organization: Some(organization),
+        ..Default::default()
+    });
+    request
+}
+
+fn owner(name: &str, country: &str, share: f64, owners: Vec<pb::Owner>) -> pb::Owner {
+    pb::Owner {
+        name: name.into(),
+        country: country.into(),
+        share_percent: share,
+        owners,
+    }
+}
+
+// ---- 7h. Owner names compare normalised ----
+
+#[tokio::test]
+async fn ownership_cycles_are_found_whatever_the_case_and_spacing() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    for again in ["b", "B ", " b", "Bolt  Holding", "bolt holding"] {
+        let first = if again.to_lowercase().contains("bolt") {
+            "Bolt Holding"
+        } else {
+            "B"
+        };
+        let organization = pb::Organization {
+            owners: vec![owner(
+                "A",
+                "AE",
+                50.0,
+                vec![owner(
+                    first,
+                    "AE",
+                    50.0,
+                    vec![owner(
+                        "C",
+                        "AE",
+                        50.0,
+                        vec![owner(again, "AE", 10.0, vec![])],
+                    )],
+                )],
+            )],
+            ..Default::default()
+        };
+        let status = server
+            .classify(with_organization(scenario.ips.allowed, organization))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{again:?}");
+        assert!(
+            status.message().contains("ownership cycle"),
+            "{again:?}: {}",
+            status.message()
+        );
+    }
+    server.shutdown().await;
+}
