@@ -854,3 +854,27 @@ async fn ownership_cycles_are_found_whatever_the_case_and_spacing() {
     }
     server.shutdown().await;
 }
+
+// ---- 7l. Shares print on the side of the threshold they are on ----
+
+#[tokio::test]
+async fn a_share_above_the_threshold_never_prints_as_the_threshold() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let organization = pb::Organization {
+        owners: vec![owner("P", "IR", 50.001, vec![])],
+        ..Default::default()
+    };
+    let answer = server
+        .classify(with_organization(scenario.ips.allowed, organization))
+        .await
+        .unwrap();
+    let reason = answer
+        .reasons
+        .iter()
+        .find(|r| r.code == "OWNERSHIP_RESTRICTED")
+        .expect("50.001 % is above the 50 % threshold");
+    assert_eq!(reason.evidence["restricted_share_percent"], "50.001");
+    assert!(reason.message.contains("50.001%"), "{}", reason.message);
+    server.shutdown().await;
+}

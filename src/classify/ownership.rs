@@ -111,6 +111,25 @@ fn walk(
         .sum()
 }
 
+/// `percent` for people, against `threshold`: two decimals, or as many more as it takes for the
+/// text to stand where the value stands (above, at or below the threshold). 50.001 against 50
+/// prints `50.001`, never `50.00`, which would read as the threshold itself.
+pub fn share_text(percent: f64, threshold: f64) -> String {
+    let side = percent.partial_cmp(&threshold);
+    for decimals in 2..=17 {
+        let text = format!("{percent:.decimals$}");
+        if text
+            .parse::<f64>()
+            .ok()
+            .and_then(|shown| shown.partial_cmp(&threshold))
+            == side
+        {
+            return text;
+        }
+    }
+    percent.to_string()
+}
+
 /// Whether two owner names name the same owner: compared trimmed, case-folded (upper- then
 /// lower-cased, so `ß` and `SS` meet) and with each run of inner whitespace as one space.
 pub fn same_owner(a: &str, b: &str) -> bool {
@@ -257,6 +276,19 @@ mod tests {
         )
         .unwrap();
         assert!((org.restricted_share(&is_ir).percent - 40.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_share_never_prints_across_or_onto_the_threshold() {
+        assert_eq!(share_text(64.0, 50.0), "64.00");
+        assert_eq!(share_text(54.00000000000001, 50.0), "54.00");
+        assert_eq!(share_text(50.001, 50.0), "50.001");
+        assert_eq!(share_text(50.0000001, 50.0), "50.0000001");
+        assert_eq!(share_text(50.0, 50.0), "50.00");
+        assert_eq!(share_text(49.999, 50.0), "49.999");
+        assert_eq!(share_text(33.3334, 33.333), "33.3334");
+        let next = f64::from_bits(50.0f64.to_bits() + 1);
+        assert!(share_text(next, 50.0).parse::<f64>().unwrap() > 50.0);
     }
 
     #[test]
