@@ -1,10 +1,13 @@
 //! Region codes: ISO 3166-1 alpha-2 countries and ISO 3166-2 subdivisions.
 //!
 //! Parsed once at the edge (caller input, policy file, database records) so the core only ever
-//! sees checked, `Copy` values. Caller input is checked against the ISO 3166-1 list; database
-//! records are trusted to be well-formed codes but may use codes outside it.
+//! sees checked, `Copy` values. Caller input is checked against the ISO 3166-1 list and the
+//! ISO 3166-2 table (`subdivisions.rs`); database records are trusted to be well-formed codes but
+//! may use codes outside them.
 
 use std::fmt;
+
+mod subdivisions;
 
 /// Officially assigned ISO 3166-1 alpha-2 codes, plus `XK` (Kosovo), which MaxMind and most
 /// registries use although it is user-assigned.
@@ -45,6 +48,8 @@ pub enum RegionCodeError {
     Unassigned(String),
     #[error("{0:?} is not an ISO 3166-2 subdivision code (CC-XXX, 1 to 3 letters or digits)")]
     MalformedSubdivision(String),
+    #[error("{0:?} is not an assigned ISO 3166-2 subdivision code")]
+    UnassignedSubdivision(String),
 }
 
 fn shown(text: &str) -> String {
@@ -136,14 +141,25 @@ impl RegionCode {
         })
     }
 
-    /// Parses "CC" or "CC-XXX" from caller or policy input; the country must be assigned.
+    /// Parses "CC" or "CC-XXX" from caller or policy input (case-insensitive); the country must
+    /// be assigned in ISO 3166-1 and the subdivision in ISO 3166-2.
     pub fn parse(s: &str) -> Result<Self, RegionCodeError> {
         match s.split_once('-') {
             None => CountryCode::parse(s).map(Self::country_only),
             Some((country, sub)) => {
                 let country = CountryCode::parse(country)?;
-                Self::subdivision(country, sub)
-                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(shown(s)))
+                let region = Self::subdivision(country, sub)
+                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(shown(s)))?;
+                let mut code = [0u8; 6];
+                code[..2].copy_from_slice(&country.0);
+                code[2] = b'-';
+                let len = 3 + usize::from(region.len);
+                code[3..len].copy_from_slice(&region.sub[..usize::from(region.len)]);
+                if subdivisions::is_assigned(&code[..len]) {
+                    Ok(region)
+                } else {
+                    Err(RegionCodeError::UnassignedSubdivision(shown(s)))
+                }
             }
         }
     }
@@ -262,6 +278,29 @@ mod tests {
         assert!(RegionCode::parse("UA-").is_err());
         assert!(RegionCode::parse("UA-ABCD").is_err());
         assert!(RegionCode::parse("XX-1").is_err());
+        assert_eq!(RegionCode::parse("se-e").unwrap().to_string(), "SE-E");
+        assert_eq!(RegionCode::parse("fr-2a").unwrap().to_string(), "FR-2A");
+    }
+
+    #[test]
+    fn refuses_unassigned_subdivisions_of_assigned_countries() {
+        for code in ["UA-99", "UA-44", "GB-ZZZ", "US-XX", "DE-1"] {
+            assert!(
+                matches!(
+                    RegionCode::parse(code),
+                    Err(RegionCodeError::UnassignedSubdivision(_))
+                ),
+                "{code}"
+            );
+        }
+        let error = RegionCode::parse("UA-99").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "\"UA-99\" is not an assigned ISO 3166-2 subdivision code"
+        );
+        // A database record is read as it is (databases use codes of their own).
+        let ua = CountryCode::parse("UA").unwrap();
+        assert!(RegionCode::subdivision(ua, "99").is_some());
     }
 
     #[test]

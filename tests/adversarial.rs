@@ -878,3 +878,44 @@ async fn a_share_above_the_threshold_never_prints_as_the_threshold() {
     assert!(reason.message.contains("50.001%"), "{}", reason.message);
     server.shutdown().await;
 }
+
+// ---- 7i. Subdivisions must be assigned ----
+
+#[tokio::test]
+async fn unassigned_subdivisions_are_refused() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let headquartered = |code: &str| {
+        with_organization(
+            scenario.ips.allowed,
+            pb::Organization {
+                headquarters_country: code.into(),
+                ..Default::default()
+            },
+        )
+    };
+    let status = server.classify(headquartered("UA-99")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .starts_with("account.organization.headquarters_country: \"UA-99\""),
+        "{}",
+        status.message()
+    );
+    server
+        .classify(headquartered("UA-43"))
+        .await
+        .expect("an assigned subdivision");
+    let mut usage = request(scenario.ips.allowed);
+    usage.usage = Some(pb::UsageSummary {
+        regions_7d: vec!["DE".into(), "GB-ZZZ".into()],
+        ..Default::default()
+    });
+    let status = server.classify(usage).await.unwrap_err();
+    assert!(
+        status.message().starts_with("usage.regions_7d[1]"),
+        "{status:?}"
+    );
+    server.shutdown().await;
+}
