@@ -268,18 +268,22 @@ async fn a_reviewer_call_never_echoes_a_huge_value_whole() {
     })
     .await;
     let mut client = pb::review_client::ReviewClient::new(server.channel.clone());
-    // A candidate policy whose one line is 200 KB: the TOML error quotes the line it fails on.
-    let mut call = tonic::Request::new(pb::ReplayRequest {
-        policy_toml: format!("version = \"{}", "x".repeat(200_000)),
+    // A scope of 1000 control characters: quoted whole, each would be escaped to six.
+    let mut call = tonic::Request::new(pb::SetOverrideRequest {
+        scope: "\u{1}".repeat(1000),
+        value: "acct-1".into(),
         ..Default::default()
     });
     call.metadata_mut()
         .insert("authorization", format!("Bearer {ALICE}").parse().unwrap());
-    let status = client.replay(call).await.unwrap_err();
+    let status = client.set_override(call).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_bounded(&status);
     assert!(
-        status.message().starts_with("policy_toml: "),
+        status.message().starts_with("scope: ")
+            && status
+                .message()
+                .ends_with("is not account, domain or network"),
         "{}",
         status.message()
     );
