@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fds.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // A message that does not decode is the sender's error (INVALID_ARGUMENT), not INTERNAL.
+        .codec_path("crate::grpc::codec::WireCodec")
         // serde on messages lets the CLI read and print requests and responses as JSON.
         .message_attribute(
             ".regionguard.v1",

@@ -22,7 +22,7 @@ pub enum Role {
     Reviewer,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CallerConfig {
     pub name: String,
@@ -36,6 +36,35 @@ pub struct CallerConfig {
     /// certificate can be rotated without a gap.
     #[serde(default)]
     pub client_cert_sha256: Vec<String>,
+}
+
+/// The config is logged at start: a token's hash never (a weak token falls to a dictionary
+/// against it). Certificate fingerprints are of public certificates and stay.
+impl std::fmt::Debug for CallerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field(
+                "token_sha256",
+                &if self.token_sha256.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("client_cert_sha256", &self.client_cert_sha256)
+            .finish()
+    }
+}
+
+/// The token of an `authorization` header with the Bearer scheme: the scheme is
+/// case-insensitive (RFC 7235 §2.1) and followed by one or more spaces.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
 }
 
 /// A hex SHA-256 as configured, lower case without colons, if it is one.
@@ -176,10 +205,7 @@ impl Gate {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let token = header.and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        });
+        let token = header.and_then(bearer_token);
         if let Some(token) = token {
             let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
             return self
@@ -263,6 +289,27 @@ mod tests {
                 .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         gate.call(request)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("bEaReR   abc "), Some("abc"));
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    #[test]
+    fn the_config_never_shows_a_token_hash() {
+        let shown = format!("{:?}", config());
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!shown.contains(&token_sha256("r-secret")), "{shown}");
     }
 
     #[test]

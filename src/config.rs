@@ -27,8 +27,11 @@ pub const DEFAULT_LOCATION_DB_PATH: &str = "data/geo-whois-asn-country.mmdb";
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
-    /// The operator's HTTP port: /metrics (Prometheus), /healthz, /readyz. None: off.
+    /// The operator's HTTP port: /metrics (Prometheus), /healthz, /readyz. None: off. Plaintext
+    /// and unauthenticated, so allowed only on a loopback address unless `metrics_allow_public`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve `metrics_listen` off loopback (e.g. for a scraper on another host).
+    pub metrics_allow_public: bool,
     pub policy: Option<PathBuf>,
     /// A candidate policy evaluated beside the active one: differences are counted and logged,
     /// never returned to callers. Watched and reloaded like the policy.
@@ -427,6 +430,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            metrics_allow_public: false,
             policy: None,
             shadow_policy: None,
             location_db: None,
@@ -501,6 +505,14 @@ impl Config {
                 self.listen
             )));
         }
+        if let Some(metrics) = self.metrics_listen
+            && !metrics.ip().is_loopback()
+            && !self.metrics_allow_public
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen = {metrics}: the ops port (/metrics, /healthz, /readyz) is unauthenticated plaintext HTTP; off loopback it needs metrics_allow_public = true"
+            )));
+        }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_request_bytes must be at least 1024".into(),
@@ -568,6 +580,20 @@ mod tests {
         assert!(
             Config::from_toml(
                 "listen = \"0.0.0.0:50051\"\n[tls]\nallow_plaintext = true\n",
+                "c.toml"
+            )
+            .is_ok()
+        );
+        let ops = Config::from_toml("metrics_listen = \"0.0.0.0:9464\"", "c.toml").unwrap_err();
+        assert!(
+            ops.to_string().contains("metrics_listen = 0.0.0.0:9464")
+                && ops.to_string().contains("metrics_allow_public = true"),
+            "{ops}"
+        );
+        assert!(Config::from_toml("metrics_listen = \"[::1]:9464\"", "c.toml").is_ok());
+        assert!(
+            Config::from_toml(
+                "metrics_listen = \"10.0.0.5:9464\"\nmetrics_allow_public = true\n",
                 "c.toml"
             )
             .is_ok()

@@ -42,8 +42,29 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     text
 }
 
+/// At most the first 64 bytes of caller input (on a character boundary), for error messages:
+/// enough to recognise the value, never a whole hostile payload echoed back. Every message that
+/// quotes a caller's value quotes this; `grpc::ApiError` bounds the whole message besides.
+pub fn excerpt(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_excerpt_is_at_most_64_bytes_on_a_character_boundary() {
+        assert_eq!(super::excerpt("UA-43"), "UA-43");
+        assert_eq!(super::excerpt(&"a".repeat(200_000)).len(), 64);
+        let wide = "é".repeat(40); // 2 bytes each: 64 is a boundary
+        assert_eq!(super::excerpt(&wide).len(), 64);
+        let odd = format!("a{wide}"); // 65th byte is inside a character
+        assert_eq!(super::excerpt(&odd).len(), 63);
+    }
+
     #[test]
     fn hex_is_lower_case_two_digits_a_byte() {
         assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");

@@ -1,10 +1,13 @@
 //! Region codes: ISO 3166-1 alpha-2 countries and ISO 3166-2 subdivisions.
 //!
 //! Parsed once at the edge (caller input, policy file, database records) so the core only ever
-//! sees checked, `Copy` values. Caller input is checked against the ISO 3166-1 list; database
-//! records are trusted to be well-formed codes but may use codes outside it.
+//! sees checked, `Copy` values. Caller input is checked against the ISO 3166-1 list and the
+//! ISO 3166-2 table (`subdivisions.rs`); database records are trusted to be well-formed codes but
+//! may use codes outside them.
 
 use std::fmt;
+
+mod subdivisions;
 
 /// Officially assigned ISO 3166-1 alpha-2 codes, plus `XK` (Kosovo), which MaxMind and most
 /// registries use although it is user-assigned.
@@ -35,7 +38,8 @@ const ASSIGNED: [u32; 26] = {
     table
 };
 
-/// Why a string is not a region code.
+/// Why a string is not a region code. Each holds an [`excerpt`](crate::excerpt) of the text,
+/// never the whole of it: the text is caller input, and the error goes back to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionCodeError {
     #[error("{0:?} is not an ISO 3166-1 alpha-2 country code (two upper-case letters)")]
@@ -44,6 +48,12 @@ pub enum RegionCodeError {
     Unassigned(String),
     #[error("{0:?} is not an ISO 3166-2 subdivision code (CC-XXX, 1 to 3 letters or digits)")]
     MalformedSubdivision(String),
+    #[error("{0:?} is not an assigned ISO 3166-2 subdivision code")]
+    UnassignedSubdivision(String),
+}
+
+fn shown(text: &str) -> String {
+    crate::excerpt(text).to_owned()
 }
 
 /// An ISO 3166-1 alpha-2 country code, upper case.
@@ -53,12 +63,12 @@ pub struct CountryCode([u8; 2]);
 impl CountryCode {
     /// Parses caller or policy input: two ASCII letters (case-insensitive), assigned in ISO 3166-1.
     pub fn parse(s: &str) -> Result<Self, RegionCodeError> {
-        let code = Self::from_record(s).ok_or_else(|| RegionCodeError::Malformed(s.to_owned()))?;
+        let code = Self::from_record(s).ok_or_else(|| RegionCodeError::Malformed(shown(s)))?;
         let [a, b] = code.0;
         if ASSIGNED[usize::from(a - b'A')] & (1 << (b - b'A')) != 0 {
             Ok(code)
         } else {
-            Err(RegionCodeError::Unassigned(s.to_owned()))
+            Err(RegionCodeError::Unassigned(shown(s)))
         }
     }
 
@@ -131,14 +141,25 @@ impl RegionCode {
         })
     }
 
-    /// Parses "CC" or "CC-XXX" from caller or policy input; the country must be assigned.
+    /// Parses "CC" or "CC-XXX" from caller or policy input (case-insensitive); the country must
+    /// be assigned in ISO 3166-1 and the subdivision in ISO 3166-2.
     pub fn parse(s: &str) -> Result<Self, RegionCodeError> {
         match s.split_once('-') {
             None => CountryCode::parse(s).map(Self::country_only),
             Some((country, sub)) => {
                 let country = CountryCode::parse(country)?;
-                Self::subdivision(country, sub)
-                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(s.to_owned()))
+                let region = Self::subdivision(country, sub)
+                    .ok_or_else(|| RegionCodeError::MalformedSubdivision(shown(s)))?;
+                let mut code = [0u8; 6];
+                code[..2].copy_from_slice(&country.0);
+                code[2] = b'-';
+                let len = 3 + usize::from(region.len);
+                code[3..len].copy_from_slice(&region.sub[..usize::from(region.len)]);
+                if subdivisions::is_assigned(&code[..len]) {
+                    Ok(region)
+                } else {
+                    Err(RegionCodeError::UnassignedSubdivision(shown(s)))
+                }
             }
         }
     }
@@ -257,6 +278,43 @@ mod tests {
         assert!(RegionCode::parse("UA-").is_err());
         assert!(RegionCode::parse("UA-ABCD").is_err());
         assert!(RegionCode::parse("XX-1").is_err());
+        assert_eq!(RegionCode::parse("se-e").unwrap().to_string(), "SE-E");
+        assert_eq!(RegionCode::parse("fr-2a").unwrap().to_string(), "FR-2A");
+    }
+
+    #[test]
+    fn refuses_unassigned_subdivisions_of_assigned_countries() {
+        for code in ["UA-99", "UA-44", "GB-ZZZ", "US-XX", "DE-1"] {
+            assert!(
+                matches!(
+                    RegionCode::parse(code),
+                    Err(RegionCodeError::UnassignedSubdivision(_))
+                ),
+                "{code}"
+            );
+        }
+        let error = RegionCode::parse("UA-99").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "\"UA-99\" is not an assigned ISO 3166-2 subdivision code"
+        );
+        // A database record is read as it is (databases use codes of their own).
+        let ua = CountryCode::parse("UA").unwrap();
+        assert!(RegionCode::subdivision(ua, "99").is_some());
+    }
+
+    #[test]
+    fn errors_quote_an_excerpt_of_the_text() {
+        let huge = "A".repeat(200_000);
+        for error in [
+            CountryCode::parse(&huge).unwrap_err(),
+            RegionCode::parse(&huge).unwrap_err(),
+            RegionCode::parse(&format!("UA-{huge}")).unwrap_err(),
+        ] {
+            let text = error.to_string();
+            assert!(text.len() < 200, "{} bytes: {}", text.len(), &text[..200]);
+            assert!(text.contains("is not an ISO 3166"), "{text}");
+        }
     }
 
     proptest! {

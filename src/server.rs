@@ -24,7 +24,7 @@ use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
 use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
-use crate::grpc::{ClassifierService, ReviewService, UsageService};
+use crate::grpc::{ClassifierService, MessageLimit, ReviewService, UsageService};
 use crate::metrics::{CallMetricsLayer, Metrics};
 use tonic::service::interceptor::InterceptedService;
 
@@ -111,10 +111,12 @@ pub async fn run(
         .build_v1()
         .expect("the descriptor sets are built by build.rs and valid");
 
-    // Every service but health and reflection sits behind the caller check for its role; the
-    // handlers' RESOURCE_EXHAUSTED guards max_request_bytes, and 4x that is a backstop that stops a
-    // far larger message before it is decoded at all.
-    let backstop = settings.max_request_bytes.saturating_mul(4);
+    // Every service but health and reflection sits behind the caller check for its role.
+    // Classifier and Usage messages are held to max_request_bytes as received (MessageLimit,
+    // RESOURCE_EXHAUSTED before decoding); Check and Review, whose messages the limit does not
+    // describe, get 4x that as a backstop.
+    let limit = settings.max_request_bytes;
+    let backstop = limit.saturating_mul(4);
     let gateway_gate = Gate::new(&settings.auth, Role::Gateway);
     let gateway = GatewayService::new(engine.clone(), settings.gateway.clone(), audit.clone())
         .map_err(ServeError::Gateway)?;
@@ -122,26 +124,32 @@ pub async fn run(
         AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
         gateway_gate.clone(),
     );
-    let usage = InterceptedService::new(
-        UsageServer::new(UsageService::new(
-            engine.clone(),
-            settings.limits.max_stream_messages,
-        ))
-        .max_decoding_message_size(settings.max_request_bytes),
-        gateway_gate.clone(),
+    let usage = MessageLimit::new(
+        InterceptedService::new(
+            UsageServer::new(UsageService::new(
+                engine.clone(),
+                settings.limits.max_stream_messages,
+            ))
+            .max_decoding_message_size(limit),
+            gateway_gate.clone(),
+        ),
+        limit,
     );
     let review = InterceptedService::new(
         ReviewServer::new(ReviewService::new(engine.clone(), audit.clone()))
             .max_decoding_message_size(backstop),
         Gate::new(&settings.auth, Role::Reviewer),
     );
-    let classifier = InterceptedService::new(
-        ClassifierServer::new(
-            ClassifierService::new(engine, settings.max_request_bytes, audit)
-                .with_max_stream_messages(settings.limits.max_stream_messages),
-        )
-        .max_decoding_message_size(backstop),
-        gateway_gate,
+    let classifier = MessageLimit::new(
+        InterceptedService::new(
+            ClassifierServer::new(
+                ClassifierService::new(engine, audit)
+                    .with_max_stream_messages(settings.limits.max_stream_messages),
+            )
+            .max_decoding_message_size(limit),
+            gateway_gate,
+        ),
+        limit,
     );
 
     let (began, mut began_rx) = watch::channel(false);

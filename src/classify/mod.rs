@@ -202,14 +202,14 @@ fn ownership(account: &AccountFacts, policy: &Policy, out: &mut Vec<Reason>) {
         org.restricted_share(&|region| policy.restriction(region, Attribute::Ownership).is_some());
     let threshold = policy.ownership_threshold_percent();
     if share.percent > threshold {
+        let percent = ownership::share_text(share.percent, threshold);
         out.push(hard(
             ReasonCode::OwnershipRestricted,
             format!(
-                "entities in restricted regions effectively own {:.2}% (threshold {threshold}%)",
-                share.percent
+                "entities in restricted regions effectively own {percent}% (threshold {threshold}%)"
             ),
             vec![
-                ("restricted_share_percent", format!("{:.2}", share.percent)),
+                ("restricted_share_percent", percent),
                 ("threshold_percent", threshold.to_string()),
                 ("owners", share.owners.join(", ")),
             ],

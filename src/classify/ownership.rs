@@ -5,6 +5,8 @@
 //! in a restricted region counts with its whole stake; its own owners are not walked further.
 //! The graph arrives as a tree of named owners; a name that reappears among its own ancestors is a
 //! cycle and is refused when the tree is built, as are out-of-range shares and over-deep trees.
+//! Names are compared as a registry would ([`same_owner`]: trimmed, case-folded, inner spacing
+//! collapsed), so `B`, `b` and `B ` are one owner.
 
 use crate::region::RegionCode;
 
@@ -98,7 +100,7 @@ fn walk(
                     (true, Some(region)) => format!("unnamed owner in {region}"),
                     (true, None) => "unnamed owner".to_owned(),
                 };
-                if !names.contains(&label) {
+                if !names.iter().any(|known| same_owner(known, &label)) {
                     names.push(label);
                 }
                 stake
@@ -107,6 +109,44 @@ fn walk(
             }
         })
         .sum()
+}
+
+/// `percent` for people, against `threshold`: two decimals, or as many more as it takes for the
+/// text to stand where the value stands (above, at or below the threshold). 50.001 against 50
+/// prints `50.001`, never `50.00`, which would read as the threshold itself.
+pub fn share_text(percent: f64, threshold: f64) -> String {
+    let side = percent.partial_cmp(&threshold);
+    for decimals in 2..=17 {
+        let text = format!("{percent:.decimals$}");
+        if text
+            .parse::<f64>()
+            .ok()
+            .and_then(|shown| shown.partial_cmp(&threshold))
+            == side
+        {
+            return text;
+        }
+    }
+    percent.to_string()
+}
+
+/// Whether two owner names name the same owner: compared trimmed, case-folded (upper- then
+/// lower-cased, so `ß` and `SS` meet) and with each run of inner whitespace as one space.
+pub fn same_owner(a: &str, b: &str) -> bool {
+    name_key(a).eq(name_key(b))
+}
+
+/// The characters [`same_owner`] compares, without allocating.
+fn name_key(name: &str) -> impl Iterator<Item = char> + '_ {
+    let mut words = name.split_whitespace().peekable();
+    std::iter::from_fn(move || {
+        let word = words.next()?;
+        let space = words.peek().is_some().then_some(' ');
+        Some(word.chars().chain(space))
+    })
+    .flatten()
+    .flat_map(char::to_uppercase)
+    .flat_map(char::to_lowercase)
 }
 
 /// The field path of `leaf` below the owners at `path` (indices from the organisation down):
@@ -156,7 +196,7 @@ fn check_level<'a>(
         }
         sum += share;
         let named = !owner.name.is_empty();
-        if named && ancestors.contains(&owner.name.as_str()) {
+        if named && ancestors.iter().any(|a| same_owner(a, &owner.name)) {
             return error(
                 owner_field(path, "name"),
                 format!(
@@ -236,6 +276,57 @@ mod tests {
         )
         .unwrap();
         assert!((org.restricted_share(&is_ir).percent - 40.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_share_never_prints_across_or_onto_the_threshold() {
+        assert_eq!(share_text(64.0, 50.0), "64.00");
+        assert_eq!(share_text(54.00000000000001, 50.0), "54.00");
+        assert_eq!(share_text(50.001, 50.0), "50.001");
+        assert_eq!(share_text(50.0000001, 50.0), "50.0000001");
+        assert_eq!(share_text(50.0, 50.0), "50.00");
+        assert_eq!(share_text(49.999, 50.0), "49.999");
+        assert_eq!(share_text(33.3334, 33.333), "33.3334");
+        let next = f64::from_bits(50.0f64.to_bits() + 1);
+        assert!(share_text(next, 50.0).parse::<f64>().unwrap() > 50.0);
+    }
+
+    #[test]
+    fn names_compare_trimmed_case_folded_and_with_spacing_collapsed() {
+        assert!(same_owner("B", "b"));
+        assert!(same_owner("B", " B "));
+        assert!(same_owner("Bolt  Holding\tLtd", "bolt holding ltd"));
+        assert!(same_owner("Straße AG", "STRASSE AG"));
+        assert!(!same_owner("B", "BB"));
+        assert!(!same_owner("Bolt Holding", "BoltHolding"));
+        for again in ["b", "B ", " b", "\tB"] {
+            let cycle = vec![owner(
+                "A",
+                "AE",
+                50.0,
+                vec![owner(
+                    "B",
+                    "AE",
+                    50.0,
+                    vec![owner(again, "AE", 50.0, vec![])],
+                )],
+            )];
+            let err = Organization::new(None, cycle).unwrap_err();
+            assert_eq!(err.field, "owners[0].owners[0].owners[0].name", "{again:?}");
+        }
+        // The owners named in a finding are one per owner, however each path spells it.
+        let org = Organization::new(
+            None,
+            vec![
+                owner("H1", "AE", 50.0, vec![owner("Parent", "IR", 50.0, vec![])]),
+                owner("H2", "AE", 50.0, vec![owner(" parent", "IR", 50.0, vec![])]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            org.restricted_share(&is_ir).owners,
+            vec!["Parent".to_owned()]
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub struct GatewayConfig {
     pub deny_status: u16,
     pub review_action: ReviewAction,
     pub on_error: OnError,
-    /// Paths never classified: exact, or a prefix when ending in `*`. The query is ignored.
+    /// Paths never classified: exact, or a prefix when ending in `*`. The query is ignored; the
+    /// path is matched normalised (dot segments resolved, unreserved escapes decoded, `//`
+    /// collapsed), and one that cannot be normalised is classified.
     pub bypass_paths: Vec<String>,
     /// How long a decision is reused for an identical check (same address, account and
     /// attributes, same policy and database generation, and the same usage history and matching
@@ -132,13 +134,20 @@ impl GatewayConfig {
         self
     }
 
+    /// Whether `path` is never classified: matched as the upstream will resolve it (see
+    /// [`super::path`]); a path that cannot be normalised is never bypassed.
     pub fn bypassed(&self, path: &str) -> bool {
-        let path = path.split(['?', '#']).next().unwrap_or("");
+        if self.bypass_paths.is_empty() {
+            return false;
+        }
+        let Some(path) = super::path::normalize(path) else {
+            return false;
+        };
         self.bypass_paths
             .iter()
             .any(|pattern| match pattern.strip_suffix('*') {
                 Some(prefix) => path.starts_with(prefix),
-                None => path == pattern,
+                None => path == *pattern,
             })
     }
 }
@@ -171,5 +180,13 @@ mod tests {
         assert!(!config.bypassed("/healthz/deep"));
         assert!(config.bypassed("/static/app.js"));
         assert!(!config.bypassed("/v1/chat"));
+        // Matched as the upstream resolves the path, never on the raw text.
+        assert!(config.bypassed("/static/js/../app.js"));
+        assert!(config.bypassed("/%68ealthz"));
+        assert!(!config.bypassed("/static/../signup"));
+        assert!(!config.bypassed("/static/%2e%2e/signup"));
+        assert!(!config.bypassed("/static//..//signup"));
+        assert!(!config.bypassed("/healthz/../signup"));
+        assert!(!config.bypassed("/static/%2e%2e%2fsignup"));
     }
 }

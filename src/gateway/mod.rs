@@ -4,6 +4,7 @@
 //! It holds no policy logic: what is restricted is the policy's business.
 
 pub mod config;
+mod path;
 pub mod request;
 pub mod response;
 mod service;

@@ -16,13 +16,14 @@ use super::config::GatewayConfig;
 use crate::classify::hints::accept_language_regions;
 use crate::classify::{AccountFacts, Flow, HintFacts};
 use crate::engine::ClassifyInput;
-use crate::grpc::excerpt;
+use crate::excerpt;
+use crate::grpc::ApiError;
+use crate::grpc::convert::{MAX_ID_BYTES, created_at, identifier};
 use crate::region::CountryCode;
 
 /// The route `context_extensions` key naming the flow (`signup`, `login`, `api_request`).
 pub const FLOW_KEY: &str = "regionguard.flow";
 const XFF: &str = "x-forwarded-for";
-const MAX_ACCOUNT_ID: usize = 256;
 
 /// Why a CheckRequest could not be mapped; `field` is where in the CheckRequest.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +31,16 @@ const MAX_ACCOUNT_ID: usize = 256;
 pub struct MappingError {
     pub field: String,
     pub message: String,
+}
+
+/// A field refused by the conversion Classify uses (ids, creation time): same rule, same words.
+impl From<ApiError> for MappingError {
+    fn from(refused: ApiError) -> Self {
+        match refused {
+            ApiError::InvalidArgument { field, message } => MappingError { field, message },
+            other => error(other.field(), other.message()),
+        }
+    }
 }
 
 fn error(field: impl Into<String>, message: impl Into<String>) -> MappingError {
@@ -94,7 +105,7 @@ pub fn map_check(
         Some(other) => {
             return Err(error(
                 format!("context_extensions[{FLOW_KEY}]"),
-                format!("{other:?} is not signup, login or api_request"),
+                format!("{:?} is not signup, login or api_request", excerpt(other)),
             ));
         }
     };
@@ -220,12 +231,7 @@ fn account_id(
     });
     match from_header.or(from_context).or(from_metadata) {
         None => Ok(None),
-        Some((_, value)) if value.trim().is_empty() => Ok(None),
-        Some((field, value)) if value.len() > MAX_ACCOUNT_ID => Err(error(
-            field,
-            format!("{} bytes, more than {MAX_ACCOUNT_ID}", value.len()),
-        )),
-        Some((_, value)) => Ok(Some(value.trim().to_owned())),
+        Some((field, value)) => Ok(identifier(&field, value, MAX_ID_BYTES)?.map(str::to_owned)),
     }
 }
 
@@ -262,13 +268,14 @@ fn account(check: &CheckRequest, config: &GatewayConfig) -> Result<AccountFacts,
     {
         None | Some((_, "")) => None,
         Some((name, value)) => {
+            let field = format!("headers[{name}]");
             let t: i64 = value.parse().map_err(|_| {
                 error(
-                    format!("headers[{name}]"),
+                    &field,
                     format!("{:?} is not seconds since the Unix epoch", excerpt(value)),
                 )
             })?;
-            Some(t).filter(|t| *t > 0)
+            created_at(&field, t)?
         }
     };
     Ok(AccountFacts {

@@ -165,12 +165,14 @@ pub fn decision(
 
 /// The response when a request could not be classified, per `on_error`.
 pub fn failure(message: &str, fail_open: bool, deny_status: HttpStatusCode) -> CheckResponse {
-    // Header values must not carry line breaks or other control characters.
-    let detail: String = message
+    // Header values must not carry line breaks or other control characters; and, as every
+    // message a caller sees, it is bounded (the same bound as gRPC errors).
+    let printable: String = message
         .chars()
         .filter(|c| !c.is_control())
-        .take(256)
+        .take(crate::grpc::MAX_MESSAGE_BYTES)
         .collect();
+    let detail = crate::grpc::bounded(&printable).into_owned();
     let metadata = Struct {
         fields: [
             ("error", string(detail.clone())),

@@ -3,33 +3,29 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use prost::Message;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::AuditTrail;
 use crate::engine::{ClassifyInput, Engine, Outcome};
-use crate::grpc::convert::{self, rejected};
+use crate::grpc::convert::{self, rejected, unreadable};
 use crate::grpc::pb::classifier_server::Classifier;
+use crate::grpc::status::bounded;
 use crate::grpc::{ApiError, pb};
 
 #[derive(Clone)]
 pub struct ClassifierService {
     engine: Arc<Engine>,
-    max_request_bytes: usize,
     audit: Option<Arc<AuditTrail>>,
     max_stream_messages: u64,
 }
 
 impl ClassifierService {
-    pub fn new(
-        engine: Arc<Engine>,
-        max_request_bytes: usize,
-        audit: Option<Arc<AuditTrail>>,
-    ) -> Self {
+    /// `max_request_bytes` is not the handler's business: [`crate::grpc::MessageLimit`] holds
+    /// every message to it as received, before decoding.
+    pub fn new(engine: Arc<Engine>, audit: Option<Arc<AuditTrail>>) -> Self {
         Self {
             engine,
-            max_request_bytes,
             audit,
             max_stream_messages: u64::MAX,
         }
@@ -63,13 +59,6 @@ impl ClassifierService {
         &self,
         request: &pb::ClassifyRequest,
     ) -> Result<(ClassifyInput, Outcome), ApiError> {
-        let size = request.encoded_len();
-        if size > self.max_request_bytes {
-            return Err(ApiError::TooLarge {
-                size,
-                limit: self.max_request_bytes,
-            });
-        }
         let input = ClassifyInput::try_from(request)?;
         let outcome = self.engine.classify(&input).await?;
         Ok((input, outcome))
@@ -114,7 +103,20 @@ impl Classifier for ClassifierService {
                         .decide(&request)
                         .await
                         .unwrap_or_else(|error| rejected(&request.request_id, &error))),
-                    Err(status) => Err(status),
+                    // A message that does not decode or is over max_request_bytes: tonic cannot
+                    // read a stream past it (it has lost the message boundaries), so it gets an
+                    // error answer of its own and the stream ends saying which request and why.
+                    Err(status) => {
+                        let index = seen - 1;
+                        let _ = tx.send(Ok(unreadable(&status))).await;
+                        Err(Status::new(
+                            status.code(),
+                            bounded(&format!(
+                                "request {index}: {}; the stream cannot be read past it",
+                                status.message()
+                            )),
+                        ))
+                    }
                 };
                 let last = answer.is_err();
                 if tx.send(answer).await.is_err() || last {

@@ -9,12 +9,14 @@ use crate::classify::ownership::{
 };
 use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
+use crate::excerpt;
 use crate::geo::GeoLookup;
-use crate::grpc::status::excerpt;
+use crate::grpc::status::{bounded, code_name};
 use crate::grpc::{ApiError, pb};
 use crate::region::{CountryCode, RegionCode};
 
-const MAX_ID_BYTES: usize = 256;
+/// The longest id (account, API key, fingerprint, domain, owner name) accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
 const MAX_REQUEST_ID_BYTES: usize = 128;
 const MAX_HINT_BYTES: usize = 1024;
 
@@ -26,6 +28,41 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// An id-like string (account, API key, payment fingerprint, organisation domain): trimmed, at
+/// most `max` bytes, no control characters (the id is stored, logged and put in headers as it
+/// is). `None` when empty. Classify, Usage and the gateway all take ids through here.
+pub fn identifier<'a>(
+    field: &str,
+    value: &'a str,
+    max: usize,
+) -> Result<Option<&'a str>, ApiError> {
+    let value = value.trim();
+    check_len(field, value, max)?;
+    printable(field, value)?;
+    Ok((!value.is_empty()).then_some(value))
+}
+
+/// Refuses text with a control character in it, naming the first.
+fn printable(field: &str, value: &str) -> Result<(), ApiError> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(()),
+        Some((at, c)) => Err(ApiError::invalid(
+            field,
+            format!("contains a control character ({c:?} at byte {at})"),
+        )),
+    }
+}
+
+/// An account's creation time in seconds since the Unix epoch: 0 is unknown, and a time before
+/// 1970 is refused. Classify and the gateway's header both take it through here.
+pub fn created_at(field: &str, seconds: i64) -> Result<Option<i64>, ApiError> {
+    match seconds {
+        0 => Ok(None),
+        t if t < 0 => Err(ApiError::invalid(field, format!("{t} is before 1970"))),
+        t => Ok(Some(t)),
+    }
 }
 
 pub fn parse_ip(field: &str, text: &str) -> Result<std::net::IpAddr, ApiError> {
@@ -123,7 +160,6 @@ fn owners(
 fn organization(org: &pb::Organization) -> Result<Organization, ApiError> {
     const PATH: &str = "account.organization";
     check_len(&format!("{PATH}.name"), &org.name, MAX_ID_BYTES)?;
-    check_len(&format!("{PATH}.domain"), &org.domain, MAX_ID_BYTES)?;
     let headquarters = region(
         &format!("{PATH}.headquarters_country"),
         &org.headquarters_country,
@@ -133,23 +169,10 @@ fn organization(org: &pb::Organization) -> Result<Organization, ApiError> {
         .map_err(|e| ApiError::invalid(format!("{PATH}.{}", e.field), e.problem))
 }
 
+/// The account's facts. Its ids (account, payment fingerprint, organisation domain) are not
+/// facts: `ClassifyInput::try_from` takes them, through [`identifier`].
 pub fn account(account: &pb::Account) -> Result<AccountFacts, ApiError> {
-    check_len("account.account_id", &account.account_id, MAX_ID_BYTES)?;
-    check_len(
-        "account.payment_fingerprint",
-        &account.payment_fingerprint,
-        MAX_ID_BYTES,
-    )?;
-    let created_at_unix = match account.created_at_unix {
-        0 => None,
-        t if t < 0 => {
-            return Err(ApiError::invalid(
-                "account.created_at_unix",
-                format!("{t} is before 1970"),
-            ));
-        }
-        t => Some(t),
-    };
+    let created_at_unix = created_at("account.created_at_unix", account.created_at_unix)?;
     Ok(AccountFacts {
         billing_country: country("account.billing_country", &account.billing_country)?,
         phone_country: country("account.phone_country", &account.phone_country)?,
@@ -193,6 +216,24 @@ impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
 
     fn try_from(request: &pb::ClassifyRequest) -> Result<Self, ApiError> {
         check_len("request_id", &request.request_id, MAX_REQUEST_ID_BYTES)?;
+        printable("request_id", &request.request_id)?;
+        let given = request.account.as_ref();
+        let id = |field: &str, value: Option<&String>| -> Result<Option<String>, ApiError> {
+            let value = value.map_or("", String::as_str);
+            Ok(identifier(field, value, MAX_ID_BYTES)?.map(str::to_owned))
+        };
+        let account_id = id("account.account_id", given.map(|a| &a.account_id))?;
+        let payment_fingerprint = id(
+            "account.payment_fingerprint",
+            given.map(|a| &a.payment_fingerprint),
+        )?;
+        let organization_domain = id(
+            "account.organization.domain",
+            given
+                .and_then(|a| a.organization.as_ref())
+                .map(|o| &o.domain),
+        )?
+        .map(|d| d.to_ascii_lowercase());
         Ok(ClassifyInput {
             ip: parse_ip("ip", &request.ip)?,
             flow: flow(request.flow)?,
@@ -209,24 +250,9 @@ impl TryFrom<&pb::ClassifyRequest> for ClassifyInput {
                 .transpose()?
                 .unwrap_or_default(),
             usage: request.usage.as_ref().map(usage_facts).transpose()?,
-            account_id: request
-                .account
-                .as_ref()
-                .map(|a| a.account_id.trim())
-                .filter(|id| !id.is_empty())
-                .map(str::to_owned),
-            organization_domain: request
-                .account
-                .as_ref()
-                .and_then(|a| a.organization.as_ref())
-                .map(|o| o.domain.trim().to_ascii_lowercase())
-                .filter(|d| !d.is_empty()),
-            payment_fingerprint: request
-                .account
-                .as_ref()
-                .map(|a| a.payment_fingerprint.trim())
-                .filter(|f| !f.is_empty())
-                .map(str::to_owned),
+            account_id,
+            organization_domain,
+            payment_fingerprint,
             request_id: request.request_id.clone(),
         })
     }
@@ -413,7 +439,19 @@ pub fn rejected(request_id: &str, error: &ApiError) -> pb::ClassifyResponse {
         error: Some(pb::RequestError {
             code: error.code_name().to_owned(),
             field: error.field().to_owned(),
-            message: error.to_string(),
+            message: error.message(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A stream response for a request that could not be read (see `ClassifyStream`).
+pub fn unreadable(status: &tonic::Status) -> pb::ClassifyResponse {
+    pb::ClassifyResponse {
+        error: Some(pb::RequestError {
+            code: code_name(status.code()).to_owned(),
+            field: "request".to_owned(),
+            message: bounded(status.message()).into_owned(),
         }),
         ..Default::default()
     }
@@ -431,6 +469,53 @@ mod tests {
             let network = ipnetwork::IpNetwork::V4(v4);
             prop_assert_eq!(super::network_text(&network), network.to_string());
         }
+    }
+
+    #[test]
+    fn ids_with_control_characters_are_refused_naming_the_field() {
+        let with = |account: pb::Account, request_id: &str| pb::ClassifyRequest {
+            ip: "1.2.3.4".into(),
+            account: Some(account),
+            request_id: request_id.into(),
+            ..Default::default()
+        };
+        let refused = |request: pb::ClassifyRequest| {
+            let error = ClassifyInput::try_from(&request).unwrap_err();
+            assert!(error.message().contains("control character"), "{error}");
+            error.field().to_owned()
+        };
+        let id = |account_id: &str| pb::Account {
+            account_id: account_id.into(),
+            ..Default::default()
+        };
+        assert_eq!(refused(with(id("a\u{0}b"), "")), "account.account_id");
+        assert_eq!(refused(with(id("a"), "r\n1")), "request_id");
+        let domain = pb::Account {
+            organization: Some(pb::Organization {
+                domain: "ex\tample.com".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(refused(with(domain, "")), "account.organization.domain");
+        // Surrounding whitespace is trimmed, not refused; the domain is lower-cased.
+        let fine = pb::Account {
+            account_id: " acct-1\n".into(),
+            organization: Some(pb::Organization {
+                domain: "Example.COM".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let input = ClassifyInput::try_from(&with(fine, "r-1")).unwrap();
+        assert_eq!(input.account_id.as_deref(), Some("acct-1"));
+        assert_eq!(input.organization_domain.as_deref(), Some("example.com"));
+        assert_eq!(
+            created_at("account.created_at_unix", -5)
+                .unwrap_err()
+                .message(),
+            "account.created_at_unix: -5 is before 1970"
+        );
     }
 
     fn arb_text() -> impl Strategy<Value = String> {

@@ -1,19 +1,24 @@
 //! The gRPC edge: generated types, proto <-> domain translation, and the tonic services.
 //!
 //! Proto types stop here: the domain never imports `pb`. Handlers are convert, call, convert
-//! back; every error becomes a `Status` in one place ([`ApiError`]).
+//! back; every error becomes a `Status` in one place ([`ApiError`]), messages that do not
+//! decode included (`codec.rs`); `max_request_bytes` is held to the bytes as received
+//! ([`MessageLimit`]).
 
 mod classifier;
+mod codec;
 pub mod convert;
+mod limit;
 mod records;
 mod review;
 mod status;
 mod usage;
 
 pub use classifier::ClassifierService;
+pub use limit::MessageLimit;
 pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
-pub use status::{ApiError, excerpt};
+pub use status::{ApiError, MAX_MESSAGE_BYTES, bounded, excerpt};
 pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::audit::AuditTrail;
 use crate::auth::Caller;
 use crate::engine::Engine;
+use crate::excerpt;
 use crate::grpc::ApiError;
 use crate::grpc::pb::{self, review_server::Review};
 use crate::grpc::records::{override_pb, queue_item, record, replay_store, report_pb};
@@ -143,7 +144,7 @@ impl Review for ReviewService {
             other => {
                 return Err(ApiError::invalid(
                     "status",
-                    format!("{other:?} is not open, resolved or all"),
+                    format!("{:?} is not open, resolved or all", excerpt(other)),
                 )
                 .into());
             }
@@ -217,10 +218,12 @@ impl Review for ReviewService {
             Change::None,
         )
         .await?;
-        let stored =
-            self.reads()?.decision(&id).await?.ok_or_else(|| {
-                ApiError::NotFound(format!("decision {id} is not in the audit log"))
-            })?;
+        let stored = self.reads()?.decision(&id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "decision {:?} is not in the audit log",
+                excerpt(&id)
+            ))
+        })?;
         Ok(Response::new(record(stored)?))
     }
 
@@ -239,23 +242,28 @@ impl Review for ReviewService {
                 value = value
                     .parse::<IpNetwork>()
                     .map_err(|e| {
-                        ApiError::invalid("value", format!("{value:?} is not a CIDR network: {e}"))
+                        ApiError::invalid(
+                            "value",
+                            format!("{:?} is not a CIDR network: {e}", excerpt(&value)),
+                        )
                     })?
                     .to_string()
             }
             other => {
                 return Err(ApiError::invalid(
                     "scope",
-                    format!("{other:?} is not account, domain or network"),
+                    format!("{:?} is not account, domain or network", excerpt(other)),
                 )
                 .into());
             }
         }
         let action = required("action", &r.action)?.to_ascii_uppercase();
         if action != "ALLOW" && action != "DENY" {
-            return Err(
-                ApiError::invalid("action", format!("{action:?} is not ALLOW or DENY")).into(),
-            );
+            return Err(ApiError::invalid(
+                "action",
+                format!("{:?} is not ALLOW or DENY", excerpt(&action)),
+            )
+            .into());
         }
         let reason = required("reason", &r.reason)?;
         let now = now_ms();

@@ -1,7 +1,9 @@
 //! `regionguard.v1.Usage/Report`: usage events in, one summary out.
 //!
 //! Each event is checked on its own: a bad one is counted and named (index, field, problem) and
-//! the stream goes on, so good events are never lost because a neighbour was bad.
+//! the stream goes on, so good events are never lost because a neighbour was bad. An event that
+//! cannot be read at all (undecodable, over `max_request_bytes`) fails the call, saying how many
+//! events before it were kept: tonic cannot read a stream past it, and a summary would hide that.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,14 +13,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
 use crate::grpc::ApiError;
-use crate::grpc::convert::parse_ip;
+use crate::grpc::convert::{MAX_ID_BYTES, identifier, parse_ip};
 use crate::grpc::pb::{self, usage_server::Usage};
+use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
 use crate::usage::window::HISTORY_SECS;
 
 /// Rejections listed by name in one summary; the rest are only counted.
 const MAX_LISTED: usize = 100;
-const MAX_ID_BYTES: usize = 256;
 /// How far ahead of the server's clock an event may be (clock skew).
 const MAX_FUTURE_SECS: i64 = 300;
 const MAX_REQUESTS: u64 = 1_000_000;
@@ -39,21 +41,10 @@ impl UsageService {
 }
 
 fn id(field: &str, value: &str, required: bool) -> Result<Option<Arc<str>>, ApiError> {
-    let value = value.trim();
-    if value.is_empty() {
-        return if required {
-            Err(ApiError::invalid(field, "required"))
-        } else {
-            Ok(None)
-        };
+    match identifier(field, value, MAX_ID_BYTES)? {
+        None if required => Err(ApiError::invalid(field, "required")),
+        id => Ok(id.map(Arc::from)),
     }
-    if value.len() > MAX_ID_BYTES {
-        return Err(ApiError::invalid(
-            field,
-            format!("{} bytes, more than {MAX_ID_BYTES}", value.len()),
-        ));
-    }
-    Ok(Some(value.into()))
 }
 
 /// Checks one event against the server's clock `now` (seconds).
@@ -152,14 +143,18 @@ impl Usage for UsageService {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(status) => {
-                    // The transport cannot go on (e.g. an oversize message): report what was read.
-                    reject(
-                        &mut summary,
-                        index,
-                        "stream".into(),
-                        status.message().to_owned(),
-                    );
-                    break;
+                    // An event that does not decode or is over max_request_bytes: tonic cannot
+                    // read the stream past it, so the call fails saying what was kept, rather
+                    // than answer a summary that silently leaves out the rest.
+                    return Err(Status::new(
+                        status.code(),
+                        bounded(&format!(
+                            "event {index}: {}; read before it: {} accepted, {} rejected; nothing after it was read",
+                            status.message(),
+                            summary.accepted,
+                            summary.rejected
+                        )),
+                    ));
                 }
             };
             if index >= self.max_stream_messages {
@@ -194,7 +189,7 @@ impl Usage for UsageService {
                     &mut summary,
                     index,
                     error.field().to_owned(),
-                    error.to_string(),
+                    error.message(),
                 ),
             }
             index += 1;

@@ -125,6 +125,11 @@ impl Replica {
             .unwrap()
     }
 
+    /// What the replica has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// One metric's value from the ops port (its exposition name, `_total` included).
     pub fn metric(&self, name: &str) -> f64 {
         let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();

@@ -181,3 +181,48 @@ fn flow_and_account_headers() {
         "context_extensions[regionguard.flow]"
     );
 }
+
+#[test]
+fn a_creation_time_before_1970_is_refused_as_classify_refuses_it() {
+    let config = GatewayConfig {
+        account_headers: AccountHeaders {
+            created_at_unix: Some("x-account-created".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .normalized();
+    let created = |value: &str| {
+        map_check(
+            &check_request("8.8.8.8", "/", &[("x-account-created", value)], &[]),
+            &config,
+        )
+    };
+    let error = created("-5").unwrap_err();
+    assert_eq!(
+        (error.field.as_str(), error.message.as_str()),
+        ("headers[x-account-created]", "-5 is before 1970")
+    );
+    assert_eq!(created("0").unwrap().input.account.created_at_unix, None);
+    assert!(created("soon").is_err());
+}
+
+#[test]
+fn an_account_id_with_a_control_character_is_refused() {
+    let config = GatewayConfig::default().normalized();
+    for id in ["a\u{7}b", "a\r\nb", "a\u{7f}", "a\u{85}b"] {
+        let check = check_request("8.8.8.8", "/", &[("x-account-id", id)], &[]);
+        let error = map_check(&check, &config).unwrap_err();
+        assert_eq!(error.field, "headers[x-account-id]", "{id:?}");
+        assert!(error.message.contains("control character"), "{error}");
+    }
+    let padded = check_request("8.8.8.8", "/", &[("x-account-id", " acct-1 ")], &[]);
+    assert_eq!(
+        map_check(&padded, &config)
+            .unwrap()
+            .input
+            .account_id
+            .as_deref(),
+        Some("acct-1")
+    );
+}
