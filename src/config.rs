@@ -117,6 +117,9 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
     /// Messages one ClassifyStream or Usage/Report stream may carry.
     pub max_stream_messages: u64,
+    /// A Usage/Report stream with no event for this long is answered with its summary.
+    /// Streams are not cut by `request_timeout_ms`, which caps unary calls.
+    pub stream_idle_timeout_ms: u64,
     /// Connections served at once on the gRPC port; one more is closed at once (counted).
     pub max_connections: usize,
     /// Connections accepted that have sent nothing yet; past it, the oldest is closed.
@@ -137,6 +140,7 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 1024,
             request_timeout_ms: 30_000,
             max_stream_messages: 10_000_000,
+            stream_idle_timeout_ms: 30_000,
             max_connections: 10_000,
             max_pending_connections: 1_024,
             handshake_timeout_ms: 10_000,

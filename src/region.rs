@@ -116,6 +116,11 @@ pub struct RegionCode {
 }
 
 impl RegionCode {
+    /// The assigned ISO 3166-2 subdivision codes (`CC-XXX`), sorted.
+    pub fn assigned_subdivisions() -> &'static [&'static str] {
+        subdivisions::all()
+    }
+
     pub fn country_only(country: CountryCode) -> Self {
         Self {
             country,

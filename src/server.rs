@@ -21,6 +21,7 @@ use crate::config::LimitsConfig;
 use crate::connections::{ConnectionLimits, ConnectionStats};
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
+use crate::grpc::deadline::UnaryDeadlineLayer;
 use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
@@ -126,10 +127,12 @@ pub async fn run(
     );
     let usage = MessageLimit::new(
         InterceptedService::new(
-            UsageServer::new(UsageService::new(
-                engine.clone(),
-                settings.limits.max_stream_messages,
-            ))
+            UsageServer::new(
+                UsageService::new(engine.clone(), settings.limits.max_stream_messages)
+                    .with_idle_timeout(Duration::from_millis(
+                        settings.limits.stream_idle_timeout_ms.max(1),
+                    )),
+            )
             .max_decoding_message_size(limit),
             gateway_gate.clone(),
         ),
@@ -189,7 +192,6 @@ pub async fn run(
         .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
         .load_shed(true)
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))
-        .timeout(Duration::from_millis(limits.request_timeout_ms.max(1)))
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(Duration::from_millis(
             limits.keepalive_timeout_ms.max(1),
@@ -197,6 +199,9 @@ pub async fn run(
         .layer(tower::util::option_layer(
             metrics.clone().map(CallMetricsLayer),
         ))
+        .layer(UnaryDeadlineLayer(Duration::from_millis(
+            limits.request_timeout_ms.max(1),
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(classifier)

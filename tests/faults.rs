@@ -343,3 +343,111 @@ async fn silent_connections_do_not_take_the_service_down() {
         rss_during / 1_048_576
     ));
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn usage_event(account: &str, i: u64) -> pb::UsageEvent {
+    pb::UsageEvent {
+        account_id: account.into(),
+        ip: format!("216.160.83.{}", 1 + i % 200),
+        timestamp_unix_ms: now_ms() - 1_000,
+        api_key_id: format!("key-{}", i % 7),
+        request_count: 1,
+        input_tokens: 900,
+        output_tokens: 300,
+        model: "model-large".into(),
+        payment_fingerprint: "card-1".into(),
+        user_agent: "sdk/1.0".into(),
+    }
+}
+
+/// `count` events for `account`, one every `every`.
+fn paced(
+    account: &'static str,
+    count: u64,
+    every: Duration,
+) -> impl tokio_stream::Stream<Item = pb::UsageEvent> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for i in 0..count {
+            if tx.send(usage_event(account, i)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Requests the server holds for `account` (its usage history, through Classify).
+async fn requests_seen(replica: &Replica, account: &str) -> u64 {
+    let mut client = replica.classifier().await;
+    let answer = client
+        .classify(classify(ALLOWED, pb::Flow::ApiRequest, account))
+        .await
+        .unwrap()
+        .into_inner();
+    answer.usage.map_or(0, |u| u.requests_24h)
+}
+
+/// #12 defect 2: a report stream longer than `request_timeout_ms` is not cut by it; one that
+/// runs into the client's own deadline, or goes idle, is answered with what was applied and
+/// why it stopped, so a client resending the rest counts nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_usage_reports_end_with_a_summary_of_what_was_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[limits]\nrequest_timeout_ms = 500\nstream_idle_timeout_ms = 700\n[usage]\nenabled = true\n";
+    let replica = Replica::start(dir.path(), "rg", config).await;
+    let mut usage = replica.usage().await;
+
+    // 1.5 s of events against a 500 ms unary cap: all read, nothing stopped.
+    let summary = usage
+        .report(paced("long", 150, Duration::from_millis(10)))
+        .await
+        .expect("a report longer than request_timeout_ms")
+        .into_inner();
+    assert_eq!((summary.accepted, summary.stopped.as_str()), (150, ""));
+
+    // The client's deadline (1 s) comes before its 3 s of events end: answered in time.
+    let mut request = tonic::Request::new(paced("deadline", 300, Duration::from_millis(10)));
+    request.set_timeout(Duration::from_millis(1_000));
+    let started = std::time::Instant::now();
+    let summary = usage
+        .report(request)
+        .await
+        .expect("answered before the deadline")
+        .into_inner();
+    assert!(started.elapsed() < Duration::from_millis(1_000));
+    assert!(summary.stopped.contains("deadline"), "{summary:?}");
+    assert!(
+        summary.accepted > 0 && summary.accepted < 300,
+        "{summary:?}"
+    );
+    assert_eq!(
+        requests_seen(&replica, "deadline").await,
+        summary.accepted,
+        "the summary says exactly what was applied"
+    );
+
+    // Three events, then silence past stream_idle_timeout_ms.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for i in 0..3 {
+        tx.send(usage_event("idle", i)).await.unwrap();
+    }
+    let summary = usage
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("an idle report is answered")
+        .into_inner();
+    drop(tx);
+    assert_eq!(summary.accepted, 3);
+    assert!(
+        summary.stopped.contains("stream_idle_timeout_ms"),
+        "{summary:?}"
+    );
+}

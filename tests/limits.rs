@@ -52,16 +52,16 @@ async fn calls_past_the_connection_limit_are_shed_not_queued() {
 async fn a_client_deadline_is_honoured() {
     let scenario = &scenarios()[0];
     let server = TestServer::start(scenario).await;
+    let started = std::time::Instant::now();
     let (held, report) = open_report(&server, Some(Duration::from_millis(150))).await;
     let result = tokio::time::timeout(Duration::from_secs(5), report)
         .await
         .expect("the server ends the call")
         .unwrap();
-    let status = result.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
-        "{status:?}"
-    );
+    // A report is answered just before the client's deadline, saying it stopped there.
+    let summary = result.expect("answered in time");
+    assert!(started.elapsed() < Duration::from_millis(150));
+    assert!(summary.stopped.contains("deadline"), "{summary:?}");
     drop(held);
     server.shutdown().await;
 }

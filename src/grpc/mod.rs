@@ -8,6 +8,7 @@
 mod classifier;
 mod codec;
 pub mod convert;
+pub mod deadline;
 mod limit;
 mod records;
 mod review;

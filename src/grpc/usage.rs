@@ -4,10 +4,16 @@
 //! the stream goes on, so good events are never lost because a neighbour was bad. An event that
 //! cannot be read at all (undecodable, over `max_request_bytes`) fails the call, saying how many
 //! events before it were kept: tonic cannot read a stream past it, and a summary would hide that.
+//!
+//! A report is not cut by the unary `request_timeout_ms`. It ends when the client ends it, at
+//! `max_stream_messages`, after `stream_idle_timeout_ms` without an event, or shortly before the
+//! client's own deadline (`grpc-timeout`): in each case with a summary of what was applied and,
+//! when the server stopped reading first, `stopped` saying why. The client resends from event
+//! `accepted + rejected`; nothing is counted twice.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -29,6 +35,7 @@ const MAX_TOKENS: u64 = 1_000_000_000;
 pub struct UsageService {
     engine: Arc<Engine>,
     max_stream_messages: u64,
+    idle_timeout: Duration,
 }
 
 impl UsageService {
@@ -36,8 +43,22 @@ impl UsageService {
         Self {
             engine,
             max_stream_messages,
+            idle_timeout: Duration::from_secs(30),
         }
     }
+
+    /// Ends a report that sends no event for this long (with its summary).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+}
+
+/// When to stop reading so that the summary still reaches a client whose deadline is
+/// `deadline` from now: a tenth of it before, between 50 ms and 1 s.
+fn answer_by(deadline: Duration) -> Duration {
+    let margin = (deadline / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    deadline.saturating_sub(margin)
 }
 
 fn id(field: &str, value: &str, required: bool) -> Result<Option<Arc<str>>, ApiError> {
@@ -135,11 +156,34 @@ impl Usage for UsageService {
                 "usage history is turned off ([usage] enabled = false)",
             ));
         }
+        let stop_at = super::deadline::grpc_timeout(request.metadata().as_ref())
+            .map(|deadline| Instant::now() + answer_by(deadline));
         let mut stream = request.into_inner();
         let mut summary = pb::ReportSummary::default();
         let mut index: u64 = 0;
         loop {
-            let event = match stream.message().await {
+            let wait = stop_at.map_or(self.idle_timeout, |at| {
+                at.saturating_duration_since(Instant::now())
+                    .min(self.idle_timeout)
+            });
+            let next = match tokio::time::timeout(wait, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let near_deadline = stop_at.is_some_and(|at| Instant::now() >= at);
+                    summary.stopped = if near_deadline {
+                        format!(
+                            "the call's deadline was near: stopped reading after {index} events; send the rest on a new stream"
+                        )
+                    } else {
+                        format!(
+                            "no event for {} ms (stream_idle_timeout_ms): stopped reading after {index} events; send the rest on a new stream",
+                            self.idle_timeout.as_millis()
+                        )
+                    };
+                    break;
+                }
+            };
+            let event = match next {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(status) => {
