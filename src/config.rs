@@ -127,10 +127,35 @@ pub struct LimitsConfig {
     /// A connection that has sent nothing (no HTTP/2 preface, no TLS hello) for this long is
     /// closed.
     pub handshake_timeout_ms: u64,
+    /// HTTP/2 flow-control windows: how much a stream, and a connection in all, may send ahead
+    /// of the server reading it. h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM) when small
+    /// DATA frames left unread cost more than half the connection window, so the connection
+    /// window is kept many times the stream window (see README, Reliability).
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
     /// HTTP/2 pings on a served connection this often; 0: none.
     pub keepalive_interval_ms: u64,
     /// A connection whose peer does not answer a ping within this is closed.
     pub keepalive_timeout_ms: u64,
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        let (stream, connection) = (self.stream_window_bytes, self.connection_window_bytes);
+        if !(65_535..=MAX_WINDOW).contains(&stream) || !(65_535..=MAX_WINDOW).contains(&connection)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "limits.stream_window_bytes and limits.connection_window_bytes must be between 65535 and {MAX_WINDOW} (HTTP/2)"
+            )));
+        }
+        if connection < stream {
+            return Err(ConfigError::Invalid(
+                "limits.connection_window_bytes must be at least limits.stream_window_bytes".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LimitsConfig {
@@ -144,6 +169,8 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_pending_connections: 1_024,
             handshake_timeout_ms: 10_000,
+            stream_window_bytes: 512 << 10,
+            connection_window_bytes: 32 << 20,
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 10_000,
         }
@@ -497,6 +524,7 @@ impl Config {
         self.gateway.validate().map_err(ConfigError::Invalid)?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
+        self.limits.validate()?;
         self.store.overflow()?;
         self.store.must_record()?;
         self.store.retention()?;

@@ -192,6 +192,8 @@ pub async fn run(
         .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
         .load_shed(true)
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))
+        .initial_stream_window_size(limits.stream_window_bytes)
+        .initial_connection_window_size(limits.connection_window_bytes)
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(Duration::from_millis(
             limits.keepalive_timeout_ms.max(1),

@@ -451,3 +451,50 @@ async fn long_usage_reports_end_with_a_summary_of_what_was_applied() {
         "{summary:?}"
     );
 }
+
+/// #12 defect 6, as reproduced: streams that send one small event per HTTP/2 DATA frame (a
+/// client writing events as they happen), eight at once on one connection with a bulk report
+/// beside them, the server the slower side. h2 ends a connection whose unread small frames cost
+/// more than half its window (GOAWAY `ENHANCE_YOUR_CALM`, `too_many_data_frames`); with the
+/// default windows this lost every summary within half a second. Every stream gets its summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_usage_reports_are_reliable() {
+    const STREAMS: u64 = 8;
+    const EACH: u64 = 25_000;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::start(dir.path(), "rg", "[usage]\nenabled = true\n").await;
+    let channel = replica.channel().await;
+    let mut tasks = Vec::new();
+    for stream in 0..STREAMS {
+        let mut usage = regionguard::grpc::pb::usage_client::UsageClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            // One event in flight at a time, and a yield: each event leaves in its own frame.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let event = usage_event("large", stream * 1_000_000 + i);
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+            usage
+                .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }));
+    }
+    let mut usage = regionguard::grpc::pb::usage_client::UsageClient::new(channel.clone());
+    tasks.push(tokio::spawn(async move {
+        let bulk = (0..4 * EACH).map(|i| usage_event("bulk", i));
+        usage.report(tokio_stream::iter(bulk)).await
+    }));
+    let mut accepted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(summary) => accepted += summary.into_inner().accepted,
+            Err(status) => panic!("a stream lost its summary: {status:?}\n{}", replica.log()),
+        }
+    }
+    assert_eq!(accepted, STREAMS * EACH + 4 * EACH);
+}
