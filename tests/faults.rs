@@ -266,8 +266,14 @@ async fn silent_connections_do_not_take_the_service_down() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let dir = tempfile::tempdir().unwrap();
     let config = "[limits]\nmax_pending_connections = 256\nhandshake_timeout_ms = 2000\n";
-    let replica =
-        Replica::start_under(dir.path(), "rg", config, &["prlimit", "--nofile=1024:1024"]).await;
+    let replica = Replica::start_under(
+        dir.path(),
+        "rg",
+        config,
+        &["prlimit", "--nofile=1024:1024"],
+        None,
+    )
+    .await;
     let addr = replica.addr.trim_start_matches("http://").to_owned();
     let rss_before = replica.rss_bytes();
 
@@ -497,4 +503,72 @@ async fn large_usage_reports_are_reliable() {
         }
     }
     assert_eq!(accepted, STREAMS * EACH + 4 * EACH);
+}
+
+/// #12 defect 5, as reproduced: the policy truncated in place at a table boundary (before
+/// `[timezones]`) used to load as a valid, weaker policy, and LOCALE_HINTS_RESTRICTED_REGION
+/// silently stopped. Now `policy check` says the file is cut short, the running server refuses
+/// the reload, and the old policy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_cut_short_never_loads_and_the_old_one_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let whole = std::fs::read_to_string("data/policy.toml").unwrap();
+    std::fs::write(&policy, &whole).unwrap();
+    let config = "reload_interval_ms = 100\n";
+    let replica = Replica::start_under(dir.path(), "rg", config, &[], Some(&policy)).await;
+    let mut client = replica.classifier().await;
+    let hinted = || pb::ClassifyRequest {
+        hints: Some(pb::ClientHints {
+            timezone: "Asia/Pyongyang".into(),
+            ..Default::default()
+        }),
+        ..support::request(ALLOWED)
+    };
+    let reasons = |answer: &pb::ClassifyResponse| -> Vec<String> {
+        answer.reasons.iter().map(|r| r.code.clone()).collect()
+    };
+    let before = client.classify(hinted()).await.unwrap().into_inner();
+    assert!(
+        reasons(&before).contains(&"LOCALE_HINTS_RESTRICTED_REGION".to_owned()),
+        "{:?}",
+        reasons(&before)
+    );
+
+    // Truncated in place (same inode) at the [timezones] table.
+    let cut = whole.find("\n[timezones]").unwrap() + 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&policy)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+    let check = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!check.status.success(), "{said}");
+    assert!(said.contains("cut short"), "{said}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while replica.metric("regionguard_reload_failures_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload was not tried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = client.classify(hinted()).await.unwrap().into_inner();
+    assert_eq!(
+        after.policy_version, before.policy_version,
+        "the old policy serves"
+    );
+    assert_eq!(reasons(&after), reasons(&before));
+    assert!(replica.log().contains("cut short"), "{}", replica.log());
 }

@@ -41,6 +41,42 @@ struct RawPolicy {
     verifications: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     #[serde(default)]
     timezones: BTreeMap<Spanned<String>, Spanned<String>>,
+    /// The closing marker: required, empty, and the file's last table (`check_whole`).
+    #[allow(dead_code)]
+    end: RawEnd,
+}
+
+/// `[end]`: proves the file was written to its end.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnd {}
+
+/// What a policy file without its closing `[end]` table is told.
+const CUT_SHORT: &str = "the policy's last table is not its closing `[end]`: the file may be cut short (a writer that died, a full disk, an interrupted copy) and is not loaded; a whole policy file ends with `[end]` (replace policy files by atomic rename)";
+
+/// A policy file is whole only if its last table is `[end]`: a file cut short at any table
+/// boundary before it would otherwise parse as a valid, weaker policy (optional tables gone).
+/// Returns the line (1-based) of the offending last table header, if there is one.
+fn check_whole(text: &str) -> Result<(), usize> {
+    let last = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let line = line.trim_start();
+            line.starts_with('[') && !line.starts_with("[[")
+        })
+        .filter_map(|(i, line)| {
+            let header = line.trim_start().strip_prefix('[')?;
+            let (name, rest) = header.split_once(']')?;
+            let rest = rest.trim();
+            (rest.is_empty() || rest.starts_with('#')).then(|| (i + 1, name.trim().to_owned()))
+        })
+        .last();
+    match last {
+        Some((_, name)) if name == "end" => Ok(()),
+        Some((line, _)) => Err(line),
+        None => Err(1),
+    }
 }
 
 #[derive(Deserialize)]
@@ -105,6 +141,11 @@ struct RawThresholds {
 /// Parses and validates a policy. `source_name` is how errors name the file.
 pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
     let ctx = Ctx { text, source_name };
+    // Before parsing: a file cut short may still parse (optional tables gone), or fail on a
+    // required table it lost, and either way the truth is that it is not whole.
+    if let Err(line) = check_whole(text) {
+        return Err(ctx.error_at_line(line, "end", CUT_SHORT.to_owned()));
+    }
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(0, |span| ctx.line(span.start));
         ctx.error_at_line(line, "policy", e.message().trim().to_owned())
@@ -426,6 +467,47 @@ mod tests {
     use super::*;
     use crate::policy::EMBEDDED_POLICY;
     use proptest::prelude::*;
+
+    /// #12 defect 5: the default policy cut short at any table boundary, or anywhere at all,
+    /// never loads; cut at [timezones], it used to load without LOCALE_HINTS rules.
+    #[test]
+    fn a_policy_cut_short_anywhere_never_loads() {
+        let whole = parse_policy(EMBEDDED_POLICY, "p.toml").expect("the whole file loads");
+        assert!(!whole.version().to_string().is_empty());
+        let boundaries: Vec<usize> = EMBEDDED_POLICY
+            .match_indices("\n[")
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert!(boundaries.len() > 10);
+        for cut in boundaries
+            .iter()
+            .copied()
+            .chain((0..EMBEDDED_POLICY.len()).step_by(97))
+        {
+            let Some(prefix) = EMBEDDED_POLICY.get(..cut) else {
+                continue;
+            };
+            let error = parse_policy(prefix, "p.toml").expect_err(&format!("cut at byte {cut}"));
+            if boundaries.contains(&cut) {
+                assert_eq!(error.field, "end", "cut at byte {cut}: {error}");
+                assert!(error.message.contains("cut short"), "{error}");
+            }
+        }
+    }
+
+    #[test]
+    fn end_must_be_last_and_empty() {
+        let moved = EMBEDDED_POLICY.replace("\n[end]\n", "\n").replacen(
+            "[sanctioned]",
+            "[end]\n\n[sanctioned]",
+            1,
+        );
+        assert_eq!(parse_policy(&moved, "p.toml").unwrap_err().field, "end");
+        let with_key = format!("{EMBEDDED_POLICY}tables = 12\n");
+        assert!(parse_policy(&with_key, "p.toml").is_err());
+        let with_comment = format!("{EMBEDDED_POLICY}# trailing comment\n");
+        assert!(parse_policy(&with_comment, "p.toml").is_ok());
+    }
 
     fn region(s: &str) -> RegionCode {
         RegionCode::parse(s).unwrap()

@@ -24,11 +24,18 @@ impl Replica {
     /// Starts `name` with `config` (TOML, appended after its own `metrics_listen`) and waits
     /// until it serves; panics with its log if it exits first.
     pub async fn start(dir: &Path, name: &str, config: &str) -> Self {
-        Self::start_under(dir, name, config, &[]).await
+        Self::start_under(dir, name, config, &[], None).await
     }
 
-    /// As `start`, run under `wrapper` (e.g. `["prlimit", "--nofile=1024"]`).
-    pub async fn start_under(dir: &Path, name: &str, config: &str, wrapper: &[&str]) -> Self {
+    /// As `start`, run under `wrapper` (e.g. `["prlimit", "--nofile=1024"]`), with the policy
+    /// file `policy` (default: the repository's).
+    pub async fn start_under(
+        dir: &Path,
+        name: &str,
+        config: &str,
+        wrapper: &[&str],
+        policy: Option<&Path>,
+    ) -> Self {
         let location = dir.join("city.mmdb");
         let anonymous = dir.join("anonymous.mmdb");
         if !location.exists() {
@@ -53,7 +60,8 @@ impl Replica {
         };
         let child = command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--policy", "data/policy.toml"])
+            .arg("--policy")
+            .arg(policy.unwrap_or(Path::new("data/policy.toml")))
             .arg("--location-db")
             .arg(&location)
             .arg("--anonymous-db")
