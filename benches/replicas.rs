@@ -8,98 +8,21 @@
 //! core 0, the load generator on core 1 when `taskset` exists. Under `cargo test` it runs a few
 //! hundred calls as a smoke test.
 
+#[path = "support/load.rs"]
+mod load;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use regionguard::grpc::pb::{self, classifier_client::ClassifierClient, usage_client::UsageClient};
 use support::redis::RedisServer;
-use tonic::transport::Channel;
 
-struct Server {
-    child: Child,
-    channel: Channel,
-    metrics_port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn pinned(core: &str, bin: &str) -> Command {
-    let taskset = Command::new("taskset")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if taskset {
-        let mut c = Command::new("taskset");
-        c.args(["-c", core, bin]);
-        c
-    } else {
-        Command::new(bin)
-    }
-}
+use load::{Server, cpu_seconds, median, metric};
 
 async fn start(dir: &Path, name: &str, usage: &str) -> Server {
-    let (port, metrics_port) = (support::free_port(), support::free_port());
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "metrics_listen = \"127.0.0.1:{metrics_port}\"\ncache_capacity = 0\n[usage]\n{usage}\n"
-        ),
-    )
-    .unwrap();
-    let mut child = pinned("0", env!("CARGO_BIN_EXE_regionguard"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--policy", "data/policy.toml"])
-        .args(["--location-db", "data/geo-whois-asn-country.mmdb"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return Server {
-                child,
-                channel,
-                metrics_port,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("{name} did not start");
-}
-
-fn metric(server: &Server, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    load::start(dir, name, &format!("[usage]\n{usage}")).await
 }
 
 fn now_ms() -> i64 {
@@ -161,85 +84,36 @@ async fn written(server: &Server, events: f64) {
     }
 }
 
-struct Round {
-    rate: f64,
-    p99_us: f64,
-    errors: u64,
-}
-
 /// Classify for accounts with history (API requests with billing country), `in_flight` at once.
 async fn classify_round(
     server: &Server,
     accounts: u32,
     in_flight: usize,
     duration: Duration,
-) -> Round {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..in_flight {
-        let mut client = ClassifierClient::new(server.channel.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut latencies, mut errors, mut a) = (Vec::new(), 0u64, worker as u32);
-            while started.elapsed() < duration {
-                let request = pb::ClassifyRequest {
-                    ip: address(a % accounts),
-                    account: Some(pb::Account {
-                        account_id: format!("acct-{:07}", a % accounts),
-                        billing_country: "DE".into(),
-                        payment_fingerprint: format!("card-{}", (a % accounts) / 2),
-                        ..Default::default()
-                    }),
+) -> load::Round {
+    let client = ClassifierClient::new(server.channel.clone());
+    load::round(in_flight, duration, move |worker, i| {
+        let mut client = client.clone();
+        let a = (worker as u32).wrapping_add((i as u32).wrapping_mul(7919)) % accounts;
+        async move {
+            let request = pb::ClassifyRequest {
+                ip: address(a),
+                account: Some(pb::Account {
+                    account_id: format!("acct-{a:07}"),
+                    billing_country: "DE".into(),
+                    payment_fingerprint: format!("card-{}", a / 2),
                     ..Default::default()
-                };
-                let t = Instant::now();
-                errors += u64::from(client.classify(request).await.is_err());
-                latencies.push(t.elapsed().as_nanos() as u64);
-                a = a.wrapping_add(7919);
-            }
-            (latencies, errors)
-        }));
-    }
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for task in tasks {
-        let (l, e) = task.await.unwrap();
-        all.extend(l);
-        errors += e;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    Round {
-        rate: all.len() as f64 / seconds,
-        p99_us: all[(all.len() * 99 / 100).min(all.len() - 1)] as f64 / 1000.0,
-        errors,
-    }
-}
-
-/// User + system CPU seconds of a process, from /proc (0 where there is no /proc).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|f| f.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / 100.0
+                }),
+                ..Default::default()
+            };
+            client.classify(request).await.is_ok()
+        }
+    })
+    .await
 }
 
 fn redis_cpu_seconds(redis: &RedisServer) -> f64 {
     redis.info("used_cpu_user").unwrap_or(0.0) + redis.info("used_cpu_sys").unwrap_or(0.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Redis bytes per account for `accounts` accounts of `events_each` events 5 minutes apart.
@@ -263,15 +137,7 @@ async fn bytes_per_account(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let benching = std::env::args().any(|a| a == "--bench");
-    if benching && std::env::var_os("REGIONGUARD_LOADGEN_PINNED").is_none() {
-        let status = pinned("1", std::env::current_exe().unwrap().to_str().unwrap())
-            .args(std::env::args().skip(1))
-            .env("REGIONGUARD_LOADGEN_PINNED", "1")
-            .status()
-            .unwrap();
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    let benching = load::pin_load_generator();
     let (accounts, rounds, round, report_events) = if benching {
         (10_000u32, 5, Duration::from_secs(2), 1_000_000usize)
     } else {
