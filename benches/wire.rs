@@ -8,7 +8,7 @@
 //! to core 1 with `taskset` when it exists. Under `cargo test` it only smoke-tests both calls.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use regionguard::grpc::pb::{self, classifier_client::ClassifierClient};
 use tonic::transport::Channel;
@@ -87,19 +87,10 @@ impl Call {
     }
 }
 
-struct Run {
-    calls: u64,
-    seconds: f64,
-    p50_us: f64,
-    p99_us: f64,
-    errors: u64,
-}
+#[path = "support/load.rs"]
+mod load;
 
-impl Run {
-    fn rate(&self) -> f64 {
-        self.calls as f64 / self.seconds
-    }
-}
+use load::Round as Run;
 
 /// The median of each figure over rounds (each figure on its own), and all errors.
 struct Median {
@@ -111,13 +102,9 @@ struct Median {
 
 impl Median {
     fn of(runs: &[Run]) -> Self {
-        let median = |f: fn(&Run) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let median = |f: fn(&Run) -> f64| load::median(runs.iter().map(f).collect());
         Median {
-            rate: median(Run::rate),
+            rate: median(|r| r.rate),
             p50_us: median(|r| r.p50_us),
             p99_us: median(|r| r.p99_us),
             errors: runs.iter().map(|r| r.errors).sum(),
@@ -127,60 +114,29 @@ impl Median {
 
 async fn run(channel: Channel, call: Call, in_flight: usize, duration: Duration) -> Run {
     let ips = std::sync::Arc::new(addresses());
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..in_flight)
-        .map(|worker| {
-            let (channel, ips) = (channel.clone(), ips.clone());
-            tokio::spawn(async move {
-                let mut health = HealthClient::new(channel.clone());
-                let mut classifier = ClassifierClient::new(channel);
-                let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, worker);
-                while started.elapsed() < duration {
-                    let t = Instant::now();
-                    let ok = match call {
-                        Call::Echo => health
-                            .check(HealthCheckRequest {
-                                service: String::new(),
-                            })
-                            .await
-                            .is_ok(),
-                        Call::Classify => {
-                            let request = pb::ClassifyRequest {
-                                ip: ips[i % ips.len()].clone(),
-                                ..Default::default()
-                            };
-                            classifier.classify(request).await.is_ok()
-                        }
+    let health = HealthClient::new(channel.clone());
+    let classifier = ClassifierClient::new(channel);
+    load::round(in_flight, duration, move |worker, i| {
+        let (mut health, mut classifier, ips) = (health.clone(), classifier.clone(), ips.clone());
+        async move {
+            match call {
+                Call::Echo => health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok(),
+                Call::Classify => {
+                    let request = pb::ClassifyRequest {
+                        ip: ips[(worker + i as usize * in_flight) % ips.len()].clone(),
+                        ..Default::default()
                     };
-                    latencies.push(t.elapsed().as_nanos() as u64);
-                    errors += u64::from(!ok);
-                    i += in_flight;
+                    classifier.classify(request).await.is_ok()
                 }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for task in tasks {
-        let (latencies, e) = task.await.unwrap();
-        all.extend(latencies);
-        errors += e;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    Run {
-        calls: all.len() as u64,
-        seconds,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        errors,
-    }
+            }
+        }
+    })
+    .await
 }
 
 fn main() {
@@ -244,7 +200,7 @@ fn main() {
                     assert_eq!(r.errors, 0, "{} failed calls", call.name());
                     println!(
                         "round {round}: {} at {in_flight} in flight: {:.0} calls/s, p50 {:.1} µs, p99 {:.1} µs",
-                        call.name(), r.rate(), r.p50_us, r.p99_us
+                        call.name(), r.rate, r.p50_us, r.p99_us
                     );
                     match call {
                         Call::Echo => echo.push(r),
@@ -252,7 +208,7 @@ fn main() {
                     }
                 }
                 let (e, c) = (&echo[round], &classify[round]);
-                ratios.push((c.rate() / e.rate(), c.p99_us / e.p99_us));
+                ratios.push((c.rate / e.rate, c.p99_us / e.p99_us));
             }
             table.push((in_flight, Median::of(&echo), Median::of(&classify), ratios));
         }

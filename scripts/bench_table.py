@@ -73,6 +73,20 @@ for in_flight in (1, 64):
     rows.append((f"Classify / echo p99, {in_flight} in flight",
                  f"{classify[1]:.0f} / {echo[1]:.0f} µs = {p99:.2f}", "≤ 1.2", verdict(p99 <= 1.2)))
 
+durable = {}
+for name, rate, p50, p99, cpu, errors in re.findall(
+        r"^\| (no store|store, recorded asynchronously|store, must-record waits \(as shipped\)) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \|$",
+        log("durability"), re.M):
+    durable[name.split(",")[0] if name == "no store" else name] = (float(rate), float(p50), float(p99), float(cpu))
+ratios = re.search(r"must-record / no store throughput: ([\d.]+); must-record / asynchronous store: ([\d.]+)", log("durability"))
+wait = durable.get("store, must-record waits (as shipped)")
+if wait and ratios:
+    rows.append(("signup Classify with must-record waits, 64 in flight: p50 / p99",
+                 f"{wait[1]:.0f} / {wait[2]:.0f} µs", "p99 ≤ 2 ms", verdict(wait[2] <= 2000)))
+    rows.append(("signup throughput, must-record waits / asynchronous store (and / no store)",
+                 f"{float(ratios.group(2)):.2f} ({float(ratios.group(1)):.2f})", "≥ 0.7",
+                 verdict(float(ratios.group(2)) >= 0.7)))
+
 soak = re.search(r"soak: ([\d.]+) min, (\d+) calls.*?, (\d+) errors, (\d+) policy\+database swaps, "
                  r"server RSS (\d+) KiB -> (\d+) KiB", log("soak"))
 if soak:

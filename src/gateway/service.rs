@@ -177,7 +177,8 @@ mod tests {
         ))
     }
 
-    fn decision_id(response: &CheckResponse) -> Option<String> {
+    /// The answer's header `name`, allowed or denied.
+    fn header(response: &CheckResponse, name: &str) -> Option<String> {
         let headers = match response.http_response.as_ref()? {
             HttpResponse::OkResponse(ok) => &ok.headers,
             HttpResponse::DeniedResponse(denied) => &denied.headers,
@@ -186,8 +187,12 @@ mod tests {
         headers
             .iter()
             .filter_map(|h| h.header.as_ref())
-            .find(|h| h.key == DECISION_ID_HEADER)
+            .find(|h| h.key == name)
             .map(|h| h.value.clone())
+    }
+
+    fn decision_id(response: &CheckResponse) -> Option<String> {
+        header(response, DECISION_ID_HEADER)
     }
 
     fn check(account: &str) -> CheckRequest {
@@ -226,16 +231,7 @@ mod tests {
     }
 
     fn verdict(response: &CheckResponse) -> Option<String> {
-        let headers = match response.http_response.as_ref()? {
-            HttpResponse::OkResponse(ok) => &ok.headers,
-            HttpResponse::DeniedResponse(denied) => &denied.headers,
-            _ => return None,
-        };
-        headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .find(|h| h.key == crate::gateway::response::VERDICT_HEADER)
-            .map(|h| h.value.clone())
+        header(response, crate::gateway::response::VERDICT_HEADER)
     }
 
     fn network_override(value: &str, action: &str) -> crate::store::OverrideRecord {

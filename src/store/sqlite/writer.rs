@@ -37,14 +37,51 @@ pub(crate) fn start(
         })?
         .unwrap_or((0, GENESIS.to_owned()));
     check_keying(&path, seq, &prev, key.as_ref())?;
+    // Checkpoints run beside the writer, not inside one of its commits: a commit that has to
+    // copy the WAL back first is what callers waiting on it would see as their slowest answers.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|error| StoreError::Sqlite {
+            path: path.clone(),
+            error,
+        })?;
+    let checkpoints = open_for_writing(dir)?;
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let counters = Arc::new(Counters::default());
     let thread_counters = counters.clone();
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still_writing = writing.clone();
+    std::thread::Builder::new()
+        .name("regionguard-checkpoint".into())
+        .spawn(move || checkpoint_while(&checkpoints, &still_writing))
+        .map_err(|error| StoreError::Dir {
+            path: path.clone(),
+            error,
+        })?;
     std::thread::Builder::new()
         .name("regionguard-store".into())
-        .spawn(move || run(conn, rx, (seq, prev), key.as_ref(), &thread_counters))
+        .spawn(move || {
+            run(conn, rx, (seq, prev), key.as_ref(), &thread_counters);
+            writing.store(false, Ordering::Relaxed);
+        })
         .map_err(|error| StoreError::Dir { path, error })?;
     Ok(Recorder::from_parts(tx, overflow, counters))
+}
+
+/// How often the WAL is copied back into the database, beside the writer.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Passive checkpoints (they never block the writer or readers) until the writer stops.
+fn checkpoint_while(conn: &Connection, writing: &std::sync::atomic::AtomicBool) {
+    while writing.load(Ordering::Relaxed) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let result: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        if let Err(error) = result {
+            tracing::warn!(%error, "audit store: WAL checkpoint failed; the next one retries");
+        }
+    }
 }
 
 /// Rows deleted per transaction while retention catches up, between normal batches.
@@ -120,21 +157,20 @@ fn append(
 ) -> rusqlite::Result<bool> {
     // Only a repeated (kind, ref_id) is skipped; any other conflict (a second writer on the same
     // store, say) fails the batch rather than hide a row.
-    let exists: bool = tx.query_row(
-        "SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = ?1 AND ref_id = ?2)",
-        params![&row.kind, &row.ref_id],
-        |r| r.get(0),
-    )?;
+    // Prepared once per connection (the statement cache), not parsed again for every row.
+    let exists: bool = tx
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = ?1 AND ref_id = ?2)")?
+        .query_row(params![&row.kind, &row.ref_id], |r| r.get(0))?;
     if exists {
         return Ok(false);
     }
     let next = *seq + 1;
     let hash = row.hash_with(next, prev, key);
-    let inserted = tx.execute(
+    let inserted = tx.prepare_cached(
         "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash],
-    )?;
+    )?
+    .execute(params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash])?;
     if inserted == 1 {
         *seq = next;
         *prev = hash;
@@ -252,10 +288,10 @@ fn commit(
             Item::Decision(row, _) => {
                 if append(&tx, &mut next_seq, &mut next_prev, row, key)? && row.verdict == "REVIEW"
                 {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
-                        params![row.ref_id, next_seq],
-                    )?;
+                    )?
+                    .execute(params![row.ref_id, next_seq])?;
                 }
                 done.push(Committed::Decision);
             }
