@@ -342,7 +342,7 @@ impl StoreConfig {
         };
         for entry in &self.must_record {
             let flow = Flow::ALL.into_iter().find(|f| f.as_str() == entry);
-            let verdict = [Verdict::Allow, Verdict::Review, Verdict::Deny]
+            let verdict = Verdict::ALL
                 .into_iter()
                 .find(|v| v.as_str().eq_ignore_ascii_case(entry));
             match (flow, verdict) {

@@ -51,23 +51,19 @@ pub struct ConnectionStats {
     pub shed_evicted: AtomicU64,
     /// Accepts that failed (out of file descriptors, mostly).
     pub accept_errors: AtomicU64,
-    /// When the last shedding line was logged, in ms since `epoch`.
-    last_log_ms: AtomicU64,
-    epoch: std::sync::OnceLock<Instant>,
+    /// When the last shedding line was logged.
+    last_log: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ConnectionStats {
     fn shed(&self, counter: &AtomicU64, why: &'static str) {
         counter.fetch_add(1, Ordering::Relaxed);
-        let epoch = *self.epoch.get_or_init(Instant::now);
-        let now = epoch.elapsed().as_millis() as u64 + 1_000;
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1_000
-            && self
-                .last_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        // try_lock: a shedding connection that finds another logging skips the line.
+        let Ok(mut last) = self.last_log.try_lock() else {
+            return;
+        };
+        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
             tracing::warn!(
                 why,
                 open = self.open.load(Ordering::Relaxed),

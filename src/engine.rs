@@ -262,11 +262,6 @@ impl Engine {
         }
     }
 
-    /// Decides with a location already looked up.
-    pub async fn decide(&self, input: &ClassifyInput, location: GeoLookup) -> Outcome {
-        self.decide_at(input, location, SystemTime::now()).await
-    }
-
     async fn decide_at(
         &self,
         input: &ClassifyInput,
@@ -299,9 +294,7 @@ impl Engine {
         usage: Option<UsageFacts>,
         now: SystemTime,
     ) -> Circumstances {
-        let now_ms = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = unix_ms(now);
         let overrides = self.overrides.load().matching(
             input.account_id.as_deref(),
             input.organization_domain.as_deref(),
@@ -329,9 +322,7 @@ impl Engine {
         } = circumstances;
         let policy = self.policy.load();
         let now_unix = unix_secs(now);
-        let now_ms = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = unix_ms(now);
         let facts = Facts {
             flow: input.flow,
             now_unix,
@@ -395,6 +386,12 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms(now: SystemTime) -> i64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Seconds since the Unix epoch (0 before it).

@@ -104,7 +104,7 @@ impl Metrics {
         });
         let methods = methods.collect();
         let other_method = method("other");
-        let verdict_counters = [Verdict::Allow, Verdict::Review, Verdict::Deny].map(|v| {
+        let verdict_counters = Verdict::ALL.map(|v| {
             verdicts
                 .get_or_create(&vec![("verdict", v.as_str().to_owned())])
                 .clone()

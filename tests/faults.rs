@@ -44,18 +44,6 @@ fn random(below: u64) -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now()) % below
 }
 
-fn verify(data: &Path) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// The test: the real binary under concurrent load, `kill -9` at a random moment, five
 /// rounds on one store. Every must-record decision (signup, login, every non-ALLOW) a client got
 /// an answer for is in the store; the chain verifies after each kill and continues after the
@@ -120,7 +108,7 @@ async fn answered_must_record_decisions_survive_kill_9() {
             missing.first()
         );
         drop(conn);
-        let (ok, out) = verify(&data);
+        let (ok, out) = support::audit_verify(&data);
         assert!(ok, "round {round}, after kill -9: {out}");
         let rows: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
         assert!(
@@ -140,7 +128,7 @@ async fn answered_must_record_decisions_survive_kill_9() {
             .unwrap();
     }
     drop(replica);
-    let (ok, out) = verify(&data);
+    let (ok, out) = support::audit_verify(&data);
     assert!(ok, "{out}");
     let rows: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(rows, rows_before + 10, "the chain continued: {out}");

@@ -358,19 +358,6 @@ async fn callers_are_separated_by_role() {
     server.shutdown().await;
 }
 
-/// A loopback port nothing listens on, for a server binary to take.
-fn verify_cli(dir: &std::path::Path) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn audit_verify_passes_then_names_an_edited_row() {
     let scenario = &scenarios()[0];
@@ -387,7 +374,7 @@ async fn audit_verify_passes_then_names_an_edited_row() {
         .await
         .unwrap();
     settle().await;
-    let (ok, out) = verify_cli(&server.data_dir());
+    let (ok, out) = support::audit_verify(&server.data_dir());
     assert!(ok, "{out}");
     assert!(
         out.starts_with("ok: 4 audit rows verified"),
@@ -408,7 +395,7 @@ async fn audit_verify_passes_then_names_an_edited_row() {
     db.execute("DELETE FROM audit_log WHERE seq = 4", [])
         .unwrap();
     assert!(
-        verify_cli(&server.data_dir()).0,
+        support::audit_verify(&server.data_dir()).0,
         "a truncated chain alone still links"
     );
     let anchored = Command::new(BIN)
@@ -424,7 +411,7 @@ async fn audit_verify_passes_then_names_an_edited_row() {
 
     db.execute("UPDATE audit_log SET verdict = 'ALLOW' WHERE seq = 2", [])
         .unwrap();
-    let (ok, out) = verify_cli(&server.data_dir());
+    let (ok, out) = support::audit_verify(&server.data_dir());
     assert!(!ok);
     assert!(out.starts_with("BROKEN: row seq 2 (decision "), "{out}");
     support::record(format_args!("audit verify after an edit: {}", out.trim()));
@@ -522,16 +509,16 @@ async fn audit_verify_checks_overrides_and_the_queue_against_the_chain() {
         .unwrap();
     settle().await;
     let dir = server.data_dir();
-    let (ok, out) = verify_cli(&dir);
+    let (ok, out) = support::audit_verify(&dir);
     assert!(ok, "{out}");
     assert!(out.starts_with("ok: 6 audit rows verified"), "{out}");
 
     let db = rusqlite::Connection::open(regionguard::store::db_path(&dir)).unwrap();
     let broken_by = |sql: &str, undo: &str| {
         db.execute_batch(sql).unwrap();
-        let (ok, out) = verify_cli(&dir);
+        let (ok, out) = support::audit_verify(&dir);
         db.execute_batch(undo).unwrap();
-        assert!(verify_cli(&dir).0, "undone: {sql}");
+        assert!(support::audit_verify(&dir).0, "undone: {sql}");
         assert!(!ok, "{sql}: {out}");
         out
     };
@@ -758,7 +745,7 @@ async fn kill_9_while_writing_keeps_the_chain_intact() {
     for task in tasks {
         answered += task.await.unwrap();
     }
-    let (ok, out) = verify_cli(&data);
+    let (ok, out) = support::audit_verify(&data);
     assert!(ok, "after kill -9: {out}");
     let rows_after_kill: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     support::record(format_args!(
@@ -782,7 +769,7 @@ async fn kill_9_while_writing_keeps_the_chain_intact() {
         .status()
         .unwrap();
     child.wait().unwrap();
-    let (ok, out) = verify_cli(&data);
+    let (ok, out) = support::audit_verify(&data);
     assert!(ok, "{out}");
     let rows_after_restart: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(
@@ -896,7 +883,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         "{out}"
     );
     // The checkpoint is keyed: without the key it cannot be checked.
-    let (ok, unkeyed) = verify_cli(&data);
+    let (ok, unkeyed) = support::audit_verify(&data);
     assert!(!ok);
     assert!(
         unkeyed.starts_with("BROKEN: row seq 4 is keyed: pass the chain key"),

@@ -12,6 +12,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Allow, Verdict::Review, Verdict::Deny];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allow => "ALLOW",

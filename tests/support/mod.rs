@@ -254,6 +254,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `regionguard audit verify --data-dir DIR` with the real binary: whether it passed, and what
+/// it printed.
+pub fn audit_verify(dir: &Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regionguard"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// Writes a measured figure straight to stderr, past the test harness's output capture, so it
 /// shows in every test run's output (the harness only captures the print macros).
 pub fn record(line: std::fmt::Arguments<'_>) {
