@@ -229,10 +229,42 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Whether this gate lets anyone in without a token (the gateway role with no gateway
+    /// callers configured).
+    pub fn is_open(&self) -> bool {
+        self.role == Role::Gateway && !self.callers.iter().any(|c| c.role == Role::Gateway)
+    }
+
+    /// The caller a token names, for transports without gRPC metadata (HTTP forward-auth):
+    /// `Ok(None)` when the gate is open, an error that names what is wrong otherwise.
+    pub fn token_caller(&self, token: Option<&str>) -> Result<Option<Caller>, String> {
+        let known = match token.map(str::trim).filter(|t| !t.is_empty()) {
+            Some(token) => {
+                let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                self.callers.iter().find(|c| c.token == Some(hash))
+            }
+            None if self.is_open() => return Ok(None),
+            None => return Err("a token is required".to_owned()),
+        };
+        match known {
+            Some(caller) if caller.role == self.role => Ok(Some(Caller {
+                name: caller.name.clone(),
+                role: caller.role,
+            })),
+            Some(caller) => Err(format!(
+                "{} ({:?}) may not call this service",
+                caller.name, caller.role
+            )),
+            None if self.is_open() => Ok(None),
+            None => Err("unknown token".to_owned()),
+        }
+    }
+}
+
 impl Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let open =
-            self.role == Role::Gateway && !self.callers.iter().any(|c| c.role == Role::Gateway);
+        let open = self.is_open();
         let caller = match self.identify(&request) {
             Ok(Some(caller)) => caller,
             _ if open => return Ok(request),

@@ -14,7 +14,7 @@ use crate::audit::IpStorage;
 use crate::audit::MustRecord;
 use crate::auth::AuthConfig;
 use crate::classify::{Flow, Verdict};
-use crate::gateway::GatewayConfig;
+use crate::gateway::{ForwardAuthConfig, GatewayConfig};
 use crate::store::writer::Overflow;
 use crate::store::{Backend, ChainKey};
 
@@ -54,6 +54,8 @@ pub struct Config {
     pub start_without_location_db: bool,
     /// Envoy ext_authz settings (`[gateway]` table).
     pub gateway: GatewayConfig,
+    /// HTTP forward-auth for nginx, Caddy, Traefik, Envoy's HTTP mode (`[forward_auth]`).
+    pub forward_auth: ForwardAuthConfig,
     /// Usage history settings (`[usage]` table).
     pub usage: UsageConfig,
     /// The embedded store: audit log, review queue, overrides (`[store]` table).
@@ -474,6 +476,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             start_without_location_db: false,
             gateway: GatewayConfig::default(),
+            forward_auth: ForwardAuthConfig::default(),
             usage: UsageConfig::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
@@ -522,6 +525,7 @@ impl Config {
             ));
         }
         self.gateway.validate().map_err(ConfigError::Invalid)?;
+        self.forward_auth.validate().map_err(ConfigError::Invalid)?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
         self.limits.validate()?;

@@ -352,7 +352,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if let (Some(audit), Some(keep)) = (&audit, config.store.retention()?) {
             tokio::spawn(retention(audit.clone(), keep));
         }
-        server::run(listener, engine.clone(), audit.clone(), ops, settings, shutdown_signal()).await?;
+        let forward_auth = match config.forward_auth.listen {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding forward-auth port {address}"))?;
+                tracing::info!(address = %listener.local_addr()?, "serving HTTP forward-auth under /check");
+                Some(listener)
+            }
+            None => None,
+        };
+        let ports = server::SidePorts { ops, forward_auth };
+        server::run(listener, engine.clone(), audit.clone(), ports, settings, shutdown_signal()).await?;
         // Usage events still queued for Redis are written before the process ends (within the
         // grace period); what cannot be is said, not dropped silently.
         if let Some(usage) = engine.usage() {

@@ -1,6 +1,7 @@
-//! The gRPC server: Classifier, Envoy ext_authz Authorization, grpc.health.v1 and server
-//! reflection, on a listener the
-//! caller binds, stopped by a future the caller resolves.
+//! The gRPC server: Classifier, Envoy ext_authz Authorization, Usage, Review, grpc.health.v1
+//! and server reflection (v1 and v1alpha), on a listener the caller binds, stopped by a future
+//! the caller resolves; beside it, on listeners of their own, the ops port and HTTP
+//! forward-auth.
 //!
 //! Shutdown order: health reports NOT_SERVING, the listener stops accepting, in-flight calls
 //! drain for at most the grace period, then the server returns.
@@ -20,7 +21,7 @@ use crate::auth::{AuthConfig, Gate, Role};
 use crate::config::LimitsConfig;
 use crate::connections::{ConnectionLimits, ConnectionStats};
 use crate::engine::Engine;
-use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, GatewayConfig, GatewayService};
+use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, ForwardAuthConfig, GatewayConfig, GatewayService};
 use crate::grpc::deadline::UnaryDeadlineLayer;
 use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
@@ -35,6 +36,7 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     pub shutdown_grace: Duration,
     pub gateway: GatewayConfig,
+    pub forward_auth: ForwardAuthConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     /// None: plaintext.
@@ -47,6 +49,7 @@ impl ServerSettings {
             max_request_bytes: config.max_request_bytes,
             shutdown_grace: config.shutdown_grace(),
             gateway: config.gateway.clone(),
+            forward_auth: config.forward_auth.clone(),
             auth: config.auth.clone(),
             limits: config.limits,
             tls: None,
@@ -60,6 +63,23 @@ pub struct OpsPort {
     pub metrics: Arc<Metrics>,
 }
 
+/// The HTTP listeners beside the gRPC port, each off when `None`.
+#[derive(Default)]
+pub struct SidePorts {
+    pub ops: Option<OpsPort>,
+    /// HTTP forward-auth (`[forward_auth] listen`), answered like `Authorization/Check`.
+    pub forward_auth: Option<TcpListener>,
+}
+
+impl From<Option<OpsPort>> for SidePorts {
+    fn from(ops: Option<OpsPort>) -> Self {
+        Self {
+            ops,
+            forward_auth: None,
+        }
+    }
+}
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,15 +89,35 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Every service's health by its full name (as `grpc_health_probe -service` asks), and the
+/// server's own (`""`).
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in [
+        "",
+        <ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME,
+        <AuthorizationServer<GatewayService> as tonic::server::NamedService>::NAME,
+        <UsageServer<UsageService> as tonic::server::NamedService>::NAME,
+        <ReviewServer<ReviewService> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains.
 pub async fn run(
     listener: TcpListener,
     engine: Arc<Engine>,
     audit: Option<Arc<AuditTrail>>,
-    ops: Option<OpsPort>,
+    ports: SidePorts,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let SidePorts { ops, forward_auth } = ports;
     let metrics = ops.as_ref().map(|ops| ops.metrics.clone());
     if let Some(audit) = &audit {
         // Overrides other replicas set reach this engine (PostgreSQL store; nothing on SQLite).
@@ -102,14 +142,19 @@ pub async fn run(
         });
     }
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<ClassifierServer<ClassifierService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(ENVOY_FILE_DESCRIPTOR_SET)
+    set_health(&health, true).await;
+    // v1 and v1alpha: grpcurl before 1.9, grpcui, evans and many IDE clients speak only v1alpha.
+    let descriptors = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(ENVOY_FILE_DESCRIPTOR_SET)
+    };
+    let reflection = descriptors()
         .build_v1()
+        .expect("the descriptor sets are built by build.rs and valid");
+    let reflection_v1alpha = descriptors()
+        .build_v1alpha()
         .expect("the descriptor sets are built by build.rs and valid");
 
     // Every service but health and reflection sits behind the caller check for its role.
@@ -121,6 +166,14 @@ pub async fn run(
     let gateway_gate = Gate::new(&settings.auth, Role::Gateway);
     let gateway = GatewayService::new(engine.clone(), settings.gateway.clone(), audit.clone())
         .map_err(ServeError::Gateway)?;
+    let forward_auth = forward_auth.map(|listener| {
+        let app = crate::gateway::forward_auth::router(
+            gateway.clone(),
+            settings.forward_auth.clone(),
+            gateway_gate.clone(),
+        );
+        (listener, app)
+    });
     let authorization = InterceptedService::new(
         AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
         gateway_gate.clone(),
@@ -163,11 +216,21 @@ pub async fn run(
             metrics.set_ready(false);
         }
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
-        health
-            .set_not_serving::<ClassifierServer<ClassifierService>>()
-            .await;
+        set_health(&health, false).await;
         let _ = began.send(true);
     };
+    // Forward-auth stops accepting when shutdown begins and drains like the gRPC port.
+    let forward_auth_task = forward_auth.map(|(listener, app)| {
+        let mut began = began_rx.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = began.wait_for(|b| *b).await;
+            });
+            if let Err(error) = served.await {
+                tracing::error!(%error, "forward-auth port failed");
+            }
+        })
+    });
     let limits = settings.limits;
     let connections = Arc::new(ConnectionStats::default());
     if let Some(metrics) = &metrics {
@@ -206,6 +269,7 @@ pub async fn run(
         )))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(classifier)
         .add_service(authorization)
         .add_service(usage)
@@ -217,8 +281,8 @@ pub async fn run(
     }
     // The ops port stops with the server (dropping the sender ends it).
     let _ops_stop = ops_stop;
-    tokio::select! {
-        result = &mut server => Ok(result?),
+    let outcome = tokio::select! {
+        result = &mut server => result.map_err(ServeError::from),
         _ = async {
             if began_rx.wait_for(|b| *b).await.is_err() {
                 // The signal future is gone only when the server already returned.
@@ -229,5 +293,13 @@ pub async fn run(
             tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; dropping unfinished requests");
             Ok(())
         }
+    };
+    if let Some(mut task) = forward_auth_task
+        && tokio::time::timeout(settings.shutdown_grace, &mut task)
+            .await
+            .is_err()
+    {
+        task.abort();
     }
+    outcome
 }

@@ -91,7 +91,7 @@ async fn start_with(
             listener,
             Arc::new(loaded.engine),
             None,
-            None,
+            Default::default(),
             settings,
             async {
                 let _ = stopped.await;

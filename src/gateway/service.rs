@@ -127,22 +127,29 @@ impl GatewayService {
 
     /// Answers one check; pure of transport concerns so tests and benches can call it directly.
     pub async fn answer(&self, check: &CheckRequest) -> CheckResponse {
-        if self.config.bypassed(path(check)) {
+        if self.bypassed(path(check)) {
             return response::bypass();
         }
-        let failure = |message: String| {
-            let fail_open = self.config.on_error == OnError::Allow;
-            tracing::warn!(%message, fail_open, "gateway check could not be classified");
-            response::failure(&message, fail_open, self.deny_status)
-        };
         let request = match map_check(check, &self.config) {
             Ok(request) => request,
-            Err(error) => return failure(error.to_string()),
+            Err(error) => return self.failure(error.to_string()),
         };
         match self.decide(&request).await {
             Ok(outcome) => response::decision(&outcome, &self.config, self.deny_status),
-            Err(message) => failure(message),
+            Err(message) => self.failure(message),
         }
+    }
+
+    /// Whether `path` is one of the `bypass_paths` (matched as upstream resolves it).
+    pub fn bypassed(&self, path: &str) -> bool {
+        self.config.bypassed(path)
+    }
+
+    /// The `on_error` answer for a check that could not be classified, logged.
+    pub fn failure(&self, message: String) -> CheckResponse {
+        let fail_open = self.config.on_error == OnError::Allow;
+        tracing::warn!(%message, fail_open, "gateway check could not be classified");
+        response::failure(&message, fail_open, self.deny_status)
     }
 }
 

@@ -127,6 +127,8 @@ pub fn replace_file(path: &Path, bytes: &[u8]) {
 pub struct TestServer {
     /// The ops port (/metrics, /healthz, /readyz), when the config asked for one.
     pub ops_addr: Option<std::net::SocketAddr>,
+    /// HTTP forward-auth, when the config asked for it (`[forward_auth] listen`).
+    pub forward_auth_addr: Option<std::net::SocketAddr>,
     pub client: ClassifierClient<Channel>,
     pub channel: Channel,
     pub dir: tempfile::TempDir,
@@ -179,6 +181,11 @@ impl TestServer {
             _ => None,
         };
         let ops_addr = ops.as_ref().map(|o| o.listener.local_addr().unwrap());
+        let forward_auth = match config.forward_auth.listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.unwrap()),
+            None => None,
+        };
+        let forward_auth_addr = forward_auth.as_ref().map(|l| l.local_addr().unwrap());
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -190,9 +197,16 @@ impl TestServer {
             ..ServerSettings::from_config(&config)
         };
         let task = tokio::spawn(async move {
-            server::run(listener, engine, audit, ops, settings, async {
-                let _ = stopped.await;
-            })
+            server::run(
+                listener,
+                engine,
+                audit,
+                server::SidePorts { ops, forward_auth },
+                settings,
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
         });
@@ -203,6 +217,7 @@ impl TestServer {
             .unwrap();
         TestServer {
             ops_addr,
+            forward_auth_addr,
             client: ClassifierClient::new(channel.clone()),
             channel,
             dir,
