@@ -87,6 +87,15 @@ if wait and ratios:
                  f"{float(ratios.group(2)):.2f} ({float(ratios.group(1)):.2f})", "≥ 0.7",
                  verdict(float(ratios.group(2)) >= 0.7)))
 
+gate = re.search(r"gateway: regionguard ([\d.]+)x the auth_request ceiling's rate \(target >= 0.8\), p99 ([\d.]+)x",
+                 log("gateways"))
+if gate:
+    rate, p99 = float(gate.group(1)), float(gate.group(2))
+    rows.append(("nginx + regionguard forward-auth / nginx + auth_request 204, requests/s (wrk, 64 connections)",
+                 f"{rate:.2f}", "≥ 0.8", verdict(rate >= 0.8)))
+    rows.append(("nginx + regionguard forward-auth / nginx + auth_request 204, p99", f"{p99:.2f}", "≤ 1.3",
+                 verdict(p99 <= 1.3)))
+
 soak = re.search(r"soak: ([\d.]+) min, (\d+) calls.*?, (\d+) errors, (\d+) policy\+database swaps, "
                  r"server RSS (\d+) KiB -> (\d+) KiB", log("soak"))
 if soak:
