@@ -35,7 +35,18 @@ struct Nginx {
 }
 
 impl Drop for Nginx {
+    /// TERM first: nginx's master stops its workers on TERM, while KILL would leave them
+    /// running (and listening) as orphans.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..300 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -252,10 +252,7 @@ impl Gate {
                 name: caller.name.clone(),
                 role: caller.role,
             })),
-            Some(caller) => Err(format!(
-                "{} ({:?}) may not call this service",
-                caller.name, caller.role
-            )),
+            Some(_) => Err(format!("not a {:?} token", self.role).to_lowercase()),
             None if self.is_open() => Ok(None),
             None => Err("unknown token".to_owned()),
         }

@@ -132,7 +132,7 @@ pub struct LimitsConfig {
     /// HTTP/2 flow-control windows: how much a stream, and a connection in all, may send ahead
     /// of the server reading it. h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM) when small
     /// DATA frames left unread cost more than half the connection window, so the connection
-    /// window is kept many times the stream window (see README, Reliability).
+    /// window is kept many times the stream window (see docs/operations.md, Reliability).
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
     /// HTTP/2 pings on a served connection this often; 0: none.

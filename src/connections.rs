@@ -1,5 +1,5 @@
-//! The gRPC port's connections, bounded so that nobody can take the service down without
-//! sending a byte.
+//! The connections of the gRPC port and of the forward-auth port, bounded so that nobody can
+//! take the service down without sending a byte.
 //!
 //! A connection is *pending* from its accept until its peer sends its first bytes (the HTTP/2
 //! preface, or a TLS ClientHello); only then is it handed to the HTTP/2 server, which is where
@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// How many connections the gRPC port takes, and how long a silent one may stay.
+/// How many connections a port takes, and how long a silent one may stay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
@@ -158,6 +158,39 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(listener, limits, stats, tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// [`incoming`] as an axum listener (the forward-auth port): the same limits, counted in
+/// `stats`; the stream's errors are counted where they happen, so they are skipped here.
+pub fn listener(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+) -> impl axum::serve::Listener<Io = Connection, Addr = ()> {
+    Limited(Box::pin(incoming(listener, limits, stats)))
+}
+
+struct Limited(Pin<Box<dyn tokio_stream::Stream<Item = io::Result<Connection>> + Send>>);
+
+impl axum::serve::Listener for Limited {
+    type Io = Connection;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Connection, ()) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.0.next().await {
+                Some(Ok(connection)) => return (connection, ()),
+                Some(Err(_)) => continue,
+                // The accept loop ended (shutdown): nothing more will come.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn accept_loop(

@@ -141,7 +141,7 @@ enum PolicyCommand {
 /// Where the data comes from; each overrides the config file.
 #[derive(Args, Clone, Default)]
 struct DataArgs {
-    /// TOML config file (see README: Configuration).
+    /// TOML config file (see docs/operations.md: Configuration).
     #[arg(long, env = "REGIONGUARD_CONFIG")]
     config: Option<PathBuf>,
     /// Policy file [default: data/policy.toml, else the embedded copy].

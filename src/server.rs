@@ -219,9 +219,21 @@ pub async fn run(
         set_health(&health, false).await;
         let _ = began.send(true);
     };
-    // Forward-auth stops accepting when shutdown begins and drains like the gRPC port.
+    // Forward-auth: the gRPC port's connection limits (its own counts), and it stops accepting
+    // when shutdown begins and drains like the gRPC port.
     let forward_auth_task = forward_auth.map(|(listener, app)| {
         let mut began = began_rx.clone();
+        let listener = crate::connections::listener(
+            listener,
+            ConnectionLimits {
+                max_connections: settings.limits.max_connections,
+                max_pending: settings.limits.max_pending_connections,
+                handshake_timeout: Duration::from_millis(
+                    settings.limits.handshake_timeout_ms.max(1),
+                ),
+            },
+            Arc::new(ConnectionStats::default()),
+        );
         tokio::spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = began.wait_for(|b| *b).await;

@@ -173,7 +173,18 @@ struct Gateway {
 }
 
 impl Drop for Gateway {
+    /// TERM first: nginx's master stops its workers on TERM, while KILL would leave them
+    /// running (and listening) as orphans.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..300 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -309,15 +320,16 @@ fn the_contract(name: &str, gateway: &Gateway) {
         &[
             ("X-Regionguard-Verdict", "DENY"),
             ("X-Regionguard-Fail-Open", "true"),
+            ("X-Regionguard-Error", "forged"),
         ],
     ));
     assert_eq!(forged["x-regionguard-verdict"], "ALLOW", "{name}");
-    assert!(
-        forged
-            .get("x-regionguard-fail-open")
-            .is_none_or(|v| v.is_empty()),
-        "{name}: {forged:?}"
-    );
+    for owned in ["x-regionguard-fail-open", "x-regionguard-error"] {
+        assert!(
+            forged.get(owned).is_none_or(|v| v.is_empty()),
+            "{name}: {owned} forged: {forged:?}"
+        );
+    }
 
     // A Tor exit passes as REVIEW (review_action = "allow", the default).
     let tor = seen(&from(gateway, TOR, &[]));
@@ -328,11 +340,21 @@ fn the_contract(name: &str, gateway: &Gateway) {
 async fn nginx_auth_request_with_the_example_config() {
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    let _regionguard = regionguard(dir.path(), port, "", "").await;
+    let _regionguard = regionguard(dir.path(), port, "", "on_error = \"allow\"").await;
     let upstream = upstream().await;
     let gateway = nginx(dir.path(), port, upstream);
     let contract = tokio::task::spawn_blocking(move || {
         the_contract("nginx", &gateway);
+        // nginx sets both original-URI headers itself: what a client sends under them is gone.
+        let overwritten = seen(&from(
+            &gateway,
+            SE,
+            &[
+                ("X-Original-URI", "/healthz"),
+                ("X-Forwarded-Uri", "/elsewhere"),
+            ],
+        ));
+        assert_eq!(overwritten["x-regionguard-verdict"], "ALLOW");
         // nginx replaces the body of a denial; the example's names the decision.
         let denied = from(&gateway, CN, &[]);
         let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
@@ -350,11 +372,16 @@ async fn nginx_auth_request_with_the_example_config() {
 async fn caddy_forward_auth_with_the_example_config() {
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    let _regionguard = regionguard(dir.path(), port, "", "").await;
+    let _regionguard = regionguard(dir.path(), port, "", "on_error = \"allow\"").await;
     let upstream = upstream().await;
     let gateway = caddy(dir.path(), port, upstream);
     tokio::task::spawn_blocking(move || {
         the_contract("caddy", &gateway);
+        // Caddy sets X-Forwarded-Uri and passes a client's X-Original-URI on: two original URIs
+        // are denied, although this regionguard fails open on errors.
+        let conflicting = from(&gateway, SE, &[("X-Original-URI", "/healthz")]);
+        assert_eq!(conflicting.status, 403, "{conflicting:?}");
+        assert!(conflicting.body.contains("disagree"), "{conflicting:?}");
         // Caddy passes the denial through: regionguard's JSON body reaches the client.
         let denied = from(&gateway, IR_V6, &[]);
         assert_eq!(denied.status, 403);

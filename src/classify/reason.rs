@@ -1,6 +1,6 @@
 //! The reason codes: defined here once, with whether each is a compliance rule or a score.
 //!
-//! The strings are part of the public API (stable UPPER_SNAKE); the README table lists them.
+//! The strings are part of the public API (stable UPPER_SNAKE); the table in docs/policy.md lists them.
 
 use std::fmt;
 
@@ -25,7 +25,7 @@ macro_rules! reason_codes {
                 match self { $(ReasonCode::$variant => $hard,)* }
             }
 
-            /// What the code means, for humans (README table, reason messages).
+            /// What the code means, for humans (docs/policy.md table, reason messages).
             pub const fn description(self) -> &'static str {
                 match self { $(ReasonCode::$variant => $doc,)* }
             }
@@ -121,18 +121,18 @@ mod tests {
 }
 
 #[cfg(test)]
-mod readme {
+mod docs {
     use super::ReasonCode;
 
     #[test]
-    fn readme_documents_every_code() {
-        let readme = include_str!("../../README.md");
+    fn the_docs_document_every_code() {
+        let readme = include_str!("../../docs/policy.md");
         for code in ReasonCode::ALL {
             let kind = if code.is_hard() { "hard" } else { "soft" };
             let row = format!("| `{}` | {kind}", code.as_str());
             assert!(
                 readme.contains(&row),
-                "README.md has no row starting {row:?}"
+                "docs/policy.md has no row starting {row:?}"
             );
         }
     }

@@ -145,10 +145,7 @@ impl GatewayConfig {
         };
         self.bypass_paths
             .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => path.starts_with(prefix),
-                None => path == *pattern,
-            })
+            .any(|pattern| super::path::matches(pattern, &path))
     }
 }
 

@@ -29,6 +29,7 @@ use super::request::FLOW_KEY;
 use super::response::ALL_HEADERS;
 use super::service::GatewayService;
 use crate::auth::Gate;
+use crate::classify::Flow;
 use crate::excerpt;
 
 /// Every path under this prefix is a check (Envoy's HTTP mode appends the original path).
@@ -110,7 +111,7 @@ impl ForwardAuthConfig {
                     excerpt(pattern)
                 ));
             }
-            if !matches!(flow.as_str(), "signup" | "login" | "api_request") {
+            if flow_named(flow).is_none() {
                 return Err(format!(
                     "forward_auth.flow_paths[{:?}] = {:?} is not signup, login or api_request",
                     excerpt(pattern),
@@ -134,18 +135,21 @@ impl ForwardAuthConfig {
         Ok(())
     }
 
-    /// The flow the original `path` maps to, if a pattern matches it.
-    fn flow_for(&self, path: &str) -> Option<&str> {
-        let path = super::path::normalize(path)?;
+    /// The flow the original `path` maps to, if a pattern matches it. Matched on every reading
+    /// a server could make of the path ([`super::path::lenient`]: escapes decoded, dot segments
+    /// resolved, case folded), so that no spelling of `/signup` escapes the signup flow.
+    fn flow_for(&self, path: &str) -> Option<Flow> {
+        let path = super::path::lenient(path);
         self.flow_paths
             .iter()
-            .filter(|(pattern, _)| match pattern.strip_suffix('*') {
-                Some(prefix) => path.starts_with(prefix),
-                None => path == **pattern,
-            })
+            .filter(|(pattern, _)| super::path::matches(&pattern.to_ascii_lowercase(), &path))
             .max_by_key(|(pattern, _)| pattern.len())
-            .map(|(_, flow)| flow.as_str())
+            .and_then(|(_, flow)| flow_named(flow))
     }
+}
+
+fn flow_named(name: &str) -> Option<Flow> {
+    Flow::ALL.into_iter().find(|f| f.as_str() == name)
 }
 
 struct ForwardAuth {
@@ -194,8 +198,9 @@ async fn check(State(state): State<Arc<ForwardAuth>>, request: Request) -> Respo
         &state.config,
     ) {
         Ok(check) => state.service.answer(&check).await,
-        Err(Refused { path, message }) => {
-            if path.is_some_and(|p| state.service.bypassed(&p)) {
+        Err(Refused::Forged(message)) => state.service.refuse(message),
+        Err(Refused::Unclassifiable { path, message }) => {
+            if state.service.bypassed(&path) {
                 super::response::bypass()
             } else {
                 state.service.failure(message)
@@ -222,12 +227,23 @@ fn plain(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// A request that cannot be turned into a check; `path` is the original path when known (a
-/// bypassed path stays bypassed even when the address is missing).
+/// Why a request is not turned into a check.
 #[derive(Debug)]
-struct Refused {
-    path: Option<String>,
-    message: String,
+enum Refused {
+    /// Something only a client can have sent (two original URIs that disagree, a flow that is
+    /// none): denied whatever `on_error` says, so that a client cannot choose to fail open.
+    Forged(String),
+    /// Nothing to classify (no client address): `on_error`, unless `path` is bypassed.
+    Unclassifiable { path: String, message: String },
+}
+
+#[cfg(test)]
+impl Refused {
+    fn message(&self) -> &str {
+        match self {
+            Refused::Forged(message) | Refused::Unclassifiable { message, .. } => message,
+        }
+    }
 }
 
 /// One header's values as one string (repeated headers joined with `, `, as HTTP allows for
@@ -241,13 +257,13 @@ fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     Some(parts.join(", "))
 }
 
-/// The one value a set of sources agrees on: the original URI or method may come from several
-/// headers (nginx, Caddy/Traefik conventions) and the check path; a client can add the headers
-/// its gateway does not set, so sources that disagree are refused rather than one picked.
+/// The one value a set of sources agrees on: the original URI may come from several headers
+/// (nginx, Caddy/Traefik conventions) and the check path; a client can add the header its
+/// gateway does not set, so sources that disagree are refused rather than one picked.
 fn agreed(
     what: &str,
     sources: impl IntoIterator<Item = (&'static str, Option<String>)>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, Refused> {
     let mut found: Option<(&'static str, String)> = None;
     for (name, value) in sources {
         let Some(value) = value.filter(|v| !v.is_empty()) else {
@@ -255,11 +271,9 @@ fn agreed(
         };
         match &found {
             Some((first, seen)) if *seen != value => {
-                return Err(format!(
-                    "{first} and {name} disagree about the original {what} ({:?} vs {:?})",
-                    excerpt(seen),
-                    excerpt(&value)
-                ));
+                return Err(Refused::Forged(format!(
+                    "{first} and {name} disagree about the original {what}"
+                )));
             }
             Some(_) => {}
             None => found = Some((name, value)),
@@ -275,10 +289,6 @@ fn translate(
     headers: &HeaderMap,
     config: &ForwardAuthConfig,
 ) -> Result<CheckRequest, Refused> {
-    let refuse = |path: Option<&String>, message: String| Refused {
-        path: path.cloned(),
-        message,
-    };
     let uri = agreed(
         "URI",
         [
@@ -286,44 +296,44 @@ fn translate(
             ("x-original-uri", joined(headers, "x-original-uri")),
             ("x-forwarded-uri", joined(headers, "x-forwarded-uri")),
         ],
-    )
-    .map_err(|m| refuse(None, m))?
+    )?
     .unwrap_or_else(|| "/".to_owned());
-    let method = agreed(
-        "method",
-        [
-            ("x-original-method", joined(headers, "x-original-method")),
-            ("x-forwarded-method", joined(headers, "x-forwarded-method")),
-        ],
-    )
-    .map_err(|m| refuse(Some(&uri), m))?
-    .unwrap_or_else(|| method.to_owned());
+    // The method decides nothing (it is kept for the record): the first the gateway names.
+    let method = joined(headers, "x-original-method")
+        .or_else(|| joined(headers, "x-forwarded-method"))
+        .unwrap_or_else(|| method.to_owned());
+    let unclassifiable = |message: String| Refused::Unclassifiable {
+        path: uri.clone(),
+        message,
+    };
 
     let forwarded = joined(headers, "x-forwarded-for");
     let (client, rest) = match config.client_address {
         ClientAddress::ForwardedFor => {
-            let text = forwarded.as_deref().unwrap_or("");
-            let (rest, last) = match text.rsplit_once(',') {
-                Some((rest, last)) => (Some(rest.trim().to_owned()), last),
-                None => (None, text),
-            };
-            let last = last.trim();
-            if last.is_empty() {
-                return Err(refuse(
-                    Some(&uri),
-                    "x-forwarded-for: missing; the gateway must append the client's address (nginx: proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for)".to_owned(),
+            let mut entries: Vec<&str> = forwarded
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .collect();
+            let Some(last) = entries.pop() else {
+                return Err(unclassifiable(
+                    "x-forwarded-for: missing (the gateway appends the client's address)"
+                        .to_owned(),
                 ));
-            }
-            (address("x-forwarded-for", last, &uri)?, rest)
+            };
+            let client = address("x-forwarded-for", last).map_err(unclassifiable)?;
+            (client, (!entries.is_empty()).then(|| entries.join(", ")))
         }
         ClientAddress::RealIp => {
             let Some(real) = joined(headers, "x-real-ip") else {
-                return Err(refuse(
-                    Some(&uri),
-                    "x-real-ip: missing; the gateway must set it (nginx: proxy_set_header X-Real-IP $remote_addr)".to_owned(),
+                return Err(unclassifiable(
+                    "x-real-ip: missing (the gateway sets the client's address)".to_owned(),
                 ));
             };
-            (address("x-real-ip", &real, &uri)?, forwarded)
+            let client = address("x-real-ip", &real).map_err(unclassifiable)?;
+            (client, forwarded)
         }
     };
 
@@ -340,18 +350,33 @@ fn translate(
             map.insert(name.as_str().to_owned(), value);
         }
     }
-    if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+    if let Some(rest) = rest {
         map.insert("x-forwarded-for".to_owned(), rest);
     }
 
-    let flow = config
-        .flow_header
-        .as_deref()
-        .and_then(|h| map.get(&h.to_ascii_lowercase()).cloned())
-        .filter(|f| !f.trim().is_empty())
-        .or_else(|| config.flow_for(&uri).map(str::to_owned));
+    // The operator's path map first (a client cannot change the path it asked for), then the
+    // header (which the gateway must set on every route, as it does X-Forwarded-For).
+    let flow = match config.flow_for(&uri) {
+        Some(flow) => Some(flow),
+        None => match config
+            .flow_header
+            .as_deref()
+            .and_then(|h| map.get(&h.to_ascii_lowercase()))
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+        {
+            None => None,
+            Some(value) => Some(flow_named(value).ok_or_else(|| {
+                Refused::Forged(format!(
+                    "{}: {:?} is not signup, login or api_request",
+                    config.flow_header.as_deref().unwrap_or_default(),
+                    excerpt(value)
+                ))
+            })?),
+        },
+    };
     let context_extensions = flow
-        .map(|flow| (FLOW_KEY.to_owned(), flow.trim().to_owned()))
+        .map(|flow| (FLOW_KEY.to_owned(), flow.as_str().to_owned()))
         .into_iter()
         .collect();
 
@@ -388,20 +413,20 @@ fn translate(
     })
 }
 
-fn address(header: &str, text: &str, uri: &str) -> Result<IpAddr, Refused> {
+/// An address as gateways write it: `ip`, `v4:port` or `[v6]:port` (or `[v6]`).
+fn address(header: &str, text: &str) -> Result<IpAddr, String> {
     let text = text.trim();
-    // `[v6]:port` and `v4:port` as some proxies write them.
-    let bare = text
-        .strip_prefix('[')
-        .and_then(|t| t.split_once(']').map(|(ip, _)| ip))
-        .unwrap_or(text);
-    bare.parse::<IpAddr>()
+    text.parse::<IpAddr>()
         .ok()
         .or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
-        .ok_or_else(|| Refused {
-            path: Some(uri.to_owned()),
-            message: format!("{header}: {:?} is not an IP address", excerpt(text)),
+        .or_else(|| {
+            text.strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
         })
+        .ok_or_else(|| format!("{header}: {:?} is not an IP address", excerpt(text)))
 }
 
 /// The CheckResponse as an HTTP answer.
@@ -524,48 +549,55 @@ mod tests {
     #[test]
     fn no_forwarded_address_is_refused_never_guessed() {
         let config = ForwardAuthConfig::default();
-        let refused = translate("GET", None, &headers(&[]), &config).unwrap_err();
-        assert!(refused.message.starts_with("x-forwarded-for: missing"));
-        let refused = translate(
+        let refused = |pairs: &[(&str, &str)], config: &ForwardAuthConfig| {
+            let refused = translate("GET", None, &headers(pairs), config).unwrap_err();
+            assert!(
+                matches!(refused, Refused::Unclassifiable { .. }),
+                "{refused:?}"
+            );
+            refused.message().to_owned()
+        };
+        assert!(refused(&[], &config).starts_with("x-forwarded-for: missing"));
+        assert!(refused(&[("x-forwarded-for", " , ")], &config).contains("missing"));
+        assert!(
+            refused(&[("x-forwarded-for", "not-an-ip")], &config).contains("is not an IP address")
+        );
+        assert!(
+            refused(&[("x-forwarded-for", "[2a02:6b8::1]junk")], &config)
+                .contains("is not an IP address")
+        );
+        // Empty entries are no entries, as for Check.
+        let check = translate(
             "GET",
             None,
-            &headers(&[("x-forwarded-for", "1.2.3.4, ")]),
+            &headers(&[("x-forwarded-for", "198.51.100.7,192.0.2.1,")]),
             &config,
         )
-        .unwrap_err();
-        assert!(refused.message.contains("missing"), "{}", refused.message);
-        let refused = translate(
-            "GET",
-            None,
-            &headers(&[("x-forwarded-for", "not-an-ip")]),
-            &config,
-        )
-        .unwrap_err();
-        assert!(refused.message.contains("is not an IP address"));
+        .unwrap();
+        assert_eq!(source(&check), "192.0.2.1");
+        assert_eq!(http(&check).headers["x-forwarded-for"], "198.51.100.7");
         let real_ip = ForwardAuthConfig {
             client_address: ClientAddress::RealIp,
             ..Default::default()
         };
-        let refused = translate(
-            "GET",
-            None,
-            &headers(&[("x-forwarded-for", "1.2.3.4")]),
-            &real_ip,
-        )
-        .unwrap_err();
-        assert!(refused.message.starts_with("x-real-ip: missing"));
-        let check = translate(
-            "GET",
-            None,
-            &headers(&[
-                ("x-real-ip", "[2001:db8::1]:443"),
-                ("x-forwarded-for", "1.2.3.4"),
-            ]),
-            &real_ip,
-        )
-        .unwrap();
-        assert_eq!(source(&check), "2001:db8::1");
-        assert_eq!(http(&check).headers["x-forwarded-for"], "1.2.3.4");
+        assert!(
+            refused(&[("x-forwarded-for", "1.2.3.4")], &real_ip).starts_with("x-real-ip: missing")
+        );
+        for (written, ip) in [
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::2]", "2001:db8::2"),
+            ("192.0.2.9:80", "192.0.2.9"),
+        ] {
+            let check = translate(
+                "GET",
+                None,
+                &headers(&[("x-real-ip", written), ("x-forwarded-for", "1.2.3.4")]),
+                &real_ip,
+            )
+            .unwrap();
+            assert_eq!(source(&check), ip);
+            assert_eq!(http(&check).headers["x-forwarded-for"], "1.2.3.4");
+        }
     }
 
     #[test]
@@ -593,15 +625,25 @@ mod tests {
             ],
         )
         .unwrap_err();
-        assert!(forged.message.contains("disagree"), "{}", forged.message);
-        assert!(forged.path.is_none(), "no path to bypass on");
-        let method = with(None, &[("x-forwarded-method", "DELETE")]).unwrap();
-        assert_eq!(http(&method).method, "DELETE");
+        assert!(
+            matches!(&forged, Refused::Forged(m) if m.contains("disagree")),
+            "denied whatever on_error says: {forged:?}"
+        );
+        // The method decides nothing: the gateway's, else the request's; never refused.
+        let method = with(
+            None,
+            &[
+                ("x-forwarded-method", "DELETE"),
+                ("x-original-method", "GET"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(http(&method).method, "GET");
         assert_eq!(http(&with(None, &[]).unwrap()).method, "POST");
     }
 
     #[test]
-    fn the_flow_comes_from_the_header_then_the_path() {
+    fn the_flow_comes_from_the_path_then_the_header() {
         let config = ForwardAuthConfig {
             flow_header: Some("X-Flow".into()),
             ..Default::default()
@@ -609,30 +651,47 @@ mod tests {
         let flow = |pairs: &[(&str, &str)]| {
             let mut all = vec![("x-forwarded-for", "192.0.2.1")];
             all.extend_from_slice(pairs);
-            let check = translate("GET", None, &headers(&all), &config).unwrap();
-            check
-                .attributes
-                .unwrap()
-                .context_extensions
-                .get(FLOW_KEY)
-                .cloned()
+            translate("GET", None, &headers(&all), &config).map(|check| {
+                check
+                    .attributes
+                    .unwrap()
+                    .context_extensions
+                    .get(FLOW_KEY)
+                    .cloned()
+            })
         };
+        let of = |uri: &str| flow(&[("x-original-uri", uri)]).unwrap();
+        assert_eq!(of("/signup/start").as_deref(), Some("signup"));
+        assert_eq!(of("/login?next=/").as_deref(), Some("login"));
+        assert_eq!(of("/v1/chat"), None);
+        // Every spelling a server could read as /signup is a signup.
+        for spelling in [
+            "/public/../signup",
+            "/x/..%2fsignup",
+            "/signup/%2f",
+            "/signup\\",
+            "/SIGNUP",
+            "/%73ignup",
+        ] {
+            assert_eq!(of(spelling).as_deref(), Some("signup"), "{spelling}");
+        }
         assert_eq!(
-            flow(&[("x-original-uri", "/signup/start")]).as_deref(),
-            Some("signup")
-        );
-        assert_eq!(
-            flow(&[("x-original-uri", "/login?next=/")]).as_deref(),
+            flow(&[("x-original-uri", "/v1/chat"), ("x-flow", "login")])
+                .unwrap()
+                .as_deref(),
             Some("login")
         );
-        assert_eq!(flow(&[("x-original-uri", "/v1/chat")]), None);
+        // The path map wins: a client cannot talk its way out of the signup flow.
         assert_eq!(
-            flow(&[("x-original-uri", "/v1/chat"), ("x-flow", "login")]).as_deref(),
-            Some("login")
-        );
-        assert_eq!(
-            flow(&[("x-original-uri", "/public/../signup")]).as_deref(),
+            flow(&[("x-original-uri", "/signup"), ("x-flow", "api_request")])
+                .unwrap()
+                .as_deref(),
             Some("signup")
+        );
+        let bogus = flow(&[("x-original-uri", "/v1"), ("x-flow", "bogus")]).unwrap_err();
+        assert!(
+            matches!(&bogus, Refused::Forged(m) if m.starts_with("X-Flow: \"bogus\"")),
+            "{bogus:?}"
         );
     }
 

@@ -40,6 +40,61 @@ pub fn normalize(raw: &str) -> Option<String> {
     Some(normalized)
 }
 
+/// Whether `path` matches `pattern`: exactly, or as a prefix when the pattern ends in `*`.
+pub fn matches(pattern: &str, path: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => path == pattern,
+    }
+}
+
+/// Every path a server could read `raw` as, folded into one: all escapes decoded (broken ones
+/// kept as they are), `\` read as `/`, path parameters dropped, dot segments resolved, empty
+/// segments dropped, ASCII lower-cased. For choosing the stricter treatment (a flow) where
+/// [`normalize`] refuses: `/x/..%2fSIGNUP` is `/signup` to some server, so it is a signup.
+pub fn lenient(raw: &str) -> String {
+    let path = raw.split(['?', '#']).next().unwrap_or("");
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escape {
+            Some(value) => {
+                decoded.push(value);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in text.split('/') {
+        match segment.split(';').next().unwrap_or("") {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            bare => segments.push(bare),
+        }
+    }
+    let mut folded = String::with_capacity(text.len() + 1);
+    for segment in &segments {
+        folded.push('/');
+        folded.push_str(segment);
+    }
+    if folded.is_empty() || text.ends_with('/') {
+        folded.push('/');
+    }
+    folded.to_ascii_lowercase()
+}
+
 /// Decodes `%XX` escapes of unreserved characters; keeps others (upper-cased hex), refuses
 /// escapes of `/` and `\`, broken escapes, backslashes and control characters.
 fn decode_unreserved(path: &str) -> Option<String> {
@@ -74,7 +129,25 @@ fn decode_unreserved(path: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
+    use super::{lenient, normalize};
+
+    #[test]
+    fn lenient_folds_every_reading_a_server_could_make() {
+        for (raw, folded) in [
+            ("/signup", "/signup"),
+            ("/SIGNUP", "/signup"),
+            ("/x/..%2fsignup", "/signup"),
+            ("/signup/%2f", "/signup/"),
+            ("/signup\\", "/signup/"),
+            ("/a\\..\\signup?x", "/signup"),
+            ("/..;/signup", "/signup"),
+            ("//signup//x", "/signup/x"),
+            ("/%zz", "/%zz"),
+            ("", "/"),
+        ] {
+            assert_eq!(lenient(raw), folded, "{raw:?}");
+        }
+    }
 
     #[test]
     fn resolves_dots_decodes_unreserved_and_collapses_slashes() {

@@ -145,6 +145,13 @@ impl GatewayService {
         self.config.bypassed(path)
     }
 
+    /// A denial whatever `on_error` says, for a request only a client could have made (forged
+    /// forwarding headers): failing open on it would let the client choose to.
+    pub fn refuse(&self, message: String) -> CheckResponse {
+        tracing::warn!(%message, "gateway check refused");
+        response::failure(&message, false, self.deny_status)
+    }
+
     /// The `on_error` answer for a check that could not be classified, logged.
     pub fn failure(&self, message: String) -> CheckResponse {
         let fail_open = self.config.on_error == OnError::Allow;

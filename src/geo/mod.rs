@@ -123,7 +123,7 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
 pub struct Geo {
     snapshot: ArcSwap<GeoSnapshot>,
     /// `None` when configured off (capacity 0): for flat databases a lookup is cheaper than a
-    /// cache probe (see README, Performance).
+    /// cache probe (see docs/operations.md, Performance).
     cache: Option<PrefixCache>,
     generations: AtomicU64,
 }

@@ -19,7 +19,7 @@ use crate::classify::UsageFacts;
 
 /// What one moka entry costs beyond its value: the key's allocation, the Arc and Mutex, the
 /// cache's node, hash slot and access-order links. Calibrated against resident memory with
-/// `cargo bench --bench usage` (see README, Usage signals).
+/// `cargo bench --bench usage` (see docs/usage-signals.md).
 const ENTRY_OVERHEAD: usize = 400;
 
 struct Entry {

@@ -138,7 +138,7 @@ impl UsageLookup<'_> {
     }
 }
 
-/// Sizes and health, for metrics, the README and the benchmarks.
+/// Sizes and health, for metrics, the docs and the benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageStats {
     /// Accounts held (in-process only; a remote engine is sized from its own metrics).
