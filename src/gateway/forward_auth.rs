@@ -249,12 +249,13 @@ impl Refused {
 /// One header's values as one string (repeated headers joined with `, `, as HTTP allows for
 /// lists); `None` when absent.
 fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().peekable();
-    values.peek()?;
-    let parts: Vec<String> = values
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .collect();
-    Some(parts.join(", "))
+    let mut values = headers.get_all(name).iter();
+    let mut text = String::from_utf8_lossy(values.next()?.as_bytes()).into_owned();
+    for more in values {
+        text.push_str(", ");
+        text.push_str(&String::from_utf8_lossy(more.as_bytes()));
+    }
+    Some(text)
 }
 
 /// The one value a set of sources agrees on: the original URI may come from several headers

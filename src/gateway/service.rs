@@ -12,12 +12,12 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
-use moka::sync::Cache;
 use tonic::{Request, Response, Status};
 
+use super::cache::TtlCache;
 use super::config::{GatewayConfig, OnError};
 use super::request::{GatewayRequest, map_check, path};
 use super::response;
@@ -45,7 +45,7 @@ pub struct GatewayService {
     engine: Arc<Engine>,
     config: Arc<GatewayConfig>,
     deny_status: HttpStatusCode,
-    cache: Option<Cache<DecisionKey, Arc<Outcome>>>,
+    cache: Option<Arc<TtlCache<DecisionKey, Arc<Outcome>>>>,
     audit: Option<Arc<AuditTrail>>,
 }
 
@@ -59,10 +59,10 @@ impl GatewayService {
         let deny_status = config.deny_http_status()?;
         let cache =
             (config.decision_cache_ttl_ms > 0 && config.decision_cache_capacity > 0).then(|| {
-                Cache::builder()
-                    .max_capacity(config.decision_cache_capacity)
-                    .time_to_live(Duration::from_millis(config.decision_cache_ttl_ms))
-                    .build()
+                Arc::new(TtlCache::new(
+                    config.decision_cache_capacity,
+                    Duration::from_millis(config.decision_cache_ttl_ms),
+                ))
             });
         Ok(Self {
             engine,
@@ -103,8 +103,9 @@ impl GatewayService {
                 language_regions: request.input.hints.language_regions.clone(),
             }
         });
+        let now = Instant::now();
         if let (Some(cache), Some(key)) = (&self.cache, &key)
-            && let Some(hit) = cache.get(key)
+            && let Some(hit) = cache.get(key, now)
             && circumstances.match_outcome(&hit)
         {
             return Ok(hit);
@@ -120,7 +121,7 @@ impl GatewayService {
                 .map_err(|error| format!("the decision could not be recorded: {error}"))?;
         }
         if let (Some(cache), Some(key)) = (&self.cache, key) {
-            cache.insert(key, outcome.clone());
+            cache.insert(key, outcome.clone(), now);
         }
         Ok(outcome)
     }

@@ -161,7 +161,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     }
     let digest = Sha256::digest(text.as_bytes());
     let hash = crate::hex(&digest[..6]);
-    let version = PolicyVersion(format!("{date}+{hash}").into());
+    let version = PolicyVersion::new(format!("{date}+{hash}"));
 
     let mut applies_to = [0u8; 2];
     let mut countries = Box::new([0u8; 676]);

@@ -112,18 +112,39 @@ pub struct UsageRules {
 }
 
 /// `<declared date>+<first 12 hex digits of the file's SHA-256>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PolicyVersion(Arc<str>);
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVersion {
+    text: Arc<str>,
+    /// A hash of `text`, computed once: versions key caches that rehash their keys often.
+    fingerprint: u64,
+}
 
 impl PolicyVersion {
+    pub(crate) fn new(text: String) -> Self {
+        // FNV-1a: equal texts, equal fingerprints; the text itself decides equality.
+        let fingerprint = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Self {
+            text: text.into(),
+            fingerprint,
+        }
+    }
+
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+}
+
+impl std::hash::Hash for PolicyVersion {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fingerprint);
     }
 }
 
 impl fmt::Display for PolicyVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
