@@ -5,7 +5,10 @@
 //! - nginx + `auth_request` to a location that answers 204 (the auth ceiling: an auth service
 //!   that does nothing, behind the same keepalive proxy hop);
 //! - nginx + regionguard forward-auth (the shipped policy and country database), store off and
-//!   store on (SQLite, ALLOW api_request rows written asynchronously).
+//!   store on (SQLite, ALLOW api_request rows written asynchronously);
+//! - nginx + `auth_request` to a second nginx process answering 204: what any auth server in a
+//!   process of its own costs on the shared core (the ceiling's 204 is served by the same event
+//!   loop, with no process switch).
 //!
 //! Every variant serves the same file for the same requests: an API call with a client address
 //! in `X-Forwarded-For` (taken by nginx's realip module from the trusted load generator) drawn
@@ -21,34 +24,44 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-const VARIANTS: [&str; 5] = [
+const VARIANTS: [&str; 6] = [
     "nginx alone",
     "nginx + geoip2",
     "nginx + auth_request 204 (ceiling)",
     "nginx + regionguard",
     "nginx + regionguard (store on)",
+    "nginx + auth_request 204 from a second nginx process",
 ];
+
+/// The variants whose auth server is a regionguard (index into the servers).
+fn regionguard_of(variant: usize) -> Option<usize> {
+    (3..5).contains(&variant).then(|| variant - 3)
+}
 
 struct Nginx {
     child: Child,
-    ports: [u16; 5],
+    /// A second nginx answering 204: an auth server that does nothing, in its own process.
+    other: Child,
+    ports: [u16; 6],
 }
 
 impl Drop for Nginx {
     /// TERM first: nginx's master stops its workers on TERM, while KILL would leave them
     /// running (and listening) as orphans.
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..300 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        for child in [&mut self.child, &mut self.other] {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            for _ in 0..300 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -76,8 +89,9 @@ fn nginx(dir: &Path, auth: [u16; 2]) -> Nginx {
         free_port(),
         free_port(),
         free_port(),
+        free_port(),
     ];
-    let ceiling = free_port();
+    let (ceiling, other_port) = (free_port(), free_port());
     let root = dir.join("www");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("ok.json"), "{\"ok\":true}\n").unwrap();
@@ -113,12 +127,14 @@ http {{
   upstream ceiling {{ server 127.0.0.1:{ceiling}; keepalive 64; }}
   upstream regionguard {{ server 127.0.0.1:{auth0}; keepalive 64; }}
   upstream regionguard_store {{ server 127.0.0.1:{auth1}; keepalive 64; }}
+  upstream other {{ server 127.0.0.1:{other_port}; keepalive 64; }}
   server {{ listen 127.0.0.1:{ceiling}; location / {{ return 204; }} }}
   server {{ listen 127.0.0.1:{p0}; {common} location / {{ try_files /ok.json =404; }} }}
   server {{ listen 127.0.0.1:{p1}; {common} location / {{ if ($geo_blocked) {{ return 403; }} try_files /ok.json =404; }} }}
   server {{ listen 127.0.0.1:{p2}; {common} location / {{ auth_request /.auth; try_files /ok.json =404; }} {a_ceiling} }}
   server {{ listen 127.0.0.1:{p3}; {common} location / {{ auth_request /.auth; try_files /ok.json =404; }} {a_rg} }}
   server {{ listen 127.0.0.1:{p4}; {common} location / {{ auth_request /.auth; try_files /ok.json =404; }} {a_rg_store} }}
+  server {{ listen 127.0.0.1:{p5}; {common} location / {{ auth_request /.auth; try_files /ok.json =404; }} {a_other} }}
 }}
 ",
         module = module.display(),
@@ -132,23 +148,38 @@ http {{
         p2 = ports[2],
         p3 = ports[3],
         p4 = ports[4],
+        p5 = ports[5],
+        a_other = auth_location("other"),
         a_ceiling = auth_location("ceiling"),
         a_rg = auth_location("regionguard"),
         a_rg_store = auth_location("regionguard_store"),
     );
-    let file = dir.join("nginx.conf");
-    std::fs::write(&file, conf).unwrap();
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let child = load::pinned("0", program("nginx").to_str().unwrap())
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    for port in ports {
+    let start = |name: &str, conf: &str, prefix: &Path| {
+        std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let file = prefix.join(name);
+        std::fs::write(&file, conf).unwrap();
+        load::pinned("0", program("nginx").to_str().unwrap())
+            .arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let child = start("nginx.conf", &conf, dir);
+    let other_dir = dir.join("other");
+    let other = start(
+        "other.conf",
+        &format!(
+            "worker_processes 1;\ndaemon off;\npid {};\nerror_log {} warn;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 127.0.0.1:{other_port}; location / {{ return 204; }} }} }}\n",
+            other_dir.join("nginx.pid").display(),
+            other_dir.join("error.log").display()
+        ),
+        &other_dir,
+    );
+    for port in ports.iter().copied().chain([other_port]) {
         for attempt in 0.. {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
@@ -157,7 +188,11 @@ http {{
             std::thread::sleep(Duration::from_millis(25));
         }
     }
-    Nginx { child, ports }
+    Nginx {
+        child,
+        other,
+        ports,
+    }
 }
 
 /// The requests wrk sends, built once (wrk's LuaJIT): addresses spread over IPv4 by a fixed
@@ -292,7 +327,7 @@ async fn main() {
             status(*port, "175.16.199.10"),
         );
         assert_eq!(se, 200, "{}: SE", VARIANTS[v]);
-        let expected = if v == 0 || v == 2 { 200 } else { 403 };
+        let expected = if matches!(v, 0 | 2 | 5) { 200 } else { 403 };
         assert_eq!(cn, expected, "{}: CN", VARIANTS[v]);
     }
     // Warm-up: caches, connections, the store's first pages.
@@ -304,12 +339,12 @@ async fn main() {
     let mut cpu_us: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
         for (v, port) in nginx.ports.iter().enumerate() {
-            let server = (v >= 3).then(|| servers[v - 3]);
-            let before = server.map(|s| load::cpu_seconds(s.child.id()));
+            let server = regionguard_of(v).map(|i| (i, servers[i]));
+            let before = server.map(|(_, s)| load::cpu_seconds(s.child.id()));
             let round = wrk(*port, seconds, &script);
-            if let (Some(server), Some(before)) = (server, before) {
+            if let (Some((i, server)), Some(before)) = (server, before) {
                 let spent = load::cpu_seconds(server.child.id()) - before;
-                cpu_us[v - 3].push(spent * 1e6 / round.requests.max(1.0));
+                cpu_us[i].push(spent * 1e6 / round.requests.max(1.0));
             }
             if let Some(errors) = &round.errors {
                 println!("{}: socket errors: {errors}", VARIANTS[v]);
@@ -329,11 +364,10 @@ async fn main() {
             median(v, |r| r.p50_us),
             median(v, |r| r.p99_us),
         );
-        let cpu = if v >= 3 {
-            format!("{:.1}", load::median(cpu_us[v - 3].clone()))
-        } else {
-            "–".to_owned()
-        };
+        let cpu = regionguard_of(v).map_or_else(
+            || "–".to_owned(),
+            |i| format!("{:.1}", load::median(cpu_us[i].clone())),
+        );
         println!(
             "| {name} | {rate:.0} | {p50:.0} | {p99:.0} | {:.2} | {:.2} | {cpu} |",
             rate / ceiling.0,
@@ -349,5 +383,11 @@ async fn main() {
         "gateway: regionguard {:.2}x the auth_request ceiling's rate (target >= 0.8), p99 {:.2}x (target <= 1.3)",
         median(3, |r| r.rate) / ceiling.0,
         median(3, |r| r.p99_us) / ceiling.1
+    );
+    println!(
+        "gateway: an auth server that does nothing in its own process: {:.2}x the ceiling's rate, p99 {:.2}x; regionguard / it: {:.2}x",
+        median(5, |r| r.rate) / ceiling.0,
+        median(5, |r| r.p99_us) / ceiling.1,
+        median(3, |r| r.rate) / median(5, |r| r.rate)
     );
 }

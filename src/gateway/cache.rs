@@ -49,7 +49,10 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Shard<K, V> {
         // Not the hash's low bits (the shard's table indexes by them) nor its top 7 (its tags):
         // the top bits of the hash times an odd constant, which depend on all of it.
-        let mixed = self.hasher.hash_one(key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mixed = self
+            .hasher
+            .hash_one(key)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         &self.shards[(mixed >> (64 - SHARDS.trailing_zeros())) as usize]
     }
 
