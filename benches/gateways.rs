@@ -20,6 +20,8 @@
 #[path = "support/load.rs"]
 mod load;
 
+use load::free_port;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -63,14 +65,6 @@ impl Drop for Nginx {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn program(name: &str) -> PathBuf {
