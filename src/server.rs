@@ -210,8 +210,11 @@ pub async fn run(
 
     let (began, mut began_rx) = watch::channel(false);
     let ready = metrics.clone();
+    let began_at = Arc::new(std::sync::OnceLock::new());
+    let began_at_signal = began_at.clone();
     let signal = async move {
         shutdown.await;
+        let _ = began_at_signal.set(std::time::Instant::now());
         if let Some(metrics) = &ready {
             metrics.set_ready(false);
         }
@@ -306,12 +309,15 @@ pub async fn run(
             Ok(())
         }
     };
-    if let Some(mut task) = forward_auth_task
-        && tokio::time::timeout(settings.shutdown_grace, &mut task)
-            .await
-            .is_err()
-    {
-        task.abort();
+    // Forward-auth drained beside the gRPC port since shutdown began: what is left of the same
+    // grace period, not a second one.
+    if let Some(mut task) = forward_auth_task {
+        let left = began_at.get().map_or(settings.shutdown_grace, |at| {
+            settings.shutdown_grace.saturating_sub(at.elapsed())
+        });
+        if tokio::time::timeout(left, &mut task).await.is_err() {
+            task.abort();
+        }
     }
     outcome
 }
