@@ -73,10 +73,14 @@ impl Metrics {
         let reasons = Family::<Labels, Counter>::default();
         let (reloads, reload_failures) = (Counter::default(), Counter::default());
         let mut registry = Registry::with_prefix("regionguard");
-        registry.register("grpc_calls", "gRPC calls by method", calls.clone());
+        registry.register(
+            "grpc_calls",
+            "Calls by gRPC method (and /check: HTTP forward-auth)",
+            calls.clone(),
+        );
         registry.register(
             "grpc_call_duration_seconds",
-            "gRPC call duration by method (to the response headers)",
+            "Call duration by gRPC method (and /check: HTTP forward-auth), to the response headers",
             latency.clone(),
         );
         registry.register("decisions", "Decisions by verdict", verdicts.clone());
@@ -450,7 +454,7 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
 
 /// The gRPC methods counted by name; anything else is counted as `other`, so a client cannot
 /// grow the label set.
-const KNOWN_METHODS: [&str; 18] = [
+const KNOWN_METHODS: [&str; 19] = [
     "/regionguard.v1.Classifier/Classify",
     "/regionguard.v1.Classifier/ClassifyStream",
     "/regionguard.v1.Classifier/LookupIp",
@@ -469,9 +473,13 @@ const KNOWN_METHODS: [&str; 18] = [
     "/grpc.health.v1.Health/List",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    // HTTP forward-auth: every path under it counts as one method.
+    FORWARD_AUTH,
 ];
 
-/// A tower layer that counts calls and their latency per gRPC method.
+const FORWARD_AUTH: &str = "/check";
+
+/// A tower layer that counts calls and their latency per gRPC method (and forward-auth's).
 #[derive(Clone)]
 pub struct CallMetricsLayer(pub Arc<Metrics>);
 
@@ -510,10 +518,12 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
         let method = KNOWN_METHODS
             .iter()
             .copied()
-            .find(|m| *m == request.uri().path())
+            .find(|m| *m == path)
+            .or_else(|| path.starts_with("/check/").then_some(FORWARD_AUTH))
             .unwrap_or("other");
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();

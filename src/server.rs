@@ -171,7 +171,10 @@ pub async fn run(
             gateway.clone(),
             settings.forward_auth.clone(),
             gateway_gate.clone(),
-        );
+        )
+        .layer(tower::util::option_layer(
+            metrics.clone().map(CallMetricsLayer),
+        ));
         (listener, app)
     });
     let authorization = InterceptedService::new(

@@ -408,7 +408,7 @@ async fn caddy_forward_auth_with_the_example_config() {
 async fn the_endpoint_answers_every_method_under_check_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    let _regionguard = regionguard(dir.path(), port, "", "bypass_paths = [\"/healthz\"]").await;
+    let regionguard = regionguard(dir.path(), port, "", "bypass_paths = [\"/healthz\"]").await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     tokio::task::spawn_blocking(move || {
         // A trusted proxy (hop 1, right-most) reporting the client before it.
@@ -491,6 +491,11 @@ async fn the_endpoint_answers_every_method_under_check_and_nothing_else() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.starts_with("HTTP/2 200"), "{text}");
         assert!(text.contains("x-regionguard-verdict: ALLOW"), "{text}");
+
+        // Every check is a call in the metrics, under one method; a 404 is not a check.
+        let calls = regionguard.metric("regionguard_grpc_calls_total{method=\"/check\"}");
+        assert_eq!(calls, 10.0, "4 methods, 5 checks at /check, h2c; not the three 404s");
+        regionguard.metric("regionguard_grpc_call_duration_seconds_count{method=\"/check\"}");
     })
     .await
     .unwrap();
