@@ -494,7 +494,10 @@ async fn the_endpoint_answers_every_method_under_check_and_nothing_else() {
 
         // Every check is a call in the metrics, under one method; a 404 is not a check.
         let calls = regionguard.metric("regionguard_grpc_calls_total{method=\"/check\"}");
-        assert_eq!(calls, 10.0, "4 methods, 5 checks at /check, h2c; not the three 404s");
+        assert_eq!(
+            calls, 10.0,
+            "4 methods, 5 checks at /check, h2c; not the three 404s"
+        );
         regionguard.metric("regionguard_grpc_call_duration_seconds_count{method=\"/check\"}");
     })
     .await
