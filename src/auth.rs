@@ -207,11 +207,8 @@ impl Gate {
             .and_then(|v| v.to_str().ok());
         let token = header.and_then(bearer_token);
         if let Some(token) = token {
-            let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
             return self
-                .callers
-                .iter()
-                .find(|c| c.token == Some(hash))
+                .by_token(token)
                 .map(Some)
                 .ok_or("authorization: unknown token");
         }
@@ -230,31 +227,31 @@ impl Gate {
 }
 
 impl Gate {
+    /// The caller whose token this is (compared as SHA-256 digests).
+    fn by_token(&self, token: &str) -> Option<&Known> {
+        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        self.callers.iter().find(|c| c.token == Some(hash))
+    }
+
     /// Whether this gate lets anyone in without a token (the gateway role with no gateway
     /// callers configured).
-    pub fn is_open(&self) -> bool {
+    fn is_open(&self) -> bool {
         self.role == Role::Gateway && !self.callers.iter().any(|c| c.role == Role::Gateway)
     }
 
-    /// The caller a token names, for transports without gRPC metadata (HTTP forward-auth):
-    /// `Ok(None)` when the gate is open, an error that names what is wrong otherwise.
-    pub fn token_caller(&self, token: Option<&str>) -> Result<Option<Caller>, String> {
-        let known = match token.map(str::trim).filter(|t| !t.is_empty()) {
-            Some(token) => {
-                let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                self.callers.iter().find(|c| c.token == Some(hash))
-            }
-            None if self.is_open() => return Ok(None),
-            None => return Err("a token is required".to_owned()),
-        };
-        match known {
-            Some(caller) if caller.role == self.role => Ok(Some(Caller {
-                name: caller.name.clone(),
-                role: caller.role,
-            })),
-            Some(_) => Err(format!("not a {:?} token", self.role).to_lowercase()),
-            None if self.is_open() => Ok(None),
-            None => Err("unknown token".to_owned()),
+    /// Whether a token lets a caller through, for transports without gRPC metadata (HTTP
+    /// forward-auth), with the same rule as the interceptor: an open gate takes anyone, else
+    /// the token must be this role's; the error says what is wrong.
+    pub fn admits_token(&self, token: Option<&str>) -> Result<(), String> {
+        match token
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| self.by_token(t))
+        {
+            _ if self.is_open() => Ok(()),
+            Some(Some(caller)) if caller.role == self.role => Ok(()),
+            Some(Some(_)) => Err(format!("not a {:?} token", self.role).to_lowercase()),
+            Some(None) => Err("unknown token".to_owned()),
+            None => Err("a token is required".to_owned()),
         }
     }
 }

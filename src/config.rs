@@ -142,6 +142,15 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// The accept loop's limits, as the gRPC and forward-auth ports both apply them.
+    pub fn connection_limits(&self) -> crate::connections::ConnectionLimits {
+        crate::connections::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_pending: self.max_pending_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms.max(1)),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         const MAX_WINDOW: u32 = (1 << 31) - 1;
         let (stream, connection) = (self.stream_window_bytes, self.connection_window_bytes);

@@ -19,7 +19,7 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use crate::audit::AuditTrail;
 use crate::auth::{AuthConfig, Gate, Role};
 use crate::config::LimitsConfig;
-use crate::connections::{ConnectionLimits, ConnectionStats};
+use crate::connections::ConnectionStats;
 use crate::engine::Engine;
 use crate::gateway::{ENVOY_FILE_DESCRIPTOR_SET, ForwardAuthConfig, GatewayConfig, GatewayService};
 use crate::grpc::deadline::UnaryDeadlineLayer;
@@ -69,15 +69,6 @@ pub struct SidePorts {
     pub ops: Option<OpsPort>,
     /// HTTP forward-auth (`[forward_auth] listen`), answered like `Authorization/Check`.
     pub forward_auth: Option<TcpListener>,
-}
-
-impl From<Option<OpsPort>> for SidePorts {
-    fn from(ops: Option<OpsPort>) -> Self {
-        Self {
-            ops,
-            forward_auth: None,
-        }
-    }
 }
 
 /// Why the server could not run.
@@ -231,13 +222,7 @@ pub async fn run(
         let mut began = began_rx.clone();
         let listener = crate::connections::listener(
             listener,
-            ConnectionLimits {
-                max_connections: settings.limits.max_connections,
-                max_pending: settings.limits.max_pending_connections,
-                handshake_timeout: Duration::from_millis(
-                    settings.limits.handshake_timeout_ms.max(1),
-                ),
-            },
+            settings.limits.connection_limits(),
             Arc::new(ConnectionStats::default()),
         );
         tokio::spawn(async move {
@@ -254,15 +239,7 @@ pub async fn run(
     if let Some(metrics) = &metrics {
         metrics.watch_connections(connections.clone());
     }
-    let incoming = crate::connections::incoming(
-        listener,
-        ConnectionLimits {
-            max_connections: limits.max_connections,
-            max_pending: limits.max_pending_connections,
-            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms.max(1)),
-        },
-        connections,
-    );
+    let incoming = crate::connections::incoming(listener, limits.connection_limits(), connections);
     let keepalive = (limits.keepalive_interval_ms > 0)
         .then(|| Duration::from_millis(limits.keepalive_interval_ms));
     let mut builder = Server::builder();

@@ -138,13 +138,26 @@ impl ForwardAuthConfig {
     /// The flow the original `path` maps to, if a pattern matches it. Matched on every reading
     /// a server could make of the path ([`super::path::lenient`]: escapes decoded, dot segments
     /// resolved, case folded), so that no spelling of `/signup` escapes the signup flow.
+    /// Patterns are compared case-folded, so they are stored that way ([`Self::normalized`]).
     fn flow_for(&self, path: &str) -> Option<Flow> {
+        if self.flow_paths.is_empty() {
+            return None;
+        }
         let path = super::path::lenient(path);
         self.flow_paths
             .iter()
-            .filter(|(pattern, _)| super::path::matches(&pattern.to_ascii_lowercase(), &path))
+            .filter(|(pattern, _)| super::path::matches(pattern, &path))
             .max_by_key(|(pattern, _)| pattern.len())
             .and_then(|(_, flow)| flow_named(flow))
+    }
+
+    /// Patterns case-folded once, as [`Self::flow_for`] matches them.
+    fn normalized(mut self) -> Self {
+        self.flow_paths = std::mem::take(&mut self.flow_paths)
+            .into_iter()
+            .map(|(pattern, flow)| (pattern.to_ascii_lowercase(), flow))
+            .collect();
+        self
     }
 }
 
@@ -164,7 +177,7 @@ pub fn router(service: GatewayService, config: ForwardAuthConfig, gate: Gate) ->
         .fallback(check)
         .with_state(Arc::new(ForwardAuth {
             service,
-            config,
+            config: config.normalized(),
             gate,
         }))
 }
@@ -185,7 +198,7 @@ async fn check(State(state): State<Arc<ForwardAuth>>, request: Request) -> Respo
     let token = headers
         .get(state.config.token_header.as_str())
         .and_then(|v| v.to_str().ok());
-    if let Err(message) = state.gate.token_caller(token) {
+    if let Err(message) = state.gate.admits_token(token) {
         return plain(
             StatusCode::UNAUTHORIZED,
             &format!("{}: {message}", state.config.token_header),
@@ -362,7 +375,10 @@ fn translate(
         None => match config
             .flow_header
             .as_deref()
-            .and_then(|h| map.get(&h.to_ascii_lowercase()))
+            .and_then(|h| {
+                map.iter()
+                    .find_map(|(name, value)| name.eq_ignore_ascii_case(h).then_some(value))
+            })
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
         {
