@@ -233,6 +233,19 @@ impl Gate {
         self.callers.iter().find(|c| c.token == Some(hash))
     }
 
+    /// The caller of this gate's role a token names (the console's sign-in).
+    pub fn caller_for_token(&self, token: &str) -> Option<Caller> {
+        if token.trim().is_empty() {
+            return None;
+        }
+        self.by_token(token)
+            .filter(|c| c.role == self.role)
+            .map(|c| Caller {
+                name: c.name.clone(),
+                role: c.role,
+            })
+    }
+
     /// Whether this gate lets anyone in without a token (the gateway role with no gateway
     /// callers configured).
     fn is_open(&self) -> bool {

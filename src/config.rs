@@ -56,6 +56,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// HTTP forward-auth for nginx, Caddy, Traefik, Envoy's HTTP mode (`[forward_auth]`).
     pub forward_auth: ForwardAuthConfig,
+    /// The reviewers' console in the browser (`[console]`).
+    pub console: crate::console::ConsoleConfig,
     /// Usage history settings (`[usage]` table).
     pub usage: UsageConfig,
     /// The embedded store: audit log, review queue, overrides (`[store]` table).
@@ -486,6 +488,7 @@ impl Default for Config {
             start_without_location_db: false,
             gateway: GatewayConfig::default(),
             forward_auth: ForwardAuthConfig::default(),
+            console: crate::console::ConsoleConfig::default(),
             usage: UsageConfig::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
@@ -535,6 +538,7 @@ impl Config {
         }
         self.gateway.validate().map_err(ConfigError::Invalid)?;
         self.forward_auth.validate().map_err(ConfigError::Invalid)?;
+        self.console.validate().map_err(ConfigError::Invalid)?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.store.ip_storage()?;
         self.limits.validate()?;

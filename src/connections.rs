@@ -166,21 +166,26 @@ pub fn listener(
     listener: TcpListener,
     limits: ConnectionLimits,
     stats: Arc<ConnectionStats>,
-) -> impl axum::serve::Listener<Io = Connection, Addr = ()> {
+) -> Limited {
     Limited(Box::pin(incoming(listener, limits, stats)))
 }
 
-struct Limited(Pin<Box<dyn tokio_stream::Stream<Item = io::Result<Connection>> + Send>>);
+/// The accept loop's connections as an axum listener.
+pub struct Limited(Pin<Box<dyn tokio_stream::Stream<Item = io::Result<Connection>> + Send>>);
 
+/// The peer's address is the accepted connection's (none if the socket no longer knows it).
 impl axum::serve::Listener for Limited {
     type Io = Connection;
-    type Addr = ();
+    type Addr = Option<std::net::SocketAddr>;
 
-    async fn accept(&mut self) -> (Connection, ()) {
+    async fn accept(&mut self) -> (Connection, Self::Addr) {
         use tokio_stream::StreamExt;
         loop {
             match self.0.next().await {
-                Some(Ok(connection)) => return (connection, ()),
+                Some(Ok(connection)) => {
+                    let peer = connection.stream.peer_addr().ok();
+                    return (connection, peer);
+                }
                 Some(Err(_)) => continue,
                 // The accept loop ended (shutdown): nothing more will come.
                 None => std::future::pending().await,
@@ -188,8 +193,8 @@ impl axum::serve::Listener for Limited {
         }
     }
 
-    fn local_addr(&self) -> io::Result<()> {
-        Ok(())
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(None)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod engine;
 pub mod gateway;
 pub mod geo;

@@ -347,7 +347,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         let reload_task = tokio::spawn(reloader.run(config.reload_interval(), stop_reload_rx));
-        let settings = ServerSettings { tls: config.tls.server_config()?, ..ServerSettings::from_config(&config) };
+        let settings = ServerSettings { tls: config.tls.server_config()?, chain_key: config.store.chain_key()?, ..ServerSettings::from_config(&config) };
         let audit = loaded.audit;
         if let (Some(audit), Some(keep)) = (&audit, config.store.retention()?) {
             tokio::spawn(retention(audit.clone(), keep));
@@ -360,7 +360,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        let ports = server::SidePorts { ops, forward_auth };
+        let console = match config.console.listen {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding console port {address}"))?;
+                tracing::info!(address = %listener.local_addr()?, "serving the review console");
+                Some(listener)
+            }
+            None => None,
+        };
+        let ports = server::SidePorts { ops, forward_auth, console };
         server::run(listener, engine.clone(), audit.clone(), ports, settings, shutdown_signal()).await?;
         // Usage events still queued for Redis are written before the process ends (within the
         // grace period); what cannot be is said, not dropped silently.

@@ -63,20 +63,7 @@ pub enum ReviewCommand {
 
 /// Parses "24h", "30d" or a Unix time in milliseconds into Unix milliseconds.
 pub fn since_ms(text: &str) -> anyhow::Result<i64> {
-    let now = store::now_ms();
-    let (number, unit) = text.split_at(
-        text.trim_end_matches(|c: char| c.is_ascii_alphabetic())
-            .len(),
-    );
-    let n: i64 = number.parse().with_context(|| {
-        format!("--since {text:?}: expected e.g. 24h, 30d or Unix milliseconds")
-    })?;
-    Ok(match unit {
-        "" => n,
-        "h" => now - n * 3_600_000,
-        "d" => now - n * 86_400_000,
-        other => anyhow::bail!("--since {text:?}: unknown unit {other:?} (h or d)"),
-    })
+    store::parse_since(text, store::now_ms()).map_err(|e| anyhow::anyhow!("--since {e}"))
 }
 
 fn authorised<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
@@ -318,51 +305,22 @@ pub fn audit_verify(
 fn verify_outcome(
     result: Result<store::Verified, store::Broken>,
     head: Option<(i64, String)>,
-    mut notes: Vec<String>,
+    notes: Vec<String>,
     min_retain_days: Option<u32>,
     location: &str,
 ) -> ExitCode {
-    match result {
-        Ok(verified) => {
-            let head = head.map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"));
-            const DAY_MS: f64 = 86_400_000.0;
-            if let Some(through) = verified.pruned_through {
-                let kept = verified.shortest_retention_ms.unwrap_or(0) as f64 / DAY_MS;
-                notes.push(format!(
-                    "rows through seq {through} removed by retention (shortest window kept: {kept:.1} days)"
-                ));
-            }
-            if let (Some(days), Some(kept)) = (min_retain_days, verified.shortest_retention_ms)
-                && (kept as f64) < f64::from(days) * DAY_MS
-            {
-                println!(
-                    "BROKEN: a retention checkpoint kept only {:.1} days, fewer than --min-retain-days {days}",
-                    kept as f64 / DAY_MS
-                );
-                return ExitCode::from(1);
-            }
-            if let Some(seq) = verified.keyed_from {
-                notes.push(format!("rows keyed with the chain key from seq {seq}"));
-            }
-            match verified.tables_unchecked_from {
-                Some(seq) => notes.push(format!(
-                    "overrides and review queue NOT checked: row seq {seq} predates recorded changes"
-                )),
-                None => notes.push("overrides and review queue match it".into()),
-            }
-            println!(
-                "ok: {} audit rows verified in {location}; head {head}",
-                verified.rows,
-            );
-            for note in notes {
-                println!("  {note}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(broken) => {
-            println!("BROKEN: {broken}");
-            ExitCode::from(1)
-        }
+    let (ok, mut lines) = store::VerifyReport { result, head }.lines(location, min_retain_days);
+    if ok {
+        // What the expected head showed comes first, after the verdict line.
+        lines.splice(1..1, notes.into_iter().map(|note| format!("  {note}")));
+    }
+    for line in lines {
+        println!("{line}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

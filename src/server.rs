@@ -37,6 +37,9 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub gateway: GatewayConfig,
     pub forward_auth: ForwardAuthConfig,
+    pub console: crate::console::ConsoleConfig,
+    /// The audit chain's key, for the console's verify.
+    pub chain_key: Option<crate::store::ChainKey>,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     /// None: plaintext.
@@ -50,6 +53,8 @@ impl ServerSettings {
             shutdown_grace: config.shutdown_grace(),
             gateway: config.gateway.clone(),
             forward_auth: config.forward_auth.clone(),
+            console: config.console.clone(),
+            chain_key: None,
             auth: config.auth.clone(),
             limits: config.limits,
             tls: None,
@@ -69,6 +74,8 @@ pub struct SidePorts {
     pub ops: Option<OpsPort>,
     /// HTTP forward-auth (`[forward_auth] listen`), answered like `Authorization/Check`.
     pub forward_auth: Option<TcpListener>,
+    /// The reviewers' console (`[console] listen`).
+    pub console: Option<TcpListener>,
 }
 
 /// Why the server could not run.
@@ -76,6 +83,8 @@ pub struct SidePorts {
 pub enum ServeError {
     #[error("gateway config: {0}")]
     Gateway(String),
+    #[error("console config: {0}")]
+    Console(String),
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
 }
@@ -108,7 +117,11 @@ pub async fn run(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let SidePorts { ops, forward_auth } = ports;
+    let SidePorts {
+        ops,
+        forward_auth,
+        console,
+    } = ports;
     let metrics = ops.as_ref().map(|ops| ops.metrics.clone());
     if let Some(audit) = &audit {
         // Overrides other replicas set reach this engine (PostgreSQL store; nothing on SQLite).
@@ -168,6 +181,18 @@ pub async fn run(
         ));
         (listener, app)
     });
+    let console = console
+        .map(|listener| {
+            let parts = crate::console::ConsoleParts {
+                engine: engine.clone(),
+                audit: audit.clone(),
+                gate: Gate::new(&settings.auth, Role::Reviewer),
+                chain_key: settings.chain_key.clone(),
+            };
+            crate::console::router(&settings.console, parts).map(|app| (listener, app))
+        })
+        .transpose()
+        .map_err(ServeError::Console)?;
     let authorization = InterceptedService::new(
         AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
         gateway_gate.clone(),
@@ -216,24 +241,32 @@ pub async fn run(
         set_health(&health, false).await;
         let _ = began.send(true);
     };
-    // Forward-auth: the gRPC port's connection limits (its own counts), and it stops accepting
-    // when shutdown begins and drains like the gRPC port.
-    let forward_auth_task = forward_auth.map(|(listener, app)| {
+    // Forward-auth and the console: the gRPC port's connection limits (counts of their own);
+    // they stop accepting when shutdown begins and drain like the gRPC port.
+    let side_tasks: Vec<_> = [
+        forward_auth.map(|port| (port, "forward-auth")),
+        console.map(|port| (port, "console")),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|((listener, app), what)| {
         let mut began = began_rx.clone();
         let listener = crate::connections::listener(
             listener,
             settings.limits.connection_limits(),
             Arc::new(ConnectionStats::default()),
         );
+        let app = app.into_make_service_with_connect_info::<crate::console::Peer>();
         tokio::spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = began.wait_for(|b| *b).await;
             });
             if let Err(error) = served.await {
-                tracing::error!(%error, "forward-auth port failed");
+                tracing::error!(%error, "{what} port failed");
             }
         })
-    });
+    })
+    .collect();
     let limits = settings.limits;
     let connections = Arc::new(ConnectionStats::default());
     if let Some(metrics) = &metrics {
@@ -289,9 +322,9 @@ pub async fn run(
             Ok(())
         }
     };
-    // Forward-auth drained beside the gRPC port since shutdown began: what is left of the same
-    // grace period, not a second one.
-    if let Some(mut task) = forward_auth_task {
+    // The side ports drained beside the gRPC port since shutdown began: what is left of the
+    // same grace period, not a second one.
+    for mut task in side_tasks {
         let left = began_at.get().map_or(settings.shutdown_grace, |at| {
             settings.shutdown_grace.saturating_sub(at.elapsed())
         });

@@ -74,6 +74,18 @@ impl ReviewService {
         Ok(self.audit()?.recorder().review(row, change).await?)
     }
 
+    /// Writes a read that is not a Review call (the console's dashboard, override list, audit
+    /// verify) to the audit log under the reviewer's name, as every Review call is.
+    pub async fn log_read(
+        &self,
+        reviewer: &str,
+        what: &str,
+        details: serde_json::Value,
+    ) -> Result<(), Status> {
+        self.log(reviewer, what, details, Change::None).await?;
+        Ok(())
+    }
+
     /// Logs an override change with its audit row, then refreshes the engine's override index.
     async fn change_override(
         &self,

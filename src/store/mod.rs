@@ -218,6 +218,39 @@ impl Reads {
         }
     }
 
+    /// The dashboard's counts from `since_ms` (rounded down to its hour), the queue's depth and
+    /// age.
+    pub async fn dashboard(&self, since_ms: i64) -> Result<Dashboard, StoreError> {
+        let since = since_ms / HOUR_MS * HOUR_MS;
+        match self {
+            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| sqlite::dashboard(c, since)).await,
+            Reads::Postgres(pg) => pg.dashboard(since).await,
+        }
+    }
+
+    /// Walks the whole chain and holds the tables to it, as `audit verify` does, with the head
+    /// it saw.
+    pub async fn verify(&self, key: Option<ChainKey>) -> Result<VerifyReport, StoreError> {
+        match self {
+            Reads::Sqlite { dir } => {
+                Self::sqlite(dir, move |c| {
+                    Ok(VerifyReport {
+                        head: sqlite::head(c)?,
+                        result: sqlite::verify::verify_keyed(c, key.as_ref())?,
+                    })
+                })
+                .await
+            }
+            Reads::Postgres(pg) => {
+                let report = pg.verify(key.as_ref()).await?;
+                Ok(VerifyReport {
+                    result: report.result,
+                    head: report.head,
+                })
+            }
+        }
+    }
+
     /// Hands every override to `apply` whenever another replica changes them (the server
     /// loads them into the engine). SQLite has one writer, this process, whose Review service
     /// reloads them itself: nothing to watch.
@@ -228,6 +261,66 @@ impl Reads {
         if let Reads::Postgres(pg) = self {
             pg.watch_overrides(apply);
         }
+    }
+}
+
+/// A verify's outcome and the chain head it saw (`(seq, hash)`; none when the log is empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub result: Result<Verified, Broken>,
+    pub head: Option<(i64, String)>,
+}
+
+impl VerifyReport {
+    /// The head as `audit verify` prints it and `--expect-head` takes it: `SEQ:HASH`.
+    pub fn head_text(&self) -> String {
+        self.head
+            .as_ref()
+            .map_or("empty".to_owned(), |(seq, hash)| format!("{seq}:{hash}"))
+    }
+
+    /// What `audit verify` says of it, line by line (the first says ok or BROKEN); false when
+    /// the chain or the tables do not hold, or a checkpoint kept fewer than `min_retain_days`.
+    pub fn lines(&self, location: &str, min_retain_days: Option<u32>) -> (bool, Vec<String>) {
+        const DAY_MS: f64 = 86_400_000.0;
+        let verified = match &self.result {
+            Ok(verified) => verified,
+            Err(broken) => return (false, vec![format!("BROKEN: {broken}")]),
+        };
+        let mut notes = Vec::new();
+        if let Some(through) = verified.pruned_through {
+            let kept = verified.shortest_retention_ms.unwrap_or(0) as f64 / DAY_MS;
+            notes.push(format!(
+                "  rows through seq {through} removed by retention (shortest window kept: {kept:.1} days)"
+            ));
+        }
+        if let (Some(days), Some(kept)) = (min_retain_days, verified.shortest_retention_ms)
+            && (kept as f64) < f64::from(days) * DAY_MS
+        {
+            return (
+                false,
+                vec![format!(
+                    "BROKEN: a retention checkpoint kept only {:.1} days, fewer than --min-retain-days {days}",
+                    kept as f64 / DAY_MS
+                )],
+            );
+        }
+        if let Some(seq) = verified.keyed_from {
+            notes.push(format!("  rows keyed with the chain key from seq {seq}"));
+        }
+        notes.push(match verified.tables_unchecked_from {
+            Some(seq) => format!(
+                "  overrides and review queue NOT checked: row seq {seq} predates recorded changes"
+            ),
+            None => "  overrides and review queue match it".into(),
+        });
+        let mut lines = vec![format!(
+            "ok: {} audit rows verified in {location}; head {}",
+            verified.rows,
+            self.head_text()
+        )];
+        lines.extend(notes);
+        (true, lines)
     }
 }
 
@@ -285,8 +378,139 @@ pub struct QueueFilter {
     pub limit: u32,
 }
 
+/// Parses "24h", "30d" or a Unix time in milliseconds into Unix milliseconds, `now_ms` being
+/// now; the error says what is expected.
+pub fn parse_since(text: &str, now_ms: i64) -> Result<i64, String> {
+    let (number, unit) = text.split_at(
+        text.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .len(),
+    );
+    let n: i64 = number
+        .parse()
+        .ok()
+        .filter(|n: &i64| *n >= 0)
+        .ok_or_else(|| {
+            format!(
+                "{:?}: expected e.g. 24h, 30d or Unix milliseconds",
+                crate::excerpt(text)
+            )
+        })?;
+    match unit {
+        "" => Ok(n),
+        "h" => Ok(now_ms.saturating_sub(n.saturating_mul(3_600_000))),
+        "d" => Ok(now_ms.saturating_sub(n.saturating_mul(86_400_000))),
+        other => Err(format!(
+            "{:?}: unknown unit {:?} (h or d)",
+            crate::excerpt(text),
+            crate::excerpt(other)
+        )),
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// An hour in the dashboard's counts: its first millisecond (UTC).
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// Decisions counted by hour, verdict, country and reason code, as a writer's batch commits
+/// them (`decision_counts`; reason `""` counts the decisions themselves). Each key is written
+/// once per batch, however many rows share it.
+#[derive(Debug, Default)]
+pub(crate) struct DecisionCounts(std::collections::BTreeMap<(i64, String, String, String), i64>);
+
+impl DecisionCounts {
+    /// Counts `row` if it is a decision.
+    pub(crate) fn add(&mut self, row: &AuditRow) {
+        if row.kind != "decision" {
+            return;
+        }
+        let hour = row.recorded_at_ms / HOUR_MS * HOUR_MS;
+        let reasons = row.reasons.split(',').filter(|r| !r.is_empty());
+        for reason in std::iter::once("").chain(reasons) {
+            *self
+                .0
+                .entry((
+                    hour,
+                    row.verdict.clone(),
+                    row.country.clone(),
+                    reason.to_owned(),
+                ))
+                .or_default() += 1;
+        }
+    }
+
+    pub(crate) fn into_rows(self) -> impl Iterator<Item = ((i64, String, String, String), i64)> {
+        self.0.into_iter()
+    }
+}
+
+/// What the console's dashboard shows, from `decision_counts`, the queue and the overrides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dashboard {
+    /// Decisions per hour and verdict since the asked time: `(hour_ms, verdict, count)`.
+    pub hourly: Vec<(i64, String, i64)>,
+    /// DENY and REVIEW decisions by country: `(country, verdict, count)`.
+    pub by_country: Vec<(String, String, i64)>,
+    /// The most frequent reason codes, most frequent first: `(code, count)`.
+    pub top_reasons: Vec<(String, i64)>,
+    /// Open queue items, and when the oldest was recorded.
+    pub queue_open: i64,
+    pub oldest_open_ms: Option<i64>,
+}
+
+/// The dashboard's queries, the same on both adapters (`$1`, the first hour counted, binds by
+/// position in SQLite too). Sums are cast: PostgreSQL's `SUM(bigint)` is `numeric`.
+pub(crate) mod dashboard_sql {
+    pub const HOURLY: &str = "SELECT hour_ms, verdict, CAST(SUM(n) AS BIGINT) FROM decision_counts \
+        WHERE hour_ms >= $1 AND reason = '' GROUP BY hour_ms, verdict ORDER BY hour_ms, verdict";
+    pub const BY_COUNTRY: &str = "SELECT country, verdict, CAST(SUM(n) AS BIGINT) FROM decision_counts \
+        WHERE hour_ms >= $1 AND reason = '' AND verdict IN ('DENY', 'REVIEW') \
+        GROUP BY country, verdict ORDER BY 3 DESC, 1, 2 LIMIT 40";
+    pub const TOP_REASONS: &str = "SELECT reason, CAST(SUM(n) AS BIGINT) FROM decision_counts \
+        WHERE hour_ms >= $1 AND reason <> '' GROUP BY reason ORDER BY 2 DESC, 1 LIMIT 12";
+    pub const QUEUE_OPEN: &str = "SELECT COUNT(*) FROM review_queue WHERE status = 'open'";
+    pub const OLDEST_OPEN: &str = "SELECT a.recorded_at_ms FROM review_queue q JOIN audit_log a ON a.seq = q.seq \
+        WHERE q.status = 'open' ORDER BY q.seq LIMIT 1";
+}
+
+#[cfg(test)]
+mod counts_tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_counts_once_and_once_per_reason_in_its_hour() {
+        let mut counts = DecisionCounts::default();
+        let row = |at: i64, reasons: &str| AuditRow {
+            kind: "decision".into(),
+            recorded_at_ms: at,
+            verdict: "DENY".into(),
+            country: "IR".into(),
+            reasons: reasons.into(),
+            ..AuditRow::default()
+        };
+        counts.add(&row(HOUR_MS * 5 + 1, "SANCTIONED_COUNTRY,VPN"));
+        counts.add(&row(HOUR_MS * 6 - 1, "VPN"));
+        counts.add(&row(HOUR_MS * 6, ""));
+        counts.add(&AuditRow {
+            kind: "review".into(),
+            ..row(HOUR_MS, "SetOverride")
+        });
+        let rows: Vec<_> = counts
+            .into_rows()
+            .map(|((h, _, _, r), n)| (h / HOUR_MS, r, n))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (5, String::new(), 2),
+                (5, "SANCTIONED_COUNTRY".into(), 1),
+                (5, "VPN".into(), 2),
+                (6, String::new(), 1),
+            ]
+        );
+    }
 }

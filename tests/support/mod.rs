@@ -129,6 +129,8 @@ pub struct TestServer {
     pub ops_addr: Option<std::net::SocketAddr>,
     /// HTTP forward-auth, when the config asked for it (`[forward_auth] listen`).
     pub forward_auth_addr: Option<std::net::SocketAddr>,
+    /// The review console, when the config asked for it (`[console] listen`).
+    pub console_addr: Option<std::net::SocketAddr>,
     pub client: ClassifierClient<Channel>,
     pub channel: Channel,
     pub dir: tempfile::TempDir,
@@ -186,6 +188,11 @@ impl TestServer {
             None => None,
         };
         let forward_auth_addr = forward_auth.as_ref().map(|l| l.local_addr().unwrap());
+        let console = match config.console.listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.unwrap()),
+            None => None,
+        };
+        let console_addr = console.as_ref().map(|l| l.local_addr().unwrap());
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -201,7 +208,11 @@ impl TestServer {
                 listener,
                 engine,
                 audit,
-                server::SidePorts { ops, forward_auth },
+                server::SidePorts {
+                    ops,
+                    forward_auth,
+                    console,
+                },
                 settings,
                 async {
                     let _ = stopped.await;
@@ -218,6 +229,7 @@ impl TestServer {
         TestServer {
             ops_addr,
             forward_auth_addr,
+            console_addr,
             client: ClassifierClient::new(channel.clone()),
             channel,
             dir,

@@ -25,10 +25,16 @@ pub use writer::open;
 use super::{AuditRow, OverrideRecord, QueueFilter, QueueState, StoreError, StoredDecision};
 
 /// Versioned migrations, applied in order, each once.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/postgres/0002_decision_counts.sql"),
+    ),
+];
 /// Session lock held while migrating ("rg-migr").
 const MIGRATION_LOCK: i64 = 0x0072_672d_6d69_6772;
 /// Transaction lock every writer takes before it reads the chain head ("rg-chain").
@@ -400,6 +406,46 @@ impl Reader {
         );
         let limit = i64::from(limit);
         self.decisions(&sql, &[&since_ms, &after_seq, &limit]).await
+    }
+
+    /// The dashboard's counts from hour `since` on (see `store::dashboard_sql`).
+    pub async fn dashboard(&self, since: i64) -> Result<super::Dashboard, StoreError> {
+        use super::dashboard_sql as q;
+        fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+            row: &'a Row,
+            i: usize,
+        ) -> Result<T, StoreError> {
+            row.try_get(i).map_err(pg_error)
+        }
+        let mut hourly = Vec::new();
+        for row in self.rows(q::HOURLY, &[&since]).await? {
+            hourly.push((get(&row, 0)?, get(&row, 1)?, get(&row, 2)?));
+        }
+        let mut by_country = Vec::new();
+        for row in self.rows(q::BY_COUNTRY, &[&since]).await? {
+            by_country.push((get(&row, 0)?, get(&row, 1)?, get(&row, 2)?));
+        }
+        let mut top_reasons = Vec::new();
+        for row in self.rows(q::TOP_REASONS, &[&since]).await? {
+            top_reasons.push((get(&row, 0)?, get(&row, 1)?));
+        }
+        let open = self.rows(q::QUEUE_OPEN, &[]).await?;
+        let oldest = self.rows(q::OLDEST_OPEN, &[]).await?;
+        Ok(super::Dashboard {
+            hourly,
+            by_country,
+            top_reasons,
+            queue_open: open.first().map(|r| get(r, 0)).transpose()?.unwrap_or(0),
+            oldest_open_ms: oldest.first().map(|r| get(r, 0)).transpose()?,
+        })
+    }
+
+    /// `audit verify` over this reader's database, on a connection of its own.
+    pub async fn verify(
+        &self,
+        key: Option<&super::ChainKey>,
+    ) -> Result<verify::Report, StoreError> {
+        verify::verify_config(&self.config, key, None).await
     }
 
     pub async fn overrides(&self) -> Result<Vec<OverrideRecord>, StoreError> {

@@ -27,12 +27,23 @@ pub async fn verify(
     expect_seq: Option<i64>,
 ) -> Result<Report, StoreError> {
     let config = super::parse_url(url)?;
-    let mut client = super::connect(&config).await.map_err(|e| match e {
-        StoreError::Unavailable(m) => {
-            StoreError::Unavailable(format!("{}: {m}", super::redact(url)))
-        }
-        other => other,
-    })?;
+    verify_config(&config, key, expect_seq)
+        .await
+        .map_err(|e| match e {
+            StoreError::Unavailable(m) => {
+                StoreError::Unavailable(format!("{}: {m}", super::redact(url)))
+            }
+            other => other,
+        })
+}
+
+/// As [`verify`], with the connection settings parsed.
+pub async fn verify_config(
+    config: &tokio_postgres::Config,
+    key: Option<&ChainKey>,
+    expect_seq: Option<i64>,
+) -> Result<Report, StoreError> {
+    let mut client = super::connect(config).await?;
     walk(&mut client, key, expect_seq).await.map_err(pg_error)
 }
 

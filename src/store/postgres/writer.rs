@@ -34,7 +34,7 @@ use crate::store::spool::Spool;
 use crate::store::writer::{
     Applied, Change, Command, Counters, Keep, Overflow, Recorder, ReviewCommand, with_applied,
 };
-use crate::store::{AuditRow, OverrideRecord, QueueState, Reads, StoreError};
+use crate::store::{AuditRow, DecisionCounts, OverrideRecord, QueueState, Reads, StoreError};
 
 const BATCH: usize = 256;
 /// Spool pages (of `BATCH` rows) drained between two looks at the channel.
@@ -593,6 +593,35 @@ impl Pending {
             tx.execute(
                 "INSERT INTO review_queue (decision_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
                 &[&queue_ids, &queue_seqs],
+            )
+            .await?;
+        }
+        let mut counts = DecisionCounts::default();
+        for i in 0..self.seq.len() {
+            counts.add(&AuditRow {
+                kind: std::mem::take(&mut self.kind[i]),
+                recorded_at_ms: self.recorded_at_ms[i],
+                verdict: std::mem::take(&mut self.verdict[i]),
+                country: std::mem::take(&mut self.country[i]),
+                reasons: std::mem::take(&mut self.reasons[i]),
+                ..AuditRow::default()
+            });
+        }
+        let (mut hours, mut verdicts, mut countries, mut reasons, mut ns) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((hour, verdict, country, reason), n) in counts.into_rows() {
+            hours.push(hour);
+            verdicts.push(verdict);
+            countries.push(country);
+            reasons.push(reason);
+            ns.push(n);
+        }
+        if !hours.is_empty() {
+            tx.execute(
+                "INSERT INTO decision_counts (hour_ms, verdict, country, reason, n) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                 ON CONFLICT (hour_ms, verdict, country, reason) DO UPDATE SET n = decision_counts.n + excluded.n",
+                &[&hours, &verdicts, &countries, &reasons, &ns],
             )
             .await?;
         }

@@ -21,6 +21,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/0002_retention_indexes.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/0003_decision_counts.sql"),
+    ),
 ];
 const DB_FILE: &str = "regionguard.sqlite3";
 
@@ -246,3 +250,30 @@ pub fn override_by_id(conn: &Connection, id: &str) -> rusqlite::Result<Option<Ov
 
 #[cfg(test)]
 mod tests;
+
+/// The dashboard's counts from hour `since` on (see `store::dashboard_sql`).
+pub fn dashboard(conn: &Connection, since: i64) -> rusqlite::Result<super::Dashboard> {
+    use super::dashboard_sql as q;
+    let collect = |sql: &str| -> rusqlite::Result<Vec<(String, String, i64)>> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect()
+    };
+    let mut hourly = conn.prepare_cached(q::HOURLY)?;
+    let hourly = hourly
+        .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut reasons = conn.prepare_cached(q::TOP_REASONS)?;
+    let top_reasons = reasons
+        .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(super::Dashboard {
+        hourly,
+        by_country: collect(q::BY_COUNTRY)?,
+        top_reasons,
+        queue_open: conn.query_row(q::QUEUE_OPEN, [], |r| r.get(0))?,
+        oldest_open_ms: conn
+            .query_row(q::OLDEST_OPEN, [], |r| r.get(0))
+            .optional()?,
+    })
+}

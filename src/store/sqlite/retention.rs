@@ -222,7 +222,13 @@ pub fn delete_chunk(tx: &Transaction<'_>, through: i64, limit: usize) -> rusqlit
         return Ok(0);
     };
     tx.execute("DELETE FROM review_queue WHERE seq <= ?1", [upper])?;
-    tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])
+    let deleted = tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])?;
+    // The dashboard's counts go with the hours no decision is left in.
+    tx.execute(
+        "DELETE FROM decision_counts WHERE hour_ms < (SELECT (MIN(recorded_at_ms) / 3600000) * 3600000 FROM audit_log WHERE kind = 'decision')",
+        [],
+    )?;
+    Ok(deleted)
 }
 
 #[cfg(test)]

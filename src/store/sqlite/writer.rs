@@ -18,7 +18,7 @@ use crate::store::chain::{ChainKey, GENESIS, KEYED};
 use crate::store::writer::{
     Applied, Change, Command, Counters, Keep, Overflow, Recorder, ReviewCommand, with_applied,
 };
-use crate::store::{AuditRow, QueueState, StoreError};
+use crate::store::{AuditRow, DecisionCounts, QueueState, StoreError};
 
 /// Opens the store in `dir` (migrating it) and starts the writer thread, keying every row it
 /// writes with `key` when there is one.
@@ -283,15 +283,18 @@ fn commit(
     let (mut next_seq, mut next_prev) = (*seq, prev.clone());
     let tx = conn.transaction()?;
     let mut done = Vec::with_capacity(items.len());
+    let mut counts = DecisionCounts::default();
     for item in items {
         match item {
             Item::Decision(row, _) => {
-                if append(&tx, &mut next_seq, &mut next_prev, row, key)? && row.verdict == "REVIEW"
-                {
-                    tx.prepare_cached(
-                        "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
-                    )?
-                    .execute(params![row.ref_id, next_seq])?;
+                if append(&tx, &mut next_seq, &mut next_prev, row, key)? {
+                    counts.add(row);
+                    if row.verdict == "REVIEW" {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![row.ref_id, next_seq])?;
+                    }
                 }
                 done.push(Committed::Decision);
             }
@@ -326,6 +329,14 @@ fn commit(
             }
         }
     }
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO decision_counts (hour_ms, verdict, country, reason, n) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (hour_ms, verdict, country, reason) DO UPDATE SET n = n + excluded.n",
+    )?;
+    for ((hour, verdict, country, reason), n) in counts.into_rows() {
+        upsert.execute(params![hour, verdict, country, reason, n])?;
+    }
+    drop(upsert);
     tx.commit()?;
     *seq = next_seq;
     *prev = next_prev;

@@ -1,0 +1,183 @@
+//! Reviewer sessions, server-side: a random id in an HttpOnly, SameSite=Strict cookie names an
+//! entry here holding the reviewer's name and the session's CSRF token. An entry idle longer
+//! than the timeout is gone; signing out removes it. Bounded: at most `MAX_SESSIONS` live at
+//! once (expired ones are swept when a session is created).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Sessions held at most; a sign-in past it is refused until some expire.
+pub const MAX_SESSIONS: usize = 10_000;
+
+/// The cookie naming the session.
+pub const COOKIE: &str = "regionguard_session";
+
+/// A signed-in reviewer, as a request sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub reviewer: String,
+    /// Every form carries it back (`csrf`); a post without it changes nothing.
+    pub csrf: String,
+    /// A one-shot message for the next page (what the last action did).
+    pub flash: Option<String>,
+}
+
+struct Entry {
+    reviewer: String,
+    csrf: String,
+    flash: Option<String>,
+    last_seen: Instant,
+}
+
+pub struct Sessions {
+    idle: Duration,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// 244 random bits from two v4 UUIDs (the process's CSPRNG), as 64 hex digits.
+fn secret() -> String {
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    format!("{}{}", a.simple(), b.simple())
+}
+
+impl Sessions {
+    pub fn new(idle: Duration) -> Self {
+        Self {
+            idle,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock leaves a map that is still consistent.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new session for `reviewer`; `None` when `MAX_SESSIONS` are live.
+    pub fn create(&self, reviewer: &str, now: Instant) -> Option<Session> {
+        let mut entries = self.lock();
+        if entries.len() >= MAX_SESSIONS {
+            entries.retain(|_, e| now.duration_since(e.last_seen) < self.idle);
+            if entries.len() >= MAX_SESSIONS {
+                return None;
+            }
+        }
+        let session = Session {
+            id: secret(),
+            reviewer: reviewer.to_owned(),
+            csrf: secret(),
+            flash: None,
+        };
+        entries.insert(
+            session.id.clone(),
+            Entry {
+                reviewer: session.reviewer.clone(),
+                csrf: session.csrf.clone(),
+                flash: None,
+                last_seen: now,
+            },
+        );
+        Some(session)
+    }
+
+    /// The live session `id` names (its flash taken), touched; an idle one is removed.
+    pub fn get(&self, id: &str, now: Instant) -> Option<Session> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(id)?;
+        if now.duration_since(entry.last_seen) >= self.idle {
+            entries.remove(id);
+            return None;
+        }
+        entry.last_seen = now;
+        Some(Session {
+            id: id.to_owned(),
+            reviewer: entry.reviewer.clone(),
+            csrf: entry.csrf.clone(),
+            flash: entry.flash.take(),
+        })
+    }
+
+    /// Leaves a message for the session's next page.
+    pub fn flash(&self, id: &str, message: String) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.flash = Some(message);
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Compares in time independent of where the strings differ (CSRF tokens).
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then(|| value.trim_matches('"'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_lives_while_used_and_ends_when_idle_or_removed() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let s = sessions.create("alice", t0).unwrap();
+        assert_eq!(s.id.len(), 64);
+        assert_ne!(s.id, s.csrf);
+        let later = t0 + Duration::from_secs(50);
+        assert_eq!(sessions.get(&s.id, later).unwrap().reviewer, "alice");
+        // Touched at 50 s: alive at 100 s, gone 60 s after the last use.
+        assert!(sessions.get(&s.id, t0 + Duration::from_secs(100)).is_some());
+        assert!(sessions.get(&s.id, t0 + Duration::from_secs(160)).is_none());
+        assert_eq!(sessions.len(), 0);
+        let s = sessions.create("bob", t0).unwrap();
+        sessions.remove(&s.id);
+        assert!(sessions.get(&s.id, t0).is_none());
+        assert!(sessions.get("not-a-session", t0).is_none());
+    }
+
+    #[test]
+    fn a_flash_is_shown_once() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let s = sessions.create("alice", now).unwrap();
+        sessions.flash(&s.id, "done".into());
+        assert_eq!(
+            sessions.get(&s.id, now).unwrap().flash.as_deref(),
+            Some("done")
+        );
+        assert_eq!(sessions.get(&s.id, now).unwrap().flash, None);
+    }
+
+    #[test]
+    fn cookies_and_secrets_are_read_exactly() {
+        assert_eq!(
+            cookie("a=1; regionguard_session=abc; b=2", COOKIE),
+            Some("abc")
+        );
+        assert_eq!(cookie("xregionguard_session=abc", COOKIE), None);
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "ab"));
+    }
+}
