@@ -125,6 +125,7 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
         reads.queue(&other_reason).await.unwrap().is_empty(),
         "{name}: reason codes match whole"
     );
+    assert_counts(&reads, t0, name).await;
 
     // Reviewer changes.
     let record = OverrideRecord {
@@ -258,6 +259,140 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
         .unwrap();
     reopened.recorder.flush().await;
     assert_eq!(verifier.verify(Some(&key)).await.unwrap().rows, 8, "{name}");
+    // The console's verify, through the port: the same walk and the head it saw.
+    let report = reopened.reads.verify(Some(key.clone())).await.unwrap();
+    let (ok, lines) = report.lines("the store", None);
+    assert!(ok, "{name}: {lines:?}");
+    assert!(
+        lines[0].starts_with("ok: 8 audit rows verified in the store; head 8:k1:"),
+        "{name}: {lines:?}"
+    );
+    assert!(
+        !reopened
+            .reads
+            .verify(None)
+            .await
+            .unwrap()
+            .lines("x", None)
+            .0,
+        "{name}: without the key"
+    );
+}
+
+/// The dashboard's counts after d1 (REVIEW), d2 (DENY), d3 (ALLOW) and d1 again (skipped), all
+/// from IR with two reasons each.
+async fn assert_counts(reads: &store::Reads, t0: i64, name: &str) {
+    let dashboard = reads.dashboard(t0 - store::HOUR_MS).await.unwrap();
+    let mut by_verdict = std::collections::BTreeMap::new();
+    for (_, verdict, n) in &dashboard.hourly {
+        *by_verdict.entry(verdict.as_str()).or_insert(0) += n;
+    }
+    assert_eq!(
+        by_verdict.into_iter().collect::<Vec<_>>(),
+        [("ALLOW", 1), ("DENY", 1), ("REVIEW", 1)],
+        "{name}: the repeat is not counted"
+    );
+    assert_eq!(
+        dashboard.top_reasons,
+        [
+            ("ANONYMIZER_TOR".to_owned(), 3),
+            ("REGION_SANCTIONED".to_owned(), 3)
+        ],
+        "{name}"
+    );
+    assert_eq!(
+        dashboard.by_country,
+        [
+            ("IR".to_owned(), "DENY".to_owned(), 1),
+            ("IR".to_owned(), "REVIEW".to_owned(), 1)
+        ],
+        "{name}"
+    );
+    assert_eq!(
+        (dashboard.queue_open, dashboard.oldest_open_ms),
+        (1, Some(t0)),
+        "{name}"
+    );
+    // Nothing before the range asked for.
+    let later = reads.dashboard(t0 + 2 * store::HOUR_MS).await.unwrap();
+    assert!(
+        later.hourly.is_empty() && later.top_reasons.is_empty(),
+        "{name}"
+    );
+}
+
+/// The part of a decision_counts migration that counts the rows already recorded.
+fn backfill(migration: &str) -> &str {
+    let at = migration
+        .find("INSERT INTO decision_counts")
+        .expect("the migration counts existing rows");
+    // The statement before it (SQLite's split is a WITH … INSERT) starts after CREATE TABLE's end.
+    let start = migration[..at].rfind(");").map_or(at, |i| i + 2);
+    &migration[start..]
+}
+
+/// Writes d1 (REVIEW), d2 (DENY), d3 (ALLOW) and d1 again, and waits for the commit.
+async fn three_decisions(backend: &Backend) -> (store::Opened, i64) {
+    let opened = store::open(backend, 64, Overflow::Sample, None).unwrap();
+    let t0 = store::now_ms() - 10_000;
+    for (i, (id, verdict)) in [
+        ("d1", "REVIEW"),
+        ("d2", "DENY"),
+        ("d3", "ALLOW"),
+        ("d1", "REVIEW"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let row = decision(id, "acct-1", verdict, t0 + i as i64);
+        opened
+            .recorder
+            .decision(Box::new(move || row), MUST)
+            .await
+            .unwrap();
+    }
+    opened.recorder.flush().await;
+    (opened, t0)
+}
+
+#[tokio::test]
+async fn sqlite_counts_made_by_the_migration_equal_the_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Sqlite {
+        dir: dir.path().to_path_buf(),
+    };
+    let (opened, t0) = three_decisions(&backend).await;
+    assert_counts(&opened.reads, t0, "sqlite").await;
+    let conn = rusqlite::Connection::open(store::db_path(dir.path())).unwrap();
+    let migration = include_str!("../migrations/0003_decision_counts.sql");
+    conn.execute_batch(&format!(
+        "DELETE FROM decision_counts; {}",
+        backfill(migration)
+    ))
+    .unwrap();
+    assert_counts(&opened.reads, t0, "sqlite backfill").await;
+}
+
+#[tokio::test]
+async fn postgres_counts_made_by_the_migration_equal_the_writers() {
+    let pg = PgServer::start_new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Postgres {
+        url: pg.url(),
+        spool_dir: dir.path().join("spool"),
+    };
+    let (opened, t0) = three_decisions(&backend).await;
+    assert_counts(&opened.reads, t0, "postgres").await;
+    let migration = include_str!("../migrations/postgres/0002_decision_counts.sql");
+    pg.client()
+        .await
+        .batch_execute(&format!(
+            "DELETE FROM decision_counts; {}",
+            backfill(migration)
+        ))
+        .await
+        .unwrap();
+    assert_counts(&opened.reads, t0, "postgres backfill").await;
 }
 
 #[tokio::test]
@@ -447,5 +582,5 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "each of the two versions once");
 }
