@@ -22,6 +22,22 @@ use crate::store::{Backend, ChainKey};
 pub const DEFAULT_POLICY_PATH: &str = "data/policy.toml";
 pub const DEFAULT_LOCATION_DB_PATH: &str = "data/geo-whois-asn-country.mmdb";
 
+/// A plaintext HTTP listener of section `section` off loopback is refused unless its
+/// `allow_public` says so; the message names both keys.
+pub fn plaintext_listen(
+    section: &str,
+    listen: Option<SocketAddr>,
+    allow_public: bool,
+    advice: &str,
+) -> Result<(), String> {
+    match listen {
+        Some(listen) if !listen.ip().is_loopback() && !allow_public => Err(format!(
+            "{section}.listen = {listen}: plaintext HTTP off loopback needs {section}.allow_public = true{advice}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {

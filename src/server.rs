@@ -188,6 +188,7 @@ pub async fn run(
                 audit: audit.clone(),
                 gate: Gate::new(&settings.auth, Role::Reviewer),
                 chain_key: settings.chain_key.clone(),
+                max_form_bytes: backstop,
             };
             crate::console::router(&settings.console, parts).map(|app| (listener, app))
         })

@@ -899,6 +899,18 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         ),
         "{short}"
     );
+    // The dashboard's counts went with the rows: only the new decision is counted.
+    let db = rusqlite::Connection::open(regionguard::store::db_path(&data)).unwrap();
+    let counted: Vec<(i64, i64)> = db
+        .prepare("SELECT hour_ms, n FROM decision_counts WHERE reason = ''")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert_eq!(counted[0].1, 1);
+    assert!(counted[0].0 > long_ago + 86_400_000, "{counted:?}");
     support::record(format_args!(
         "audit verify after retention: {}",
         out.trim().replace('\n', " |")

@@ -68,26 +68,9 @@ impl Verifier {
 /// or not at all, reads, paging, then verify; and a keyed chain that refuses an unkeyed writer.
 async fn suite(backend: Backend, verifier: Verifier, name: &str) {
     let key = ChainKey::new(&[7u8; 32]).unwrap();
-    let opened = store::open(&backend, 64, Overflow::Sample, Some(key.clone())).unwrap();
+    let (opened, t0) = three_decisions(&backend, Some(key.clone())).await;
     assert!(opened.overrides.is_empty(), "{name}");
     let (recorder, reads) = (opened.recorder, opened.reads);
-    let t0 = store::now_ms() - 10_000;
-    for (i, (id, verdict)) in [
-        ("d1", "REVIEW"),
-        ("d2", "DENY"),
-        ("d3", "ALLOW"),
-        ("d1", "REVIEW"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let row = decision(id, "acct-1", verdict, t0 + i as i64);
-        recorder
-            .decision(Box::new(move || row), MUST)
-            .await
-            .unwrap();
-    }
-    recorder.flush().await;
 
     let d1 = reads.decision("d1").await.unwrap().expect("d1 recorded");
     assert_eq!(d1.row.verdict, "REVIEW", "{name}");
@@ -332,8 +315,8 @@ fn backfill(migration: &str) -> &str {
 }
 
 /// Writes d1 (REVIEW), d2 (DENY), d3 (ALLOW) and d1 again, and waits for the commit.
-async fn three_decisions(backend: &Backend) -> (store::Opened, i64) {
-    let opened = store::open(backend, 64, Overflow::Sample, None).unwrap();
+async fn three_decisions(backend: &Backend, key: Option<ChainKey>) -> (store::Opened, i64) {
+    let opened = store::open(backend, 64, Overflow::Sample, key).unwrap();
     let t0 = store::now_ms() - 10_000;
     for (i, (id, verdict)) in [
         ("d1", "REVIEW"),
@@ -361,7 +344,7 @@ async fn sqlite_counts_made_by_the_migration_equal_the_writers() {
     let backend = Backend::Sqlite {
         dir: dir.path().to_path_buf(),
     };
-    let (opened, t0) = three_decisions(&backend).await;
+    let (opened, t0) = three_decisions(&backend, None).await;
     assert_counts(&opened.reads, t0, "sqlite").await;
     let conn = rusqlite::Connection::open(store::db_path(dir.path())).unwrap();
     let migration = include_str!("../migrations/0003_decision_counts.sql");
@@ -381,7 +364,7 @@ async fn postgres_counts_made_by_the_migration_equal_the_writers() {
         url: pg.url(),
         spool_dir: dir.path().join("spool"),
     };
-    let (opened, t0) = three_decisions(&backend).await;
+    let (opened, t0) = three_decisions(&backend, None).await;
     assert_counts(&opened.reads, t0, "postgres").await;
     let migration = include_str!("../migrations/postgres/0002_decision_counts.sql");
     pg.client()

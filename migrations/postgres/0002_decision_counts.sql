@@ -17,4 +17,4 @@ INSERT INTO decision_counts (hour_ms, verdict, country, reason, n)
 INSERT INTO decision_counts (hour_ms, verdict, country, reason, n)
     SELECT (recorded_at_ms / 3600000) * 3600000, verdict, country, reason, COUNT(*)
     FROM audit_log, unnest(string_to_array(reasons, ',')) AS reason
-    WHERE kind = 'decision' AND reasons <> '' GROUP BY 1, 2, 3, 4;
+    WHERE kind = 'decision' AND reasons <> '' AND reason <> '' GROUP BY 1, 2, 3, 4;

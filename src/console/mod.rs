@@ -9,7 +9,7 @@
 //!   an SSO proxy sets (`identity_header`, e.g. oauth2-proxy's `X-Auth-Request-Email`).
 //! - **CSRF**: every state change is a POST; a POST is refused unless its `Origin` (when sent)
 //!   is the console's own, `Sec-Fetch-Site` (when sent) is `same-origin`, and its `csrf` field
-//!   is the session's token.
+//!   is the session's token; a sign-in (no session yet) must carry one of the two headers.
 //! - **Pages** ([`pages`]): dashboard `/`, `/queue`, `/decisions/{id}`, `/accounts/{id}`,
 //!   `/overrides`, `/replay`, `/audit`; charts are SVG drawn here ([`charts`]).
 
@@ -79,14 +79,12 @@ impl Default for ConsoleConfig {
 impl ConsoleConfig {
     /// Checks values a TOML type cannot; the problem as a sentence naming the key.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(listen) = self.listen
-            && !listen.ip().is_loopback()
-            && !self.allow_public
-        {
-            return Err(format!(
-                "console.listen = {listen}: plaintext HTTP off loopback needs console.allow_public = true (and a TLS proxy in front)"
-            ));
-        }
+        crate::config::plaintext_listen(
+            "console",
+            self.listen,
+            self.allow_public,
+            " (and a TLS proxy in front)",
+        )?;
         if self.session_idle_minutes == 0 {
             return Err("console.session_idle_minutes must be at least 1".into());
         }
@@ -136,6 +134,9 @@ pub struct ConsoleParts {
     pub gate: Gate,
     /// The chain key, for the audit page's verify.
     pub chain_key: Option<ChainKey>,
+    /// The largest form accepted (a candidate policy is posted whole): the Review API's
+    /// message limit, so neither door takes what the other refuses.
+    pub max_form_bytes: usize,
 }
 
 struct Inner {
@@ -148,7 +149,13 @@ struct Inner {
     secure_cookie: bool,
     identity_header: Option<axum::http::HeaderName>,
     proxies: Vec<IpNetwork>,
+    max_form_bytes: usize,
+    /// The last verify and when it ran: one walk at a time, reused for `VERIFY_REUSE`.
+    verified: tokio::sync::Mutex<Option<(Instant, crate::store::VerifyReport)>>,
 }
+
+/// A verify younger than this is shown again rather than walking the chain once more.
+const VERIFY_REUSE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Console(Arc<Inner>);
@@ -184,6 +191,8 @@ pub fn router(config: &ConsoleConfig, parts: ConsoleParts) -> Result<Router, Str
             .as_deref()
             .and_then(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok()),
         proxies: config.proxies()?,
+        max_form_bytes: parts.max_form_bytes,
+        verified: tokio::sync::Mutex::new(None),
     }));
     let signed_in = Router::new()
         .route("/", get(dashboard))
@@ -261,6 +270,13 @@ impl From<crate::store::StoreError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            // The details (a database's message, a path) are for the operator, not the page.
+            let id = uuid::Uuid::now_v7();
+            tracing::error!(error = %self.message, %id, "console: internal error");
+            let message = format!("internal error {id}: the service log has the details");
+            return (self.status, pages::error_page(self.status, &message)).into_response();
+        }
         (self.status, pages::error_page(self.status, &self.message)).into_response()
     }
 }
@@ -269,12 +285,48 @@ type Page = Result<Response, Failure>;
 
 /// Headers every response carries: nothing framed, sniffed, cached or loaded from elsewhere.
 async fn guard(State(console): State<Console>, request: Request, next: Next) -> Response {
-    if request.method() == axum::http::Method::POST
-        && let Err(failure) = console.same_origin(request.headers())
-    {
-        return with_security_headers(failure.into_response());
+    if request.method() == axum::http::Method::POST {
+        let headers = request.headers();
+        let vouched =
+            headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site");
+        // Signing in has no session token yet to check: the browser must say where it posts from.
+        let checked = if request.uri().path() == "/login" && !vouched {
+            Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                "cross-origin request refused: a sign-in must carry Origin or Sec-Fetch-Site",
+            ))
+        } else {
+            console.same_origin(headers)
+        };
+        if let Err(failure) = checked {
+            return with_security_headers(failure.into_response());
+        }
     }
-    with_security_headers(next.run(request).await)
+    let response = next.run(request).await;
+    with_security_headers(as_page(response).await)
+}
+
+/// A bare error from the framework (a path or query that does not parse, a method a route does
+/// not take) becomes a console page with the same status and what the framework said.
+async fn as_page(response: Response) -> Response {
+    let status = response.status();
+    let is_html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"text/html"));
+    if is_html || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        excerpt(text.trim()).to_owned()
+    };
+    Failure::new(status, message).into_response()
 }
 
 fn with_security_headers(mut response: Response) -> Response {
@@ -308,7 +360,7 @@ impl Console {
         };
         if let Some(site) = headers.get("sec-fetch-site") {
             let site = site.to_str().unwrap_or("");
-            if site != "same-origin" && site != "none" {
+            if site != "same-origin" {
                 return Err(refused(format!("Sec-Fetch-Site is {:?}", excerpt(site))));
             }
         }
@@ -347,11 +399,16 @@ impl Console {
     /// The reviewer an SSO proxy names, if the peer is one of `trusted_proxies`.
     fn proxied_identity(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<String> {
         let name = self.0.identity_header.as_ref()?;
-        let peer = peer?.ip();
+        let peer = peer?.ip().to_canonical();
         if !self.0.proxies.iter().any(|net| net.contains(peer)) {
             return None;
         }
-        let value = headers.get(name)?.to_str().ok()?.trim();
+        // Exactly one: a proxy that appends rather than replaces would leave the client's first.
+        let mut values = headers.get_all(name).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
+        let value = value.to_str().ok()?.trim();
         (!value.is_empty() && value.len() <= 256 && !value.chars().any(char::is_control))
             .then(|| value.to_owned())
     }
@@ -403,7 +460,10 @@ async fn require_session(
             (console.0.sessions.create(&name, now), true)
         }
         (Some(s), _) => (Some(s), false),
-        (None, Some(name)) => (console.0.sessions.create(&name, now), true),
+        (None, Some(name)) => match console.0.sessions.for_identity(&name, now) {
+            Some(s) => (Some(s), true),
+            None => (console.0.sessions.create(&name, now), true),
+        },
         (None, None) => (None, false),
     };
     let Some(session) = session else {
@@ -439,18 +499,19 @@ pub struct Posted<T>(pub T);
 impl<T: serde::de::DeserializeOwned> FromRequest<Console> for Posted<T> {
     type Rejection = Failure;
 
-    async fn from_request(request: Request, _: &Console) -> Result<Self, Failure> {
+    async fn from_request(request: Request, console: &Console) -> Result<Self, Failure> {
         let session = request
             .extensions()
             .get::<Session>()
             .cloned()
             .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "sign in first"))?;
-        let body = axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES)
+        let limit = console.0.max_form_bytes;
+        let body = axum::body::to_bytes(request.into_body(), limit)
             .await
             .map_err(|_| {
                 Failure::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("form: more than {} KiB", MAX_FORM_BYTES / 1024),
+                    format!("form: more than {} KiB", limit / 1024),
                 )
             })?;
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
@@ -468,12 +529,15 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Console> for Posted<T> {
     }
 }
 
-/// Forms are small but a candidate policy is posted whole.
-const MAX_FORM_BYTES: usize = 2 << 20;
-
 /// A local path to go back to after an action; anything else goes to the dashboard.
 fn local_path(path: &str) -> &str {
-    if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') {
+    // Browsers drop tabs and newlines from a Location before reading it, and read `\` as `/`:
+    // only plain URL characters pass, so no path can turn into `//elsewhere`.
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/_.~%?&=+-:@,".contains(&b));
+    let second = path.as_bytes().get(1).copied();
+    if plain && path.starts_with('/') && second != Some(b'/') && path.len() <= 2048 {
         path
     } else {
         "/"
@@ -569,12 +633,18 @@ async fn logout(
 ) -> Response {
     console.0.sessions.remove(&session.id);
     let mut response = Redirect::to("/login").into_response();
-    response.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "regionguard_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
+    let secure = if console.0.secure_cookie {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cleared = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}",
+        session::COOKIE
     );
+    if let Ok(value) = HeaderValue::from_str(&cleared) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
     response
 }
 
@@ -713,7 +783,7 @@ async fn decision(
     let queue = console
         .audit()?
         .reads()
-        .decision(&id)
+        .decision(id.trim())
         .await?
         .and_then(|d| d.queue);
     Ok(pages::decision(
@@ -1005,13 +1075,24 @@ async fn audit(State(console): State<Console>, Extension(session): Extension<Ses
         .review
         .log_read(&session.reviewer, "VerifyAudit", serde_json::json!({}))
         .await?;
-    let report = audit.reads().verify(console.0.chain_key.clone()).await?;
+    // One walk at a time; a fresh one is shown to everyone who asked meanwhile.
+    let mut last = console.0.verified.lock().await;
+    let report = match last.as_ref() {
+        Some((at, report)) if at.elapsed() < VERIFY_REUSE => report.clone(),
+        _ => {
+            let report = audit.reads().verify(console.0.chain_key.clone()).await?;
+            *last = Some((Instant::now(), report.clone()));
+            report
+        }
+    };
+    let age = last.as_ref().map_or(Duration::ZERO, |(at, _)| at.elapsed());
+    drop(last);
     let location = match audit.reads() {
         crate::store::Reads::Sqlite { .. } => "the SQLite store",
         crate::store::Reads::Postgres(_) => "the PostgreSQL store",
     };
     let (ok, lines) = report.lines(location, None);
-    Ok(pages::audit(&session, ok, &lines, &report.head_text()).into_response())
+    Ok(pages::audit(&session, ok, &lines, &report.head_text(), age).into_response())
 }
 
 #[cfg(test)]

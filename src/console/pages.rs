@@ -141,7 +141,7 @@ pub fn error_page(status: StatusCode, message: &str) -> Markup {
         None,
         html! {
             p.error #error { (message) }
-            p { a href="javascript:history.back()" { "Back" } " · " a href="/" { "Dashboard" } }
+            p { a href="/" { "Dashboard" } " · " a href="/queue" { "Queue" } }
         },
     )
 }
@@ -370,14 +370,15 @@ pub fn queue(session: &Session, q: &QueueQuery, page: &pb::ListQueueResponse, no
     } else {
         q.status.as_str()
     };
-    let next = {
+    // The same filters, on another page.
+    let link = |token: &str| {
         let mut params = vec![
             ("status", status.to_owned()),
             ("country", q.country.clone()),
             ("reason", q.reason.clone()),
             ("account", q.account.clone()),
             ("since", q.since.clone()),
-            ("page_token", page.next_page_token.clone()),
+            ("page_token", token.to_owned()),
         ];
         if let Some(size) = q.page_size {
             params.push(("page_size", size.to_string()));
@@ -389,6 +390,7 @@ pub fn queue(session: &Session, q: &QueueQuery, page: &pb::ListQueueResponse, no
             .collect::<Vec<_>>()
             .join("&")
     };
+    let (next, first) = (link(&page.next_page_token), link(""));
     layout(
         "Review queue",
         Some(session),
@@ -428,8 +430,9 @@ pub fn queue(session: &Session, q: &QueueQuery, page: &pb::ListQueueResponse, no
                     }
                 }
             }
-            @if !page.next_page_token.is_empty() {
-                p { a #next-page href=(format!("/queue?{next}")) { "Next page →" } }
+            p.paging {
+                @if !q.page_token.is_empty() { a #first-page href=(format!("/queue?{}", first)) { "← First page" } " " }
+                @if !page.next_page_token.is_empty() { a #next-page href=(format!("/queue?{next}")) { "Next page →" } }
             }
         },
     )
@@ -620,7 +623,7 @@ pub fn decision(
                             thead { tr { th { "Database" } th { "Type" } th { "Built" } th {} } }
                             tbody {
                                 @for db in &location.databases {
-                                    tr { td { (db.role) } td { (db.database_type) } td { (utc(db.build_epoch as i64 * 1000)) } td { @if db.stale { span.warn { "stale" } } } }
+                                    tr { td { (db.role) } td { (db.database_type) } td { (utc(i64::try_from(db.build_epoch).unwrap_or(i64::MAX / 1000).saturating_mul(1000))) } td { @if db.stale { span.warn { "stale" } } } }
                                 }
                             }
                         }
@@ -852,13 +855,20 @@ pub fn replay(session: &Session, input: &ReplayInput, report: Option<&pb::Replay
     )
 }
 
-pub fn audit(session: &Session, ok: bool, lines: &[String], head: &str) -> Markup {
+pub fn audit(
+    session: &Session,
+    ok: bool,
+    lines: &[String],
+    head: &str,
+    age: std::time::Duration,
+) -> Markup {
     layout(
         "Audit log",
         Some(session),
         html! {
             p class=(if ok { "verify ok" } else { "verify broken" }) #verify { (if ok { "The chain holds." } else { "The chain does NOT hold." }) }
             pre #verify-output { @for line in lines { (line) "\n" } }
+            p.hint { "Walked " (span(age.as_millis() as i64)) " ago (a walk is reused for 30 s)." }
             p { "Head (keep it outside the store; " code { "regionguard audit verify --expect-head" } " takes it):" }
             input #head type="text" readonly value=(head) size="80";
         },

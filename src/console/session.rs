@@ -55,14 +55,19 @@ impl Sessions {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new session for `reviewer`; `None` when `MAX_SESSIONS` are live.
+    /// A new session for `reviewer`. At `MAX_SESSIONS`, idle ones are swept, then the least
+    /// recently used goes.
     pub fn create(&self, reviewer: &str, now: Instant) -> Option<Session> {
         let mut entries = self.lock();
         if entries.len() >= MAX_SESSIONS {
             entries.retain(|_, e| now.duration_since(e.last_seen) < self.idle);
-            if entries.len() >= MAX_SESSIONS {
-                return None;
-            }
+        }
+        if entries.len() >= MAX_SESSIONS {
+            let oldest = entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(id, _)| id.clone())?;
+            entries.remove(&oldest);
         }
         let session = Session {
             id: secret(),
@@ -97,6 +102,23 @@ impl Sessions {
             csrf: entry.csrf.clone(),
             flash: entry.flash.take(),
         })
+    }
+
+    /// The live session of a reviewer an SSO proxy names, if one was made for them: a browser
+    /// that drops the cookie (a link from another site under SameSite=Strict) gets it back
+    /// rather than a new session each time.
+    pub fn for_identity(&self, reviewer: &str, now: Instant) -> Option<Session> {
+        let id = {
+            let entries = self.lock();
+            entries
+                .iter()
+                .filter(|(_, e)| {
+                    e.reviewer == reviewer && now.duration_since(e.last_seen) < self.idle
+                })
+                .max_by_key(|(_, e)| e.last_seen)
+                .map(|(id, _)| id.clone())?
+        };
+        self.get(&id, now)
     }
 
     /// Leaves a message for the session's next page.
@@ -151,8 +173,10 @@ mod tests {
         assert!(sessions.get(&s.id, t0 + Duration::from_secs(160)).is_none());
         assert_eq!(sessions.len(), 0);
         let s = sessions.create("bob", t0).unwrap();
+        assert_eq!(sessions.for_identity("bob", t0).unwrap().id, s.id);
         sessions.remove(&s.id);
         assert!(sessions.get(&s.id, t0).is_none());
+        assert!(sessions.for_identity("bob", t0).is_none());
         assert!(sessions.get("not-a-session", t0).is_none());
     }
 

@@ -52,6 +52,7 @@ fn harness_with(console: ConsoleConfig) -> Harness {
             audit: Some(audit.clone()),
             gate: Gate::new(&config.auth, Role::Reviewer),
             chain_key: None,
+            max_form_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -515,12 +516,22 @@ async fn an_sso_proxy_names_the_reviewer_only_from_its_own_address() {
     let (status, headers, page) = h.send(from("127.0.0.1:5000")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("rita@example.com"));
-    assert!(
-        headers[header::SET_COOKIE]
-            .to_str()
-            .unwrap()
-            .contains("HttpOnly")
+    let first = headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+    assert!(first.contains("HttpOnly"));
+    // A request without the cookie gets the same session back, not one more.
+    let (_, headers, _) = h.send(from("127.0.0.1:5000")).await;
+    assert_eq!(headers[header::SET_COOKIE].to_str().unwrap(), first);
+    // Behind an IPv6 listener the proxy's IPv4 address is mapped; it is still the proxy.
+    let (status, _, _) = h.send(from("[::ffff:127.0.0.1]:5000")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Two identity headers (a proxy that appends): neither is believed.
+    let mut two = from("127.0.0.1:5000");
+    two.headers_mut().append(
+        "x-auth-request-email",
+        "mallory@example.com".parse().unwrap(),
     );
+    let (status, _, _) = h.send(two).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
     let (status, _, _) = h.send(from("10.1.2.3:5000")).await;
     assert_eq!(
         status,
@@ -574,4 +585,62 @@ fn config_is_checked_with_the_key_named() {
     }
     .validate()
     .unwrap();
+}
+
+#[test]
+fn only_plain_local_paths_are_gone_back_to() {
+    for good in [
+        "/",
+        "/queue?country=IR&since=7d",
+        "/decisions/01a2-b3",
+        "/accounts/acct%2F1",
+    ] {
+        assert_eq!(local_path(good), good);
+    }
+    for bad in [
+        "//evil.example",
+        "/\t/evil.example",
+        "/\\evil.example",
+        "https://evil.example",
+        "/a\nb",
+        "",
+        "queue",
+        "/ space",
+    ] {
+        assert_eq!(local_path(bad), "/", "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn framework_errors_are_console_pages_and_a_sign_in_must_say_where_it_comes_from() {
+    let h = harness();
+    let (cookie, _) = h.sign_in().await;
+    for (path, status) in [
+        ("/queue?page_size=-1", StatusCode::BAD_REQUEST),
+        ("/decisions/%FF", StatusCode::BAD_REQUEST),
+        ("/logout", StatusCode::METHOD_NOT_ALLOWED),
+        ("/nowhere", StatusCode::NOT_FOUND),
+    ] {
+        let (got, headers, page) = h.get(path, &cookie).await;
+        assert_eq!(got, status, "{path}");
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}"
+        );
+        assert!(page.contains(r#"id="error""#), "{path}: {page}");
+    }
+    // A sign-in posted without Origin or Sec-Fetch-Site (no browser would) is refused.
+    let (status, headers, _) = h
+        .send(
+            Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("token={ALICE}")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(headers.get(header::SET_COOKIE).is_none());
 }

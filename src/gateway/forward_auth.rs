@@ -89,14 +89,7 @@ impl Default for ForwardAuthConfig {
 impl ForwardAuthConfig {
     /// Checks values a TOML type cannot; returns the problem as a sentence naming the key.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(listen) = self.listen
-            && !listen.ip().is_loopback()
-            && !self.allow_public
-        {
-            return Err(format!(
-                "forward_auth.listen = {listen}: plaintext HTTP off loopback needs forward_auth.allow_public = true"
-            ));
-        }
+        crate::config::plaintext_listen("forward_auth", self.listen, self.allow_public, "")?;
         if let Some(status) = self.deny_status
             && !(400..=599).contains(&status)
         {

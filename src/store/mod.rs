@@ -19,6 +19,16 @@
 //! one place, the SQLite side is blocking (rusqlite) while PostgreSQL is async, and an enum
 //! lets each method be a plain `async fn` without boxing every future.
 
+/// The columns of a stored decision with its queue state (`a`: audit_log, `q`: review_queue),
+/// in the order both adapters read them.
+macro_rules! decision_columns {
+    () => {
+        "SELECT a.seq, a.kind, a.ref_id, a.recorded_at_ms, a.actor, a.account_id, a.verdict, a.country, a.reasons, a.body, a.prev_hash, a.row_hash, \
+         q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms"
+    };
+}
+pub(crate) use decision_columns;
+
 pub mod chain;
 pub mod consistency;
 pub mod postgres;
@@ -443,6 +453,15 @@ impl DecisionCounts {
         }
     }
 
+    /// Counts `row` out again (retention deleting it).
+    pub(crate) fn remove(&mut self, row: &AuditRow) {
+        let mut one = DecisionCounts::default();
+        one.add(row);
+        for (key, n) in one.0 {
+            *self.0.entry(key).or_default() -= n;
+        }
+    }
+
     pub(crate) fn into_rows(self) -> impl Iterator<Item = ((i64, String, String, String), i64)> {
         self.0.into_iter()
     }
@@ -467,9 +486,13 @@ pub struct Dashboard {
 pub(crate) mod dashboard_sql {
     pub const HOURLY: &str = "SELECT hour_ms, verdict, CAST(SUM(n) AS BIGINT) FROM decision_counts \
         WHERE hour_ms >= $1 AND reason = '' GROUP BY hour_ms, verdict ORDER BY hour_ms, verdict";
-    pub const BY_COUNTRY: &str = "SELECT country, verdict, CAST(SUM(n) AS BIGINT) FROM decision_counts \
+    /// The 40 countries with the most DENY and REVIEW decisions, both counts of each.
+    pub const BY_COUNTRY: &str = "WITH top AS (SELECT country FROM decision_counts \
         WHERE hour_ms >= $1 AND reason = '' AND verdict IN ('DENY', 'REVIEW') \
-        GROUP BY country, verdict ORDER BY 3 DESC, 1, 2 LIMIT 40";
+        GROUP BY country ORDER BY SUM(n) DESC, country LIMIT 40) \
+        SELECT c.country, c.verdict, CAST(SUM(c.n) AS BIGINT) FROM decision_counts c JOIN top ON top.country = c.country \
+        WHERE c.hour_ms >= $1 AND c.reason = '' AND c.verdict IN ('DENY', 'REVIEW') \
+        GROUP BY c.country, c.verdict ORDER BY 3 DESC, 1, 2";
     pub const TOP_REASONS: &str = "SELECT reason, CAST(SUM(n) AS BIGINT) FROM decision_counts \
         WHERE hour_ms >= $1 AND reason <> '' GROUP BY reason ORDER BY 2 DESC, 1 LIMIT 12";
     pub const QUEUE_OPEN: &str = "SELECT COUNT(*) FROM review_queue WHERE status = 'open'";

@@ -252,8 +252,16 @@ pub(crate) fn queue_state(r: &Row, at: usize) -> Result<Option<QueueState>, toki
     })
 }
 
-const DECISION_SELECT: &str = "SELECT a.seq, a.kind, a.ref_id, a.recorded_at_ms, a.actor, a.account_id, a.verdict, a.country, a.reasons, a.body, a.prev_hash, a.row_hash, \
-     q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id";
+const DECISION_SELECT: &str = concat!(
+    crate::store::decision_columns!(),
+    " FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id"
+);
+/// The queue's rows, driven from `review_queue` (its `(status, seq)` index), each joined to its
+/// decision by seq: a filtered page reads queue items, not the whole log.
+const QUEUE_SELECT: &str = concat!(
+    crate::store::decision_columns!(),
+    " FROM review_queue q JOIN audit_log a ON a.seq = q.seq"
+);
 
 fn stored(r: &Row) -> Result<StoredDecision, tokio_postgres::Error> {
     let (seq, row, _, _) = read_row(r)?;
@@ -362,10 +370,10 @@ impl Reader {
 
     pub async fn queue(&self, f: &QueueFilter) -> Result<Vec<StoredDecision>, StoreError> {
         let sql = format!(
-            "{DECISION_SELECT} WHERE a.kind = 'decision' AND q.decision_id IS NOT NULL AND a.seq > $1 AND a.recorded_at_ms >= $2 \
+            "{QUEUE_SELECT} WHERE a.kind = 'decision' AND q.seq > $1 AND a.recorded_at_ms >= $2 \
              AND ($3::text = '' OR q.status = $3) AND ($4::text = '' OR a.country = $4) \
              AND ($5::text = '' OR ',' || a.reasons || ',' LIKE '%,' || $5 || ',%') \
-             AND ($6::text = '' OR a.account_id = $6) ORDER BY a.seq LIMIT $7"
+             AND ($6::text = '' OR a.account_id = $6) ORDER BY q.seq LIMIT $7"
         );
         let limit = i64::from(f.limit.clamp(1, 1001));
         self.decisions(

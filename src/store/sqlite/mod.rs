@@ -148,8 +148,16 @@ fn queue_state(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Queu
     })
 }
 
-const DECISION_SELECT: &str = "SELECT a.seq, a.kind, a.ref_id, a.recorded_at_ms, a.actor, a.account_id, a.verdict, a.country, a.reasons, a.body, a.prev_hash, a.row_hash, \
-     q.status, q.outcome, q.note, q.resolved_by, q.resolved_at_ms FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id";
+const DECISION_SELECT: &str = concat!(
+    crate::store::decision_columns!(),
+    " FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id"
+);
+/// The queue's rows, driven from `review_queue` (its `(status, seq)` index), each joined to its
+/// decision by seq: a filtered page reads queue items, not the whole log.
+const QUEUE_SELECT: &str = concat!(
+    crate::store::decision_columns!(),
+    " FROM review_queue q JOIN audit_log a ON a.seq = q.seq"
+);
 
 fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDecision> {
     let (seq, row, _, _) = read_row(r)?;
@@ -171,9 +179,9 @@ pub fn decision(conn: &Connection, decision_id: &str) -> rusqlite::Result<Option
 
 pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredDecision>> {
     let sql = format!(
-        "{DECISION_SELECT} WHERE a.kind = 'decision' AND q.decision_id IS NOT NULL AND a.seq > ?1 AND a.recorded_at_ms >= ?2 \
+        "{QUEUE_SELECT} WHERE a.kind = 'decision' AND q.seq > ?1 AND a.recorded_at_ms >= ?2 \
          AND (?3 = '' OR q.status = ?3) AND (?4 = '' OR a.country = ?4) AND (?5 = '' OR ',' || a.reasons || ',' LIKE '%,' || ?5 || ',%') \
-         AND (?6 = '' OR a.account_id = ?6) ORDER BY a.seq LIMIT ?7"
+         AND (?6 = '' OR a.account_id = ?6) ORDER BY q.seq LIMIT ?7"
     );
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(

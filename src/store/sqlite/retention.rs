@@ -221,14 +221,36 @@ pub fn delete_chunk(tx: &Transaction<'_>, through: i64, limit: usize) -> rusqlit
     else {
         return Ok(0);
     };
-    tx.execute("DELETE FROM review_queue WHERE seq <= ?1", [upper])?;
-    let deleted = tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])?;
-    // The dashboard's counts go with the hours no decision is left in.
-    tx.execute(
-        "DELETE FROM decision_counts WHERE hour_ms < (SELECT (MIN(recorded_at_ms) / 3600000) * 3600000 FROM audit_log WHERE kind = 'decision')",
-        [],
+    // The dashboard's counts lose exactly the decisions that go (a chunk's rows, by seq).
+    let mut gone = crate::store::DecisionCounts::default();
+    {
+        let mut rows = tx.prepare_cached(
+            "SELECT recorded_at_ms, verdict, country, reasons FROM audit_log WHERE seq <= ?1 AND kind = 'decision'",
+        )?;
+        let mut rows = rows.query([upper])?;
+        while let Some(r) = rows.next()? {
+            gone.remove(&AuditRow {
+                kind: "decision".into(),
+                recorded_at_ms: r.get(0)?,
+                verdict: r.get(1)?,
+                country: r.get(2)?,
+                reasons: r.get(3)?,
+                ..AuditRow::default()
+            });
+        }
+    }
+    let mut update = tx.prepare_cached(
+        "UPDATE decision_counts SET n = n + ?5 WHERE hour_ms = ?1 AND verdict = ?2 AND country = ?3 AND reason = ?4",
     )?;
-    Ok(deleted)
+    let mut prune = tx.prepare_cached(
+        "DELETE FROM decision_counts WHERE hour_ms = ?1 AND verdict = ?2 AND country = ?3 AND reason = ?4 AND n <= 0",
+    )?;
+    for ((hour, verdict, country, reason), n) in gone.into_rows() {
+        update.execute(params![hour, verdict, country, reason, n])?;
+        prune.execute(params![hour, verdict, country, reason])?;
+    }
+    tx.execute("DELETE FROM review_queue WHERE seq <= ?1", [upper])?;
+    tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])
 }
 
 #[cfg(test)]
