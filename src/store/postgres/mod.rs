@@ -256,8 +256,8 @@ const DECISION_SELECT: &str = concat!(
     crate::store::decision_columns!(),
     " FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id"
 );
-/// The queue's rows, driven from `review_queue` (its `(status, seq)` index), each joined to its
-/// decision by seq: a filtered page reads queue items, not the whole log.
+/// The queue's rows, from `review_queue` in seq order, each joined to its decision by seq: a
+/// page reads queue items, not the whole log.
 const QUEUE_SELECT: &str = concat!(
     crate::store::decision_columns!(),
     " FROM review_queue q JOIN audit_log a ON a.seq = q.seq"

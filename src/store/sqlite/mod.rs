@@ -152,11 +152,12 @@ const DECISION_SELECT: &str = concat!(
     crate::store::decision_columns!(),
     " FROM audit_log a LEFT JOIN review_queue q ON q.decision_id = a.ref_id"
 );
-/// The queue's rows, driven from `review_queue` (its `(status, seq)` index), each joined to its
-/// decision by seq: a filtered page reads queue items, not the whole log.
+/// The queue's rows, driven from `review_queue` in seq order (`CROSS JOIN` keeps SQLite's
+/// planner from starting at audit_log, which sorted every decision for a page), each joined to
+/// its decision by seq (`a.seq = q.seq` in the query): a page reads queue items, not the log.
 const QUEUE_SELECT: &str = concat!(
     crate::store::decision_columns!(),
-    " FROM review_queue q JOIN audit_log a ON a.seq = q.seq"
+    " FROM review_queue q CROSS JOIN audit_log a"
 );
 
 fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDecision> {
@@ -179,7 +180,7 @@ pub fn decision(conn: &Connection, decision_id: &str) -> rusqlite::Result<Option
 
 pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredDecision>> {
     let sql = format!(
-        "{QUEUE_SELECT} WHERE a.kind = 'decision' AND q.seq > ?1 AND a.recorded_at_ms >= ?2 \
+        "{QUEUE_SELECT} WHERE a.seq = q.seq AND a.kind = 'decision' AND q.seq > ?1 AND a.recorded_at_ms >= ?2 \
          AND (?3 = '' OR q.status = ?3) AND (?4 = '' OR a.country = ?4) AND (?5 = '' OR ',' || a.reasons || ',' LIKE '%,' || ?5 || ',%') \
          AND (?6 = '' OR a.account_id = ?6) ORDER BY q.seq LIMIT ?7"
     );
