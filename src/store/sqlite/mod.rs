@@ -200,13 +200,14 @@ pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredD
     rows.collect()
 }
 
-/// An account's decisions, newest first (at most `limit`).
+/// An account's decisions, newest first (at most `limit`). `+a.kind` keeps SQLite on the
+/// account's index: on `(kind, seq)` it walked the whole log backwards for a rare account.
 pub fn account_decisions(
     conn: &Connection,
     account_id: &str,
     limit: u32,
 ) -> rusqlite::Result<Vec<StoredDecision>> {
-    let mut stmt = conn.prepare(&format!("{DECISION_SELECT} WHERE a.kind = 'decision' AND a.account_id = ?1 ORDER BY a.seq DESC LIMIT ?2"))?;
+    let mut stmt = conn.prepare(&format!("{DECISION_SELECT} WHERE +a.kind = 'decision' AND a.account_id = ?1 ORDER BY a.seq DESC LIMIT ?2"))?;
     let rows = stmt.query_map(params![account_id, limit.clamp(1, 10_000)], stored)?;
     rows.collect()
 }
