@@ -150,6 +150,8 @@ struct Inner {
     identity_header: Option<axum::http::HeaderName>,
     proxies: Vec<IpNetwork>,
     max_form_bytes: usize,
+    /// Failed sign-ins by address.
+    failures: session::Failures,
     /// The last verify and when it ran: one walk at a time, reused for `VERIFY_REUSE`.
     verified: tokio::sync::Mutex<Option<(Instant, crate::store::VerifyReport)>>,
 }
@@ -192,6 +194,7 @@ pub fn router(config: &ConsoleConfig, parts: ConsoleParts) -> Result<Router, Str
             .and_then(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok()),
         proxies: config.proxies()?,
         max_form_bytes: parts.max_form_bytes,
+        failures: session::Failures::default(),
         verified: tokio::sync::Mutex::new(None),
     }));
     let signed_in = Router::new()
@@ -302,6 +305,11 @@ async fn guard(State(console): State<Console>, request: Request, next: Next) -> 
             return with_security_headers(failure.into_response());
         }
     }
+    if let Some(query) = request.uri().query()
+        && let Err(failure) = utf8_fields("query", query.as_bytes())
+    {
+        return with_security_headers(failure.into_response());
+    }
     let response = next.run(request).await;
     with_security_headers(as_page(response).await)
 }
@@ -368,13 +376,14 @@ impl Console {
             let origin = origin.to_str().unwrap_or("");
             let expected = match &self.0.origin {
                 Some(origin) => origin.clone(),
-                None => format!(
-                    "http://{}",
-                    headers
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or("")
-                ),
+                None => match headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|h| !h.is_empty())
+                {
+                    Some(host) => format!("http://{host}"),
+                    None => return Err(refused("no Host to compare Origin with".into())),
+                },
             };
             if !origin.eq_ignore_ascii_case(&expected) {
                 return Err(refused(format!(
@@ -505,6 +514,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Console> for Posted<T> {
             .get::<Session>()
             .cloned()
             .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "sign in first"))?;
+        form_content_type(request.headers())?;
         let limit = console.0.max_form_bytes;
         let body = axum::body::to_bytes(request.into_body(), limit)
             .await
@@ -514,6 +524,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Console> for Posted<T> {
                     format!("form: more than {} KiB", limit / 1024),
                 )
             })?;
+        utf8_fields("form", &body)?;
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
             .map_err(|e| Failure::bad_request(format!("form: {e}")))?;
         let csrf = fields.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v);
@@ -527,6 +538,64 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Console> for Posted<T> {
             .map(Posted)
             .map_err(|e| Failure::bad_request(format!("form: {e}")))
     }
+}
+
+/// Forms come as `application/x-www-form-urlencoded`, what every browser sends for them.
+fn form_content_type(headers: &HeaderMap) -> Result<(), Failure> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "form: Content-Type must be application/x-www-form-urlencoded",
+        ))
+    }
+}
+
+/// Refuses urlencoded text (a form or a query) whose decoded bytes are not UTF-8, naming the
+/// field, rather than let a decoder replace them (an override for a value no request carries).
+fn utf8_fields(what: &str, encoded: &[u8]) -> Result<(), Failure> {
+    fn decode(part: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(part.len());
+        let mut i = 0;
+        while i < part.len() {
+            let hex = |b: u8| char::from(b).to_digit(16);
+            match part[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < part.len() => match (hex(part[i + 1]), hex(part[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                },
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        out
+    }
+    for pair in encoded.split(|&b| b == b'&') {
+        let mut halves = pair.splitn(2, |&b| b == b'=');
+        let key = decode(halves.next().unwrap_or_default());
+        let value = decode(halves.next().unwrap_or_default());
+        if std::str::from_utf8(&key).is_err() || std::str::from_utf8(&value).is_err() {
+            let name = String::from_utf8_lossy(&key).into_owned();
+            return Err(Failure::bad_request(format!(
+                "{what}: the field {:?} is not UTF-8",
+                excerpt(&name)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A local path to go back to after an action; anything else goes to the dashboard.
@@ -588,7 +657,34 @@ struct LoginForm {
     next: String,
 }
 
-async fn login(State(console): State<Console>, body: axum::body::Bytes) -> Response {
+async fn login(State(console): State<Console>, request: Request) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .and_then(|info| info.0.0);
+    let address = peer.map(|p| p.ip().to_canonical());
+    if let Err(failure) = form_content_type(request.headers()) {
+        return failure.into_response();
+    }
+    let now = Instant::now();
+    if console.0.failures.refused(address, now) {
+        tracing::warn!(client = ?address, "console: sign-in refused after repeated failures");
+        return Failure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed sign-ins from this address; try again in {} s",
+                session::FAILURE_WINDOW.as_secs()
+            ),
+        )
+        .into_response();
+    }
+    let Ok(body) = axum::body::to_bytes(request.into_body(), 64 * 1024).await else {
+        return Failure::new(StatusCode::PAYLOAD_TOO_LARGE, "form: more than 64 KiB")
+            .into_response();
+    };
+    if let Err(failure) = utf8_fields("form", &body) {
+        return failure.into_response();
+    }
     let Ok(form) = serde_urlencoded::from_bytes::<LoginForm>(&body) else {
         return Failure::bad_request("form: not a sign-in form").into_response();
     };
@@ -601,7 +697,8 @@ async fn login(State(console): State<Console>, body: axum::body::Bytes) -> Respo
             .into_response();
     }
     let Some(caller) = console.0.gate.caller_for_token(&form.token) else {
-        tracing::warn!("console: a sign-in with an unknown or non-reviewer token");
+        console.0.failures.failed(address, now);
+        tracing::warn!(client = ?address, "console: a sign-in with an unknown or non-reviewer token");
         return (
             StatusCode::UNAUTHORIZED,
             pages::login(&next, Some("token: not a reviewer token")),
@@ -930,6 +1027,11 @@ async fn set_override(
 ) -> Page {
     let at = form_number("expires_at_unix_ms", &form.expires_at_unix_ms)?;
     let days = form_number("expires_in_days", &form.expires_in_days)?;
+    if at != 0 && days != 0 {
+        return Err(Failure::bad_request(
+            "expires_in_days: give it or expires_at_unix_ms, not both",
+        ));
+    }
     if days > 3650 {
         return Err(Failure::bad_request("expires_in_days: at most 3650"));
     }

@@ -138,6 +138,41 @@ impl Sessions {
     }
 }
 
+/// Failed sign-ins an address may make within `FAILURE_WINDOW` before it is refused until the
+/// window ends (a reviewer mistyping a token is not locked out for long; a guesser gets ten
+/// tries a minute).
+pub const MAX_FAILURES: u32 = 10;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed sign-ins per client address (unknown addresses share one count), bounded.
+#[derive(Default)]
+pub struct Failures(Mutex<HashMap<Option<std::net::IpAddr>, (Instant, u32)>>);
+
+impl Failures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Option<std::net::IpAddr>, (Instant, u32)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `address` has used up its failures in the current window.
+    pub fn refused(&self, address: Option<std::net::IpAddr>, now: Instant) -> bool {
+        self.lock().get(&address).is_some_and(|(since, n)| {
+            now.duration_since(*since) < FAILURE_WINDOW && *n >= MAX_FAILURES
+        })
+    }
+
+    pub fn failed(&self, address: Option<std::net::IpAddr>, now: Instant) {
+        let mut map = self.lock();
+        if map.len() >= MAX_SESSIONS {
+            map.retain(|_, (since, _)| now.duration_since(*since) < FAILURE_WINDOW);
+        }
+        let entry = map.entry(address).or_insert((now, 0));
+        if now.duration_since(entry.0) >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
+}
+
 /// Compares in time independent of where the strings differ (CSRF tokens).
 pub fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -178,6 +213,23 @@ mod tests {
         assert!(sessions.get(&s.id, t0).is_none());
         assert!(sessions.for_identity("bob", t0).is_none());
         assert!(sessions.get("not-a-session", t0).is_none());
+    }
+
+    #[test]
+    fn an_address_gets_ten_failures_a_minute() {
+        let failures = Failures::default();
+        let (t0, a, b) = (
+            Instant::now(),
+            Some([10, 0, 0, 1].into()),
+            Some([10, 0, 0, 2].into()),
+        );
+        for _ in 0..MAX_FAILURES {
+            assert!(!failures.refused(a, t0));
+            failures.failed(a, t0);
+        }
+        assert!(failures.refused(a, t0));
+        assert!(!failures.refused(b, t0), "another address is not held back");
+        assert!(!failures.refused(a, t0 + FAILURE_WINDOW));
     }
 
     #[test]

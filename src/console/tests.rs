@@ -644,3 +644,89 @@ async fn framework_errors_are_console_pages_and_a_sign_in_must_say_where_it_come
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(headers.get(header::SET_COOKIE).is_none());
 }
+
+#[tokio::test]
+async fn input_no_request_could_match_is_refused_naming_the_field() {
+    let h = harness();
+    let (cookie, csrf) = h.sign_in().await;
+    for (path, field) in [
+        ("/queue?country=XX", "country"),
+        ("/queue?reason=nope", "reason_code"),
+        ("/queue?page_token=-1", "page_token"),
+        ("/queue?account=%FF", "account"),
+        ("/accounts/a%07b", "account_id"),
+    ] {
+        let (status, _, page) = h.get(path, &cookie).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {page}");
+        assert!(page.contains(field), "{path}: {page}");
+    }
+    let form = |value: &str, extra: &[(&'static str, &'static str)]| {
+        let mut f = vec![
+            ("csrf", csrf.clone()),
+            ("scope", "account".to_owned()),
+            ("value", value.to_owned()),
+            ("action", "DENY".to_owned()),
+            ("reason", "x".to_owned()),
+        ];
+        f.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        f
+    };
+    for (fields, problem) in [
+        (form("a\u{7}b", &[]), "control character"),
+        (form(&"z".repeat(300), &[]), "more than 256"),
+        (
+            form(
+                "acct-1",
+                &[
+                    ("expires_in_days", "7"),
+                    ("expires_at_unix_ms", "99999999999999"),
+                ],
+            ),
+            "not both",
+        ),
+    ] {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, _, page) = h.post("/overrides", &cookie, &fields).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}: {page}");
+        assert!(page.contains(problem), "{problem}: {page}");
+    }
+    // Bytes that are not UTF-8 are refused, not replaced.
+    let raw = format!("csrf={csrf}&scope=account&value=%FF%FE&action=ALLOW&reason=x");
+    let request = |content_type: &str, body: String| {
+        Request::post("/overrides")
+            .header(header::HOST, "console.test")
+            .header("sec-fetch-site", "same-origin")
+            .header(header::COOKIE, &cookie)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (status, _, page) = h
+        .send(request("application/x-www-form-urlencoded", raw))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        page.contains(r#"the field &quot;value&quot; is not UTF-8"#),
+        "{page}"
+    );
+    let good = format!("csrf={csrf}&scope=account&value=acct-1&action=ALLOW&reason=x");
+    let (status, _, _) = h.send(request("text/plain", good)).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(overrides_in_store(&h).await.is_empty());
+}
+
+#[tokio::test]
+async fn repeated_failed_sign_ins_are_held_back() {
+    let h = harness();
+    for _ in 0..session::MAX_FAILURES {
+        let (status, _, _) = h.post("/login", "", &[("token", "guess")]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, _, page) = h.post("/login", "", &[("token", ALICE)]).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "even the right token, for a minute"
+    );
+    assert!(page.contains("too many failed sign-ins"));
+}

@@ -13,6 +13,7 @@ use crate::auth::Caller;
 use crate::engine::Engine;
 use crate::excerpt;
 use crate::grpc::ApiError;
+use crate::grpc::convert::{MAX_ID_BYTES, identifier};
 use crate::grpc::pb::{self, review_server::Review};
 use crate::grpc::records::{override_pb, queue_item, record, replay_store, report_pb};
 use crate::overrides::OverrideIndex;
@@ -141,9 +142,33 @@ impl Review for ReviewService {
             0
         } else {
             r.page_token
-                .parse()
-                .map_err(|_| ApiError::invalid("page_token", "not a token from a previous page"))?
+                .parse::<i64>()
+                .ok()
+                .filter(|seq| *seq >= 0)
+                .ok_or_else(|| {
+                    ApiError::invalid("page_token", "not a token from a previous page")
+                })?
         };
+        // Filters that could match nothing are mistakes, said as such.
+        let country = r.country.trim().to_ascii_uppercase();
+        if !country.is_empty() && crate::region::CountryCode::parse(&country).is_err() {
+            return Err(ApiError::invalid(
+                "country",
+                format!("{:?} is not an ISO 3166-1 alpha-2 code", excerpt(&country)),
+            )
+            .into());
+        }
+        let reason_code = r.reason_code.trim().to_owned();
+        if !reason_code.is_empty() && crate::classify::ReasonCode::parse(&reason_code).is_none() {
+            return Err(ApiError::invalid(
+                "reason_code",
+                format!("{:?} is not a reason code", excerpt(&reason_code)),
+            )
+            .into());
+        }
+        let account_id = identifier("account_id", &r.account_id, MAX_ID_BYTES)?
+            .unwrap_or("")
+            .to_owned();
         let limit = if r.page_size == 0 {
             50
         } else {
@@ -163,9 +188,9 @@ impl Review for ReviewService {
         };
         let filter = QueueFilter {
             status: status.into(),
-            country: r.country.to_ascii_uppercase(),
-            reason: r.reason_code.clone(),
-            account_id: r.account_id.clone(),
+            country,
+            reason: reason_code,
+            account_id,
             since_ms: r.since_unix_ms,
             after_seq,
             limit: limit + 1,
@@ -192,6 +217,7 @@ impl Review for ReviewService {
         let reviewer = reviewer(&request)?;
         let r = request.into_inner();
         let account_id = required("account_id", &r.account_id)?;
+        identifier("account_id", &account_id, MAX_ID_BYTES)?;
         self.log(
             &reviewer,
             "GetAccount",
@@ -248,8 +274,27 @@ impl Review for ReviewService {
         let scope = required("scope", &r.scope)?;
         let mut value = required("value", &r.value)?;
         match scope.as_str() {
-            "account" => {}
-            "domain" => value = value.to_ascii_lowercase(),
+            // As Classify takes ids: an override no request could match is refused.
+            "account" => {
+                identifier("value", &value, MAX_ID_BYTES)?;
+            }
+            "domain" => {
+                identifier("value", &value, MAX_ID_BYTES)?;
+                if !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+                {
+                    return Err(ApiError::invalid(
+                        "value",
+                        format!(
+                            "{:?} is not a domain name (letters, digits, '.', '-')",
+                            excerpt(&value)
+                        ),
+                    )
+                    .into());
+                }
+                value = value.to_ascii_lowercase()
+            }
             "network" => {
                 value = value
                     .parse::<IpNetwork>()
