@@ -730,3 +730,56 @@ async fn repeated_failed_sign_ins_are_held_back() {
     );
     assert!(page.contains("too many failed sign-ins"));
 }
+
+#[tokio::test]
+async fn the_ownership_chain_is_drawn_as_a_tree() {
+    let h = harness();
+    let owner = |name: &str, country: &str, share: f64, owners: Vec<pb::Owner>| pb::Owner {
+        name: name.into(),
+        country: country.into(),
+        share_percent: share,
+        owners,
+    };
+    let answer = h
+        .classify(pb::ClassifyRequest {
+            ip: "8.8.8.8".into(),
+            flow: pb::Flow::Signup.into(),
+            account: Some(pb::Account {
+                account_id: "acct-org".into(),
+                organization: Some(pb::Organization {
+                    name: "Shell Ltd".into(),
+                    domain: "shell.example".into(),
+                    headquarters_country: "GB".into(),
+                    owners: vec![owner(
+                        "Holding A",
+                        "CY",
+                        60.0,
+                        vec![owner("Parent <IR>", "IR", 80.0, vec![])],
+                    )],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await;
+    let (cookie, _) = h.sign_in().await;
+    let (status, _, page) = h
+        .get(&format!("/decisions/{}", answer.decision_id), &cookie)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let tree = &page[page.find(r#"id="ownership""#).expect("the tree")..];
+    let tree = &tree[..tree.find("</div>").unwrap()];
+    for part in [
+        "GB",
+        "Holding A",
+        "60 %",
+        "CY",
+        "Parent &lt;IR&gt;",
+        "80 %",
+        "IR",
+    ] {
+        assert!(tree.contains(part), "{part}: {tree}");
+    }
+    assert!(tree.find("Holding A").unwrap() < tree.find("Parent").unwrap());
+    assert_eq!(tree.matches("<ul>").count(), 2, "two levels: {tree}");
+}
