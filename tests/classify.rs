@@ -566,3 +566,100 @@ async fn health_and_reflection_are_served() {
     );
     server.shutdown().await;
 }
+
+fn verification(kind: &str, country: &str, days_ago: i64) -> pb::Verification {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    pb::Verification {
+        kind: kind.into(),
+        country: country.into(),
+        verified_at_unix: now - days_ago * 86_400,
+    }
+}
+
+/// A signup from a VPN with the given verifications (ANONYMIZER_VPN asks for PHONE).
+fn vpn_signup(ip: &str, verifications: Vec<pb::Verification>) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        flow: pb::Flow::Signup.into(),
+        account: Some(pb::Account {
+            account_id: "acct-verified".into(),
+            verifications,
+            ..Default::default()
+        }),
+        ..request(ip)
+    }
+}
+
+#[tokio::test]
+async fn a_verification_changes_the_answer_once_passed_and_not_when_stale_or_foreign() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let vpn = scenario.ips.vpn;
+    let asked = server.classify(vpn_signup(vpn, vec![])).await.unwrap();
+    assert!(
+        asked.required_verifications.contains(&"PHONE".to_owned()),
+        "{asked:?}"
+    );
+    assert!(reason(&asked, "ANONYMIZER_VPN").contribution > 0);
+
+    let passed = server
+        .classify(vpn_signup(vpn, vec![verification("PHONE", "DE", 2)]))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&passed), Verdict::Allow, "{passed:?}");
+    assert!(passed.required_verifications.is_empty(), "{passed:?}");
+    let cleared = reason(&passed, "ANONYMIZER_VPN");
+    assert_eq!(cleared.contribution, 0);
+    assert_eq!(cleared.evidence["cleared_by"], "PHONE");
+
+    let stale = server
+        .classify(vpn_signup(vpn, vec![verification("PHONE", "DE", 400)]))
+        .await
+        .unwrap();
+    assert!(
+        stale.required_verifications.contains(&"PHONE".to_owned()),
+        "asked again: {stale:?}"
+    );
+    assert!(reason(&stale, "ANONYMIZER_VPN").contribution > 0);
+
+    let iranian = server
+        .classify(vpn_signup(vpn, vec![verification("ID_DOCUMENT", "IR", 2)]))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&iranian), Verdict::Deny);
+    assert_eq!(
+        reason(&iranian, "VERIFIED_COUNTRY_RESTRICTED").evidence["country"],
+        "IR"
+    );
+
+    for (bad, field) in [
+        (
+            verification("FINGERPRINT", "", 1),
+            "account.verifications[0].kind",
+        ),
+        (
+            verification("PHONE", "XX", 1),
+            "account.verifications[0].country",
+        ),
+        (
+            pb::Verification {
+                kind: "PHONE".into(),
+                ..Default::default()
+            },
+            "account.verifications[0].verified_at_unix",
+        ),
+    ] {
+        let refused = server
+            .classify(vpn_signup(vpn, vec![bad]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().contains(field),
+            "{field}: {}",
+            refused.message()
+        );
+    }
+}

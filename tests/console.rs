@@ -34,6 +34,22 @@ fn screenshot(session: &Session, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// Waits until `css` is on the page with `needle` in its text (a click's navigation may not
+/// have replaced the page yet when this starts).
+fn wait_text(session: &Session, css: &str, needle: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = session.find(css).and_then(|el| session.text(&el));
+        match text {
+            Ok(text) if text.contains(needle) => return,
+            other if std::time::Instant::now() > deadline => {
+                panic!("{css} never said {needle:?}: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 fn account(ip: &str, id: &str) -> pb::ClassifyRequest {
     pb::ClassifyRequest {
         ip: ip.into(),
@@ -141,10 +157,7 @@ async fn a_reviewer_works_the_queue_in_a_real_browser() {
         .unwrap();
         s.click(&s.find_in(&form, "button[type=submit]").unwrap())
             .unwrap();
-        let flash = s
-            .wait_for("p.flash", WAIT)
-            .expect("the override's confirmation");
-        assert!(s.text(&flash).unwrap().contains("account acct-tor → ALLOW"));
+        wait_text(&s, "p.flash", "account acct-tor → ALLOW");
         let again = runtime
             .block_on(client.clone().classify(account(&tor_ip, "acct-tor")))
             .unwrap()
@@ -167,11 +180,11 @@ async fn a_reviewer_works_the_queue_in_a_real_browser() {
         .unwrap();
         s.click(&s.find_in(&form, "button[type=submit]").unwrap())
             .unwrap();
-        s.wait_for("p.flash", WAIT).unwrap();
-        assert!(
-            s.text(&s.find("#queue-state").unwrap())
-                .unwrap()
-                .contains("Resolved as cleared by alice@compliance")
+        // The page before had a flash too: wait for the new page's words, not any flash.
+        wait_text(
+            &s,
+            "#queue-state",
+            "Resolved as cleared by alice@compliance",
         );
         s.goto(&format!("{base}/queue")).unwrap();
         s.wait_for("#queue-empty", WAIT).expect("nothing left open");

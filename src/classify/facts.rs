@@ -60,6 +60,71 @@ pub struct AccountFacts {
     pub declared_country: Option<CountryCode>,
     pub created_at_unix: Option<i64>,
     pub organization: Option<Organization>,
+    /// What the account holder has proved (phone, document, …), when and from where.
+    pub verifications: Vec<Verification>,
+}
+
+/// What a verification proved: a closed set, named as `[verifications]` and
+/// `required_verifications` name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VerificationKind {
+    Phone,
+    Email,
+    IdDocument,
+    PaymentVerification,
+    Address,
+}
+
+impl VerificationKind {
+    pub const ALL: [VerificationKind; 5] = [
+        VerificationKind::Phone,
+        VerificationKind::Email,
+        VerificationKind::IdDocument,
+        VerificationKind::PaymentVerification,
+        VerificationKind::Address,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            VerificationKind::Phone => "PHONE",
+            VerificationKind::Email => "EMAIL",
+            VerificationKind::IdDocument => "ID_DOCUMENT",
+            VerificationKind::PaymentVerification => "PAYMENT_VERIFICATION",
+            VerificationKind::Address => "ADDRESS",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// The names, for an error that says what is accepted.
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
+impl serde::Serialize for VerificationKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VerificationKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verification kind {text:?}")))
+    }
+}
+
+/// One verification the caller says the account passed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Verification {
+    pub kind: VerificationKind,
+    /// The number's or the document's country, where known.
+    pub country: Option<CountryCode>,
+    pub verified_at_unix: i64,
 }
 
 /// Client hints, parsed: regions named by Accept-Language and the IANA time zone.

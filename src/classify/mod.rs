@@ -16,7 +16,7 @@ mod usage;
 pub use decision::{Decision, Reason, Verdict};
 pub use facts::{
     AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, OverrideAction, OverrideFact,
-    UsageFacts,
+    UsageFacts, Verification, VerificationKind,
 };
 pub use reason::ReasonCode;
 
@@ -31,6 +31,7 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     let mut reasons = Vec::new();
     ip_region(facts.ip, policy, &mut reasons);
     account_countries(facts.account, policy, &mut reasons);
+    verified_countries(facts.account, policy, &mut reasons);
     ownership(facts.account, policy, &mut reasons);
     anonymizers(facts.ip, policy, &mut reasons);
     country_mismatch(facts, policy, &mut reasons);
@@ -40,6 +41,7 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
         usage::usage_reasons(usage, policy, &mut reasons);
     }
     let unknown = unknown_location(facts.ip, policy, &mut reasons);
+    cleared_by_verifications(facts, policy, &mut reasons);
 
     let score: u32 = reasons.iter().map(|r| u32::from(r.contribution)).sum();
     let risk_score = score.min(100) as u8;
@@ -58,12 +60,15 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     let verdict = overrides::apply(facts.overrides, policy, &mut reasons, verdict);
     let hard = reasons.iter().any(|r| r.hard);
 
+    // What is still missing to clear the soft reasons left (cleared ones carry `cleared_by`).
     let mut required_verifications: Vec<String> = Vec::new();
     if facts.flow == Flow::Signup && !hard {
-        for reason in &reasons {
-            for v in policy.verifications(reason.code) {
-                if !required_verifications.contains(v) {
-                    required_verifications.push(v.clone());
+        for reason in reasons.iter().filter(|r| !r.hard && !is_cleared(r)) {
+            for &kind in policy.verifications(reason.code) {
+                let name = kind.as_str();
+                if !fresh(facts, policy, kind) && !required_verifications.iter().any(|v| v == name)
+                {
+                    required_verifications.push(name.to_owned());
                 }
             }
         }
@@ -173,6 +178,66 @@ fn account_countries(account: &AccountFacts, policy: &Policy, out: &mut Vec<Reas
                     ("list", list.as_str().to_owned()),
                 ],
             ));
+        }
+    }
+}
+
+/// VERIFIED_COUNTRY_RESTRICTED: a verification's country (a phone number's, a document's) on a
+/// restricted list, checked as the phone country (PHONE) or the declared country (the others).
+fn verified_countries(account: &AccountFacts, policy: &Policy, out: &mut Vec<Reason>) {
+    for v in &account.verifications {
+        let Some(country) = v.country else { continue };
+        let attribute = match v.kind {
+            VerificationKind::Phone => Attribute::Phone,
+            _ => Attribute::Declared,
+        };
+        if let Some(list) = policy.country_restriction(country, attribute) {
+            out.push(hard(
+                ReasonCode::VerifiedCountryRestricted,
+                format!(
+                    "the account's {} verification is from {country}, on the {} list",
+                    v.kind.as_str(),
+                    list.as_str()
+                ),
+                vec![
+                    ("kind", v.kind.as_str().to_owned()),
+                    ("country", country.to_string()),
+                    ("list", list.as_str().to_owned()),
+                ],
+            ));
+            return;
+        }
+    }
+}
+
+/// Whether the account holds a verification of `kind` young enough for the policy (and not
+/// dated more than five minutes ahead of now).
+fn fresh(facts: &Facts<'_>, policy: &Policy, kind: VerificationKind) -> bool {
+    let max_age = policy.verification_max_age_secs(kind);
+    facts.account.verifications.iter().any(|v| {
+        v.kind == kind
+            && v.verified_at_unix <= facts.now_unix + 300
+            && facts.now_unix - v.verified_at_unix <= max_age
+    })
+}
+
+fn is_cleared(reason: &Reason) -> bool {
+    reason.evidence.iter().any(|(k, _)| *k == "cleared_by")
+}
+
+/// A soft reason whose verifications (policy `[verifications]`) are all present and fresh is
+/// cleared: it stays in the answer, contributing nothing, with `cleared_by` naming them. Hard
+/// reasons are never cleared.
+fn cleared_by_verifications(facts: &Facts<'_>, policy: &Policy, reasons: &mut [Reason]) {
+    if facts.account.verifications.is_empty() {
+        return;
+    }
+    for reason in reasons.iter_mut().filter(|r| !r.hard) {
+        let kinds = policy.verifications(reason.code);
+        if !kinds.is_empty() && kinds.iter().all(|&k| fresh(facts, policy, k)) {
+            reason.contribution = 0;
+            let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            reason.evidence.push(("cleared_by", names.join(",")));
         }
     }
 }

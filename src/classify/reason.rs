@@ -56,6 +56,8 @@ reason_codes! {
         "The account's phone number country is on a restricted list.";
     DeclaredCountryRestricted = "DECLARED_COUNTRY_RESTRICTED", true,
         "The country the account holder declared is on a restricted list.";
+    VerifiedCountryRestricted = "VERIFIED_COUNTRY_RESTRICTED", true,
+        "A verification the account passed (a phone number, an identity document) is from a country on a restricted list.";
     OwnershipRestricted = "OWNERSHIP_RESTRICTED", true,
         "The organisation is headquartered in, or effectively owned above the policy threshold by entities in, a restricted region.";
     AnonymizerVpn = "ANONYMIZER_VPN", false,

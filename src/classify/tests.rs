@@ -356,7 +356,7 @@ prop_compose! {
 prop_compose! {
     fn arb_account()(billing in arb_country(), phone in arb_country(), payment in arb_country(), declared in arb_country(),
                      created in prop::option::of(NOW - 60 * 86_400..NOW + 86_400)) -> AccountFacts {
-        AccountFacts { billing_country: billing, phone_country: phone, payment_country: payment, declared_country: declared, created_at_unix: created, organization: None }
+        AccountFacts { billing_country: billing, phone_country: phone, payment_country: payment, declared_country: declared, created_at_unix: created, organization: None, verifications: Vec::new() }
     }
 }
 
@@ -514,5 +514,112 @@ fn overrides_deny_and_allow_within_the_policy() {
     assert_eq!(
         decide_with(&ip_in("IR"), &AccountFacts::default(), &allow, &lenient).verdict,
         Verdict::Allow
+    );
+}
+
+fn verified(kind: VerificationKind, country_code: Option<&str>, days_ago: i64) -> Verification {
+    Verification {
+        kind,
+        country: country_code.map(country),
+        verified_at_unix: NOW - days_ago * 86_400,
+    }
+}
+
+/// A Tor signup: ANONYMIZER_TOR (50) asks for PHONE and ID_DOCUMENT.
+fn tor_signup(verifications: Vec<Verification>) -> Decision {
+    let mut ip = ip_in("DE");
+    ip.anonymizer.tor = true;
+    let account = AccountFacts {
+        verifications,
+        ..AccountFacts::default()
+    };
+    decide(&ip, &account, &HintFacts::default(), Flow::Signup)
+}
+
+#[test]
+fn a_reason_is_cleared_only_by_all_its_verifications_fresh() {
+    use VerificationKind::{Email, IdDocument, Phone};
+    let asked = tor_signup(vec![]);
+    assert_eq!(asked.verdict, Verdict::Review);
+    assert_eq!(asked.required_verifications, ["PHONE", "ID_DOCUMENT"]);
+    // One of two: still asked for the other, still counted.
+    let half = tor_signup(vec![verified(Phone, Some("DE"), 3)]);
+    assert_eq!(half.verdict, Verdict::Review);
+    assert_eq!(half.required_verifications, ["ID_DOCUMENT"]);
+    assert_eq!(half.reasons[0].contribution, 50);
+    // Both, fresh: cleared, kept in the answer with what cleared it; nothing more to ask.
+    let both = tor_signup(vec![
+        verified(Email, None, 1),
+        verified(Phone, Some("DE"), 3),
+        verified(IdDocument, Some("DE"), 300),
+    ]);
+    assert_eq!((both.verdict, both.risk_score), (Verdict::Allow, 0));
+    assert_eq!(codes(&both), ["ANONYMIZER_TOR"]);
+    assert_eq!(both.reasons[0].contribution, 0);
+    assert!(
+        both.reasons[0]
+            .evidence
+            .contains(&("cleared_by", "PHONE,ID_DOCUMENT".into()))
+    );
+    assert!(both.required_verifications.is_empty());
+    // Expired (over the default 365 days) or from the future: asked again.
+    let old = tor_signup(vec![
+        verified(Phone, None, 3),
+        verified(IdDocument, None, 400),
+    ]);
+    assert_eq!(old.verdict, Verdict::Review);
+    assert_eq!(old.required_verifications, ["ID_DOCUMENT"]);
+    let ahead = tor_signup(vec![
+        verified(Phone, None, 3),
+        verified(IdDocument, None, -1),
+    ]);
+    assert_eq!(ahead.required_verifications, ["ID_DOCUMENT"]);
+}
+
+#[test]
+fn a_verification_from_a_restricted_country_denies_and_hard_rules_are_never_cleared() {
+    use VerificationKind::{IdDocument, Phone};
+    let d = tor_signup(vec![
+        verified(Phone, Some("DE"), 3),
+        verified(IdDocument, Some("IR"), 3),
+    ]);
+    assert_eq!(d.verdict, Verdict::Deny);
+    let restricted = d
+        .reasons
+        .iter()
+        .find(|r| r.code == ReasonCode::VerifiedCountryRestricted)
+        .expect("its own reason code");
+    assert!(restricted.hard);
+    assert!(
+        restricted
+            .evidence
+            .contains(&("kind", "ID_DOCUMENT".into()))
+    );
+    assert!(
+        d.required_verifications.is_empty(),
+        "nothing to ask once denied"
+    );
+    // A sanctioned IP is not cleared by any verification.
+    let account = AccountFacts {
+        verifications: vec![
+            verified(Phone, Some("DE"), 1),
+            verified(IdDocument, Some("DE"), 1),
+        ],
+        ..AccountFacts::default()
+    };
+    let d = decide(&ip_in("IR"), &account, &HintFacts::default(), Flow::Signup);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert!(d.reasons.iter().all(|r| r.contribution == 100));
+}
+
+#[test]
+fn a_payment_verification_expires_sooner_by_policy() {
+    assert_eq!(
+        policy().verification_max_age_secs(VerificationKind::PaymentVerification),
+        180 * 86_400
+    );
+    assert_eq!(
+        policy().verification_max_age_secs(VerificationKind::Phone),
+        365 * 86_400
     );
 }

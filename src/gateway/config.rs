@@ -32,6 +32,9 @@ pub struct AccountHeaders {
     pub declared_country: Option<String>,
     /// Seconds since the Unix epoch.
     pub created_at_unix: Option<String>,
+    /// The account's verifications: comma-separated `KIND:COUNTRY:UNIX` (country may be empty),
+    /// e.g. `PHONE:US:1790000000, ID_DOCUMENT::1791000000`.
+    pub verifications: Option<String>,
 }
 
 /// A string field in `metadata_context.filter_metadata` (e.g. a decoded JWT's `sub`).

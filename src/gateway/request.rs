@@ -18,7 +18,7 @@ use crate::classify::{AccountFacts, Flow, HintFacts};
 use crate::engine::ClassifyInput;
 use crate::excerpt;
 use crate::grpc::ApiError;
-use crate::grpc::convert::{MAX_ID_BYTES, created_at, identifier};
+use crate::grpc::convert::{MAX_ID_BYTES, created_at, identifier, verifications};
 use crate::region::CountryCode;
 
 /// The route `context_extensions` key naming the flow (`signup`, `login`, `api_request`).
@@ -278,6 +278,14 @@ fn account(check: &CheckRequest, config: &GatewayConfig) -> Result<AccountFacts,
             created_at(&field, t)?
         }
     };
+    let verified = match names
+        .verifications
+        .as_deref()
+        .and_then(|name| header(check, name).map(|v| (name, v.trim())))
+    {
+        None | Some((_, "")) => Vec::new(),
+        Some((name, value)) => verifications_header(name, value)?,
+    };
     Ok(AccountFacts {
         billing_country: country(&names.billing_country)?,
         phone_country: country(&names.phone_country)?,
@@ -285,7 +293,41 @@ fn account(check: &CheckRequest, config: &GatewayConfig) -> Result<AccountFacts,
         declared_country: country(&names.declared_country)?,
         created_at_unix,
         organization: None,
+        verifications: verified,
     })
+}
+
+/// `KIND:COUNTRY:UNIX, …` → checked verifications, by the rules Classify applies to
+/// `account.verifications` (errors name `headers[NAME][i]`).
+fn verifications_header(
+    name: &str,
+    value: &str,
+) -> Result<Vec<crate::classify::Verification>, MappingError> {
+    let mut list = Vec::new();
+    for (i, entry) in value.split(',').map(str::trim).enumerate() {
+        let field = format!("headers[{name}][{i}]");
+        let mut parts = entry.split(':').map(str::trim);
+        let (Some(kind), Some(country), Some(at), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(error(
+                field,
+                format!("{:?} is not KIND:COUNTRY:UNIX", excerpt(entry)),
+            ));
+        };
+        let verified_at_unix = at.parse().map_err(|_| {
+            error(
+                format!("{field}.verified_at_unix"),
+                format!("{:?} is not seconds since the Unix epoch", excerpt(at)),
+            )
+        })?;
+        list.push(crate::grpc::pb::Verification {
+            kind: kind.to_owned(),
+            country: country.to_owned(),
+            verified_at_unix,
+        });
+    }
+    Ok(verifications(&list, |i| format!("headers[{name}][{i}]"))?)
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use crate::classify::hints::accept_language_regions;
 use crate::classify::ownership::{
     MAX_OWNERS, MAX_OWNERSHIP_DEPTH, Organization, Owner, owner_field,
 };
-use crate::classify::{AccountFacts, Flow, HintFacts, UsageFacts, Verdict};
+use crate::classify::{
+    AccountFacts, Flow, HintFacts, UsageFacts, Verdict, Verification, VerificationKind,
+};
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::excerpt;
 use crate::geo::GeoLookup;
@@ -184,7 +186,52 @@ pub fn account(account: &pb::Account) -> Result<AccountFacts, ApiError> {
             .as_ref()
             .map(organization)
             .transpose()?,
+        verifications: verifications(&account.verifications, |i| {
+            format!("account.verifications[{i}]")
+        })?,
     })
+}
+
+/// Verifications an account carries at most.
+pub const MAX_VERIFICATIONS: usize = 32;
+
+/// Checked verifications; `path(i)` names the i-th in errors (a proto field, a header).
+pub fn verifications(
+    list: &[pb::Verification],
+    path: impl Fn(usize) -> String,
+) -> Result<Vec<Verification>, ApiError> {
+    if list.len() > MAX_VERIFICATIONS {
+        return Err(ApiError::invalid(
+            path(MAX_VERIFICATIONS),
+            format!(
+                "{} verifications, more than {MAX_VERIFICATIONS}",
+                list.len()
+            ),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let kind = VerificationKind::parse(v.kind.trim()).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("{}.kind", path(i)),
+                    format!(
+                        "{:?} is not a verification kind ({})",
+                        excerpt(&v.kind),
+                        VerificationKind::names()
+                    ),
+                )
+            })?;
+            let at = format!("{}.verified_at_unix", path(i));
+            let verified_at_unix = created_at(&at, v.verified_at_unix)?
+                .ok_or_else(|| ApiError::invalid(&at, "required (seconds since the Unix epoch)"))?;
+            Ok(Verification {
+                kind,
+                country: country(&format!("{}.country", path(i)), &v.country)?,
+                verified_at_unix,
+            })
+        })
+        .collect()
 }
 
 pub fn hints(hints: &pb::ClientHints) -> Result<HintFacts, ApiError> {

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::{Attribute, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation, UsageRules};
-use crate::classify::{Flow, ReasonCode};
+use crate::classify::{Flow, ReasonCode, VerificationKind};
 use crate::region::RegionCode;
 
 /// A policy that cannot be used, with where the problem is.
@@ -39,6 +39,9 @@ struct RawPolicy {
     thresholds: BTreeMap<Spanned<String>, Spanned<RawThresholds>>,
     #[serde(default)]
     verifications: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    /// `default` and per kind: days a verification clears reasons.
+    #[serde(default)]
+    verification_max_age_days: BTreeMap<Spanned<String>, Spanned<i64>>,
     #[serde(default)]
     timezones: BTreeMap<Spanned<String>, Spanned<String>>,
     /// The closing marker: required, empty, and the file's last table (`check_whole`).
@@ -303,21 +306,51 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         let mut names = Vec::new();
         for (i, name) in list.iter().enumerate() {
             let text = name.get_ref();
-            if text.is_empty()
-                || !text
-                    .bytes()
-                    .all(|b| b.is_ascii_uppercase() || b == b'_' || b.is_ascii_digit())
-            {
+            let Some(kind) = VerificationKind::parse(text) else {
                 return Err(ctx.error(
                     name,
                     &format!("{field}[{i}]"),
-                    format!("{text:?} must be an UPPER_SNAKE verification name"),
+                    format!(
+                        "{text:?} is not a verification kind ({})",
+                        VerificationKind::names()
+                    ),
                 ));
-            }
-            names.push(text.clone());
+            };
+            names.push(kind);
         }
         verifications[code as usize] = names;
     }
+
+    const DEFAULT_VERIFICATION_DAYS: i64 = 365;
+    let days_of = |key: &Spanned<String>| -> Result<i64, PolicyError> {
+        let value = &raw.verification_max_age_days[key];
+        let field = format!("verification_max_age_days.{}", key.get_ref());
+        match *value.get_ref() {
+            days @ 1..=36_500 => Ok(days),
+            days => Err(ctx.error(value, &field, format!("{days} days: must be 1 to 36500"))),
+        }
+    };
+    let mut default_days = DEFAULT_VERIFICATION_DAYS;
+    let mut per_kind = [None; VerificationKind::ALL.len()];
+    for key in raw.verification_max_age_days.keys() {
+        if key.get_ref() == "default" {
+            default_days = days_of(key)?;
+        } else {
+            let Some(kind) = VerificationKind::parse(key.get_ref()) else {
+                return Err(ctx.error(
+                    key,
+                    &format!("verification_max_age_days.{}", key.get_ref()),
+                    format!(
+                        "{:?} is neither default nor a verification kind ({})",
+                        key.get_ref(),
+                        VerificationKind::names()
+                    ),
+                ));
+            };
+            per_kind[kind as usize] = Some(days_of(key)?);
+        }
+    }
+    let verification_max_age_secs = per_kind.map(|days| days.unwrap_or(default_days) * 86_400);
 
     let mut timezones = HashMap::new();
     for (key, value) in &raw.timezones {
@@ -335,6 +368,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         weights: weights.into_iter().map(Option::unwrap_or_default).collect(),
         thresholds: compiled_thresholds,
         verifications: verifications.into(),
+        verification_max_age_secs,
         ownership_threshold_percent: threshold_percent,
         new_account_max_age_secs: max_age_days * 86_400,
         unknown_location,
@@ -493,6 +527,28 @@ mod tests {
                 assert!(error.message.contains("cut short"), "{error}");
             }
         }
+    }
+
+    #[test]
+    fn verification_kinds_are_checked_where_they_are_written() {
+        let bad_kind = EMBEDDED_POLICY.replace(
+            "ANONYMIZER_VPN = [\"PHONE\"]",
+            "ANONYMIZER_VPN = [\"SELFIE\"]",
+        );
+        let error = parse_policy(&bad_kind, "p.toml").unwrap_err();
+        assert_eq!(error.field, "verifications.ANONYMIZER_VPN[0]");
+        assert!(error.message.contains("not a verification kind"), "{error}");
+        assert!(error.line > 0);
+        let bad_age = EMBEDDED_POLICY.replace("PAYMENT_VERIFICATION = 180", "FAX = 180");
+        assert_eq!(
+            parse_policy(&bad_age, "p.toml").unwrap_err().field,
+            "verification_max_age_days.FAX"
+        );
+        let zero = EMBEDDED_POLICY.replace("default = 365", "default = 0");
+        assert_eq!(
+            parse_policy(&zero, "p.toml").unwrap_err().field,
+            "verification_max_age_days.default"
+        );
     }
 
     #[test]

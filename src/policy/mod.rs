@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::classify::{Flow, ReasonCode};
+use crate::classify::{Flow, ReasonCode, VerificationKind};
 use crate::region::{CountryCode, RegionCode};
 
 /// The policy's restricted lists.
@@ -161,7 +161,9 @@ pub struct Policy {
     weights: Box<[u8]>,
     thresholds: [Thresholds; 3],
     /// Indexed by `ReasonCode as usize`.
-    verifications: Box<[Vec<String>]>,
+    verifications: Box<[Vec<VerificationKind>]>,
+    /// Indexed by `VerificationKind as usize`: how long a verification clears reasons.
+    verification_max_age_secs: [i64; VerificationKind::ALL.len()],
     ownership_threshold_percent: f64,
     new_account_max_age_secs: i64,
     unknown_location: UnknownLocation,
@@ -209,11 +211,16 @@ impl Policy {
         self.thresholds[flow as usize]
     }
 
-    /// Verifications that would clear a soft reason on signup (e.g. PHONE).
-    pub fn verifications(&self, code: ReasonCode) -> &[String] {
+    /// Verifications that clear a soft reason (all of them, fresh), and that signup asks for.
+    pub fn verifications(&self, code: ReasonCode) -> &[VerificationKind] {
         self.verifications
             .get(code as usize)
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// How old a verification of `kind` may be and still clear reasons.
+    pub fn verification_max_age_secs(&self, kind: VerificationKind) -> i64 {
+        self.verification_max_age_secs[kind as usize]
     }
 
     pub fn ownership_threshold_percent(&self) -> f64 {

@@ -226,3 +226,50 @@ fn an_account_id_with_a_control_character_is_refused() {
         Some("acct-1")
     );
 }
+
+#[test]
+fn verifications_come_from_a_header_checked_as_classify_checks_them() {
+    let config = GatewayConfig {
+        account_headers: AccountHeaders {
+            verifications: Some("x-account-verifications".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .normalized();
+    let mapped = |value: &str| {
+        map_check(
+            &check_request("8.8.8.8", "/", &[("x-account-verifications", value)], &[]),
+            &config,
+        )
+    };
+    let ok = mapped("PHONE:US:1790000000, ID_DOCUMENT::1791000000").unwrap();
+    let list = &ok.input.account.verifications;
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].kind.as_str(), "PHONE");
+    assert_eq!(list[0].country.unwrap().as_str(), "US");
+    assert_eq!(
+        (list[1].country, list[1].verified_at_unix),
+        (None, 1_791_000_000)
+    );
+    for (value, field) in [
+        (
+            "SELFIE:US:1790000000",
+            "headers[x-account-verifications][0].kind",
+        ),
+        (
+            "PHONE:US:1790000000,PHONE:US",
+            "headers[x-account-verifications][1]",
+        ),
+        (
+            "PHONE:Iran:1790000000",
+            "headers[x-account-verifications][0].country",
+        ),
+        (
+            "PHONE:US:soon",
+            "headers[x-account-verifications][0].verified_at_unix",
+        ),
+    ] {
+        assert_eq!(mapped(value).unwrap_err().field, field, "{value}");
+    }
+}
