@@ -235,4 +235,28 @@ mod tests {
         assert!(json.contains("\"UA-43\""), "{json}");
         assert_eq!(serde_json::from_str::<StoredInputs>(&json).unwrap(), inputs);
     }
+
+    /// Replay re-decides with the verifications the decision saw, and rows recorded before
+    /// accounts had them still read.
+    #[test]
+    fn verifications_are_kept_and_old_rows_still_read() {
+        use crate::classify::{Verification, VerificationKind};
+        let inputs = StoredInputs {
+            account: AccountFacts {
+                verifications: vec![Verification {
+                    kind: VerificationKind::IdDocument,
+                    country: CountryCode::parse("DE").ok(),
+                    verified_at_unix: 1_790_000_000,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&inputs).unwrap();
+        assert!(json.contains(r#""kind":"ID_DOCUMENT""#), "{json}");
+        assert_eq!(serde_json::from_str::<StoredInputs>(&json).unwrap(), inputs);
+        let old: StoredInputs =
+            serde_json::from_str(r#"{"account":{"billing_country":"DE"}}"#).unwrap();
+        assert!(old.account.verifications.is_empty());
+    }
 }
