@@ -582,6 +582,23 @@ pub fn decision(
             @if !answer.required_verifications.is_empty() {
                 p { "Verifications asked for: " @for v in &answer.required_verifications { code { (v) } " " } }
             }
+            @if let Some(list) = inputs.pointer("/account/verifications").and_then(|v| v.as_array()).filter(|l| !l.is_empty()) {
+                section {
+                    h2 { "Verifications the account carried" }
+                    table #verifications {
+                        thead { tr { th { "Kind" } th { "Country" } th { "Passed" } } }
+                        tbody {
+                            @for v in list {
+                                tr {
+                                    td { code { (v.get("kind").and_then(|k| k.as_str()).unwrap_or("")) } }
+                                    td { (v.get("country").and_then(|c| c.as_str()).unwrap_or("")) }
+                                    td { (v.get("verified_at_unix").and_then(|t| t.as_i64()).map(|t| utc(t.saturating_mul(1000))).unwrap_or_default()) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             section {
                 h2 { "Reasons" }
                 @if answer.reasons.is_empty() { p.empty { "No reasons: nothing counted against this request." } }

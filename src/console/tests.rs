@@ -757,6 +757,11 @@ async fn the_ownership_chain_is_drawn_as_a_tree() {
                         vec![owner("Parent <IR>", "IR", 80.0, vec![])],
                     )],
                 }),
+                verifications: vec![pb::Verification {
+                    kind: "PHONE".into(),
+                    country: "GB".into(),
+                    verified_at_unix: 1_790_000_000,
+                }],
                 ..Default::default()
             }),
             ..Default::default()
@@ -767,6 +772,13 @@ async fn the_ownership_chain_is_drawn_as_a_tree() {
         .get(&format!("/decisions/{}", answer.decision_id), &cookie)
         .await;
     assert_eq!(status, StatusCode::OK);
+    let shown = &page[page
+        .find(r#"id="verifications""#)
+        .expect("the verifications")..];
+    assert!(
+        shown.contains("PHONE") && shown.contains("GB") && shown.contains("2026-09-21"),
+        "{shown}"
+    );
     let tree = &page[page.find(r#"id="ownership""#).expect("the tree")..];
     let tree = &tree[..tree.find("</div>").unwrap()];
     for part in [
