@@ -60,10 +60,10 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     let verdict = overrides::apply(facts.overrides, policy, &mut reasons, verdict);
     let hard = reasons.iter().any(|r| r.hard);
 
-    // What is still missing to clear the soft reasons left (cleared ones carry `cleared_by`).
+    // What is still missing for the soft reasons (a cleared one has nothing missing).
     let mut required_verifications: Vec<String> = Vec::new();
     if facts.flow == Flow::Signup && !hard {
-        for reason in reasons.iter().filter(|r| !r.hard && !is_cleared(r)) {
+        for reason in reasons.iter().filter(|r| !r.hard) {
             for &kind in policy.verifications(reason.code) {
                 let name = kind.as_str();
                 if !fresh(facts, policy, kind) && !required_verifications.iter().any(|v| v == name)
@@ -219,10 +219,6 @@ fn fresh(facts: &Facts<'_>, policy: &Policy, kind: VerificationKind) -> bool {
             && v.verified_at_unix <= facts.now_unix + 300
             && facts.now_unix - v.verified_at_unix <= max_age
     })
-}
-
-fn is_cleared(reason: &Reason) -> bool {
-    reason.evidence.iter().any(|(k, _)| *k == "cleared_by")
 }
 
 /// A soft reason whose verifications (policy `[verifications]`) are all present and fresh is

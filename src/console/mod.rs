@@ -563,32 +563,14 @@ fn form_content_type(headers: &HeaderMap) -> Result<(), Failure> {
 /// Refuses urlencoded text (a form or a query) whose decoded bytes are not UTF-8, naming the
 /// field, rather than let a decoder replace them (an override for a value no request carries).
 fn utf8_fields(what: &str, encoded: &[u8]) -> Result<(), Failure> {
-    fn decode(part: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(part.len());
-        let mut i = 0;
-        while i < part.len() {
-            let hex = |b: u8| char::from(b).to_digit(16);
-            match part[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < part.len() => match (hex(part[i + 1]), hex(part[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                },
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        out
-    }
+    use percent_encoding::percent_decode;
     for pair in encoded.split(|&b| b == b'&') {
         let mut halves = pair.splitn(2, |&b| b == b'=');
-        let key = decode(halves.next().unwrap_or_default());
-        let value = decode(halves.next().unwrap_or_default());
-        if std::str::from_utf8(&key).is_err() || std::str::from_utf8(&value).is_err() {
-            let name = String::from_utf8_lossy(&key).into_owned();
+        let key = percent_decode(halves.next().unwrap_or_default());
+        let value = percent_decode(halves.next().unwrap_or_default());
+        // `+` is a space in forms: ASCII either way, so it cannot change the answer.
+        if key.clone().decode_utf8().is_err() || value.decode_utf8().is_err() {
+            let name = key.decode_utf8_lossy();
             return Err(Failure::bad_request(format!(
                 "{what}: the field {:?} is not UTF-8",
                 excerpt(&name)

@@ -428,41 +428,44 @@ pub const HOUR_MS: i64 = 3_600_000;
 
 /// Decisions counted by hour, verdict, country and reason code, as a writer's batch commits
 /// them (`decision_counts`; reason `""` counts the decisions themselves). Each key is written
-/// once per batch, however many rows share it.
+/// once per batch, however many rows share it. Keys borrow the batch's rows: nothing is copied.
 #[derive(Debug, Default)]
-pub(crate) struct DecisionCounts(std::collections::BTreeMap<(i64, String, String, String), i64>);
+pub(crate) struct DecisionCounts<'a>(
+    std::collections::BTreeMap<(i64, &'a str, &'a str, &'a str), i64>,
+);
 
-impl DecisionCounts {
+impl<'a> DecisionCounts<'a> {
     /// Counts `row` if it is a decision.
-    pub(crate) fn add(&mut self, row: &AuditRow) {
-        if row.kind != "decision" {
-            return;
+    pub(crate) fn add(&mut self, row: &'a AuditRow) {
+        if row.kind == "decision" {
+            self.count(
+                row.recorded_at_ms,
+                &row.verdict,
+                &row.country,
+                &row.reasons,
+                1,
+            );
         }
-        let hour = row.recorded_at_ms / HOUR_MS * HOUR_MS;
-        let reasons = row.reasons.split(',').filter(|r| !r.is_empty());
+    }
+
+    /// Adds `by` (negative: retention deleting the row) to a decision's counts: the decision
+    /// itself (reason `""`) and each of its comma-separated reason codes.
+    pub(crate) fn count(
+        &mut self,
+        recorded_at_ms: i64,
+        verdict: &'a str,
+        country: &'a str,
+        reasons: &'a str,
+        by: i64,
+    ) {
+        let hour = recorded_at_ms / HOUR_MS * HOUR_MS;
+        let reasons = reasons.split(',').filter(|r| !r.is_empty());
         for reason in std::iter::once("").chain(reasons) {
-            *self
-                .0
-                .entry((
-                    hour,
-                    row.verdict.clone(),
-                    row.country.clone(),
-                    reason.to_owned(),
-                ))
-                .or_default() += 1;
+            *self.0.entry((hour, verdict, country, reason)).or_default() += by;
         }
     }
 
-    /// Counts `row` out again (retention deleting it).
-    pub(crate) fn remove(&mut self, row: &AuditRow) {
-        let mut one = DecisionCounts::default();
-        one.add(row);
-        for (key, n) in one.0 {
-            *self.0.entry(key).or_default() -= n;
-        }
-    }
-
-    pub(crate) fn into_rows(self) -> impl Iterator<Item = ((i64, String, String, String), i64)> {
+    pub(crate) fn into_rows(self) -> impl Iterator<Item = ((i64, &'a str, &'a str, &'a str), i64)> {
         self.0.into_iter()
     }
 }
@@ -515,16 +518,21 @@ mod counts_tests {
             reasons: reasons.into(),
             ..AuditRow::default()
         };
-        counts.add(&row(HOUR_MS * 5 + 1, "SANCTIONED_COUNTRY,VPN"));
-        counts.add(&row(HOUR_MS * 6 - 1, "VPN"));
-        counts.add(&row(HOUR_MS * 6, ""));
-        counts.add(&AuditRow {
-            kind: "review".into(),
-            ..row(HOUR_MS, "SetOverride")
-        });
+        let batch = [
+            row(HOUR_MS * 5 + 1, "SANCTIONED_COUNTRY,VPN"),
+            row(HOUR_MS * 6 - 1, "VPN"),
+            row(HOUR_MS * 6, ""),
+            AuditRow {
+                kind: "review".into(),
+                ..row(HOUR_MS, "SetOverride")
+            },
+        ];
+        for r in &batch {
+            counts.add(r);
+        }
         let rows: Vec<_> = counts
             .into_rows()
-            .map(|((h, _, _, r), n)| (h / HOUR_MS, r, n))
+            .map(|((h, _, _, r), n)| (h / HOUR_MS, r.to_owned(), n))
             .collect();
         assert_eq!(
             rows,

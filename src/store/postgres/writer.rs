@@ -597,15 +597,14 @@ impl Pending {
             .await?;
         }
         let mut counts = DecisionCounts::default();
-        for i in 0..self.seq.len() {
-            counts.add(&AuditRow {
-                kind: std::mem::take(&mut self.kind[i]),
-                recorded_at_ms: self.recorded_at_ms[i],
-                verdict: std::mem::take(&mut self.verdict[i]),
-                country: std::mem::take(&mut self.country[i]),
-                reasons: std::mem::take(&mut self.reasons[i]),
-                ..AuditRow::default()
-            });
+        for i in (0..self.seq.len()).filter(|&i| self.kind[i] == "decision") {
+            counts.count(
+                self.recorded_at_ms[i],
+                &self.verdict[i],
+                &self.country[i],
+                &self.reasons[i],
+                1,
+            );
         }
         let (mut hours, mut verdicts, mut countries, mut reasons, mut ns) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -222,22 +222,15 @@ pub fn delete_chunk(tx: &Transaction<'_>, through: i64, limit: usize) -> rusqlit
         return Ok(0);
     };
     // The dashboard's counts lose exactly the decisions that go (a chunk's rows, by seq).
-    let mut gone = crate::store::DecisionCounts::default();
-    {
-        let mut rows = tx.prepare_cached(
+    let rows: Vec<(i64, String, String, String)> = tx
+        .prepare_cached(
             "SELECT recorded_at_ms, verdict, country, reasons FROM audit_log WHERE seq <= ?1 AND kind = 'decision'",
-        )?;
-        let mut rows = rows.query([upper])?;
-        while let Some(r) = rows.next()? {
-            gone.remove(&AuditRow {
-                kind: "decision".into(),
-                recorded_at_ms: r.get(0)?,
-                verdict: r.get(1)?,
-                country: r.get(2)?,
-                reasons: r.get(3)?,
-                ..AuditRow::default()
-            });
-        }
+        )?
+        .query_map([upper], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut gone = crate::store::DecisionCounts::default();
+    for (at, verdict, country, reasons) in &rows {
+        gone.count(*at, verdict, country, reasons, -1);
     }
     let mut update = tx.prepare_cached(
         "UPDATE decision_counts SET n = n + ?5 WHERE hour_ms = ?1 AND verdict = ?2 AND country = ?3 AND reason = ?4",
