@@ -50,6 +50,7 @@ fn event(a: u32, ms: i64) -> pb::UsageEvent {
         model: "model-large".into(),
         payment_fingerprint: format!("card-{}", a / 2),
         user_agent: "sdk/1.0".into(),
+        ..Default::default()
     }
 }
 

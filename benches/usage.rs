@@ -30,6 +30,9 @@ fn event(account: &Arc<str>, ip: IpAddr, t: i64) -> UsageEvent {
         input_tokens: 500,
         output_tokens: 200,
         payment_fingerprint: Some(format!("card-{}", t % 1000).into()),
+        device_id: None,
+        prompt_fingerprint: None,
+        organization_domain: None,
     }
 }
 

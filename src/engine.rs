@@ -138,6 +138,7 @@ impl Engine {
 
     /// Keeps usage history in `history` (fed by [`Engine::record_usage`]).
     pub fn with_usage(mut self, history: Arc<dyn UsageHistory>) -> Self {
+        history.set_fleet_rules(self.policy.load().fleets());
         self.usage = Some(history);
         self
     }
@@ -205,6 +206,9 @@ impl Engine {
 
     /// Swaps in a new, already validated policy; requests in flight finish on the old one.
     pub fn set_policy(&self, policy: Policy) {
+        if let Some(history) = &self.usage {
+            history.set_fleet_rules(policy.fleets());
+        }
         self.policy.store(Arc::new(policy));
     }
 

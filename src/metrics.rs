@@ -454,7 +454,7 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
 
 /// The gRPC methods counted by name; anything else is counted as `other`, so a client cannot
 /// grow the label set.
-const KNOWN_METHODS: [&str; 19] = [
+const KNOWN_METHODS: [&str; 20] = [
     "/regionguard.v1.Classifier/Classify",
     "/regionguard.v1.Classifier/ClassifyStream",
     "/regionguard.v1.Classifier/LookupIp",
@@ -467,6 +467,7 @@ const KNOWN_METHODS: [&str; 19] = [
     "/regionguard.v1.Review/Resolve",
     "/regionguard.v1.Review/ExportDecisions",
     "/regionguard.v1.Review/Replay",
+    "/regionguard.v1.Review/GetFleet",
     "/envoy.service.auth.v3.Authorization/Check",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",

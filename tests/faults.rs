@@ -371,6 +371,7 @@ fn usage_event(account: &str, i: u64) -> pb::UsageEvent {
         model: "model-large".into(),
         payment_fingerprint: "card-1".into(),
         user_agent: "sdk/1.0".into(),
+        ..Default::default()
     }
 }
 

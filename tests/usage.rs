@@ -33,6 +33,7 @@ fn event(account: &str, ip: String, ms: i64, card: &str, requests: u64) -> pb::U
         model: "model-large".into(),
         payment_fingerprint: card.into(),
         user_agent: "sdk/1.0".into(),
+        ..Default::default()
     }
 }
 
@@ -295,5 +296,92 @@ async fn restricted_region_history_and_inline_usage() {
         "{}",
         status.message()
     );
+    server.shutdown().await;
+}
+
+/// A fleet that spreads its links: 30 accounts, 10 on one card, 10 on one API key, 10 on one
+/// device, each group overlapping the next by one account, so no value is shared by more than
+/// 10; beside it 200 ordinary accounts with their own cards, keys and devices. Everyone on their
+/// own /24, so networks (which link from 20 accounts) do not join them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_fleet_is_seen_whole_and_ordinary_accounts_are_not() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start(scenario).await;
+    let now = now_ms();
+    let mut events = Vec::new();
+    for i in 0..30u32 {
+        let mut e = event(
+            &format!("chain-{i}"),
+            format!("198.51.{i}.7"),
+            now - 60_000 * i64::from(i),
+            if i < 10 { "card-chain" } else { "" },
+            1,
+        );
+        // Groups 0..10 (card), 9..19 (key), 18..28 and 27..30 (device).
+        e.api_key_id = if (9..19).contains(&i) {
+            "key-chain".into()
+        } else {
+            format!("key-chain-{i}")
+        };
+        e.device_id = if i >= 18 {
+            "device-chain".into()
+        } else {
+            format!("device-{i}")
+        };
+        events.push(e);
+    }
+    for i in 0..200u32 {
+        let mut e = event(
+            &format!("own-{i}"),
+            format!("203.0.{i}.9"),
+            now - 1000 * i64::from(i),
+            &format!("card-own-{i}"),
+            1,
+        );
+        e.device_id = format!("device-own-{i}");
+        events.push(e);
+    }
+    let summary = UsageClient::new(server.channel.clone())
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.accepted, 230, "{summary:?}");
+    let mut fleet_ids = std::collections::BTreeSet::new();
+    let (mut true_positives, mut false_positives) = (0usize, 0usize);
+    for (prefix, n, member) in [("chain", 30u32, true), ("own", 200, false)] {
+        for i in 0..n {
+            let response = server
+                .classify(pb::ClassifyRequest {
+                    account: Some(pb::Account {
+                        account_id: format!("{prefix}-{i}"),
+                        ..Default::default()
+                    }),
+                    ..request(scenario.ips.allowed)
+                })
+                .await
+                .unwrap();
+            let flagged = codes(&response).contains(&"USAGE_FLEET");
+            match (member, flagged) {
+                (true, true) => true_positives += 1,
+                (false, true) => false_positives += 1,
+                _ => {}
+            }
+            if member {
+                let fleet = response.usage.as_ref().and_then(|u| u.fleet.clone());
+                let fleet = fleet.unwrap_or_else(|| panic!("{prefix}-{i}: {response:?}"));
+                assert_eq!(fleet.size, 30, "{prefix}-{i}");
+                assert_eq!(fleet.links, ["PAYMENT_FINGERPRINT", "API_KEY", "DEVICE"]);
+                fleet_ids.insert(fleet.fleet_id);
+            }
+        }
+    }
+    let precision = true_positives as f64 / (true_positives + false_positives).max(1) as f64;
+    let recall = true_positives as f64 / 30.0;
+    support::record(format_args!(
+        "chained fleet: precision {precision:.3}, recall {recall:.3} (30 fleet, 200 ordinary accounts)"
+    ));
+    assert_eq!((true_positives, false_positives), (30, 0));
+    assert_eq!(fleet_ids.len(), 1, "one fleet: {fleet_ids:?}");
     server.shutdown().await;
 }

@@ -90,6 +90,9 @@ fn events(now: i64) -> Vec<(UsageEvent, EventLocation)> {
                 input_tokens: rng.below(5_000),
                 output_tokens: rng.below(2_000),
                 payment_fingerprint: card.map(Into::into),
+                device_id: None,
+                prompt_fingerprint: None,
+                organization_domain: None,
             },
             location(host),
         ));
@@ -214,6 +217,9 @@ async fn two_writers_on_one_account_lose_no_event() {
             input_tokens: 0,
             output_tokens: 0,
             payment_fingerprint: None,
+            device_id: None,
+            prompt_fingerprint: None,
+            organization_domain: None,
         };
         let writer = if i % 2 == 0 { &a } else { &b };
         assert!(writer.record(&event, &location(i as u64 % 50)));
@@ -338,6 +344,9 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
                 input_tokens: 0,
                 output_tokens: 0,
                 payment_fingerprint: None,
+                device_id: None,
+                prompt_fingerprint: None,
+                organization_domain: None,
             };
             assert!(history.record(&event, &location(account)));
         }
@@ -396,6 +405,9 @@ async fn a_lost_reply_then_another_writer_still_counts_each_event_once() {
         input_tokens: 0,
         output_tokens: 0,
         payment_fingerprint: None,
+        device_id: None,
+        prompt_fingerprint: None,
+        organization_domain: None,
     };
     proxy.armed.store(1, std::sync::atomic::Ordering::SeqCst);
     for account in 0..100 {

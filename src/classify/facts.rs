@@ -118,6 +118,94 @@ impl<'de> serde::Deserialize<'de> for VerificationKind {
     }
 }
 
+/// What links two accounts into a fleet: a value both used within the usage window. A closed
+/// set, named as the policy's `[fleets.links]` and the evidence's `links` name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkKind {
+    PaymentFingerprint,
+    ApiKey,
+    Device,
+    OrganizationDomain,
+    Network,
+    PromptTemplate,
+}
+
+impl LinkKind {
+    pub const ALL: [LinkKind; 6] = [
+        LinkKind::PaymentFingerprint,
+        LinkKind::ApiKey,
+        LinkKind::Device,
+        LinkKind::OrganizationDomain,
+        LinkKind::Network,
+        LinkKind::PromptTemplate,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::PaymentFingerprint => "PAYMENT_FINGERPRINT",
+            LinkKind::ApiKey => "API_KEY",
+            LinkKind::Device => "DEVICE",
+            LinkKind::OrganizationDomain => "ORGANIZATION_DOMAIN",
+            LinkKind::Network => "NETWORK",
+            LinkKind::PromptTemplate => "PROMPT_TEMPLATE",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// The names, for an error that says what is accepted.
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+
+    pub const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    /// The kinds in a bit set of [`LinkKind::bit`], in declaration order.
+    pub fn from_bits(bits: u8) -> Vec<LinkKind> {
+        Self::ALL
+            .into_iter()
+            .filter(|k| bits & k.bit() != 0)
+            .collect()
+    }
+}
+
+impl serde::Serialize for LinkKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LinkKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown link kind {text:?}")))
+    }
+}
+
+/// The fleet an account belongs to: the connected component of accounts linked by shared
+/// values (see [`LinkKind`]), as the usage history holds it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct FleetFacts {
+    /// Stable while the fleet's founding member stays in the window.
+    pub id: String,
+    /// Accounts in the fleet, this one included.
+    pub size: u32,
+    /// The link kinds that hold it together.
+    pub links: Vec<LinkKind>,
+    /// Fleet members active in the last hour.
+    pub active_members_1h: u32,
+    /// Pairs of members active in the same minute over the last hour, and how many chance
+    /// alone would give members with those activity levels.
+    pub coactive_pairs_1h: u64,
+    pub expected_coactive_pairs_1h: f64,
+}
+
 /// One verification the caller says the account passed.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Verification {
@@ -160,6 +248,11 @@ pub struct UsageFacts {
     pub accounts_sharing_network: u32,
     /// Countries and subdivisions the account was used from in 7 days.
     pub regions_7d: Vec<RegionCode>,
+    /// The fleet the account belongs to (at least two linked accounts).
+    pub fleet: Option<FleetFacts>,
+    /// Accounts (this one included) that sent the account's most widely shared prompt-template
+    /// fingerprint in 7 days.
+    pub accounts_sharing_template: u32,
     /// The shared usage history could not be read in time: these facts are what this replica
     /// held locally (possibly nothing), and may undercount.
     pub degraded: bool,

@@ -15,8 +15,8 @@ mod usage;
 
 pub use decision::{Decision, Reason, Verdict};
 pub use facts::{
-    AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, OverrideAction, OverrideFact,
-    UsageFacts, Verification, VerificationKind,
+    AccountFacts, AnonymizerFlags, Facts, FleetFacts, Flow, HintFacts, IpFacts, LinkKind,
+    OverrideAction, OverrideFact, UsageFacts, Verification, VerificationKind,
 };
 pub use reason::ReasonCode;
 

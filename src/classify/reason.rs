@@ -92,6 +92,12 @@ reason_codes! {
         "At least the policy's number of accounts used this network prefix (/24 or /48) in 24 hours.";
     UsageRestrictedRegionHistory = "USAGE_RESTRICTED_REGION_HISTORY", false,
         "The account was used from a restricted region in the last 7 days.";
+    UsageFleet = "USAGE_FLEET", false,
+        "The account belongs to a fleet of at least the policy's number of accounts linked by shared payment fingerprints, API keys, devices, organisation domains, networks or prompt templates.";
+    UsageCoordinatedActivity = "USAGE_COORDINATED_ACTIVITY", false,
+        "The account's fleet was active in the same minutes of the last hour far more often than chance gives.";
+    UsageTemplateRepetition = "USAGE_TEMPLATE_REPETITION", false,
+        "One of the account's prompt-template fingerprints was sent by at least the policy's number of accounts in 7 days.";
     OverrideAllow = "OVERRIDE_ALLOW", false,
         "A reviewer's override allows this account, domain or network (it cannot lift a sanctions DENY unless the policy says so).";
     OverrideDeny = "OVERRIDE_DENY", true,

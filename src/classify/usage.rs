@@ -120,4 +120,85 @@ pub(super) fn usage_reasons(usage: &UsageFacts, policy: &Policy, out: &mut Vec<R
             vec![("regions_7d", restricted.join(","))],
         );
     }
+    fleet_reasons(usage, policy, out);
+}
+
+/// Chance gives this many standard deviations above its expectation rarely enough (about one
+/// fleet-hour in a thousand under Poisson) for USAGE_COORDINATED_ACTIVITY.
+const COORDINATION_MIN_Z: f64 = 3.0;
+
+fn fleet_reasons(usage: &UsageFacts, policy: &Policy, out: &mut Vec<Reason>) {
+    let rules = policy.fleets();
+    if let Some(fleet) = &usage.fleet {
+        let links = fleet
+            .links
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let evidence = |extra: Vec<(&'static str, String)>| {
+            let mut evidence = vec![
+                ("fleet_id", fleet.id.clone()),
+                ("size", fleet.size.to_string()),
+                ("links", links.clone()),
+            ];
+            evidence.extend(extra);
+            evidence
+        };
+        if fleet.size >= rules.min_accounts {
+            out.push(soft(
+                ReasonCode::UsageFleet,
+                policy,
+                format!(
+                    "one of a fleet of {} accounts linked by {}",
+                    fleet.size,
+                    links.to_lowercase().replace('_', " ")
+                ),
+                evidence(vec![]),
+            ));
+        }
+        let (observed, expected) = (
+            fleet.coactive_pairs_1h as f64,
+            fleet.expected_coactive_pairs_1h,
+        );
+        if fleet.active_members_1h >= rules.coordinated_min_members
+            && expected > 0.0
+            && observed >= rules.coordinated_min_ratio * expected
+            && observed - expected >= COORDINATION_MIN_Z * expected.sqrt()
+        {
+            out.push(soft(
+                ReasonCode::UsageCoordinatedActivity,
+                policy,
+                format!(
+                    "{} fleet members active in the same minutes {:.1} times as often as chance gives",
+                    fleet.active_members_1h,
+                    observed / expected
+                ),
+                evidence(vec![
+                    ("active_members_1h", fleet.active_members_1h.to_string()),
+                    ("coactive_pairs_1h", fleet.coactive_pairs_1h.to_string()),
+                    ("expected_coactive_pairs_1h", format!("{expected:.2}")),
+                ]),
+            ));
+        }
+    }
+    if usage.accounts_sharing_template >= rules.template_min_accounts {
+        let mut evidence = vec![(
+            "accounts_sharing_template",
+            usage.accounts_sharing_template.to_string(),
+        )];
+        if let Some(fleet) = &usage.fleet {
+            evidence.push(("fleet_id", fleet.id.clone()));
+            evidence.push(("size", fleet.size.to_string()));
+        }
+        out.push(soft(
+            ReasonCode::UsageTemplateRepetition,
+            policy,
+            format!(
+                "a prompt template of this account's was sent by {} accounts in 7 days",
+                usage.accounts_sharing_template
+            ),
+            evidence,
+        ));
+    }
 }

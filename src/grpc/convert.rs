@@ -8,7 +8,8 @@ use crate::classify::ownership::{
     MAX_OWNERS, MAX_OWNERSHIP_DEPTH, Organization, Owner, owner_field,
 };
 use crate::classify::{
-    AccountFacts, Flow, HintFacts, UsageFacts, Verdict, Verification, VerificationKind,
+    AccountFacts, FleetFacts, Flow, HintFacts, LinkKind, UsageFacts, Verdict, Verification,
+    VerificationKind,
 };
 use crate::engine::{ClassifyInput, DatabaseStatus, Outcome};
 use crate::excerpt;
@@ -456,7 +457,66 @@ pub fn usage_facts(usage: &pb::UsageSummary) -> Result<UsageFacts, ApiError> {
         accounts_sharing_network: usage.accounts_sharing_network,
         regions_7d,
         degraded: usage.degraded,
+        fleet: usage.fleet.as_ref().map(fleet_facts).transpose()?,
+        accounts_sharing_template: usage.accounts_sharing_template,
     })
+}
+
+/// An inline `usage.fleet`, checked.
+fn fleet_facts(fleet: &pb::FleetSummary) -> Result<FleetFacts, ApiError> {
+    let id = identifier("usage.fleet.fleet_id", &fleet.fleet_id, MAX_ID_BYTES)?
+        .ok_or_else(|| ApiError::invalid("usage.fleet.fleet_id", "required"))?;
+    if fleet.links.len() > LinkKind::ALL.len() {
+        return Err(ApiError::invalid(
+            "usage.fleet.links",
+            format!(
+                "{} links, more than the {} kinds",
+                fleet.links.len(),
+                LinkKind::ALL.len()
+            ),
+        ));
+    }
+    let mut links = fleet
+        .links
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            LinkKind::parse(text).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("usage.fleet.links[{i}]"),
+                    format!("not a link kind ({})", LinkKind::names()),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    links.sort_unstable();
+    links.dedup();
+    let expected = fleet.expected_coactive_pairs_1h;
+    if !expected.is_finite() || expected < 0.0 {
+        return Err(ApiError::invalid(
+            "usage.fleet.expected_coactive_pairs_1h",
+            format!("{expected} is not a count"),
+        ));
+    }
+    Ok(FleetFacts {
+        id: id.to_owned(),
+        size: fleet.size,
+        links,
+        active_members_1h: fleet.active_members_1h,
+        coactive_pairs_1h: fleet.coactive_pairs_1h,
+        expected_coactive_pairs_1h: expected,
+    })
+}
+
+fn fleet_summary(fleet: &FleetFacts) -> pb::FleetSummary {
+    pb::FleetSummary {
+        fleet_id: fleet.id.clone(),
+        size: fleet.size,
+        links: fleet.links.iter().map(|k| k.as_str().to_owned()).collect(),
+        active_members_1h: fleet.active_members_1h,
+        coactive_pairs_1h: fleet.coactive_pairs_1h,
+        expected_coactive_pairs_1h: fleet.expected_coactive_pairs_1h,
+    }
 }
 
 pub fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
@@ -476,6 +536,8 @@ pub fn usage_summary(usage: &UsageFacts) -> pb::UsageSummary {
         distinct_asns_24h: usage.distinct_asns_24h,
         api_keys_24h: usage.api_keys_24h,
         degraded: usage.degraded,
+        fleet: usage.fleet.as_ref().map(fleet_summary),
+        accounts_sharing_template: usage.accounts_sharing_template,
     }
 }
 

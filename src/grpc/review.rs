@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::AuditTrail;
 use crate::auth::Caller;
+use crate::classify::UsageFacts;
 use crate::engine::Engine;
 use crate::excerpt;
 use crate::grpc::ApiError;
@@ -19,6 +20,7 @@ use crate::grpc::records::{override_pb, queue_item, record, replay_store, report
 use crate::overrides::OverrideIndex;
 use crate::store::writer::{Applied, Change};
 use crate::store::{self, AuditRow, OverrideRecord, QueueFilter, now_ms};
+use crate::usage::UsageQuery;
 
 pub struct ReviewService {
     engine: Arc<Engine>,
@@ -240,6 +242,83 @@ impl Review for ReviewService {
                 .map(override_pb)
                 .collect(),
             account_id,
+        }))
+    }
+
+    async fn get_fleet(
+        &self,
+        request: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        const MAX_MEMBERS: usize = 1000;
+        let reviewer = reviewer(&request)?;
+        let fleet_id = required("fleet_id", &request.get_ref().fleet_id)?;
+        identifier("fleet_id", &fleet_id, MAX_ID_BYTES)?;
+        self.log(
+            &reviewer,
+            "GetFleet",
+            serde_json::json!({ "fleet_id": fleet_id }),
+            Change::None,
+        )
+        .await?;
+        let now = now_ms() / 1000;
+        let history = self.engine.usage().ok_or_else(|| {
+            ApiError::NotConfigured("usage history is turned off ([usage] enabled)".into())
+        })?;
+        let report = history.fleet(&fleet_id, now).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "fleet {:?} is not in the usage history (expired, or never seen)",
+                excerpt(&fleet_id)
+            ))
+        })?;
+        let mut members = Vec::new();
+        let mut day = 0u64;
+        let mut countries = std::collections::BTreeSet::new();
+        for account in report.members.iter().take(MAX_MEMBERS) {
+            let facts = history
+                .facts(UsageQuery {
+                    account_id: Some(account),
+                    ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    payment_fingerprint: None,
+                    now,
+                })
+                .resolve()
+                .await
+                .unwrap_or_default();
+            let own: Vec<String> = facts
+                .regions_7d
+                .iter()
+                .filter(|r| !r.is_subdivision())
+                .map(ToString::to_string)
+                .collect();
+            countries.extend(own.iter().cloned());
+            day += facts.requests_24h;
+            members.push(pb::FleetMember {
+                account_id: account.to_string(),
+                requests_24h: facts.requests_24h,
+                countries_7d: own,
+            });
+        }
+        Ok(Response::new(pb::Fleet {
+            summary: Some(
+                crate::grpc::convert::usage_summary(&UsageFacts {
+                    fleet: Some(report.facts),
+                    ..UsageFacts::default()
+                })
+                .fleet
+                .unwrap_or_default(),
+            ),
+            members,
+            links: report
+                .links
+                .into_iter()
+                .map(|(kind, value, accounts)| pb::FleetLink {
+                    kind: kind.as_str().into(),
+                    value,
+                    accounts,
+                })
+                .collect(),
+            requests_24h: day,
+            countries: countries.into_iter().collect(),
         }))
     }
 

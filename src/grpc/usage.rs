@@ -129,6 +129,13 @@ pub fn usage_event(event: &pb::UsageEvent, now: i64) -> Result<UsageEvent, ApiEr
         input_tokens: event.input_tokens,
         output_tokens: event.output_tokens,
         payment_fingerprint: id("payment_fingerprint", &event.payment_fingerprint, false)?,
+        device_id: id("device_id", &event.device_id, false)?,
+        prompt_fingerprint: id("prompt_fingerprint", &event.prompt_fingerprint, false)?,
+        organization_domain: id("organization_domain", &event.organization_domain, false)?
+            .and_then(|d| {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                (!d.is_empty()).then(|| Arc::from(d))
+            }),
     })
 }
 

@@ -9,8 +9,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use super::{Attribute, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation, UsageRules};
-use crate::classify::{Flow, ReasonCode, VerificationKind};
+use super::{
+    Attribute, FleetRules, ListKind, Policy, PolicyVersion, Thresholds, UnknownLocation, UsageRules,
+};
+use crate::classify::{Flow, LinkKind, ReasonCode, VerificationKind};
 use crate::region::RegionCode;
 
 /// A policy that cannot be used, with where the problem is.
@@ -34,6 +36,8 @@ struct RawPolicy {
     new_account: RawNewAccount,
     unknown_location: RawUnknownLocation,
     usage: RawUsage,
+    #[serde(default)]
+    fleets: Option<RawFleets>,
     overrides: RawOverrides,
     weights: BTreeMap<Spanned<String>, Spanned<i64>>,
     thresholds: BTreeMap<Spanned<String>, Spanned<RawThresholds>>,
@@ -132,6 +136,17 @@ struct RawUsage {
     volume_spike_min_requests: Spanned<i64>,
     shared_payment_min_accounts: Spanned<i64>,
     shared_network_min_accounts: Spanned<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleets {
+    min_accounts: Spanned<i64>,
+    coordinated_min_ratio: Spanned<f64>,
+    coordinated_min_members: Spanned<i64>,
+    template_min_accounts: Spanned<i64>,
+    /// Link kind → minimum accounts sharing one value; kinds left out do not link.
+    links: BTreeMap<Spanned<String>, Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -238,6 +253,10 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     };
 
     let usage = usage_rules(&ctx, &raw.usage)?;
+    let fleets = match &raw.fleets {
+        Some(fleets) => fleet_rules(&ctx, fleets)?,
+        None => FleetRules::default(),
+    };
 
     let mut weights = vec![None; ReasonCode::ALL.len()];
     for (key, value) in &raw.weights {
@@ -374,6 +393,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         unknown_location,
         timezones,
         usage,
+        fleets,
         overrides_may_lift_sanctions: raw.overrides.may_lift_sanctions,
     })
 }
@@ -440,6 +460,61 @@ fn usage_rules(ctx: &Ctx<'_>, raw: &RawUsage) -> Result<UsageRules, PolicyError>
             "shared_network_min_accounts",
             1_000_000,
         )? as u32,
+    })
+}
+
+fn fleet_rules(ctx: &Ctx<'_>, raw: &RawFleets) -> Result<FleetRules, PolicyError> {
+    let count = |value: &Spanned<i64>, name: &str, min: i64| -> Result<u32, PolicyError> {
+        let v = *value.get_ref();
+        if (min..=1_000_000).contains(&v) {
+            Ok(v as u32)
+        } else {
+            Err(ctx.error(
+                value,
+                name,
+                format!("{v} must be between {min} and 1000000"),
+            ))
+        }
+    };
+    let ratio = *raw.coordinated_min_ratio.get_ref();
+    if !(ratio.is_finite() && ratio > 1.0) {
+        return Err(ctx.error(
+            &raw.coordinated_min_ratio,
+            "fleets.coordinated_min_ratio",
+            format!("{ratio} must be above 1 (1 is what chance gives)"),
+        ));
+    }
+    let mut links = [None; LinkKind::ALL.len()];
+    for (key, value) in &raw.links {
+        let field = format!("fleets.links.{}", key.get_ref());
+        let kind = LinkKind::parse(key.get_ref()).ok_or_else(|| {
+            ctx.error(
+                key,
+                &field,
+                format!(
+                    "{:?} is not a link kind ({})",
+                    key.get_ref(),
+                    LinkKind::names()
+                ),
+            )
+        })?;
+        // One account alone links nothing: a value must be shared by two at least.
+        links[kind as usize] = Some(count(value, &field, 2)?);
+    }
+    Ok(FleetRules {
+        links,
+        min_accounts: count(&raw.min_accounts, "fleets.min_accounts", 2)?,
+        coordinated_min_ratio: ratio,
+        coordinated_min_members: count(
+            &raw.coordinated_min_members,
+            "fleets.coordinated_min_members",
+            2,
+        )?,
+        template_min_accounts: count(
+            &raw.template_min_accounts,
+            "fleets.template_min_accounts",
+            2,
+        )?,
     })
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::classify::{Flow, ReasonCode, VerificationKind};
+use crate::classify::{Flow, LinkKind, ReasonCode, VerificationKind};
 use crate::region::{CountryCode, RegionCode};
 
 /// The policy's restricted lists.
@@ -111,6 +111,44 @@ pub struct UsageRules {
     pub shared_network_min_accounts: u32,
 }
 
+/// What links accounts into fleets, and the fleet reasons' thresholds (`[fleets]`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FleetRules {
+    /// Per [`LinkKind`] (by `as usize`): accounts that must share one value before it links
+    /// them; `None` when the kind does not link.
+    pub links: [Option<u32>; LinkKind::ALL.len()],
+    /// USAGE_FLEET: a fleet of at least this many accounts.
+    pub min_accounts: u32,
+    /// USAGE_COORDINATED_ACTIVITY: co-active member pairs at least this many times chance...
+    pub coordinated_min_ratio: f64,
+    /// ...with at least this many members active in the hour.
+    pub coordinated_min_members: u32,
+    /// USAGE_TEMPLATE_REPETITION: one prompt-template fingerprint sent by this many accounts.
+    pub template_min_accounts: u32,
+}
+
+impl FleetRules {
+    /// The minimum strength of `kind`, when it links.
+    pub fn link(&self, kind: LinkKind) -> Option<u32> {
+        self.links[kind as usize]
+    }
+}
+
+impl Default for FleetRules {
+    /// What a policy without `[fleets]` gets.
+    fn default() -> Self {
+        let mut links = [Some(2); LinkKind::ALL.len()];
+        links[LinkKind::Network as usize] = Some(20);
+        Self {
+            links,
+            min_accounts: 10,
+            coordinated_min_ratio: 4.0,
+            coordinated_min_members: 5,
+            template_min_accounts: 20,
+        }
+    }
+}
+
 /// `<declared date>+<first 12 hex digits of the file's SHA-256>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyVersion {
@@ -169,6 +207,7 @@ pub struct Policy {
     unknown_location: UnknownLocation,
     timezones: HashMap<String, RegionCode>,
     usage: UsageRules,
+    fleets: FleetRules,
     overrides_may_lift_sanctions: bool,
 }
 
@@ -242,6 +281,10 @@ impl Policy {
 
     pub fn usage(&self) -> &UsageRules {
         &self.usage
+    }
+
+    pub fn fleets(&self) -> &FleetRules {
+        &self.fleets
     }
 
     /// Whether a reviewer's ALLOW override may lift a DENY from the sanctioned list.

@@ -321,6 +321,9 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 5,
                 payment_fingerprint: None,
+                device_id: None,
+                prompt_fingerprint: None,
+                organization_domain: None,
             };
             state.apply(&event, &location);
         }

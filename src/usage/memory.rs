@@ -11,11 +11,13 @@ use std::time::Duration;
 use moka::sync::Cache;
 
 use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
+use super::fleet::{FleetGraph, FleetReport};
 use super::window::{HISTORY_SECS, Recent};
 use super::{
     DAY, EventLocation, NetworkKey, UsageEvent, UsageHistory, UsageLookup, UsageQuery, UsageStats,
 };
 use crate::classify::UsageFacts;
+use crate::policy::FleetRules;
 
 /// What one moka entry costs beyond its value: the key's allocation, the Arc and Mutex, the
 /// cache's node, hash slot and access-order links. Calibrated against resident memory with
@@ -44,6 +46,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub struct UsageAggregator {
+    /// Fleets: the link graph (its own ceiling, a fifth of `max_bytes`'s).
+    fleets: Mutex<FleetGraph>,
     accounts: Cache<Arc<str>, Shared<Entry>>,
     payments: Cache<Arc<str>, Shared<Recent<Arc<str>>>>,
     networks: Cache<NetworkKey, Shared<Recent<Arc<str>>>>,
@@ -67,10 +71,11 @@ fn shared_entry_bytes(set: &Recent<Arc<str>>) -> u32 {
 
 impl UsageAggregator {
     /// `max_bytes` bounds the estimated memory of all three maps together (70% accounts, 15%
-    /// payment fingerprints, 15% networks).
+    /// payment fingerprints, 15% networks); the fleet graph has a fifth of it besides.
     pub fn new(max_bytes: u64) -> Self {
         let idle = Duration::from_secs(HISTORY_SECS as u64);
         Self {
+            fleets: Mutex::new(FleetGraph::new(max_bytes / 5, FleetRules::default())),
             accounts: Cache::builder()
                 .max_capacity(max_bytes / 100 * 70)
                 .time_to_idle(idle)
@@ -84,6 +89,7 @@ impl UsageAggregator {
     }
 
     pub fn record(&self, event: &UsageEvent, location: &EventLocation) {
+        lock(&self.fleets).record(event);
         let t = event.timestamp;
         let entry = self.accounts.get_with(event.account_id.clone(), || {
             Arc::new(Mutex::new(Entry {
@@ -165,13 +171,17 @@ impl UsageAggregator {
         let network = others(self.networks.get(&NetworkKey::of(ip)), now - DAY);
         let entry = account_id.and_then(|id| self.accounts.get(id));
         let entry = entry.as_ref().map(|e| lock(e));
-        account::facts(
+        let mut facts = account::facts(
             entry.as_ref().map(|e| &e.state),
             payment,
             network,
             account_id.is_some(),
             now,
-        )
+        )?;
+        if let Some(id) = account_id {
+            (facts.fleet, facts.accounts_sharing_template) = lock(&self.fleets).facts(id, now);
+        }
+        Some(facts)
     }
 
     pub fn stats(&self) -> UsageStats {
@@ -212,5 +222,13 @@ impl UsageHistory for UsageAggregator {
 
     fn describe(&self) -> String {
         "in-process".into()
+    }
+
+    fn set_fleet_rules(&self, rules: &FleetRules) {
+        lock(&self.fleets).set_rules(*rules);
+    }
+
+    fn fleet(&self, fleet_id: &str, now: i64) -> Option<FleetReport> {
+        lock(&self.fleets).report(fleet_id, now)
     }
 }

@@ -14,6 +14,7 @@
 
 mod account;
 mod codec;
+pub mod fleet;
 pub mod memory;
 pub mod redis;
 pub mod window;
@@ -43,6 +44,10 @@ pub struct UsageEvent {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub payment_fingerprint: Option<Arc<str>>,
+    pub device_id: Option<Arc<str>>,
+    pub prompt_fingerprint: Option<Arc<str>>,
+    /// Lowercase, without a trailing dot.
+    pub organization_domain: Option<Arc<str>>,
 }
 
 /// What the geo databases said of an event's IP.
@@ -178,6 +183,14 @@ pub trait UsageHistory: Send + Sync {
 
     /// Which adapter this is, for the start log.
     fn describe(&self) -> String;
+
+    /// Which link kinds make fleets, from the policy (on start and on every reload).
+    fn set_fleet_rules(&self, _rules: &crate::policy::FleetRules) {}
+
+    /// A fleet by its id, for reviewers; `None` when unknown (or this adapter keeps none).
+    fn fleet(&self, _fleet_id: &str, _now: i64) -> Option<fleet::FleetReport> {
+        None
+    }
 }
 
 #[cfg(test)]

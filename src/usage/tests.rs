@@ -12,6 +12,9 @@ fn event(account: &str, ip: &str, t: i64) -> UsageEvent {
         input_tokens: 100,
         output_tokens: 50,
         payment_fingerprint: None,
+        device_id: None,
+        prompt_fingerprint: None,
+        organization_domain: None,
     }
 }
 

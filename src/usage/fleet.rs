@@ -1,0 +1,503 @@
+//! Fleets: accounts linked by values they shared within the usage window (payment
+//! fingerprints, API keys, devices, organisation domains, networks, prompt templates), kept as
+//! the connected components of that graph by union-find.
+//!
+//! Times are arguments (seconds since the epoch); nothing here reads a clock. Unions are
+//! incremental as events arrive. Union-find cannot split a component, so expiry is a rebuild:
+//! at most once an hour of event time (or when the policy's link rules change) expired link
+//! members and idle accounts are dropped and the components recomputed from the links that are
+//! left. Memory is bounded: at most `max_accounts` accounts and `max_links` link values; what
+//! does not fit is counted in [`FleetStats::refused`], never silently.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::window::HISTORY_SECS;
+use super::{DAY, NetworkKey, UsageEvent};
+use crate::classify::{FleetFacts, LinkKind};
+use crate::policy::FleetRules;
+
+/// Accounts remembered per link value (the most recent; older ones drop out).
+const MAX_MEMBERS: usize = 256;
+/// Prompt templates remembered per account, for USAGE_TEMPLATE_REPETITION.
+const TEMPLATES_PER_ACCOUNT: usize = 4;
+/// Expired links are dropped, and components recomputed, this often (event time).
+const REBUILD_SECS: i64 = 3600;
+/// Members looked at for coordination: a bigger fleet is sampled by its first members.
+const MAX_COORDINATION_MEMBERS: usize = 4096;
+/// The coordination window, in minutes.
+const WINDOW_MINUTES: i64 = 60;
+
+/// Estimated bytes per account and per link value, for the memory ceiling (calibrated by
+/// `cargo bench --bench usage`).
+pub const ACCOUNT_BYTES: u64 = 200;
+pub const LINK_BYTES: u64 = 160;
+
+fn window(kind: LinkKind) -> i64 {
+    match kind {
+        LinkKind::Network => DAY,
+        _ => HISTORY_SECS,
+    }
+}
+
+struct Node {
+    account: Arc<str>,
+    first_seen: i64,
+    last_seen: i64,
+    /// Minutes active: bit i is minute `minute - i`.
+    minutes: u64,
+    minute: i64,
+    templates: Vec<(Arc<str>, i64)>,
+    // Union-find.
+    parent: u32,
+    /// Circular list of the component's members.
+    next: u32,
+    /// At a root: members, link kinds (bits of `LinkKind::bit`), founding member.
+    size: u32,
+    kinds: u8,
+    founder: u32,
+}
+
+struct Link {
+    members: Vec<(u32, i64)>,
+}
+
+impl Link {
+    fn live(&self, since: i64) -> impl Iterator<Item = u32> + '_ {
+        self.members
+            .iter()
+            .filter(move |(_, t)| *t > since)
+            .map(|(n, _)| *n)
+    }
+}
+
+/// Sizes, for metrics and the benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetStats {
+    pub accounts: u64,
+    pub links: u64,
+    /// Accounts or link values not taken because the ceiling was reached.
+    pub refused: u64,
+    pub rebuilds: u64,
+}
+
+/// One fleet as reviewers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetReport {
+    pub facts: FleetFacts,
+    pub members: Vec<Arc<str>>,
+    /// The values that link members: kind, value, accounts sharing it.
+    pub links: Vec<(LinkKind, String, u32)>,
+}
+
+pub struct FleetGraph {
+    accounts: HashMap<Arc<str>, u32>,
+    nodes: Vec<Node>,
+    links: HashMap<(LinkKind, Arc<str>), Link>,
+    rules: FleetRules,
+    built_at: i64,
+    newest: i64,
+    max_accounts: usize,
+    max_links: usize,
+    refused: u64,
+    rebuilds: u64,
+}
+
+/// `fl_` and 16 hex digits of the founder's SHA-256: the same on every replica, and no
+/// account id in another account's evidence.
+pub fn fleet_id(founder: &str) -> String {
+    let digest = Sha256::digest(founder.as_bytes());
+    let mut id = String::with_capacity(19);
+    id.push_str("fl_");
+    for b in &digest[..8] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+impl FleetGraph {
+    /// A graph within `max_bytes` (estimated; see [`ACCOUNT_BYTES`], [`LINK_BYTES`]).
+    pub fn new(max_bytes: u64, rules: FleetRules) -> Self {
+        Self {
+            accounts: HashMap::new(),
+            nodes: Vec::new(),
+            links: HashMap::new(),
+            rules,
+            built_at: i64::MIN,
+            newest: i64::MIN,
+            max_accounts: (max_bytes / 2 / ACCOUNT_BYTES) as usize,
+            max_links: (max_bytes / 2 / LINK_BYTES) as usize,
+            refused: 0,
+            rebuilds: 0,
+        }
+    }
+
+    /// Takes new link rules; the components are recomputed by the next event.
+    pub fn set_rules(&mut self, rules: FleetRules) {
+        if rules.links != self.rules.links {
+            self.built_at = i64::MIN;
+        }
+        self.rules = rules;
+    }
+
+    pub fn stats(&self) -> FleetStats {
+        FleetStats {
+            accounts: self.accounts.len() as u64,
+            links: self.links.len() as u64,
+            refused: self.refused,
+            rebuilds: self.rebuilds,
+        }
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.accounts.len() as u64 * ACCOUNT_BYTES + self.links.len() as u64 * LINK_BYTES
+    }
+
+    /// Adds one event's links.
+    pub fn record(&mut self, event: &UsageEvent) {
+        let t = event.timestamp;
+        if t > self.newest {
+            self.newest = t;
+        }
+        if self.newest.saturating_sub(self.built_at) >= REBUILD_SECS {
+            self.rebuild(self.newest);
+        }
+        let Some(node) = self.node(&event.account_id, t) else {
+            return;
+        };
+        {
+            let n = &mut self.nodes[node as usize];
+            n.last_seen = n.last_seen.max(t);
+            let minute = t.div_euclid(60);
+            if minute > n.minute {
+                let shift = minute - n.minute;
+                n.minutes = if shift >= 64 { 0 } else { n.minutes << shift };
+                n.minute = minute;
+            }
+            let age = n.minute - minute;
+            if age < 64 {
+                n.minutes |= 1 << age;
+            }
+        }
+        let network = NetworkKey::of(event.ip).to_string();
+        let values = [
+            (
+                LinkKind::PaymentFingerprint,
+                event.payment_fingerprint.clone(),
+            ),
+            (LinkKind::ApiKey, event.api_key_id.clone()),
+            (LinkKind::Device, event.device_id.clone()),
+            (
+                LinkKind::OrganizationDomain,
+                event.organization_domain.clone(),
+            ),
+            (LinkKind::Network, Some(Arc::from(network))),
+            (LinkKind::PromptTemplate, event.prompt_fingerprint.clone()),
+        ];
+        for (kind, value) in values {
+            let Some(value) = value else { continue };
+            // Templates count for USAGE_TEMPLATE_REPETITION even when they do not link.
+            if self.rules.link(kind).is_none() && kind != LinkKind::PromptTemplate {
+                continue;
+            }
+            if kind == LinkKind::PromptTemplate {
+                let templates = &mut self.nodes[node as usize].templates;
+                match templates.iter_mut().find(|(v, _)| *v == value) {
+                    Some(seen) => seen.1 = seen.1.max(t),
+                    None => {
+                        if templates.len() == TEMPLATES_PER_ACCOUNT {
+                            let oldest = (0..templates.len())
+                                .min_by_key(|i| templates[*i].1)
+                                .unwrap_or(0);
+                            templates.swap_remove(oldest);
+                        }
+                        templates.push((value.clone(), t));
+                    }
+                }
+            }
+            self.observe(kind, value, node, t);
+        }
+    }
+
+    fn node(&mut self, account: &Arc<str>, t: i64) -> Option<u32> {
+        if let Some(&n) = self.accounts.get(account) {
+            return Some(n);
+        }
+        if self.accounts.len() >= self.max_accounts {
+            self.refused += 1;
+            return None;
+        }
+        let n = self.nodes.len() as u32;
+        self.nodes.push(Node {
+            account: account.clone(),
+            first_seen: t,
+            last_seen: t,
+            minutes: 0,
+            minute: t.div_euclid(60),
+            templates: Vec::new(),
+            parent: n,
+            next: n,
+            size: 1,
+            kinds: 0,
+            founder: n,
+        });
+        self.accounts.insert(account.clone(), n);
+        Some(n)
+    }
+
+    fn observe(&mut self, kind: LinkKind, value: Arc<str>, node: u32, t: i64) {
+        let key = (kind, value);
+        if !self.links.contains_key(&key) && self.links.len() >= self.max_links {
+            self.refused += 1;
+            return;
+        }
+        let link = self.links.entry(key).or_insert_with(|| Link {
+            members: Vec::new(),
+        });
+        let since = self.newest - window(kind);
+        let before = link.live(since).count() as u32;
+        match link.members.iter_mut().find(|(n, _)| *n == node) {
+            Some(member) => member.1 = member.1.max(t),
+            None => {
+                if link.members.len() == MAX_MEMBERS {
+                    let oldest = (0..link.members.len())
+                        .min_by_key(|i| link.members[*i].1)
+                        .unwrap_or(0);
+                    link.members.swap_remove(oldest);
+                }
+                link.members.push((node, t));
+            }
+        }
+        let Some(min) = self.rules.link(kind) else {
+            return;
+        };
+        let live: Vec<u32> = link.live(since).collect();
+        let after = live.len() as u32;
+        if after < min {
+            return;
+        }
+        if before < min {
+            // The value just became strong enough: it links everyone who shares it.
+            for other in live {
+                self.union(node, other, kind);
+            }
+        } else if let Some(&other) = live.iter().find(|n| **n != node) {
+            self.union(node, other, kind);
+        }
+    }
+
+    fn find(&mut self, mut n: u32) -> u32 {
+        while self.nodes[n as usize].parent != n {
+            let grandparent = self.nodes[self.nodes[n as usize].parent as usize].parent;
+            self.nodes[n as usize].parent = grandparent;
+            n = grandparent;
+        }
+        n
+    }
+
+    /// The earlier founder: first seen, then the smaller account id (the same on every
+    /// replica, whatever order events came in).
+    fn earlier(&self, a: u32, b: u32) -> u32 {
+        let (x, y) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+        if (x.first_seen, &x.account) <= (y.first_seen, &y.account) {
+            a
+        } else {
+            b
+        }
+    }
+
+    fn union(&mut self, a: u32, b: u32, kind: LinkKind) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            self.nodes[ra as usize].kinds |= kind.bit();
+            return;
+        }
+        let (big, small) = if self.nodes[ra as usize].size >= self.nodes[rb as usize].size {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        let founder = self.earlier(
+            self.nodes[big as usize].founder,
+            self.nodes[small as usize].founder,
+        );
+        let (small_size, small_kinds) = {
+            let s = &self.nodes[small as usize];
+            (s.size, s.kinds)
+        };
+        self.nodes[small as usize].parent = big;
+        // Splice the two member lists.
+        let (next_big, next_small) = (
+            self.nodes[big as usize].next,
+            self.nodes[small as usize].next,
+        );
+        self.nodes[big as usize].next = next_small;
+        self.nodes[small as usize].next = next_big;
+        let root = &mut self.nodes[big as usize];
+        root.size += small_size;
+        root.kinds |= small_kinds | kind.bit();
+        root.founder = founder;
+    }
+
+    /// Drops expired link members, empty links and accounts idle for the whole window, and
+    /// recomputes the components from what is left.
+    pub fn rebuild(&mut self, now: i64) {
+        self.rebuilds += 1;
+        self.built_at = now;
+        let idle = now - HISTORY_SECS;
+        // Renumber the accounts that stay.
+        let mut renumber = vec![u32::MAX; self.nodes.len()];
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for (old, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+            if node.last_seen <= idle {
+                self.accounts.remove(&node.account);
+                continue;
+            }
+            let n = nodes.len() as u32;
+            renumber[old] = n;
+            self.accounts.insert(node.account.clone(), n);
+            nodes.push(Node {
+                parent: n,
+                next: n,
+                size: 1,
+                kinds: 0,
+                founder: n,
+                templates: node
+                    .templates
+                    .into_iter()
+                    .filter(|(_, t)| *t > idle)
+                    .collect(),
+                ..node
+            });
+        }
+        self.nodes = nodes;
+        let mut links = std::mem::take(&mut self.links);
+        links.retain(|(kind, _), link| {
+            let since = now - window(*kind);
+            link.members.retain_mut(|(n, t)| {
+                let keep = *t > since && renumber[*n as usize] != u32::MAX;
+                if keep {
+                    *n = renumber[*n as usize];
+                }
+                keep
+            });
+            !link.members.is_empty()
+        });
+        for ((kind, _), link) in &links {
+            let Some(min) = self.rules.link(*kind) else {
+                continue;
+            };
+            if (link.members.len() as u32) < min {
+                continue;
+            }
+            let first = link.members[0].0;
+            for &(other, _) in &link.members[1..] {
+                self.union(first, other, *kind);
+            }
+        }
+        self.links = links;
+    }
+
+    /// The account's fleet at `now` (`None` when it is linked to no other account), and the
+    /// accounts sharing its most widely shared prompt template.
+    pub fn facts(&mut self, account: &str, now: i64) -> (Option<FleetFacts>, u32) {
+        let Some(&node) = self.accounts.get(account) else {
+            return (None, 0);
+        };
+        let templates = self.nodes[node as usize]
+            .templates
+            .iter()
+            .filter_map(|(value, _)| {
+                self.links
+                    .get(&(LinkKind::PromptTemplate, value.clone()))
+                    .map(|l| l.live(now - HISTORY_SECS).count() as u32)
+            })
+            .max()
+            .unwrap_or(0);
+        let root = self.find(node);
+        if self.nodes[root as usize].size < 2 {
+            return (None, templates);
+        }
+        (Some(self.fleet_facts(root, now)), templates)
+    }
+
+    fn fleet_facts(&self, root: u32, now: i64) -> FleetFacts {
+        let r = &self.nodes[root as usize];
+        let minute = now.div_euclid(60);
+        let mut per_minute = [0u64; WINDOW_MINUTES as usize];
+        let (mut active, mut sum, mut squares) = (0u32, 0f64, 0f64);
+        let mut n = root;
+        for _ in 0..(r.size as usize).min(MAX_COORDINATION_MEMBERS) {
+            let member = &self.nodes[n as usize];
+            let shift = minute - member.minute;
+            let bits = if (0..64).contains(&shift) {
+                member.minutes << shift
+            } else {
+                0
+            } & ((1u64 << WINDOW_MINUTES) - 1);
+            if bits != 0 {
+                active += 1;
+                let a = f64::from(bits.count_ones());
+                sum += a;
+                squares += a * a;
+                for (m, count) in per_minute.iter_mut().enumerate() {
+                    *count += (bits >> m) & 1;
+                }
+            }
+            n = member.next;
+        }
+        let coactive = per_minute.iter().map(|c| c * c.saturating_sub(1) / 2).sum();
+        FleetFacts {
+            id: fleet_id(&self.nodes[r.founder as usize].account),
+            size: r.size,
+            links: LinkKind::from_bits(r.kinds),
+            active_members_1h: active,
+            coactive_pairs_1h: coactive,
+            expected_coactive_pairs_1h: (sum * sum - squares) / (2.0 * WINDOW_MINUTES as f64),
+        }
+    }
+
+    /// The fleet with this id, for reviewers: its members and the values linking them.
+    pub fn report(&mut self, id: &str, now: i64) -> Option<FleetReport> {
+        let root = (0..self.nodes.len() as u32).find(|&n| {
+            let node = &self.nodes[n as usize];
+            node.parent == n
+                && node.size >= 2
+                && fleet_id(&self.nodes[node.founder as usize].account) == id
+        })?;
+        let facts = self.fleet_facts(root, now);
+        let mut members = Vec::with_capacity(facts.size as usize);
+        let mut in_fleet = vec![false; self.nodes.len()];
+        let mut n = root;
+        for _ in 0..facts.size {
+            members.push(self.nodes[n as usize].account.clone());
+            in_fleet[n as usize] = true;
+            n = self.nodes[n as usize].next;
+        }
+        members.sort_unstable();
+        let mut links: Vec<(LinkKind, String, u32)> = self
+            .links
+            .iter()
+            .filter(|((kind, _), _)| self.rules.link(*kind).is_some())
+            .filter_map(|((kind, value), link)| {
+                let shared = link
+                    .live(now - window(*kind))
+                    .filter(|m| in_fleet[*m as usize])
+                    .count() as u32;
+                (shared >= 2).then(|| (*kind, value.to_string(), shared))
+            })
+            .collect();
+        links.sort_unstable_by(|a, b| b.2.cmp(&a.2).then_with(|| (a.0, &a.1).cmp(&(b.0, &b.1))));
+        Some(FleetReport {
+            facts,
+            members,
+            links,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
