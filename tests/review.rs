@@ -916,3 +916,94 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
         out.trim().replace('\n', " |")
     ));
 }
+
+/// A fleet found by a decision is there for reviewers by its id: members with their volume and
+/// countries, the values linking them; an unknown id is NOT_FOUND, a missing one names the field.
+#[tokio::test]
+async fn a_decisions_fleet_is_listed_by_its_id() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // a and b share a card, b and c a device: one fleet of three.
+    let event = |account: &str, card: &str, device: &str, requests: u64| pb::UsageEvent {
+        account_id: account.into(),
+        ip: scenario.ips.allowed.into(),
+        timestamp_unix_ms: now - 1000,
+        request_count: requests,
+        payment_fingerprint: card.into(),
+        device_id: device.into(),
+        ..Default::default()
+    };
+    let events = vec![
+        event("fleet-a", "card-1", "", 2),
+        event("fleet-b", "card-1", "device-1", 3),
+        event("fleet-c", "", "device-1", 4),
+    ];
+    let summary = pb::usage_client::UsageClient::new(server.channel.clone())
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.accepted, 3);
+    let response = server
+        .classify(account(scenario.ips.allowed, "fleet-a"))
+        .await
+        .unwrap();
+    let fleet_id = response.usage.unwrap().fleet.unwrap().fleet_id;
+    let fleet = review(&server)
+        .get_fleet(as_caller(
+            pb::GetFleetRequest {
+                fleet_id: fleet_id.clone(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let summary = fleet.summary.clone().unwrap();
+    assert_eq!(
+        (summary.fleet_id.as_str(), summary.size),
+        (fleet_id.as_str(), 3)
+    );
+    let members: Vec<_> = fleet
+        .members
+        .iter()
+        .map(|m| m.account_id.as_str())
+        .collect();
+    assert_eq!(members, ["fleet-a", "fleet-b", "fleet-c"]);
+    assert_eq!(fleet.requests_24h, 9);
+    assert_eq!(fleet.countries, ["US"], "{fleet:?}");
+    let links: Vec<_> = fleet
+        .links
+        .iter()
+        .map(|l| (l.kind.as_str(), l.value.as_str(), l.accounts))
+        .collect();
+    assert!(
+        links.contains(&("PAYMENT_FINGERPRINT", "card-1", 2)),
+        "{links:?}"
+    );
+    assert!(links.contains(&("DEVICE", "device-1", 2)), "{links:?}");
+    // The three share a /24 too, but networks link only from 20 accounts.
+    assert_eq!(links.len(), 2, "{links:?}");
+
+    let unknown = review(&server)
+        .get_fleet(as_caller(
+            pb::GetFleetRequest {
+                fleet_id: "fl_0000000000000000".into(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let missing = review(&server)
+        .get_fleet(as_caller(pb::GetFleetRequest::default(), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    assert!(missing.message().contains("fleet_id"), "{missing:?}");
+    server.shutdown().await;
+}

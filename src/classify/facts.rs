@@ -64,102 +64,78 @@ pub struct AccountFacts {
     pub verifications: Vec<Verification>,
 }
 
-/// What a verification proved: a closed set, named as `[verifications]` and
-/// `required_verifications` name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum VerificationKind {
-    Phone,
-    Email,
-    IdDocument,
-    PaymentVerification,
-    Address,
-}
-
-impl VerificationKind {
-    pub const ALL: [VerificationKind; 5] = [
-        VerificationKind::Phone,
-        VerificationKind::Email,
-        VerificationKind::IdDocument,
-        VerificationKind::PaymentVerification,
-        VerificationKind::Address,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            VerificationKind::Phone => "PHONE",
-            VerificationKind::Email => "EMAIL",
-            VerificationKind::IdDocument => "ID_DOCUMENT",
-            VerificationKind::PaymentVerification => "PAYMENT_VERIFICATION",
-            VerificationKind::Address => "ADDRESS",
+/// A closed set of names (as policies, requests and evidence spell them): the enum, `ALL` in
+/// declaration order, `as_str`, `parse`, `names` (for an error that says what is accepted) and
+/// serde as the name.
+macro_rules! closed_names {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($variant:ident = $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($variant,)*
         }
-    }
 
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == text)
-    }
+        impl $name {
+            pub const ALL: [$name; [$($text),*].len()] = [$($name::$variant),*];
 
-    /// The names, for an error that says what is accepted.
-    pub fn names() -> String {
-        Self::ALL.map(Self::as_str).join(", ")
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                Self::ALL.into_iter().find(|k| k.as_str() == text)
+            }
+
+            pub fn names() -> String {
+                Self::ALL.map(Self::as_str).join(", ")
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                Self::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!(concat!("unknown ", $what, " {:?}"), text))
+                })
+            }
+        }
+    };
+}
+
+closed_names! {
+    /// What a verification proved, named as `[verifications]` and `required_verifications`
+    /// name it.
+    VerificationKind, "verification kind" {
+        Phone = "PHONE",
+        Email = "EMAIL",
+        IdDocument = "ID_DOCUMENT",
+        PaymentVerification = "PAYMENT_VERIFICATION",
+        Address = "ADDRESS",
     }
 }
 
-impl serde::Serialize for VerificationKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+closed_names! {
+    /// What links two accounts into a fleet: a value both used within the usage window, named
+    /// as the policy's `[fleets.links]` and the evidence's `links` name it.
+    LinkKind, "link kind" {
+        PaymentFingerprint = "PAYMENT_FINGERPRINT",
+        ApiKey = "API_KEY",
+        Device = "DEVICE",
+        OrganizationDomain = "ORGANIZATION_DOMAIN",
+        Network = "NETWORK",
+        PromptTemplate = "PROMPT_TEMPLATE",
     }
-}
-
-impl<'de> serde::Deserialize<'de> for VerificationKind {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Self::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown verification kind {text:?}")))
-    }
-}
-
-/// What links two accounts into a fleet: a value both used within the usage window. A closed
-/// set, named as the policy's `[fleets.links]` and the evidence's `links` name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LinkKind {
-    PaymentFingerprint,
-    ApiKey,
-    Device,
-    OrganizationDomain,
-    Network,
-    PromptTemplate,
 }
 
 impl LinkKind {
-    pub const ALL: [LinkKind; 6] = [
-        LinkKind::PaymentFingerprint,
-        LinkKind::ApiKey,
-        LinkKind::Device,
-        LinkKind::OrganizationDomain,
-        LinkKind::Network,
-        LinkKind::PromptTemplate,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            LinkKind::PaymentFingerprint => "PAYMENT_FINGERPRINT",
-            LinkKind::ApiKey => "API_KEY",
-            LinkKind::Device => "DEVICE",
-            LinkKind::OrganizationDomain => "ORGANIZATION_DOMAIN",
-            LinkKind::Network => "NETWORK",
-            LinkKind::PromptTemplate => "PROMPT_TEMPLATE",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == text)
-    }
-
-    /// The names, for an error that says what is accepted.
-    pub fn names() -> String {
-        Self::ALL.map(Self::as_str).join(", ")
-    }
-
     pub const fn bit(self) -> u8 {
         1 << self as u8
     }
@@ -170,20 +146,6 @@ impl LinkKind {
             .into_iter()
             .filter(|k| bits & k.bit() != 0)
             .collect()
-    }
-}
-
-impl serde::Serialize for LinkKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for LinkKind {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Self::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown link kind {text:?}")))
     }
 }
 

@@ -508,7 +508,7 @@ fn fleet_facts(fleet: &pb::FleetSummary) -> Result<FleetFacts, ApiError> {
     })
 }
 
-fn fleet_summary(fleet: &FleetFacts) -> pb::FleetSummary {
+pub fn fleet_summary(fleet: &FleetFacts) -> pb::FleetSummary {
     pb::FleetSummary {
         fleet_id: fleet.id.clone(),
         size: fleet.size,

@@ -10,17 +10,15 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::AuditTrail;
 use crate::auth::Caller;
-use crate::classify::UsageFacts;
 use crate::engine::Engine;
 use crate::excerpt;
 use crate::grpc::ApiError;
-use crate::grpc::convert::{MAX_ID_BYTES, identifier};
+use crate::grpc::convert::{MAX_ID_BYTES, fleet_summary, identifier};
 use crate::grpc::pb::{self, review_server::Review};
 use crate::grpc::records::{override_pb, queue_item, record, replay_store, report_pb};
 use crate::overrides::OverrideIndex;
 use crate::store::writer::{Applied, Change};
 use crate::store::{self, AuditRow, OverrideRecord, QueueFilter, now_ms};
-use crate::usage::UsageQuery;
 
 pub struct ReviewService {
     engine: Arc<Engine>,
@@ -249,7 +247,6 @@ impl Review for ReviewService {
         &self,
         request: Request<pb::GetFleetRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        const MAX_MEMBERS: usize = 1000;
         let reviewer = reviewer(&request)?;
         let fleet_id = required("fleet_id", &request.get_ref().fleet_id)?;
         identifier("fleet_id", &fleet_id, MAX_ID_BYTES)?;
@@ -270,44 +267,17 @@ impl Review for ReviewService {
                 excerpt(&fleet_id)
             ))
         })?;
-        let mut members = Vec::new();
-        let mut day = 0u64;
-        let mut countries = std::collections::BTreeSet::new();
-        for account in report.members.iter().take(MAX_MEMBERS) {
-            let facts = history
-                .facts(UsageQuery {
-                    account_id: Some(account),
-                    ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
-                    payment_fingerprint: None,
-                    now,
-                })
-                .resolve()
-                .await
-                .unwrap_or_default();
-            let own: Vec<String> = facts
-                .regions_7d
-                .iter()
-                .filter(|r| !r.is_subdivision())
-                .map(ToString::to_string)
-                .collect();
-            countries.extend(own.iter().cloned());
-            day += facts.requests_24h;
-            members.push(pb::FleetMember {
-                account_id: account.to_string(),
-                requests_24h: facts.requests_24h,
-                countries_7d: own,
-            });
-        }
         Ok(Response::new(pb::Fleet {
-            summary: Some(
-                crate::grpc::convert::usage_summary(&UsageFacts {
-                    fleet: Some(report.facts),
-                    ..UsageFacts::default()
+            summary: Some(fleet_summary(&report.facts)),
+            members: report
+                .members
+                .into_iter()
+                .map(|m| pb::FleetMember {
+                    account_id: m.account_id.to_string(),
+                    requests_24h: m.requests_24h,
+                    countries_7d: m.countries_7d.iter().map(ToString::to_string).collect(),
                 })
-                .fleet
-                .unwrap_or_default(),
-            ),
-            members,
+                .collect(),
             links: report
                 .links
                 .into_iter()
@@ -317,8 +287,8 @@ impl Review for ReviewService {
                     accounts,
                 })
                 .collect(),
-            requests_24h: day,
-            countries: countries.into_iter().collect(),
+            requests_24h: report.requests_24h,
+            countries: report.countries.iter().map(ToString::to_string).collect(),
         }))
     }
 

@@ -103,6 +103,16 @@ pub struct FleetGraph {
     max_links: usize,
     refused: u64,
     rebuilds: u64,
+    /// Fleet facts per root, as last computed: reused within the minute while the component
+    /// keeps its size and links, so a decision costs a lookup, not a walk of the members.
+    cached: HashMap<u32, Cached>,
+}
+
+struct Cached {
+    minute: i64,
+    size: u32,
+    kinds: u8,
+    facts: FleetFacts,
 }
 
 /// `fl_` and 16 hex digits of the founder's SHA-256: the same on every replica, and no
@@ -131,6 +141,7 @@ impl FleetGraph {
             max_links: (max_bytes / 2 / LINK_BYTES) as usize,
             refused: 0,
             rebuilds: 0,
+            cached: HashMap::new(),
         }
     }
 
@@ -182,7 +193,10 @@ impl FleetGraph {
                 n.minutes |= 1 << age;
             }
         }
-        let network = NetworkKey::of(event.ip).to_string();
+        let network = self
+            .rules
+            .link(LinkKind::Network)
+            .map(|_| Arc::from(NetworkKey::of(event.ip).to_string()));
         let values = [
             (
                 LinkKind::PaymentFingerprint,
@@ -194,7 +208,7 @@ impl FleetGraph {
                 LinkKind::OrganizationDomain,
                 event.organization_domain.clone(),
             ),
-            (LinkKind::Network, Some(Arc::from(network))),
+            (LinkKind::Network, network),
             (LinkKind::PromptTemplate, event.prompt_fingerprint.clone()),
         ];
         for (kind, value) in values {
@@ -259,8 +273,12 @@ impl FleetGraph {
         });
         let since = self.newest - window(kind);
         let before = link.live(since).count() as u32;
-        match link.members.iter_mut().find(|(n, _)| *n == node) {
-            Some(member) => member.1 = member.1.max(t),
+        let was_live = match link.members.iter_mut().find(|(n, _)| *n == node) {
+            Some(member) => {
+                let was_live = member.1 > since;
+                member.1 = member.1.max(t);
+                was_live
+            }
             None => {
                 if link.members.len() == MAX_MEMBERS {
                     let oldest = (0..link.members.len())
@@ -269,77 +287,24 @@ impl FleetGraph {
                     link.members.swap_remove(oldest);
                 }
                 link.members.push((node, t));
+                false
             }
-        }
+        };
+        let after = before + u32::from(!was_live && t > since);
         let Some(min) = self.rules.link(kind) else {
             return;
         };
-        let live: Vec<u32> = link.live(since).collect();
-        let after = live.len() as u32;
         if after < min {
             return;
         }
         if before < min {
             // The value just became strong enough: it links everyone who shares it.
-            for other in live {
-                self.union(node, other, kind);
+            for other in link.live(since) {
+                union(&mut self.nodes, node, other, kind);
             }
-        } else if let Some(&other) = live.iter().find(|n| **n != node) {
-            self.union(node, other, kind);
+        } else if let Some(other) = link.live(since).find(|n| *n != node) {
+            union(&mut self.nodes, node, other, kind);
         }
-    }
-
-    fn find(&mut self, mut n: u32) -> u32 {
-        while self.nodes[n as usize].parent != n {
-            let grandparent = self.nodes[self.nodes[n as usize].parent as usize].parent;
-            self.nodes[n as usize].parent = grandparent;
-            n = grandparent;
-        }
-        n
-    }
-
-    /// The earlier founder: first seen, then the smaller account id (the same on every
-    /// replica, whatever order events came in).
-    fn earlier(&self, a: u32, b: u32) -> u32 {
-        let (x, y) = (&self.nodes[a as usize], &self.nodes[b as usize]);
-        if (x.first_seen, &x.account) <= (y.first_seen, &y.account) {
-            a
-        } else {
-            b
-        }
-    }
-
-    fn union(&mut self, a: u32, b: u32, kind: LinkKind) {
-        let (ra, rb) = (self.find(a), self.find(b));
-        if ra == rb {
-            self.nodes[ra as usize].kinds |= kind.bit();
-            return;
-        }
-        let (big, small) = if self.nodes[ra as usize].size >= self.nodes[rb as usize].size {
-            (ra, rb)
-        } else {
-            (rb, ra)
-        };
-        let founder = self.earlier(
-            self.nodes[big as usize].founder,
-            self.nodes[small as usize].founder,
-        );
-        let (small_size, small_kinds) = {
-            let s = &self.nodes[small as usize];
-            (s.size, s.kinds)
-        };
-        self.nodes[small as usize].parent = big;
-        // Splice the two member lists.
-        let (next_big, next_small) = (
-            self.nodes[big as usize].next,
-            self.nodes[small as usize].next,
-        );
-        self.nodes[big as usize].next = next_small;
-        self.nodes[small as usize].next = next_big;
-        let root = &mut self.nodes[big as usize];
-        root.size += small_size;
-        root.kinds |= small_kinds | kind.bit();
-        root.founder = founder;
     }
 
     /// Drops expired link members, empty links and accounts idle for the whole window, and
@@ -347,6 +312,7 @@ impl FleetGraph {
     pub fn rebuild(&mut self, now: i64) {
         self.rebuilds += 1;
         self.built_at = now;
+        self.cached.clear();
         let idle = now - HISTORY_SECS;
         // Renumber the accounts that stay.
         let mut renumber = vec![u32::MAX; self.nodes.len()];
@@ -395,7 +361,7 @@ impl FleetGraph {
             }
             let first = link.members[0].0;
             for &(other, _) in &link.members[1..] {
-                self.union(first, other, *kind);
+                union(&mut self.nodes, first, other, *kind);
             }
         }
         self.links = links;
@@ -417,11 +383,31 @@ impl FleetGraph {
             })
             .max()
             .unwrap_or(0);
-        let root = self.find(node);
-        if self.nodes[root as usize].size < 2 {
+        let root = find(&mut self.nodes, node);
+        let (size, kinds) = (
+            self.nodes[root as usize].size,
+            self.nodes[root as usize].kinds,
+        );
+        if size < 2 {
             return (None, templates);
         }
-        (Some(self.fleet_facts(root, now)), templates)
+        let minute = now.div_euclid(60);
+        if let Some(c) = self.cached.get(&root)
+            && (c.minute, c.size, c.kinds) == (minute, size, kinds)
+        {
+            return (Some(c.facts.clone()), templates);
+        }
+        let facts = self.fleet_facts(root, now);
+        self.cached.insert(
+            root,
+            Cached {
+                minute,
+                size,
+                kinds,
+                facts: facts.clone(),
+            },
+        );
+        (Some(facts), templates)
     }
 
     fn fleet_facts(&self, root: u32, now: i64) -> FleetFacts {
@@ -462,11 +448,20 @@ impl FleetGraph {
 
     /// The fleet with this id, for reviewers: its members and the values linking them.
     pub fn report(&mut self, id: &str, now: i64) -> Option<FleetReport> {
-        let root = (0..self.nodes.len() as u32).find(|&n| {
-            let node = &self.nodes[n as usize];
-            node.parent == n
-                && node.size >= 2
-                && fleet_id(&self.nodes[node.founder as usize].account) == id
+        // Fleets decisions asked about are in the cache; others are found by their founders.
+        let is_root = |n: u32| self.nodes[n as usize].parent == n;
+        let cached = self
+            .cached
+            .iter()
+            .find(|(root, c)| c.facts.id == id && is_root(**root))
+            .map(|(root, _)| *root);
+        let root = cached.or_else(|| {
+            (0..self.nodes.len() as u32).find(|&n| {
+                let node = &self.nodes[n as usize];
+                node.parent == n
+                    && node.size >= 2
+                    && fleet_id(&self.nodes[node.founder as usize].account) == id
+            })
         })?;
         let facts = self.fleet_facts(root, now);
         let mut members = Vec::with_capacity(facts.size as usize);
@@ -481,12 +476,14 @@ impl FleetGraph {
         let mut links: Vec<(LinkKind, String, u32)> = self
             .links
             .iter()
-            .filter(|((kind, _), _)| self.rules.link(*kind).is_some())
             .filter_map(|((kind, value), link)| {
-                let shared = link
-                    .live(now - window(*kind))
-                    .filter(|m| in_fleet[*m as usize])
-                    .count() as u32;
+                // Only values strong enough to link (as the unions counted them).
+                let min = self.rules.link(*kind)?;
+                let since = now - window(*kind);
+                if (link.live(since).count() as u32) < min {
+                    return None;
+                }
+                let shared = link.live(since).filter(|m| in_fleet[*m as usize]).count() as u32;
                 (shared >= 2).then(|| (*kind, value.to_string(), shared))
             })
             .collect();
@@ -497,6 +494,56 @@ impl FleetGraph {
             links,
         })
     }
+}
+
+fn find(nodes: &mut [Node], mut n: u32) -> u32 {
+    while nodes[n as usize].parent != n {
+        let grandparent = nodes[nodes[n as usize].parent as usize].parent;
+        nodes[n as usize].parent = grandparent;
+        n = grandparent;
+    }
+    n
+}
+
+/// The earlier founder: first seen, then the smaller account id (the same on every replica,
+/// whatever order events came in).
+fn earlier(nodes: &[Node], a: u32, b: u32) -> u32 {
+    let (x, y) = (&nodes[a as usize], &nodes[b as usize]);
+    if (x.first_seen, &x.account) <= (y.first_seen, &y.account) {
+        a
+    } else {
+        b
+    }
+}
+
+fn union(nodes: &mut [Node], a: u32, b: u32, kind: LinkKind) {
+    let (ra, rb) = (find(nodes, a), find(nodes, b));
+    if ra == rb {
+        nodes[ra as usize].kinds |= kind.bit();
+        return;
+    }
+    let (big, small) = if nodes[ra as usize].size >= nodes[rb as usize].size {
+        (ra, rb)
+    } else {
+        (rb, ra)
+    };
+    let founder = earlier(
+        nodes,
+        nodes[big as usize].founder,
+        nodes[small as usize].founder,
+    );
+    let (small_size, small_kinds, small_next) = {
+        let s = &mut nodes[small as usize];
+        s.parent = big;
+        (s.size, s.kinds, s.next)
+    };
+    // Splice the two member lists.
+    nodes[small as usize].next = nodes[big as usize].next;
+    let root = &mut nodes[big as usize];
+    root.next = small_next;
+    root.size += small_size;
+    root.kinds |= small_kinds | kind.bit();
+    root.founder = founder;
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
 use super::fleet::{FleetGraph, FleetReport};
 use super::window::{HISTORY_SECS, Recent};
 use super::{
-    DAY, EventLocation, NetworkKey, UsageEvent, UsageHistory, UsageLookup, UsageQuery, UsageStats,
+    DAY, EventLocation, Fleet, FleetMember, NetworkKey, UsageEvent, UsageHistory, UsageLookup,
+    UsageQuery, UsageStats,
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
@@ -228,7 +229,41 @@ impl UsageHistory for UsageAggregator {
         lock(&self.fleets).set_rules(*rules);
     }
 
-    fn fleet(&self, fleet_id: &str, now: i64) -> Option<FleetReport> {
-        lock(&self.fleets).report(fleet_id, now)
+    fn fleet(&self, fleet_id: &str, now: i64) -> Option<Fleet> {
+        let FleetReport {
+            facts,
+            members,
+            links,
+        } = lock(&self.fleets).report(fleet_id, now)?;
+        let mut countries = std::collections::BTreeSet::new();
+        let members: Vec<FleetMember> = members
+            .into_iter()
+            .take(Fleet::MAX_LISTED)
+            .map(|account_id| {
+                let mut usage = UsageFacts::default();
+                if let Some(entry) = self.accounts.get(&account_id) {
+                    lock(&entry).state.fill(&mut usage, now);
+                }
+                let countries_7d: Vec<_> = usage
+                    .regions_7d
+                    .iter()
+                    .filter(|r| !r.is_subdivision())
+                    .map(|r| r.country())
+                    .collect();
+                countries.extend(countries_7d.iter().copied());
+                FleetMember {
+                    account_id,
+                    requests_24h: usage.requests_24h,
+                    countries_7d,
+                }
+            })
+            .collect();
+        Some(Fleet {
+            facts,
+            requests_24h: members.iter().map(|m| m.requests_24h).sum(),
+            members,
+            links,
+            countries: countries.into_iter().collect(),
+        })
     }
 }

@@ -164,6 +164,30 @@ pub struct UsageStats {
     pub written_events: u64,
 }
 
+/// One fleet as reviewers see it: who is in it, what they did, what links them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fleet {
+    pub facts: crate::classify::FleetFacts,
+    /// At most [`Fleet::MAX_LISTED`], by account id.
+    pub members: Vec<FleetMember>,
+    /// The values that link members: kind, value, members sharing it; most shared first.
+    pub links: Vec<(crate::classify::LinkKind, String, u32)>,
+    /// Of the members listed: combined requests in 24 hours, countries used from in 7 days.
+    pub requests_24h: u64,
+    pub countries: Vec<CountryCode>,
+}
+
+impl Fleet {
+    pub const MAX_LISTED: usize = 1000;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetMember {
+    pub account_id: Arc<str>,
+    pub requests_24h: u64,
+    pub countries_7d: Vec<CountryCode>,
+}
+
 /// The usage-history port. Implementations must answer a query without blocking the calling
 /// thread; writes may be deferred (batched), reads may come from a short cache.
 pub trait UsageHistory: Send + Sync {
@@ -188,7 +212,7 @@ pub trait UsageHistory: Send + Sync {
     fn set_fleet_rules(&self, _rules: &crate::policy::FleetRules) {}
 
     /// A fleet by its id, for reviewers; `None` when unknown (or this adapter keeps none).
-    fn fleet(&self, _fleet_id: &str, _now: i64) -> Option<fleet::FleetReport> {
+    fn fleet(&self, _fleet_id: &str, _now: i64) -> Option<Fleet> {
         None
     }
 }
