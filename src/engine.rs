@@ -303,6 +303,10 @@ impl Engine {
             input.account_id.as_deref(),
             input.organization_domain.as_deref(),
             location.ip,
+            usage
+                .as_ref()
+                .and_then(|u| u.fleet.as_ref())
+                .map(|f| f.id.as_str()),
             now_ms,
         );
         Circumstances {

@@ -15,6 +15,7 @@ use crate::store::OverrideRecord;
 pub struct OverrideIndex {
     by_account: HashMap<String, Vec<OverrideRecord>>,
     by_domain: HashMap<String, Vec<OverrideRecord>>,
+    by_fleet: HashMap<String, Vec<OverrideRecord>>,
     networks: Vec<(IpNetwork, OverrideRecord)>,
 }
 
@@ -35,6 +36,11 @@ impl OverrideIndex {
                     .entry(record.value.to_ascii_lowercase())
                     .or_default()
                     .push(record),
+                "fleet" => index
+                    .by_fleet
+                    .entry(record.value.to_ascii_lowercase())
+                    .or_default()
+                    .push(record),
                 "network" => match record.value.parse::<IpNetwork>() {
                     Ok(network) => index.networks.push((network, record)),
                     Err(error) => {
@@ -50,15 +56,20 @@ impl OverrideIndex {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_account.is_empty() && self.by_domain.is_empty() && self.networks.is_empty()
+        self.by_account.is_empty()
+            && self.by_domain.is_empty()
+            && self.by_fleet.is_empty()
+            && self.networks.is_empty()
     }
 
-    /// Overrides active at `now_ms` for this account, organisation domain or address.
+    /// Overrides active at `now_ms` for this account, organisation domain, address or fleet
+    /// (the usage history's fleet id for the account).
     pub fn matching(
         &self,
         account_id: Option<&str>,
         domain: Option<&str>,
         ip: IpAddr,
+        fleet: Option<&str>,
         now_ms: i64,
     ) -> Vec<OverrideFact> {
         if self.is_empty() {
@@ -72,6 +83,10 @@ impl OverrideIndex {
             .and_then(|d| self.by_domain.get(&d.to_ascii_lowercase()))
             .into_iter()
             .flatten();
+        let fleets = fleet
+            .and_then(|f| self.by_fleet.get(f))
+            .into_iter()
+            .flatten();
         let networks = self
             .networks
             .iter()
@@ -80,6 +95,7 @@ impl OverrideIndex {
         accounts
             .chain(domains)
             .chain(networks)
+            .chain(fleets)
             .filter(|r| r.active_at(now_ms))
             .map(|r| OverrideFact {
                 id: r.id.clone(),
@@ -130,21 +146,44 @@ mod tests {
             record("1", "account", "a", "ALLOW", Some(1000)),
             record("2", "domain", "Example.com", "DENY", None),
             record("3", "network", "198.51.100.0/24", "ALLOW", None),
+            record("4", "fleet", "fl_00112233445566ff", "DENY", None),
             removed,
         ]);
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
         let ids = |m: Vec<OverrideFact>| m.into_iter().map(|o| o.id).collect::<Vec<_>>();
         assert_eq!(
-            ids(index.matching(Some("a"), Some("example.COM"), ip, 500)),
+            ids(index.matching(Some("a"), Some("example.COM"), ip, None, 500)),
             ["1", "2", "3"]
         );
         assert_eq!(
-            ids(index.matching(Some("a"), None, "203.0.113.1".parse().unwrap(), 1000)),
+            ids(index.matching(
+                Some("z"),
+                None,
+                "203.0.113.1".parse().unwrap(),
+                Some("fl_00112233445566ff"),
+                0
+            )),
+            ["4"],
+            "the account's fleet"
+        );
+        assert_eq!(
+            ids(index.matching(
+                Some("z"),
+                None,
+                "203.0.113.1".parse().unwrap(),
+                Some("fl_0011223344556600"),
+                0
+            )),
+            Vec::<String>::new(),
+            "another fleet"
+        );
+        assert_eq!(
+            ids(index.matching(Some("a"), None, "203.0.113.1".parse().unwrap(), None, 1000)),
             Vec::<String>::new(),
             "expired"
         );
         assert_eq!(
-            index.matching(Some("b"), None, ip, 0)[0].scope,
+            index.matching(Some("b"), None, ip, None, 0)[0].scope,
             "network:198.51.100.0/24"
         );
     }

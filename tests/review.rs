@@ -920,7 +920,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
 /// A fleet found by a decision is there for reviewers by its id: members with their volume and
 /// countries, the values linking them; an unknown id is NOT_FOUND, a missing one names the field.
 #[tokio::test]
-async fn a_decisions_fleet_is_listed_by_its_id() {
+async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
     let scenario = &scenarios()[0];
     let server = TestServer::start_with(scenario, reviewers).await;
     let now = std::time::SystemTime::now()
@@ -1005,5 +1005,99 @@ async fn a_decisions_fleet_is_listed_by_its_id() {
         .unwrap_err();
     assert_eq!(missing.code(), Code::InvalidArgument);
     assert!(missing.message().contains("fleet_id"), "{missing:?}");
+
+    // The queue, searched by fleet: a member's REVIEW decision is found, a loner's is not.
+    let queued = server
+        .classify(account(scenario.ips.tor, "fleet-b"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&queued), Verdict::Review);
+    let loner = server
+        .classify(account(scenario.ips.tor, "loner"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&loner), Verdict::Review);
+    settle().await;
+    let by_fleet = |fleet_id: &str| {
+        as_caller(
+            pb::ListQueueRequest {
+                fleet_id: fleet_id.into(),
+                ..Default::default()
+            },
+            ALICE,
+        )
+    };
+    let found = review(&server)
+        .list_queue(by_fleet(&fleet_id.to_ascii_uppercase()))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = found
+        .items
+        .iter()
+        .map(|i| i.decision.as_ref().unwrap().account_id.as_str())
+        .collect();
+    assert_eq!(ids, ["fleet-b"], "{found:?}");
+    let everything = review(&server)
+        .list_queue(as_caller(pb::ListQueueRequest::default(), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(everything.items.len(), 2, "both queued");
+    let bad = review(&server)
+        .list_queue(by_fleet("fleet-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("fleet_id"), "{bad:?}");
+
+    // A fleet override holds for every member, and for no one else.
+    let set = |value: &str| {
+        as_caller(
+            pb::SetOverrideRequest {
+                scope: "fleet".into(),
+                value: value.into(),
+                action: "DENY".into(),
+                reason: "one operator behind these accounts".into(),
+                ..Default::default()
+            },
+            ALICE,
+        )
+    };
+    let refused = review(&server)
+        .set_override(set("fl_xyz"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("value"), "{refused:?}");
+    let set_override = review(&server)
+        .set_override(set(&fleet_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (set_override.scope.as_str(), set_override.value.as_str()),
+        ("fleet", fleet_id.as_str())
+    );
+    for member in ["fleet-a", "fleet-c"] {
+        let denied = server
+            .classify(account(scenario.ips.allowed, member))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&denied), Verdict::Deny, "{member}");
+        let reason = denied
+            .reasons
+            .iter()
+            .find(|r| r.code == "OVERRIDE_DENY")
+            .unwrap();
+        assert_eq!(reason.evidence["override_id"], set_override.id);
+        assert_eq!(reason.evidence["scope"], format!("fleet:{fleet_id}"));
+    }
+    let outsider = server
+        .classify(account(scenario.ips.allowed, "loner"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&outsider), Verdict::Allow);
+    assert_eq!(set_override.reviewer, "alice@compliance");
     server.shutdown().await;
 }

@@ -24,9 +24,48 @@ fn decision(id: &str, account: &str, verdict: &str, at: i64) -> AuditRow {
         verdict: verdict.into(),
         country: "IR".into(),
         reasons: "REGION_SANCTIONED,ANONYMIZER_TOR".into(),
-        body: "{\"ip\":\"5.1.2.3\"}".into(),
+        body: serde_json::json!({ "ip": "5.1.2.3", "inputs": { "usage": { "fleet": { "id": FLEET, "size": 12 } } } })
+            .to_string(),
         ..Default::default()
     }
+}
+
+/// The fleet every test decision's account is in.
+const FLEET: &str = "fl_00112233445566ff";
+
+/// ListQueue by fleet: d1 under FLEET, nothing under another.
+async fn assert_fleet_search(reads: &store::Reads, name: &str) {
+    let by_fleet = |fleet: &str| QueueFilter {
+        status: "open".into(),
+        fleet_id: fleet.into(),
+        limit: 10,
+        ..Default::default()
+    };
+    let found = reads.queue(&by_fleet(FLEET)).await.unwrap();
+    assert_eq!(
+        found
+            .iter()
+            .map(|s| s.row.ref_id.as_str())
+            .collect::<Vec<_>>(),
+        ["d1"],
+        "{name}"
+    );
+    assert!(
+        reads
+            .queue(&by_fleet("fl_0000000000000000"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "{name}: another fleet"
+    );
+}
+
+/// The statement of the queue_fleet migration that fills in the items queued before it.
+fn fleet_backfill(migration: &str) -> &str {
+    let at = migration
+        .find("UPDATE review_queue")
+        .expect("the migration fills in existing items");
+    &migration[at..at + migration[at..].find(";\n").expect("one statement") + 1]
 }
 
 fn review_row(rpc: &str) -> AuditRow {
@@ -109,6 +148,7 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
         "{name}: reason codes match whole"
     );
     assert_counts(&reads, t0, name).await;
+    assert_fleet_search(&reads, name).await;
 
     // Reviewer changes.
     let record = OverrideRecord {
@@ -354,6 +394,12 @@ async fn sqlite_counts_made_by_the_migration_equal_the_writers() {
     ))
     .unwrap();
     assert_counts(&opened.reads, t0, "sqlite backfill").await;
+    conn.execute_batch(&format!(
+        "UPDATE review_queue SET fleet_id = ''; {}",
+        fleet_backfill(include_str!("../migrations/0004_queue_fleet.sql"))
+    ))
+    .unwrap();
+    assert_fleet_search(&opened.reads, "sqlite fleet backfill").await;
 }
 
 #[tokio::test]
@@ -376,6 +422,15 @@ async fn postgres_counts_made_by_the_migration_equal_the_writers() {
         .await
         .unwrap();
     assert_counts(&opened.reads, t0, "postgres backfill").await;
+    pg.client()
+        .await
+        .batch_execute(&format!(
+            "UPDATE review_queue SET fleet_id = ''; {}",
+            fleet_backfill(include_str!("../migrations/postgres/0003_queue_fleet.sql"))
+        ))
+        .await
+        .unwrap();
+    assert_fleet_search(&opened.reads, "postgres fleet backfill").await;
 }
 
 #[tokio::test]
@@ -565,5 +620,6 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 2, "each of the two versions once");
+    let shipped = std::fs::read_dir("migrations/postgres").unwrap().count() as i64;
+    assert_eq!(applied, shipped, "each shipped version once");
 }

@@ -203,6 +203,7 @@ pub fn router(config: &ConsoleConfig, parts: ConsoleParts) -> Result<Router, Str
         .route("/decisions/{id}", get(decision))
         .route("/decisions/{id}/resolve", post(resolve))
         .route("/accounts/{id}", get(account))
+        .route("/fleets/{id}", get(fleet))
         .route("/overrides", get(overrides).post(set_override))
         .route("/overrides/{id}/remove", post(remove_override))
         .route("/replay", get(replay_form).post(replay))
@@ -780,7 +781,7 @@ async fn dashboard(
 }
 
 /// The queue's filters, as `ListQueue` takes them (`reason` and `account` are the short names
-/// of `reason_code` and `account_id`; `since` takes `24h`, `7d` or Unix milliseconds).
+/// of `reason_code`, `account_id` and `fleet_id`; `since` takes `24h`, `7d` or Unix milliseconds).
 #[derive(Deserialize, Default, Clone)]
 #[serde(default)]
 pub struct QueueQuery {
@@ -790,6 +791,8 @@ pub struct QueueQuery {
     pub reason: String,
     #[serde(alias = "account_id")]
     pub account: String,
+    #[serde(alias = "fleet_id")]
+    pub fleet: String,
     #[serde(alias = "since_unix_ms")]
     pub since: String,
     pub page_size: Option<u32>,
@@ -812,6 +815,7 @@ async fn queue(
         country: q.country.trim().to_owned(),
         reason_code: q.reason.trim().to_owned(),
         account_id: q.account.trim().to_owned(),
+        fleet_id: q.fleet.trim().to_owned(),
         since_unix_ms,
         page_size: q.page_size.unwrap_or(50),
         page_token: q.page_token.clone(),
@@ -927,6 +931,28 @@ async fn account(
         .await?
         .into_inner();
     Ok(pages::account(&session, &history, now_ms()).into_response())
+}
+
+async fn fleet(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Path(id): Path<String>,
+) -> Page {
+    let fleet = console
+        .0
+        .review
+        .get_fleet(Console::call(
+            &session,
+            pb::GetFleetRequest { fleet_id: id },
+        ))
+        .await?
+        .into_inner();
+    let fleet_id = fleet.summary.as_ref().map_or("", |s| s.fleet_id.as_str());
+    let now = now_ms();
+    let mut overrides = console.audit()?.reads().overrides().await?;
+    overrides.retain(|o| o.scope == "fleet" && o.value == fleet_id && o.active_at(now));
+    let queue = format!("/queue?status=all&fleet={}", pages::url_encode(fleet_id));
+    Ok(pages::fleet(&session, &fleet, &overrides, &queue, now).into_response())
 }
 
 #[derive(Deserialize, Default)]

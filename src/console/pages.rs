@@ -306,6 +306,7 @@ fn override_table(session: &Session, list: &[&OverrideRecord], now: i64, back: &
                         td { (o.scope) }
                         td {
                             @if o.scope == "account" { a href=(format!("/accounts/{}", url_encode(&o.value))) { (o.value) } }
+                            @else if o.scope == "fleet" { a href=(format!("/fleets/{}", url_encode(&o.value))) { (o.value) } }
                             @else { code { (o.value) } }
                         }
                         td { (verdict_badge(&o.action)) }
@@ -377,6 +378,7 @@ pub fn queue(session: &Session, q: &QueueQuery, page: &pb::ListQueueResponse, no
             ("country", q.country.clone()),
             ("reason", q.reason.clone()),
             ("account", q.account.clone()),
+            ("fleet", q.fleet.clone()),
             ("since", q.since.clone()),
             ("page_token", token.to_owned()),
         ];
@@ -402,6 +404,7 @@ pub fn queue(session: &Session, q: &QueueQuery, page: &pb::ListQueueResponse, no
                 label { "Country " input type="text" name="country" value=(q.country) size="4" placeholder="IR"; }
                 label { "Reason " input type="text" name="reason" value=(q.reason) placeholder="VPN"; }
                 label { "Account " input type="text" name="account" value=(q.account); }
+                label { "Fleet " input type="text" name="fleet" value=(q.fleet) size="20" placeholder="fl_…"; }
                 label { "Since " input type="text" name="since" value=(q.since) size="6" placeholder="24h, 7d"; }
                 button type="submit" { "Filter" }
             }
@@ -515,7 +518,18 @@ fn usage_table(usage: &pb::UsageSummary) -> Markup {
     ];
     html! {
         table.kv #usage {
-            tbody { @for (k, v) in rows { tr { th { (k) } td { (v) } } } }
+            tbody {
+                @for (k, v) in rows { tr { th { (k) } td { (v) } } }
+                @if let Some(f) = &usage.fleet {
+                    tr { th { "fleet" } td {
+                        a #fleet-link href=(format!("/fleets/{}", url_encode(&f.fleet_id))) { (f.fleet_id) }
+                        " (" (f.size) " accounts; " (f.links.join(", ")) ")"
+                    } }
+                }
+                @if usage.accounts_sharing_template > 0 {
+                    tr { th { "accounts sharing a prompt template" } td { (usage.accounts_sharing_template) } }
+                }
+            }
         }
         @if usage.degraded { p.warn { "Degraded: the shared usage history could not be read; counts may be low." } }
     }
@@ -527,7 +541,7 @@ fn override_form(session: &Session, scope: &str, value: &str, back: &str) -> Mar
             (csrf(session))
             input type="hidden" name="return_to" value=(back);
             label { "Scope " select name="scope" {
-                @for s in ["account", "domain", "network"] { option value=(s) selected[s == scope] { (s) } }
+                @for s in ["account", "domain", "network", "fleet"] { option value=(s) selected[s == scope] { (s) } }
             } }
             label { "Value " input type="text" name="value" value=(value) required; }
             label { "Action " select name="action" { option value="ALLOW" { "ALLOW" } option value="DENY" { "DENY" } } }
@@ -749,6 +763,81 @@ pub fn account(session: &Session, h: &pb::AccountHistory, now: i64) -> Markup {
                 h2 { "Overrides" }
                 @if refs.is_empty() { p.empty { "None." } } @else { (override_table(session, &refs, now, &back)) }
                 (override_form(session, "account", &h.account_id, &back))
+            }
+        },
+    )
+}
+
+/// A fleet (`Review/GetFleet`): what holds it together, its members and the values they share,
+/// the overrides on it and a form for a new one.
+pub fn fleet(
+    session: &Session,
+    fleet: &pb::Fleet,
+    overrides: &[OverrideRecord],
+    queue_link: &str,
+    now: i64,
+) -> Markup {
+    let summary = fleet.summary.clone().unwrap_or_default();
+    let back = format!("/fleets/{}", url_encode(&summary.fleet_id));
+    let refs: Vec<&OverrideRecord> = overrides.iter().collect();
+    let rows: [(&str, String); 7] = [
+        ("accounts", summary.size.to_string()),
+        ("held together by", summary.links.join(", ")),
+        (
+            "members active in the last hour",
+            summary.active_members_1h.to_string(),
+        ),
+        (
+            "pairs active in the same minute (last hour)",
+            format!(
+                "{} (chance: {:.1})",
+                summary.coactive_pairs_1h, summary.expected_coactive_pairs_1h
+            ),
+        ),
+        (
+            "requests in 24 h (members listed)",
+            fleet.requests_24h.to_string(),
+        ),
+        ("countries in 7 days", fleet.countries.join(", ")),
+        ("members listed", fleet.members.len().to_string()),
+    ];
+    layout(
+        &format!("Fleet {}", summary.fleet_id),
+        Some(session),
+        html! {
+            table.kv #fleet-summary {
+                tbody { @for (k, v) in rows { tr { th { (k) } td { (v) } } } }
+            }
+            p { a #fleet-queue href=(queue_link) { "This fleet's decisions in the review queue" } }
+            section {
+                h2 { "Members" }
+                table #fleet-members {
+                    thead { tr { th { "Account" } th { "Requests in 24 h" } th { "Countries in 7 days" } } }
+                    tbody {
+                        @for m in &fleet.members {
+                            tr {
+                                td { a href=(format!("/accounts/{}", url_encode(&m.account_id))) { (m.account_id) } }
+                                td { (m.requests_24h) }
+                                td { (m.countries_7d.join(", ")) }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Shared values" }
+                @if fleet.links.is_empty() { p.empty { "None listed." } }
+                @else {
+                    table #fleet-links {
+                        thead { tr { th { "Kind" } th { "Value" } th { "Accounts" } } }
+                        tbody { @for l in &fleet.links { tr { td { (l.kind) } td { code { (l.value) } } td { (l.accounts) } } } }
+                    }
+                }
+            }
+            section {
+                h2 { "Overrides" }
+                @if refs.is_empty() { p.empty { "None." } } @else { (override_table(session, &refs, now, &back)) }
+                (override_form(session, "fleet", &summary.fleet_id, &back))
             }
         },
     )

@@ -130,6 +130,22 @@ fn required(field: &str, value: &str) -> Result<String, ApiError> {
     Ok(value.to_owned())
 }
 
+/// A fleet id as `usage::fleet::fleet_id` makes them (case folded), or why not, naming `field`.
+fn fleet_id(field: &str, value: &str) -> Result<String, ApiError> {
+    let value = value.trim().to_ascii_lowercase();
+    if crate::usage::fleet::is_fleet_id(&value) {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{:?} is not a fleet id (fl_ and 16 hex digits)",
+                excerpt(&value)
+            ),
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl Review for ReviewService {
     async fn list_queue(
@@ -169,6 +185,10 @@ impl Review for ReviewService {
         let account_id = identifier("account_id", &r.account_id, MAX_ID_BYTES)?
             .unwrap_or("")
             .to_owned();
+        let fleet = match r.fleet_id.trim() {
+            "" => String::new(),
+            text => fleet_id("fleet_id", text)?,
+        };
         let limit = if r.page_size == 0 {
             50
         } else {
@@ -191,11 +211,12 @@ impl Review for ReviewService {
             country,
             reason: reason_code,
             account_id,
+            fleet_id: fleet,
             since_ms: r.since_unix_ms,
             after_seq,
             limit: limit + 1,
         };
-        self.log(&reviewer, "ListQueue", serde_json::json!({ "status": status, "country": r.country, "reason_code": r.reason_code, "account_id": r.account_id, "page_token": r.page_token }), Change::None).await?;
+        self.log(&reviewer, "ListQueue", serde_json::json!({ "status": status, "country": r.country, "reason_code": r.reason_code, "account_id": r.account_id, "fleet_id": r.fleet_id, "page_token": r.page_token }), Change::None).await?;
         let mut rows = self.reads()?.queue(&filter).await?;
         let next_page_token = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
@@ -248,8 +269,10 @@ impl Review for ReviewService {
         request: Request<pb::GetFleetRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
         let reviewer = reviewer(&request)?;
-        let fleet_id = required("fleet_id", &request.get_ref().fleet_id)?;
-        identifier("fleet_id", &fleet_id, MAX_ID_BYTES)?;
+        let fleet_id = fleet_id(
+            "fleet_id",
+            &required("fleet_id", &request.get_ref().fleet_id)?,
+        )?;
         self.log(
             &reviewer,
             "GetFleet",
@@ -355,10 +378,14 @@ impl Review for ReviewService {
                     })?
                     .to_string()
             }
+            "fleet" => value = fleet_id("value", &value)?,
             other => {
                 return Err(ApiError::invalid(
                     "scope",
-                    format!("{:?} is not account, domain or network", excerpt(other)),
+                    format!(
+                        "{:?} is not account, domain, network or fleet",
+                        excerpt(other)
+                    ),
                 )
                 .into());
             }

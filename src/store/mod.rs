@@ -382,10 +382,42 @@ pub struct QueueFilter {
     pub country: String,
     pub reason: String,
     pub account_id: String,
+    /// The fleet the decision's account was in (`review_queue.fleet_id`).
+    pub fleet_id: String,
     pub since_ms: i64,
     /// Rows after this seq (pagination).
     pub after_seq: i64,
     pub limit: u32,
+}
+
+/// The fleet a decision row's body says the account was in (`inputs.usage.fleet.id`), for
+/// `review_queue.fleet_id`; empty when it names none.
+pub(crate) fn queued_fleet_id(body: &str) -> String {
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default)]
+    struct Body {
+        inputs: Inputs,
+    }
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default)]
+    struct Inputs {
+        usage: Option<Usage>,
+    }
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default)]
+    struct Usage {
+        fleet: Option<Fleet>,
+    }
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default)]
+    struct Fleet {
+        id: String,
+    }
+    serde_json::from_str::<Body>(body)
+        .ok()
+        .and_then(|b| b.inputs.usage?.fleet)
+        .map(|f| f.id)
+        .unwrap_or_default()
 }
 
 /// Parses "24h", "30d" or a Unix time in milliseconds into Unix milliseconds, `now_ms` being

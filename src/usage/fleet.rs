@@ -127,6 +127,16 @@ pub fn fleet_id(founder: &str) -> String {
     id
 }
 
+/// Whether `text` has the form [`fleet_id`] gives (`fl_` and 16 lowercase hex digits).
+pub fn is_fleet_id(text: &str) -> bool {
+    text.strip_prefix("fl_").is_some_and(|hex| {
+        hex.len() == 16
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 impl FleetGraph {
     /// A graph within `max_bytes` (estimated; see [`ACCOUNT_BYTES`], [`LINK_BYTES`]).
     pub fn new(max_bytes: u64, rules: FleetRules) -> Self {

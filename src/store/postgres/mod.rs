@@ -34,6 +34,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/postgres/0002_decision_counts.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_queue_fleet.sql"),
+    ),
 ];
 /// Session lock held while migrating ("rg-migr").
 const MIGRATION_LOCK: i64 = 0x0072_672d_6d69_6772;
@@ -373,7 +377,8 @@ impl Reader {
             "{QUEUE_SELECT} WHERE a.kind = 'decision' AND q.seq > $1 AND a.recorded_at_ms >= $2 \
              AND ($3::text = '' OR q.status = $3) AND ($4::text = '' OR a.country = $4) \
              AND ($5::text = '' OR ',' || a.reasons || ',' LIKE '%,' || $5 || ',%') \
-             AND ($6::text = '' OR a.account_id = $6) ORDER BY q.seq LIMIT $7"
+             AND ($6::text = '' OR a.account_id = $6) AND ($8::text = '' OR q.fleet_id = $8) \
+             ORDER BY q.seq LIMIT $7"
         );
         let limit = i64::from(f.limit.clamp(1, 1001));
         self.decisions(
@@ -386,6 +391,7 @@ impl Reader {
                 &f.reason,
                 &f.account_id,
                 &limit,
+                &f.fleet_id,
             ],
         )
         .await

@@ -581,18 +581,19 @@ impl Pending {
             ],
         )
         .await?;
-        let (queue_ids, queue_seqs): (Vec<&str>, Vec<i64>) = self
-            .kind
-            .iter()
-            .zip(&self.verdict)
-            .zip(self.ref_id.iter().zip(&self.seq))
-            .filter(|((kind, verdict), _)| *kind == "decision" && *verdict == "REVIEW")
-            .map(|(_, (id, seq))| (id.as_str(), *seq))
-            .unzip();
+        let (mut queue_ids, mut queue_seqs, mut queue_fleets) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for i in (0..self.seq.len())
+            .filter(|&i| self.kind[i] == "decision" && self.verdict[i] == "REVIEW")
+        {
+            queue_ids.push(self.ref_id[i].as_str());
+            queue_seqs.push(self.seq[i]);
+            queue_fleets.push(crate::store::queued_fleet_id(&self.body[i]));
+        }
         if !queue_ids.is_empty() {
             tx.execute(
-                "INSERT INTO review_queue (decision_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
-                &[&queue_ids, &queue_seqs],
+                "INSERT INTO review_queue (decision_id, seq, fleet_id) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]) ON CONFLICT DO NOTHING",
+                &[&queue_ids, &queue_seqs, &queue_fleets],
             )
             .await?;
         }

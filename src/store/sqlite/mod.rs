@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../../migrations/0003_decision_counts.sql"),
     ),
+    (4, include_str!("../../../migrations/0004_queue_fleet.sql")),
 ];
 const DB_FILE: &str = "regionguard.sqlite3";
 
@@ -182,7 +183,7 @@ pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredD
     let sql = format!(
         "{QUEUE_SELECT} WHERE a.seq = q.seq AND a.kind = 'decision' AND q.seq > ?1 AND a.recorded_at_ms >= ?2 \
          AND (?3 = '' OR q.status = ?3) AND (?4 = '' OR a.country = ?4) AND (?5 = '' OR ',' || a.reasons || ',' LIKE '%,' || ?5 || ',%') \
-         AND (?6 = '' OR a.account_id = ?6) ORDER BY q.seq LIMIT ?7"
+         AND (?6 = '' OR a.account_id = ?6) AND (?8 = '' OR q.fleet_id = ?8) ORDER BY q.seq LIMIT ?7"
     );
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(
@@ -193,7 +194,8 @@ pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredD
             f.country,
             f.reason,
             f.account_id,
-            f.limit.clamp(1, 1001)
+            f.limit.clamp(1, 1001),
+            f.fleet_id
         ],
         stored,
     )?;

@@ -291,9 +291,13 @@ fn commit(
                     counts.add(row);
                     if row.verdict == "REVIEW" {
                         tx.prepare_cached(
-                            "INSERT OR IGNORE INTO review_queue (decision_id, seq) VALUES (?1, ?2)",
+                            "INSERT OR IGNORE INTO review_queue (decision_id, seq, fleet_id) VALUES (?1, ?2, ?3)",
                         )?
-                        .execute(params![row.ref_id, next_seq])?;
+                        .execute(params![
+                            row.ref_id,
+                            next_seq,
+                            crate::store::queued_fleet_id(&row.body)
+                        ])?;
                     }
                 }
                 done.push(Committed::Decision);
