@@ -22,14 +22,19 @@ pub enum ReviewCommand {
         country: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Decisions of this fleet's members only (a fleet id, `fl_…`).
+        #[arg(long, default_value = "")]
+        fleet: String,
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// A fleet: its members, their volume and countries, and the values linking them.
+    Fleet { fleet_id: String },
     /// Explain one decision (inputs, reasons, verdict).
     Show { decision_id: String },
     /// An account's decisions and overrides.
     Account { account_id: String },
-    /// Grant an override: SCOPE is account, domain or network; ACTION is ALLOW or DENY.
+    /// Grant an override: SCOPE is account, domain, network or fleet; ACTION is ALLOW or DENY.
     Override {
         scope: String,
         value: String,
@@ -93,12 +98,14 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
             status,
             country,
             reason,
+            fleet,
             limit,
         } => {
             let request = pb::ListQueueRequest {
                 status,
                 country,
                 reason_code: reason,
+                fleet_id: fleet,
                 page_size: limit,
                 ..Default::default()
             };
@@ -109,6 +116,12 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
                     .into_inner(),
             )?;
         }
+        ReviewCommand::Fleet { fleet_id } => print(
+            &client
+                .get_fleet(authorised(pb::GetFleetRequest { fleet_id }, token)?)
+                .await?
+                .into_inner(),
+        )?,
         ReviewCommand::Show { decision_id } => print(
             &client
                 .explain(authorised(pb::ExplainRequest { decision_id }, token)?)

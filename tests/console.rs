@@ -236,6 +236,164 @@ async fn a_reviewer_works_the_queue_in_a_real_browser() {
     server.shutdown().await;
 }
 
+/// #14: a fleet, whole, in the browser: the queue searched by fleet, the decision's fleet link,
+/// the fleet page's members and shared values, and a DENY override on the whole fleet through
+/// its form that the next Classify of another member carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_sees_a_fleet_whole_and_denies_it_in_a_real_browser() {
+    assert!(
+        chromedriver_present(),
+        "chromedriver is not installed: scripts/test (the README's test command) installs chromium and chromium-driver"
+    );
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |config| {
+        config.auth.callers = vec![CallerConfig {
+            name: "alice@compliance".into(),
+            role: Role::Reviewer,
+            token_sha256: token_sha256(ALICE),
+            client_cert_sha256: Vec::new(),
+        }];
+        config.console.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // fl-a and fl-b share a card, fl-b and fl-c a device.
+    let event = |account: &str, card: &str, device: &str| pb::UsageEvent {
+        account_id: account.into(),
+        ip: scenario.ips.allowed.into(),
+        timestamp_unix_ms: now - 1000,
+        request_count: 1,
+        payment_fingerprint: card.into(),
+        device_id: device.into(),
+        ..Default::default()
+    };
+    let events = vec![
+        event("fl-a", "card-7", ""),
+        event("fl-b", "card-7", "phone-7"),
+        event("fl-c", "", "phone-7"),
+    ];
+    pb::usage_client::UsageClient::new(server.channel.clone())
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap();
+    let queued = server
+        .classify(account(scenario.ips.tor, "fl-b"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&queued), pb::Verdict::Review);
+    let fleet_id = queued.usage.clone().unwrap().fleet.unwrap().fleet_id;
+    server
+        .classify(account(scenario.ips.tor, "not-in-it"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let base = format!("http://{}", server.console_addr.unwrap());
+    let client = server.client.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let allowed_ip = scenario.ips.allowed.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let driver = Driver::start().expect("chromedriver starts");
+        let s = driver.session().expect("a Chromium session");
+        s.goto(&format!("{base}/queue")).unwrap();
+        s.send_keys(&s.find("input[name=token]").unwrap(), ALICE)
+            .unwrap();
+        s.click(&s.find("form.card button[type=submit]").unwrap())
+            .unwrap();
+        s.wait_for("#queue a.decision", WAIT).unwrap();
+
+        // The queue searched by fleet lists the member's decision only.
+        let filters = s.find("form.filters").unwrap();
+        s.send_keys(
+            &s.find_in(&filters, "input[name=fleet]").unwrap(),
+            &fleet_id,
+        )
+        .unwrap();
+        s.click(&s.find_in(&filters, "button[type=submit]").unwrap())
+            .unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while !s.current_url().unwrap().contains("fleet=fl_") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the filter was not applied"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let row = s.wait_for("#queue a.decision", WAIT).unwrap();
+        let listed = s.text(&s.find("#queue").unwrap()).unwrap();
+        assert!(
+            listed.contains("fl-b") && !listed.contains("not-in-it"),
+            "{listed}"
+        );
+
+        // The decision links to its fleet; the fleet page shows it whole.
+        s.click(&row).unwrap();
+        let link = s.wait_for("#fleet-link", WAIT).unwrap();
+        s.click(&link).unwrap();
+        s.wait_for("#fleet-members", WAIT).unwrap();
+        assert!(
+            s.current_url()
+                .unwrap()
+                .ends_with(&format!("/fleets/{fleet_id}"))
+        );
+        let members = s.text(&s.find("#fleet-members").unwrap()).unwrap();
+        for member in ["fl-a", "fl-b", "fl-c"] {
+            assert!(members.contains(member), "{members}");
+        }
+        let links = s.text(&s.find("#fleet-links").unwrap()).unwrap();
+        assert!(
+            links.contains("card-7") && links.contains("phone-7"),
+            "{links}"
+        );
+        let summary = s.text(&s.find("#fleet-summary").unwrap()).unwrap();
+        assert!(
+            summary.contains("DEVICE") && summary.contains("PAYMENT_FINGERPRINT"),
+            "{summary}"
+        );
+        screenshot(&s, "fleet");
+
+        // Deny the whole fleet from its page: another member is denied next time.
+        let form = s.find("#override-form").unwrap();
+        s.select(&s.find_in(&form, "select[name=action]").unwrap(), "DENY")
+            .unwrap();
+        s.send_keys(
+            &s.find_in(&form, "input[name=reason]").unwrap(),
+            "one operator behind these accounts",
+        )
+        .unwrap();
+        s.click(&s.find_in(&form, "button[type=submit]").unwrap())
+            .unwrap();
+        wait_text(&s, "p.flash", &format!("fleet {fleet_id} → DENY"));
+        let overrides = s.text(&s.find("#fleet-overrides").unwrap()).unwrap();
+        assert!(overrides.contains("alice@compliance"), "{overrides}");
+        let member = runtime
+            .block_on(client.clone().classify(account(&allowed_ip, "fl-c")))
+            .unwrap()
+            .into_inner();
+        assert_eq!(verdict(&member), pb::Verdict::Deny, "{:?}", codes(&member));
+        assert!(codes(&member).contains(&"OVERRIDE_DENY"));
+        let outsider = runtime
+            .block_on(client.clone().classify(account(&allowed_ip, "not-in-it")))
+            .unwrap()
+            .into_inner();
+        assert_eq!(verdict(&outsider), pb::Verdict::Allow);
+
+        // A fleet the history does not hold: the console's 404 page, not a stack trace.
+        s.goto(&format!("{base}/fleets/fl_0000000000000000"))
+            .unwrap();
+        s.wait_for("#error", WAIT).unwrap();
+        s.goto(&format!("{base}/fleets/not-a-fleet")).unwrap();
+        let error = s.wait_for("#error", WAIT).unwrap();
+        assert!(s.text(&error).unwrap().contains("fleet_id"));
+    })
+    .await
+    .unwrap();
+    server.shutdown().await;
+}
+
 fn overrides(data_dir: &std::path::Path) -> usize {
     let conn = regionguard::store::open_for_reading(data_dir).unwrap();
     regionguard::store::overrides(&conn).unwrap().len()

@@ -834,7 +834,7 @@ pub fn fleet(
                     }
                 }
             }
-            section {
+            section #fleet-overrides {
                 h2 { "Overrides" }
                 @if refs.is_empty() { p.empty { "None." } } @else { (override_table(session, &refs, now, &back)) }
                 (override_form(session, "fleet", &summary.fleet_id, &back))
