@@ -283,7 +283,7 @@ async fn a_reviewer_call_never_echoes_a_huge_value_whole() {
         status.message().starts_with("scope: ")
             && status
                 .message()
-                .ends_with("is not account, domain or network"),
+                .ends_with("is not account, domain, network or fleet"),
         "{}",
         status.message()
     );

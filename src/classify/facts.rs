@@ -228,7 +228,7 @@ pub enum OverrideAction {
     Deny,
 }
 
-/// A reviewer's override that matches this request (account, organisation domain or network),
+/// A reviewer's override that matches this request (account, organisation domain, network or fleet),
 /// active at the time of the request.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OverrideFact {
