@@ -69,14 +69,13 @@ fn chromedriver_present() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reviewer_works_the_queue_in_a_real_browser() {
+/// A server with the console on and alice as its reviewer (chromedriver checked first).
+async fn console_server(scenario: &support::Scenario) -> TestServer {
     assert!(
         chromedriver_present(),
         "chromedriver is not installed: scripts/test (the README's test command) installs chromium and chromium-driver"
     );
-    let scenario = &scenarios()[0];
-    let server = TestServer::start_with(scenario, |config| {
+    TestServer::start_with(scenario, |config| {
         config.auth.callers = vec![CallerConfig {
             name: "alice@compliance".into(),
             role: Role::Reviewer,
@@ -85,7 +84,13 @@ async fn a_reviewer_works_the_queue_in_a_real_browser() {
         }];
         config.console.listen = Some("127.0.0.1:0".parse().unwrap());
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_works_the_queue_in_a_real_browser() {
+    let scenario = &scenarios()[0];
+    let server = console_server(scenario).await;
     let tor = server
         .classify(account(scenario.ips.tor, "acct-tor"))
         .await
@@ -241,21 +246,8 @@ async fn a_reviewer_works_the_queue_in_a_real_browser() {
 /// its form that the next Classify of another member carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reviewer_sees_a_fleet_whole_and_denies_it_in_a_real_browser() {
-    assert!(
-        chromedriver_present(),
-        "chromedriver is not installed: scripts/test (the README's test command) installs chromium and chromium-driver"
-    );
     let scenario = &scenarios()[0];
-    let server = TestServer::start_with(scenario, |config| {
-        config.auth.callers = vec![CallerConfig {
-            name: "alice@compliance".into(),
-            role: Role::Reviewer,
-            token_sha256: token_sha256(ALICE),
-            client_cert_sha256: Vec::new(),
-        }];
-        config.console.listen = Some("127.0.0.1:0".parse().unwrap());
-    })
-    .await;
+    let server = console_server(scenario).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
