@@ -303,8 +303,10 @@ impl Engine {
             input.account_id.as_deref(),
             input.organization_domain.as_deref(),
             location.ip,
+            // Only a fleet the history found: a caller's inline usage could name or omit any.
             usage
                 .as_ref()
+                .filter(|_| input.usage.is_none())
                 .and_then(|u| u.fleet.as_ref())
                 .map(|f| f.id.as_str()),
             now_ms,

@@ -1064,6 +1064,11 @@ async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
             ALICE,
         )
     };
+    let mut allow = set(&fleet_id);
+    allow.get_mut().action = "ALLOW".into();
+    let wholesale = review(&server).set_override(allow).await.unwrap_err();
+    assert_eq!(wholesale.code(), Code::InvalidArgument);
+    assert!(wholesale.message().starts_with("action: "), "{wholesale:?}");
     let refused = review(&server)
         .set_override(set("fl_xyz"))
         .await

@@ -949,7 +949,17 @@ async fn fleet(
         .into_inner();
     let fleet_id = fleet.summary.as_ref().map_or("", |s| s.fleet_id.as_str());
     let now = now_ms();
-    let mut overrides = console.audit()?.reads().overrides().await?;
+    let audit = console.audit()?;
+    console
+        .0
+        .review
+        .log_read(
+            &session.reviewer,
+            "ListOverrides",
+            serde_json::json!({ "show": "active", "fleet_id": fleet_id }),
+        )
+        .await?;
+    let mut overrides = audit.reads().overrides().await?;
     overrides.retain(|o| o.scope == "fleet" && o.value == fleet_id && o.active_at(now));
     let queue = format!("/queue?status=all&fleet={}", pages::url_encode(fleet_id));
     Ok(pages::fleet(&session, &fleet, &overrides, &queue, now).into_response())

@@ -32,7 +32,7 @@ const WINDOW_MINUTES: i64 = 60;
 
 /// Bytes per account and per link value, for the memory ceiling: the structures' sizes, scaled
 /// to resident memory as `cargo bench --bench usage` measures it (a million linked accounts,
-/// 2 link values each: 613–663 B resident an account; at a 32 MiB share, about 600 B an account
+/// 2 link values each: 612–663 B resident an account over three runs; at a 32 MiB share, about 600 B an account
 /// held with 1.4 values each), so that what is counted is about what the process holds.
 pub const ACCOUNT_BYTES: u64 = 280;
 pub const LINK_BYTES: u64 = 200;
