@@ -40,6 +40,17 @@ fn event(account: &Arc<str>, ip: IpAddr, t: i64) -> UsageEvent {
     }
 }
 
+/// Resident growth `rss`, in MiB and per held account.
+fn resident(rss: Option<u64>, held: f64) -> String {
+    rss.map_or("n/a".to_owned(), |r| {
+        format!(
+            "{:.1} MiB ({:.0} B/account)",
+            r as f64 / f64::from(1 << 20),
+            r as f64 / held
+        )
+    })
+}
+
 /// Prints bytes per account for `n` accounts shaped by `events_per_account`, under a ceiling of
 /// `ceiling_mb`.
 fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
@@ -66,11 +77,7 @@ fn report_memory(n: u32, events_per_account: i64, ceiling_mb: u64) {
         stats.accounts,
         stats.bytes as f64 / f64::from(1 << 20),
         stats.bytes as f64 / held,
-        rss.map_or("n/a".to_owned(), |r| format!(
-            "{:.1} MiB ({:.0} B/account)",
-            r as f64 / f64::from(1 << 20),
-            r as f64 / held
-        ))
+        resident(rss, held)
     );
 }
 
@@ -115,11 +122,7 @@ fn report_fleet_memory(n: u32, ceiling_mb: u64) {
         stats.refused,
         graph.bytes() as f64 / f64::from(1 << 20),
         graph.bytes() as f64 / held,
-        rss.map_or("n/a".to_owned(), |r| format!(
-            "{:.1} MiB ({:.0} B/account)",
-            r as f64 / f64::from(1 << 20),
-            r as f64 / held
-        )),
+        resident(rss, held),
         facts.map_or(0, |f| f.size),
     );
 }
