@@ -416,6 +416,9 @@ pub struct UsageConfig {
     pub redis_cache_ms: u64,
     /// Events accepted but not yet written to Redis, at most; more are lost (counted).
     pub redis_max_pending_events: usize,
+    /// Accounts the fleet graph in Redis holds at most (link values: twice as many); more are
+    /// refused, counted in Redis under `{f}refused`.
+    pub redis_fleet_max_accounts: u64,
 }
 
 impl Default for UsageConfig {
@@ -428,6 +431,7 @@ impl Default for UsageConfig {
             redis_timeout_ms: 5,
             redis_cache_ms: 1000,
             redis_max_pending_events: 1_000_000,
+            redis_fleet_max_accounts: 1_000_000,
         }
     }
 }
@@ -446,6 +450,7 @@ impl std::fmt::Debug for UsageConfig {
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("redis_cache_ms", &self.redis_cache_ms)
             .field("redis_max_pending_events", &self.redis_max_pending_events)
+            .field("redis_fleet_max_accounts", &self.redis_fleet_max_accounts)
             .finish()
     }
 }
@@ -481,6 +486,7 @@ impl UsageConfig {
             timeout: Duration::from_millis(self.redis_timeout_ms),
             cache_ttl: Duration::from_millis(self.redis_cache_ms),
             max_pending_events: self.redis_max_pending_events,
+            fleet_max_accounts: self.redis_fleet_max_accounts,
         }))
     }
 }

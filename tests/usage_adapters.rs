@@ -90,9 +90,13 @@ fn events(now: i64) -> Vec<(UsageEvent, EventLocation)> {
                 input_tokens: rng.below(5_000),
                 output_tokens: rng.below(2_000),
                 payment_fingerprint: card.map(Into::into),
-                device_id: None,
-                prompt_fingerprint: None,
-                organization_domain: None,
+                // Fleets: devices shared in fives, templates in threes, one company domain.
+                device_id: (10..20)
+                    .contains(&account)
+                    .then(|| format!("dev-{}", account / 5).into()),
+                prompt_fingerprint: (account < 15 && rng.below(4) == 0)
+                    .then(|| format!("tpl-{}", account % 3).into()),
+                organization_domain: (30..35).contains(&account).then(|| "corp.example".into()),
             },
             location(host),
         ));
@@ -109,6 +113,7 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
         timeout: Duration::from_secs(2),
         cache_ttl: Duration::ZERO,
         max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
     })
     .unwrap();
     let local = UsageAggregator::new(256 << 20);
@@ -141,7 +146,7 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
         None,
     ));
 
-    let mut known = 0;
+    let (mut known, mut fleets, mut templates) = (0, 0, 0);
     for (account, ip, card) in &questions {
         let q = UsageQuery {
             account_id: account.as_deref(),
@@ -149,13 +154,13 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
             payment_fingerprint: card.as_deref(),
             now,
         };
-        let mut expected = local.facts(q.account_id, q.ip, q.payment_fingerprint, now);
-        // The Redis adapter keeps no fleets yet (issue 14, docs/usage-signals.md#fleets): the
-        // fleet facts are compared once it does; everything else must be equal now.
-        if let Some(facts) = &mut expected {
-            facts.fleet = None;
-            facts.accounts_sharing_template = 0;
-        }
+        let expected = local.facts(q.account_id, q.ip, q.payment_fingerprint, now);
+        fleets += usize::from(expected.as_ref().is_some_and(|f| f.fleet.is_some()));
+        templates += usize::from(
+            expected
+                .as_ref()
+                .is_some_and(|f| f.accounts_sharing_template > 1),
+        );
         let got = remote.facts(q).resolve().await;
         assert_eq!(got, expected, "{account:?} on {ip} with {card:?}");
         known += usize::from(expected.is_some());
@@ -163,6 +168,10 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
     assert!(
         known > 100,
         "the questions must mostly hit history ({known})"
+    );
+    assert!(
+        fleets > 50 && templates > 20,
+        "the questions must reach fleets ({fleets}) and shared templates ({templates})"
     );
     let hopper = local
         .facts(Some("acct-3"), ip(3), None, now)
@@ -207,6 +216,7 @@ async fn two_writers_on_one_account_lose_no_event() {
         timeout: Duration::from_secs(2),
         cache_ttl: Duration::ZERO,
         max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
     };
     let (a, b) = (
         RedisUsage::start(&settings).unwrap(),
@@ -277,7 +287,9 @@ impl ReplyLosingProxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            let cas = buf[..n].windows(7).any(|w| w == b"EVALSHA");
+                            // A compare-and-set, not a fleet script call (keyed `{f}gen`).
+                            let cas = buf[..n].windows(7).any(|w| w == b"EVALSHA")
+                                && !buf[..n].windows(6).any(|w| w == b"{f}gen");
                             if cas
                                 && !lose.load(Ordering::SeqCst)
                                 && armed
@@ -331,6 +343,7 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
         timeout: Duration::from_secs(2),
         cache_ttl: Duration::ZERO,
         max_pending_events: 1_000_000,
+        fleet_max_accounts: 1_000_000,
     })
     .unwrap();
     let now = now();
@@ -356,6 +369,8 @@ async fn writes_cut_mid_reply_apply_each_event_once() {
             };
             assert!(history.record(&event, &location(account)));
         }
+        // A batch or more per round, so that there are compare-and-sets enough to lose.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if tokio::time::timeout(Duration::from_secs(60), history.flush())
         .await
@@ -396,6 +411,7 @@ async fn a_lost_reply_then_another_writer_still_counts_each_event_once() {
         timeout: Duration::from_secs(2),
         cache_ttl: Duration::ZERO,
         max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
     };
     // A writes through the proxy, which loses the reply to its first compare-and-set; B writes
     // the same accounts directly while A waits to retry.
@@ -441,4 +457,169 @@ async fn a_lost_reply_then_another_writer_still_counts_each_event_once() {
             "acct-{account}: one event from each writer, once"
         );
     }
+}
+
+fn linked(account: &str, t: i64, card: Option<&str>, device: Option<&str>) -> UsageEvent {
+    UsageEvent {
+        account_id: account.into(),
+        ip: ip(1),
+        timestamp: t,
+        api_key_id: None,
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 0,
+        payment_fingerprint: card.map(Into::into),
+        device_id: device.map(Into::into),
+        prompt_fingerprint: None,
+        organization_domain: None,
+    }
+}
+
+/// Union-find cannot split a fleet, so the shared graph is rebuilt into a new generation once an
+/// hour of event time: links older than the window drop out, the fleet they made falls apart,
+/// and the old generation's keys are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_links_leave_the_shared_fleet_graph() {
+    let redis = RedisServer::start();
+    let history = RedisUsage::start(&RedisSettings {
+        url: redis.url(),
+        prefix: "expiry:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
+    })
+    .unwrap();
+    let now = now();
+    let old = now - 9 * 86_400;
+    for (account, t) in [("a", old), ("b", old + 60)] {
+        assert!(history.record(&linked(account, t, Some("card-old"), None), &location(1)));
+    }
+    history.flush().await;
+    let then = account_facts(&history, "a", ip(1), old + 120).await;
+    let fleet = then.fleet.expect("a and b share a card");
+    assert_eq!((fleet.size, fleet.links.len()), (2, 1), "{fleet:?}");
+
+    for account in ["a", "c"] {
+        assert!(history.record(
+            &linked(account, now, None, Some("device-new")),
+            &location(1)
+        ));
+    }
+    history.flush().await;
+    let a = account_facts(&history, "a", ip(1), now).await;
+    let fleet = a.fleet.expect("a and c share a device");
+    assert_eq!(
+        fleet.size, 2,
+        "the expired card no longer links b: {fleet:?}"
+    );
+    assert_eq!(
+        fleet.links,
+        [regionguard::classify::LinkKind::Device],
+        "{fleet:?}"
+    );
+    let report = history
+        .fleet(&fleet.id, now)
+        .await
+        .expect("Redis answers")
+        .expect("the fleet is known by its id");
+    let members: Vec<&str> = report.members.iter().map(|m| &*m.account_id).collect();
+    assert_eq!(members, ["a", "c"]);
+    assert_eq!(report.links.len(), 1, "{:?}", report.links);
+
+    let keys = |pattern: &str| -> Vec<String> {
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("KEYS").arg(pattern).query(&mut conn).unwrap()
+    };
+    assert_eq!(
+        keys("expiry:{f}1:*"),
+        Vec::<String>::new(),
+        "the old generation is deleted"
+    );
+    assert!(
+        !keys("expiry:{f}2:*").is_empty(),
+        "the new generation holds the fleet"
+    );
+    assert_eq!(
+        keys("expiry:{f}l:0:*"),
+        Vec::<String>::new(),
+        "the expired card is gone"
+    );
+}
+
+/// The fleet graph is shared: events for a chained fleet split between two replicas make one
+/// fleet, with one id, on both, and the same fleet as the in-process graph given every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_fleet_graph_and_name_each_fleet_alike() {
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        url: redis.url(),
+        prefix: "fleet:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
+    };
+    let replicas = [
+        RedisUsage::start(&settings).unwrap(),
+        RedisUsage::start(&settings).unwrap(),
+    ];
+    let local = UsageAggregator::new(256 << 20);
+    let now = now();
+    // Accounts 0..10 share a card, 9..19 a key, 18..30 a device; events arrive newest first.
+    for i in 0..30u64 {
+        let mut event = linked(
+            &format!("chain-{i}"),
+            now - 60 * i as i64,
+            (i < 10).then_some("card-chain"),
+            (i >= 18).then_some("device-chain"),
+        );
+        event.ip = format!("198.51.{i}.7").parse().unwrap();
+        event.api_key_id = Some(if (9..19).contains(&i) {
+            "key-chain".into()
+        } else {
+            format!("key-{i}").into()
+        });
+        assert!(UsageHistory::record(&local, &event, &location(i)));
+        assert!(replicas[(i % 2) as usize].record(&event, &location(i)));
+    }
+    for i in 0..50u64 {
+        let mut event = linked(
+            &format!("own-{i}"),
+            now - i as i64,
+            Some(&format!("card-own-{i}")),
+            None,
+        );
+        event.ip = format!("203.0.{i}.9").parse().unwrap();
+        assert!(UsageHistory::record(&local, &event, &location(i)));
+        assert!(replicas[(i % 2) as usize].record(&event, &location(i)));
+    }
+    tokio::join!(replicas[0].flush(), replicas[1].flush());
+    let expected = local
+        .facts(Some("chain-0"), ip(1), None, now)
+        .and_then(|f| f.fleet)
+        .expect("the in-process graph sees the fleet");
+    assert_eq!(expected.size, 30);
+    for i in 0..30u64 {
+        for replica in &replicas {
+            let got = account_facts(replica, &format!("chain-{i}"), ip(1), now).await;
+            assert_eq!(got.fleet.as_ref(), Some(&expected), "chain-{i}");
+        }
+    }
+    for i in 0..50u64 {
+        let got = account_facts(&replicas[1], &format!("own-{i}"), ip(1), now).await;
+        assert_eq!(got.fleet, None, "own-{i} is in no fleet");
+    }
+    let shared = replicas[0].fleet(&expected.id, now).await.unwrap().unwrap();
+    let alone = local.fleet(&expected.id, now).await.unwrap().unwrap();
+    assert_eq!(shared, alone, "GetFleet answers alike on both adapters");
+    assert_eq!(shared.members.len(), 30);
+    assert_eq!(shared.links.len(), 3, "{:?}", shared.links);
+    assert_eq!(
+        replicas[1].fleet("fl_0000000000000000", now).await,
+        Ok(None)
+    );
 }

@@ -284,12 +284,16 @@ impl Review for ReviewService {
         let history = self.engine.usage().ok_or_else(|| {
             ApiError::NotConfigured("usage history is turned off ([usage] enabled)".into())
         })?;
-        let report = history.fleet(&fleet_id, now).ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "fleet {:?} is not in the usage history (expired, or never seen)",
-                excerpt(&fleet_id)
-            ))
-        })?;
+        let report = history
+            .fleet(&fleet_id, now)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("usage history: {e}")))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "fleet {:?} is not in the usage history (expired, or never seen)",
+                    excerpt(&fleet_id)
+                ))
+            })?;
         Ok(Response::new(pb::Fleet {
             summary: Some(fleet_summary(&report.facts)),
             members: report

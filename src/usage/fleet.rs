@@ -20,15 +20,15 @@ use crate::classify::{FleetFacts, LinkKind};
 use crate::policy::FleetRules;
 
 /// Accounts remembered per link value (the most recent; older ones drop out).
-const MAX_MEMBERS: usize = 256;
+pub(crate) const MAX_MEMBERS: usize = 256;
 /// Prompt templates remembered per account, for USAGE_TEMPLATE_REPETITION.
-const TEMPLATES_PER_ACCOUNT: usize = 4;
+pub(crate) const TEMPLATES_PER_ACCOUNT: usize = 4;
 /// Expired links are dropped, and components recomputed, this often (event time).
-const REBUILD_SECS: i64 = 3600;
+pub(crate) const REBUILD_SECS: i64 = 3600;
 /// Members looked at for coordination: a bigger fleet is sampled by its first members.
-const MAX_COORDINATION_MEMBERS: usize = 4096;
+pub(crate) const MAX_COORDINATION_MEMBERS: usize = 1024;
 /// The coordination window, in minutes.
-const WINDOW_MINUTES: i64 = 60;
+pub(crate) const WINDOW_MINUTES: i64 = 60;
 
 /// Bytes per account and per link value, for the memory ceiling: the structures' sizes, scaled
 /// to resident memory as `cargo bench --bench usage` measures it (a million linked accounts,
@@ -37,7 +37,7 @@ const WINDOW_MINUTES: i64 = 60;
 pub const ACCOUNT_BYTES: u64 = 280;
 pub const LINK_BYTES: u64 = 200;
 
-fn window(kind: LinkKind) -> i64 {
+pub(crate) fn window(kind: LinkKind) -> i64 {
     match kind {
         LinkKind::Network => DAY,
         _ => HISTORY_SECS,
@@ -142,6 +142,37 @@ pub fn is_fleet_id(text: &str) -> bool {
     })
 }
 
+/// The values of an event that the graph keeps: those of the kinds that link under `rules`,
+/// and prompt templates always (they count for USAGE_TEMPLATE_REPETITION even when they do not
+/// link). Both adapters keep exactly these.
+pub(crate) fn link_values(
+    event: &UsageEvent,
+    rules: &FleetRules,
+) -> impl Iterator<Item = (LinkKind, Arc<str>)> {
+    let network = rules
+        .link(LinkKind::Network)
+        .map(|_| Arc::from(NetworkKey::of(event.ip).to_string()));
+    let values = [
+        (
+            LinkKind::PaymentFingerprint,
+            event.payment_fingerprint.clone(),
+        ),
+        (LinkKind::ApiKey, event.api_key_id.clone()),
+        (LinkKind::Device, event.device_id.clone()),
+        (
+            LinkKind::OrganizationDomain,
+            event.organization_domain.clone(),
+        ),
+        (LinkKind::Network, network),
+        (LinkKind::PromptTemplate, event.prompt_fingerprint.clone()),
+    ];
+    let rules = *rules;
+    values.into_iter().filter_map(move |(kind, value)| {
+        let value = value?;
+        (rules.link(kind).is_some() || kind == LinkKind::PromptTemplate).then_some((kind, value))
+    })
+}
+
 impl FleetGraph {
     /// A graph within `max_bytes` (estimated; see [`ACCOUNT_BYTES`], [`LINK_BYTES`]).
     pub fn new(max_bytes: u64, rules: FleetRules) -> Self {
@@ -194,9 +225,21 @@ impl FleetGraph {
         let Some(node) = self.node(&event.account_id, t) else {
             return;
         };
+        let last_seen = &mut self.nodes[node as usize].last_seen;
+        *last_seen = (*last_seen).max(t);
+        if t < self.nodes[node as usize].first_seen {
+            // The earliest event, whatever order events came in; the fleet's founder is its
+            // earliest member, so that every replica names the fleet alike.
+            self.nodes[node as usize].first_seen = t;
+            let root = find(&mut self.nodes, node);
+            let founder = self.nodes[root as usize].founder;
+            if earlier(&self.nodes, node, founder) == node && founder != node {
+                self.nodes[root as usize].founder = node;
+                self.cached.remove(&root);
+            }
+        }
         {
             let n = &mut self.nodes[node as usize];
-            n.last_seen = n.last_seen.max(t);
             let minute = t.div_euclid(60);
             if minute > n.minute {
                 let shift = minute - n.minute;
@@ -208,30 +251,8 @@ impl FleetGraph {
                 n.minutes |= 1 << age;
             }
         }
-        let network = self
-            .rules
-            .link(LinkKind::Network)
-            .map(|_| Arc::from(NetworkKey::of(event.ip).to_string()));
-        let values = [
-            (
-                LinkKind::PaymentFingerprint,
-                event.payment_fingerprint.clone(),
-            ),
-            (LinkKind::ApiKey, event.api_key_id.clone()),
-            (LinkKind::Device, event.device_id.clone()),
-            (
-                LinkKind::OrganizationDomain,
-                event.organization_domain.clone(),
-            ),
-            (LinkKind::Network, network),
-            (LinkKind::PromptTemplate, event.prompt_fingerprint.clone()),
-        ];
-        for (kind, value) in values {
-            let Some(value) = value else { continue };
-            // Templates count for USAGE_TEMPLATE_REPETITION even when they do not link.
-            if self.rules.link(kind).is_none() && kind != LinkKind::PromptTemplate {
-                continue;
-            }
+        let rules = self.rules;
+        for (kind, value) in link_values(event, &rules) {
             if kind == LinkKind::PromptTemplate {
                 let templates = &mut self.nodes[node as usize].templates;
                 match templates.iter_mut().find(|(v, _)| *v == value) {

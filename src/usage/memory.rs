@@ -11,10 +11,10 @@ use std::time::Duration;
 use moka::sync::Cache;
 
 use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
-use super::fleet::{FleetGraph, FleetReport};
+use super::fleet::FleetGraph;
 use super::window::{HISTORY_SECS, Recent};
 use super::{
-    DAY, EventLocation, Fleet, FleetMember, NetworkKey, UsageEvent, UsageHistory, UsageLookup,
+    DAY, EventLocation, NetworkKey, PendingFleet, UsageEvent, UsageHistory, UsageLookup,
     UsageQuery, UsageStats,
 };
 use crate::classify::UsageFacts;
@@ -237,41 +237,17 @@ impl UsageHistory for UsageAggregator {
         lock(&self.fleets).set_rules(*rules);
     }
 
-    fn fleet(&self, fleet_id: &str, now: i64) -> Option<Fleet> {
-        let FleetReport {
-            facts,
-            members,
-            links,
-        } = lock(&self.fleets).report(fleet_id, now)?;
-        let mut countries = std::collections::BTreeSet::new();
-        let members: Vec<FleetMember> = members
-            .into_iter()
-            .take(Fleet::MAX_LISTED)
-            .map(|account_id| {
+    fn fleet<'a>(&'a self, fleet_id: &'a str, now: i64) -> PendingFleet<'a> {
+        let report = lock(&self.fleets).report(fleet_id, now);
+        let fleet = report.map(|report| {
+            super::fleet_from(report, |account| {
                 let mut usage = UsageFacts::default();
-                if let Some(entry) = self.accounts.get(&account_id) {
+                if let Some(entry) = self.accounts.get(account) {
                     lock(&entry).state.fill(&mut usage, now);
                 }
-                let countries_7d: Vec<_> = usage
-                    .regions_7d
-                    .iter()
-                    .filter(|r| !r.is_subdivision())
-                    .map(|r| r.country())
-                    .collect();
-                countries.extend(countries_7d.iter().copied());
-                FleetMember {
-                    account_id,
-                    requests_24h: usage.requests_24h,
-                    countries_7d,
-                }
+                usage
             })
-            .collect();
-        Some(Fleet {
-            facts,
-            requests_24h: members.iter().map(|m| m.requests_24h).sum(),
-            members,
-            links,
-            countries: countries.into_iter().collect(),
-        })
+        });
+        Box::pin(async move { Ok(fleet) })
     }
 }

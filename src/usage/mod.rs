@@ -181,6 +181,49 @@ impl Fleet {
     pub const MAX_LISTED: usize = 1000;
 }
 
+/// A fleet report on its way: `Err` says why the history could not be read.
+pub type PendingFleet<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Fleet>, String>> + Send + 'a>>;
+
+/// A fleet for reviewers from the graph's report and each listed member's usage.
+pub(crate) fn fleet_from(
+    report: fleet::FleetReport,
+    mut usage_of: impl FnMut(&str) -> UsageFacts,
+) -> Fleet {
+    let fleet::FleetReport {
+        facts,
+        members,
+        links,
+    } = report;
+    let mut countries = std::collections::BTreeSet::new();
+    let members: Vec<FleetMember> = members
+        .into_iter()
+        .take(Fleet::MAX_LISTED)
+        .map(|account_id| {
+            let usage = usage_of(&account_id);
+            let countries_7d: Vec<_> = usage
+                .regions_7d
+                .iter()
+                .filter(|r| !r.is_subdivision())
+                .map(|r| r.country())
+                .collect();
+            countries.extend(countries_7d.iter().copied());
+            FleetMember {
+                account_id,
+                requests_24h: usage.requests_24h,
+                countries_7d,
+            }
+        })
+        .collect();
+    Fleet {
+        facts,
+        requests_24h: members.iter().map(|m| m.requests_24h).sum(),
+        members,
+        links,
+        countries: countries.into_iter().collect(),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct FleetMember {
     pub account_id: Arc<str>,
@@ -211,9 +254,10 @@ pub trait UsageHistory: Send + Sync {
     /// Which link kinds make fleets, from the policy (on start and on every reload).
     fn set_fleet_rules(&self, _rules: &crate::policy::FleetRules) {}
 
-    /// A fleet by its id, for reviewers; `None` when unknown (or this adapter keeps none).
-    fn fleet(&self, _fleet_id: &str, _now: i64) -> Option<Fleet> {
-        None
+    /// A fleet by its id, for reviewers; `Ok(None)` when unknown, `Err` when the engine that
+    /// holds fleets cannot be read.
+    fn fleet<'a>(&'a self, _fleet_id: &'a str, _now: i64) -> PendingFleet<'a> {
+        Box::pin(async { Ok(None) })
     }
 }
 

@@ -33,13 +33,18 @@ use tokio::sync::{mpsc, oneshot};
 use super::account::{self, AccountState};
 use super::window::HISTORY_SECS;
 use super::{
-    DAY, EventLocation, NetworkKey, UsageEvent, UsageHistory, UsageLookup, UsageQuery, UsageStats,
-    codec,
+    DAY, EventLocation, NetworkKey, PendingFleet, UsageEvent, UsageHistory, UsageLookup,
+    UsageQuery, UsageStats, codec,
 };
 use crate::classify::UsageFacts;
+use crate::policy::FleetRules;
+use fleet::Graph;
 use writer::{Message, Writer};
 
+mod fleet;
 mod writer;
+
+pub use fleet::FleetLimits;
 
 /// Settings, from `[usage]`.
 #[derive(Clone, Debug)]
@@ -53,6 +58,8 @@ pub struct RedisSettings {
     /// Events waiting in the queue to Redis, at most (the writer holds up to 262,144 more in
     /// the batch it is writing); beyond it events are lost (counted).
     pub max_pending_events: usize,
+    /// Accounts the shared fleet graph holds at most (link values: twice as many).
+    pub fleet_max_accounts: u64,
 }
 
 /// Why the adapter cannot start.
@@ -121,6 +128,7 @@ struct Cached {
 
 pub struct RedisUsage {
     reads: Arc<Reads>,
+    rules: Arc<std::sync::Mutex<FleetRules>>,
     queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
     url: String,
@@ -137,6 +145,9 @@ struct Reads {
     /// Milliseconds since `epoch` before which reads skip Redis.
     skip_until_ms: AtomicU64,
     epoch: Instant,
+    graph: Arc<Graph>,
+    /// Whether Redis is known to hold the fleet script (a restarted Redis does not).
+    fleet_loaded: AtomicBool,
 }
 
 /// A reconnecting multiplexed connection; `response_timeout` None leaves the bound to the caller.
@@ -186,8 +197,17 @@ impl RedisUsage {
         };
         let counters = Arc::new(Counters::default());
         let (queue, rx) = mpsc::channel(settings.max_pending_events.max(1));
-        tokio::spawn(Writer::new(writes, keys.clone(), counters.clone()).run(rx));
+        let graph = Arc::new(Graph::new(&keys));
+        let rules = Arc::new(std::sync::Mutex::new(FleetRules::default()));
+        let fleets = writer::Fleets {
+            graph: graph.clone(),
+            rules: rules.clone(),
+            limits: FleetLimits::for_accounts(settings.fleet_max_accounts),
+            rebuilding: Arc::default(),
+        };
+        tokio::spawn(Writer::new(writes, keys.clone(), counters.clone(), fleets).run(rx));
         Ok(Self {
+            rules,
             reads: Arc::new(Reads {
                 conn: reads,
                 keys,
@@ -200,6 +220,8 @@ impl RedisUsage {
                 counters: counters.clone(),
                 skip_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
+                graph,
+                fleet_loaded: AtomicBool::new(false),
             }),
             queue,
             counters,
@@ -254,12 +276,25 @@ impl Reads {
             shared(self.keys.payment(fingerprint), q.now - HISTORY_SECS);
         }
         shared(self.keys.network(network), q.now - DAY);
+        if let Some(id) = q.account_id {
+            self.graph.read(&mut pipe, id, q.now);
+        }
         let mut conn = self.conn.clone();
-        let reply =
-            tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        let reply = tokio::time::timeout(self.timeout, async {
+            if !self.fleet_loaded.load(Ordering::Relaxed) {
+                self.graph.script.load_async(&mut conn).await?;
+                self.fleet_loaded.store(true, Ordering::Relaxed);
+            }
+            pipe.query_async::<Vec<Value>>(&mut conn).await
+        })
+        .await;
         let values = match reply {
             Ok(Ok(values)) => values,
             Ok(Err(error)) => {
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                    // Redis restarted without the script: the next read loads it again.
+                    self.fleet_loaded.store(false, Ordering::Relaxed);
+                }
                 self.failed(&format!("read: {error}"));
                 return Err(());
             }
@@ -332,13 +367,21 @@ impl Reads {
             None => None,
         };
         let network = others(q.now - DAY)?;
-        Ok(account::facts(
+        let fleet = match q.account_id {
+            Some(_) => Some(fleet::parse_read(next()?)?),
+            None => None,
+        };
+        let mut facts = account::facts(
             state.as_ref(),
             payment,
             network,
             q.account_id.is_some(),
             q.now,
-        ))
+        );
+        if let (Some(facts), Some(fleet)) = (&mut facts, fleet) {
+            (facts.fleet, facts.accounts_sharing_template) = fleet;
+        }
+        Ok(facts)
     }
 }
 
@@ -485,6 +528,72 @@ impl UsageHistory for RedisUsage {
 
     fn describe(&self) -> String {
         format!("redis {} (prefix {:?})", self.url, &*self.reads.keys.prefix)
+    }
+
+    fn set_fleet_rules(&self, rules: &FleetRules) {
+        *self
+            .rules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = *rules;
+    }
+
+    fn fleet<'a>(&'a self, fleet_id: &'a str, now: i64) -> PendingFleet<'a> {
+        Box::pin(async move {
+            tokio::time::timeout(REPORT_TIMEOUT, self.reads.fleet(&self.rules, fleet_id, now))
+                .await
+                .unwrap_or_else(|_| Err("Redis did not answer in time".into()))
+        })
+    }
+}
+
+/// Longest a reviewer's fleet report may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Reads {
+    /// A fleet for reviewers, with its listed members' usage.
+    async fn fleet(
+        &self,
+        rules: &std::sync::Mutex<FleetRules>,
+        fleet_id: &str,
+        now: i64,
+    ) -> Result<Option<super::Fleet>, String> {
+        let rules = *rules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut conn = self.conn.clone();
+        let report = async {
+            self.graph.script.load_async(&mut conn).await?;
+            self.graph.report(&mut conn, &rules, fleet_id, now).await
+        };
+        let Some(report) = report.await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let listed: Vec<Arc<str>> = report
+            .members
+            .iter()
+            .take(super::Fleet::MAX_LISTED)
+            .cloned()
+            .collect();
+        let mut pipe = redis::pipe();
+        for account in &listed {
+            pipe.cmd("GET").arg(self.keys.account(account));
+        }
+        let states: Vec<Option<Vec<u8>>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut usage: std::collections::HashMap<&str, UsageFacts> = listed
+            .iter()
+            .zip(&states)
+            .filter_map(|(account, stored)| {
+                let stored = decode_stored(stored.as_deref()?).ok()?;
+                let mut facts = UsageFacts::default();
+                stored.state.fill(&mut facts, now);
+                Some((&**account, facts))
+            })
+            .collect();
+        let usage_of = |account: &str| usage.remove(account).unwrap_or_default();
+        Ok(Some(super::fleet_from(report, usage_of)))
     }
 }
 

@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Script;
@@ -19,7 +19,9 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::fleet::{self, FleetLimits, Graph};
 use super::{CAS, Counters, Keys, VERSION_LEN, decode_stored, encode_stored};
+use crate::policy::FleetRules;
 use crate::usage::account::{AccountState, MAX_ACCOUNTS_PER_KEY};
 use crate::usage::window::HISTORY_SECS;
 use crate::usage::{DAY, EventLocation, NetworkKey, UsageEvent};
@@ -43,6 +45,10 @@ const CAS_ROUNDS: usize = 8;
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub(super) enum Message {
     Event(Box<(UsageEvent, EventLocation)>),
     Flush(oneshot::Sender<()>),
@@ -62,6 +68,10 @@ type Accounts = Vec<(Arc<str>, Pending)>;
 /// A batch, merged.
 #[derive(Default)]
 struct Batch {
+    /// The link rules when the batch began.
+    rules: FleetRules,
+    /// What the fleet graph takes of each account.
+    fleets: fleet::Records,
     events: usize,
     accounts: HashMap<Arc<str>, Pending>,
     /// Sharing-set key → account → latest time, and the key's TTL.
@@ -72,6 +82,7 @@ struct Batch {
 impl Batch {
     fn add(&mut self, keys: &Keys, event: UsageEvent, location: EventLocation) {
         self.events += 1;
+        fleet::add(&mut self.fleets, &self.rules, &event);
         let t = event.timestamp;
         let mut share = |key: String, ttl: Duration| {
             let (members, _) = self
@@ -109,6 +120,16 @@ pub(super) struct Writer {
     /// This process's writer id and the sequence of its compare-and-sets.
     me: Arc<Me>,
     in_flight: Arc<Semaphore>,
+    fleets: Fleets,
+}
+
+/// What the writer needs of the fleet graph.
+pub(super) struct Fleets {
+    pub graph: Arc<Graph>,
+    pub rules: Arc<Mutex<FleetRules>>,
+    pub limits: FleetLimits,
+    /// Held by the rebuild in progress (at most one per process); a flush waits for it.
+    pub rebuilding: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Who writes: a random id per process, and a sequence per compare-and-set.
@@ -118,7 +139,9 @@ pub(super) struct Me {
 }
 
 /// A write call, given up after [`WRITE_TIMEOUT`] (a reconnection in progress included).
-async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+pub(super) async fn bounded<T>(
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
     match tokio::time::timeout(WRITE_TIMEOUT, call).await {
         Ok(result) => result,
         Err(_) => Err(redis::RedisError::from((
@@ -129,7 +152,12 @@ async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis:
 }
 
 impl Writer {
-    pub(super) fn new(conn: ConnectionManager, keys: Keys, counters: Arc<Counters>) -> Self {
+    pub(super) fn new(
+        conn: ConnectionManager,
+        keys: Keys,
+        counters: Arc<Counters>,
+        fleets: Fleets,
+    ) -> Self {
         Self {
             conn,
             keys,
@@ -145,13 +173,17 @@ impl Writer {
                 seq: AtomicU64::new(1),
             }),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            fleets,
         }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         let mut backoff = BACKOFF_MIN;
         while let Some(first) = rx.recv().await {
-            let mut batch = Batch::default();
+            let mut batch = Batch {
+                rules: *lock(&self.fleets.rules),
+                ..Batch::default()
+            };
             self.take(&mut batch, first);
             let deadline = tokio::time::Instant::now() + GATHER;
             while batch.events < BATCH_EVENTS && batch.flushes.is_empty() {
@@ -182,8 +214,16 @@ impl Writer {
             let events = batch.events as u64;
             self.counters.pending.fetch_sub(events, Ordering::Relaxed);
             self.counters.written.fetch_add(events, Ordering::Relaxed);
-            for done in batch.flushes {
-                let _ = done.send(());
+            if !batch.flushes.is_empty() {
+                // A flush also waits for a fleet rebuild in progress (without holding up writes).
+                let rebuilding = self.fleets.rebuilding.clone();
+                let flushes = std::mem::take(&mut batch.flushes);
+                tokio::spawn(async move {
+                    let _done = rebuilding.lock().await;
+                    for done in flushes {
+                        let _ = done.send(());
+                    }
+                });
             }
         }
     }
@@ -213,6 +253,7 @@ impl Writer {
     async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
         if !self.script_loaded {
             bounded(self.cas.load_async(&mut self.conn)).await?;
+            bounded(self.fleets.graph.script.load_async(&mut self.conn)).await?;
             self.script_loaded = true;
         }
         let mut shared = JoinSet::new();
@@ -292,6 +333,17 @@ impl Writer {
         if let Some(error) = failed {
             return Err(error);
         }
+        let limits = self.fleets.limits;
+        let status = self
+            .fleets
+            .graph
+            .write(&mut self.conn, &batch.rules, limits, &mut batch.fleets)
+            .await?;
+        if let Some(status) = status
+            && status.rebuild_due
+        {
+            self.rebuild_fleets(status.newest, batch.rules);
+        }
         if !batch.accounts.is_empty() {
             // Contended beyond the rounds: the next attempt reads again.
             return Err(redis::RedisError::from((
@@ -300,6 +352,33 @@ impl Writer {
             )));
         }
         Ok(())
+    }
+}
+
+impl Writer {
+    /// Starts a rebuild of the fleet graph unless one is running here; another replica may hold
+    /// the lock, and then this one does nothing.
+    fn rebuild_fleets(&self, newest: i64, rules: FleetRules) {
+        let Ok(running) = self.fleets.rebuilding.clone().try_lock_owned() else {
+            return;
+        };
+        let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.clone());
+        let (me, counters) = (format!("{:016x}", self.me.id), self.counters.clone());
+        tokio::spawn(async move {
+            let _running = running;
+            let started = std::time::Instant::now();
+            match graph.rebuild(&mut conn, &rules, &me, newest).await {
+                Ok(true) => tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "usage history in Redis: fleet graph rebuilt (expired links dropped)"
+                ),
+                Ok(false) => {}
+                Err(error) => {
+                    counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "usage history in Redis: fleet rebuild failed; the next batch tries again");
+                }
+            }
+        });
     }
 }
 

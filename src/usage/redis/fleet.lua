@@ -1,0 +1,396 @@
+-- Fleets in Redis: the link graph every replica shares (src/usage/redis/fleet.rs).
+--
+-- Every key is under one hash tag, BASE = "<prefix>{f}", so the script may touch any of them
+-- (KEYS[1] is BASE .. "gen", for routing). Keys:
+--   gen, genseq, building   the current generation, the last one numbered, the one being rebuilt
+--   newest, built, rules    newest event time seen, when the current generation was built, its rules
+--   links, refused          link values held (for the cap), what the caps refused
+--   lock                    the rebuilder's lock
+--   l:KIND:VALUE            zset account -> last time seen with that value (capped, TTL = window)
+--   t:ACCOUNT               zset template -> last time the account sent it (4 at most)
+--   G:a                     hash account -> "first,last,m1,m2,..." (minutes active, ascending)
+--   G:p                     hash account -> parent (absent at a root)
+--   G:r                     hash root -> "size,kinds,founder_first,founder" (absent: a singleton)
+--   G:m:ROOT, G:L:ROOT      sets: the members of a component, the link keys that joined it
+--   G:c:ROOT                its coordination facts, "minute,size,kinds,active,coactive,expected"
+-- where G is a generation number. Union-find cannot split a component, so expiry is a rebuild
+-- into a new generation (fleet.rs); while one is built, writes go to both.
+
+local mode, base = ARGV[1], ARGV[2]
+local MAX_MEMBERS = 256
+local TEMPLATES = 4
+local TEMPLATE_KIND = 5
+
+local function generation(g, from)
+  if not g then
+    return nil
+  end
+  local p = base .. g .. ':'
+  return { id = g, a = p .. 'a', p = p .. 'p', r = p .. 'r', m = p .. 'm:', l = p .. 'L:',
+           c = p .. 'c:', from = from }
+end
+
+local function numbers(text)
+  local out = {}
+  for n in string.gmatch(text, '-?%d+') do
+    out[#out + 1] = tonumber(n)
+  end
+  return out
+end
+
+local function find(g, x, compress)
+  local path = {}
+  local parent = redis.call('HGET', g.p, x)
+  while parent do
+    path[#path + 1] = x
+    x = parent
+    parent = redis.call('HGET', g.p, x)
+  end
+  if compress then
+    for i = 1, #path - 1 do
+      redis.call('HSET', g.p, path[i], x)
+    end
+  end
+  return x
+end
+
+local function info(g, root)
+  local v = redis.call('HGET', g.r, root)
+  if v then
+    local size, kinds, ff, f = string.match(v, '^(%d+),(%d+),(-?%d+),(.*)$')
+    return { size = tonumber(size), kinds = tonumber(kinds), ff = tonumber(ff), f = f }
+  end
+  local a = redis.call('HGET', g.a, root)
+  return { size = 1, kinds = 0, ff = a and numbers(a)[1] or 0, f = root }
+end
+
+local function save(g, root, i)
+  redis.call('HSET', g.r, root, i.size .. ',' .. i.kinds .. ',' .. i.ff .. ',' .. i.f)
+end
+
+-- Moves the members of set `from` into set `to`: O(|from|), so union by size stays cheap.
+local function move(from, to, ttl)
+  local items = redis.call('SMEMBERS', from)
+  for i = 1, #items, 1000 do
+    redis.call('SADD', to, unpack(items, i, math.min(i + 999, #items)))
+  end
+  redis.call('DEL', from)
+  if ttl then
+    redis.call('PEXPIRE', to, ttl)
+  end
+end
+
+local function union(g, x, y, kind_bit, link, ttl)
+  local rx, ry = find(g, x, true), find(g, y, true)
+  local ix = info(g, rx)
+  if rx == ry then
+    ix.kinds = bit.bor(ix.kinds, kind_bit)
+    save(g, rx, ix)
+    redis.call('SADD', g.l .. rx, link)
+    redis.call('PEXPIRE', g.l .. rx, ttl)
+    return
+  end
+  local iy = info(g, ry)
+  local big, small, ib, is = rx, ry, ix, iy
+  if iy.size > ix.size then
+    big, small, ib, is = ry, rx, iy, ix
+  end
+  redis.call('HSET', g.p, small, big)
+  redis.call('HDEL', g.r, small)
+  if ib.size == 1 then
+    redis.call('SADD', g.m .. big, big)
+  end
+  if is.size == 1 then
+    redis.call('SADD', g.m .. big, small)
+  else
+    move(g.m .. small, g.m .. big)
+  end
+  redis.call('PEXPIRE', g.m .. big, ttl)
+  move(g.l .. small, g.l .. big)
+  redis.call('SADD', g.l .. big, link)
+  redis.call('PEXPIRE', g.l .. big, ttl)
+  -- The founder: first seen, then the smaller account id, whatever order events came in.
+  if is.ff < ib.ff or (is.ff == ib.ff and is.f < ib.f) then
+    ib.ff, ib.f = is.ff, is.f
+  end
+  ib.size = ib.size + is.size
+  ib.kinds = bit.bor(ib.kinds, is.kinds, kind_bit)
+  save(g, big, ib)
+end
+
+-- Whether `account` is in generation g; a generation being built takes it from the current one.
+local function present(g, account)
+  if redis.call('HEXISTS', g.a, account) == 1 then
+    return true
+  end
+  if g.from then
+    local v = redis.call('HGET', g.from.a, account)
+    if v then
+      redis.call('HSET', g.a, account, v)
+      return true
+    end
+  end
+  return false
+end
+
+local function touch(g, account, first, last, minutes, max_accounts)
+  local v = redis.call('HGET', g.a, account)
+  if not v and g.from then
+    v = redis.call('HGET', g.from.a, account)
+  end
+  if not v and redis.call('HLEN', g.a) >= max_accounts then
+    redis.call('INCR', base .. 'refused')
+    return false
+  end
+  local seen, f, l = {}, first, last
+  if v then
+    local n = numbers(v)
+    f, l = math.min(n[1], first), math.max(n[2], last)
+    for i = 3, #n do
+      seen[n[i]] = true
+    end
+  end
+  for _, m in ipairs(minutes) do
+    seen[m] = true
+  end
+  local top = nil
+  for m in pairs(seen) do
+    if not top or m > top then
+      top = m
+    end
+  end
+  local list = {}
+  for m in pairs(seen) do
+    if m > top - 64 then
+      list[#list + 1] = m
+    end
+  end
+  table.sort(list)
+  local text = f .. ',' .. l
+  if #list > 0 then
+    text = text .. ',' .. table.concat(list, ',')
+  end
+  redis.call('HSET', g.a, account, text)
+  if v and f < numbers(v)[1] then
+    -- Earlier than it was: the fleet's founder is its earliest member, whatever order events
+    -- came in.
+    local root = find(g, account, true)
+    local i = info(g, root)
+    if i.size >= 2 and (f < i.ff or (f == i.ff and account < i.f)) then
+      i.ff, i.f = f, account
+      save(g, root, i)
+    end
+  end
+  return true
+end
+
+if mode == 'write' then
+  -- ARGV: ttl_ms, max_accounts, max_links, batch_newest, mins (6, 0 = does not link),
+  -- windows (6, seconds), then per account: account, first, last, n, n minutes, k, k × (kind, value, t).
+  local ttl, max_accounts, max_links = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local newest = math.max(tonumber(ARGV[6]), tonumber(redis.call('GET', base .. 'newest') or ARGV[6]))
+  redis.call('SET', base .. 'newest', newest)
+  local mins, windows = numbers(ARGV[7]), numbers(ARGV[8])
+  local current = redis.call('GET', base .. 'gen')
+  if not current then
+    current = tostring(redis.call('INCR', base .. 'genseq'))
+    redis.call('SET', base .. 'gen', current)
+    redis.call('SET', base .. 'built', newest)
+  end
+  local g = generation(current)
+  local gens = { g }
+  local building = redis.call('GET', base .. 'building')
+  if building and building ~= current then
+    gens[2] = generation(building, g)
+  end
+  local i = 9
+  while i <= #ARGV do
+    local account, first, last = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    local n = tonumber(ARGV[i + 3])
+    local minutes = {}
+    for j = 1, n do
+      minutes[j] = tonumber(ARGV[i + 3 + j])
+    end
+    i = i + 4 + n
+    local here = {}
+    for _, gen in ipairs(gens) do
+      if touch(gen, account, first, last, minutes, max_accounts) then
+        here[#here + 1] = gen
+        redis.call('PEXPIRE', gen.a, ttl)
+      end
+    end
+    local k = tonumber(ARGV[i])
+    i = i + 1
+    for _ = 1, k do
+      local kind, value, t = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
+      i = i + 3
+      local key = base .. 'l:' .. kind .. ':' .. value
+      local window = windows[kind + 1]
+      local since = newest - window
+      local fits = true
+      if redis.call('EXISTS', key) == 0 then
+        if tonumber(redis.call('GET', base .. 'links') or '0') >= max_links then
+          redis.call('INCR', base .. 'refused')
+          fits = false
+        else
+          redis.call('INCR', base .. 'links')
+        end
+      end
+      if fits then
+        local before = redis.call('ZCOUNT', key, '(' .. since, '+inf')
+        local old = redis.call('ZSCORE', key, account)
+        local was_live = old and tonumber(old) > since
+        redis.call('ZADD', key, 'GT', t, account)
+        redis.call('ZREMRANGEBYRANK', key, 0, -MAX_MEMBERS - 1)
+        redis.call('PEXPIRE', key, window * 1000)
+        if kind == TEMPLATE_KIND then
+          local own = base .. 't:' .. account
+          redis.call('ZADD', own, 'GT', t, value)
+          redis.call('ZREMRANGEBYRANK', own, 0, -TEMPLATES - 1)
+          redis.call('PEXPIRE', own, windows[kind + 1] * 1000)
+        end
+        local min = mins[kind + 1]
+        local after = before
+        if not was_live and t > since then
+          after = after + 1
+        end
+        if min > 0 and after >= min then
+          -- A value that just became strong enough links everyone who shares it; after
+          -- that, one other member is enough.
+          local others
+          if before < min then
+            others = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf')
+          else
+            others = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf', 'LIMIT', 0, 2)
+          end
+          for _, gen in ipairs(here) do
+            for _, other in ipairs(others) do
+              if other ~= account and present(gen, other) then
+                union(gen, account, other, bit.lshift(1, kind), key, ttl)
+                if before >= min then
+                  break
+                end
+              end
+            end
+          end
+        end
+      end
+    end
+  end
+  return { tostring(newest), redis.call('GET', base .. 'built') or '', redis.call('GET', base .. 'rules') or '' }
+end
+
+if mode == 'read' then
+  -- ARGV: account, now, history_secs, max_members, window_minutes.
+  -- Returns { template_accounts } or { template_accounts, size, kinds, founder, "active,coactive,expected" }.
+  local account, now, history = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local max_members, window = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local templates = 0
+  for _, value in ipairs(redis.call('ZRANGE', base .. 't:' .. account, 0, -1)) do
+    local c = redis.call('ZCOUNT', base .. 'l:' .. TEMPLATE_KIND .. ':' .. value, '(' .. (now - history), '+inf')
+    if c > templates then
+      templates = c
+    end
+  end
+  local g = generation(redis.call('GET', base .. 'gen'))
+  if not g or redis.call('HEXISTS', g.a, account) == 0 then
+    return { templates }
+  end
+  local root = find(g, account, false)
+  local i = info(g, root)
+  if i.size < 2 then
+    return { templates }
+  end
+  local minute = math.floor(now / 60)
+  local head = minute .. ',' .. i.size .. ',' .. i.kinds .. ','
+  local cached = redis.call('GET', g.c .. root)
+  if cached and string.sub(cached, 1, #head) == head then
+    return { templates, i.size, i.kinds, i.f, string.sub(cached, #head + 1) }
+  end
+  -- Members active in the same minutes of the last hour, against chance; a fleet bigger
+  -- than max_members is sampled.
+  local members
+  if i.size <= max_members then
+    members = redis.call('SMEMBERS', g.m .. root)
+  else
+    members = redis.call('SRANDMEMBER', g.m .. root, max_members)
+  end
+  local per = {}
+  for m = 1, window do
+    per[m] = 0
+  end
+  local active, sum, squares = 0, 0, 0
+  for c = 1, #members, 1000 do
+    local acts = redis.call('HMGET', g.a, unpack(members, c, math.min(c + 999, #members)))
+    for _, act in ipairs(acts) do
+      if act then
+        local n = numbers(act)
+        -- A member whose latest minute is after `now` counts as inactive (as in-process).
+        if #n < 3 or n[#n] <= minute then
+          local a = 0
+          for j = 3, #n do
+            local age = minute - n[j]
+            if age >= 0 and age < window then
+              a = a + 1
+              per[age + 1] = per[age + 1] + 1
+            end
+          end
+          if a > 0 then
+            active, sum, squares = active + 1, sum + a, squares + a * a
+          end
+        end
+      end
+    end
+  end
+  local coactive = 0
+  for m = 1, window do
+    coactive = coactive + per[m] * (per[m] - 1) / 2
+  end
+  local facts = active .. ',' .. coactive .. ',' .. string.format('%.17g', (sum * sum - squares) / (2 * window))
+  redis.call('SET', g.c .. root, head .. facts, 'PX', 120000)
+  return { templates, i.size, i.kinds, i.f, facts }
+end
+
+if mode == 'union' then
+  -- A rebuild's unions: ARGV: ttl_ms, generation, kind, link key, min, members...
+  -- Members the new generation does not hold (idle) do not count.
+  local ttl, g = tonumber(ARGV[3]), generation(ARGV[4])
+  local kind, link, min = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+  local live = {}
+  for j = 8, #ARGV do
+    if redis.call('HEXISTS', g.a, ARGV[j]) == 1 then
+      live[#live + 1] = ARGV[j]
+    end
+  end
+  if #live < min then
+    return 0
+  end
+  for j = 2, #live do
+    union(g, live[1], live[j], bit.lshift(1, kind), link, ttl)
+  end
+  return #live
+end
+
+if mode == 'flip' then
+  -- ARGV: lock owner, new generation, built (event time), rules. The rebuilder still holds the lock.
+  if redis.call('GET', base .. 'lock') ~= ARGV[3] then
+    return 0
+  end
+  redis.call('SET', base .. 'gen', ARGV[4])
+  redis.call('DEL', base .. 'building')
+  redis.call('SET', base .. 'built', ARGV[5])
+  redis.call('SET', base .. 'rules', ARGV[6])
+  redis.call('DEL', base .. 'lock')
+  return 1
+end
+
+if mode == 'abandon' then
+  -- ARGV: lock owner. A failed rebuild: writes stop going to its generation.
+  if redis.call('GET', base .. 'lock') ~= ARGV[3] then
+    return 0
+  end
+  redis.call('DEL', base .. 'building', base .. 'lock')
+  return 1
+end
+
+return redis.error_reply('fleet script: unknown mode ' .. tostring(mode))

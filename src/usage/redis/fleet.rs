@@ -1,0 +1,613 @@
+//! Fleets in Redis: the link graph every replica shares, kept by one Lua script
+//! (`fleet.lua`, which lists the keys) so that replicas agree on every fleet and its id.
+//!
+//! - The writer adds each batch's links with the script (`write`): a link value's accounts in a
+//!   capped sorted set, and the union-find of the current generation, merged by size.
+//! - A decision reads its account's fleet in the same pipelined round trip as the rest of its
+//!   history (`read`); the coordination facts of a fleet are computed once a minute, in Redis,
+//!   and kept for every replica.
+//! - Expiry: union-find cannot split a component, so once an hour of event time (or when the
+//!   link rules change) one replica, holding a lock, rebuilds the components into a new
+//!   generation from the live links; writes meanwhile go to both, then the new generation takes
+//!   over and the old one is deleted.
+//!
+//! All fleet keys share one hash tag (`{f}`): one Redis Cluster slot holds the whole graph.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script, Value};
+
+use super::Keys;
+use super::writer::bounded;
+use crate::classify::{FleetFacts, LinkKind};
+use crate::policy::FleetRules;
+use crate::usage::UsageEvent;
+use crate::usage::fleet::{
+    FleetReport, MAX_COORDINATION_MEMBERS, REBUILD_SECS, WINDOW_MINUTES, fleet_id, link_values,
+    window,
+};
+use crate::usage::window::HISTORY_SECS;
+
+pub(super) const SCRIPT: &str = include_str!("fleet.lua");
+
+/// Generation keys live this long after their last write.
+const GENERATION_TTL_MS: i64 = HISTORY_SECS * 1000;
+/// The rebuilder's lock (and the dual writes it starts) lapse after this long.
+const LOCK_MS: u64 = 600_000;
+/// Accounts per script call: a call blocks Redis while it runs.
+const ACCOUNTS_PER_CALL: usize = 64;
+/// Script calls per pipeline.
+const CALLS_PER_PIPELINE: usize = 16;
+/// After the link rules change, the graph is rebuilt at most this often (event time), so
+/// replicas running different policies during a roll-out do not rebuild on every batch.
+const RULES_REBUILD_SECS: i64 = 60;
+
+/// The caps of the shared graph: accounts per generation, link values in all. What does not fit
+/// is counted in Redis (`{f}refused`), never silently dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FleetLimits {
+    pub max_accounts: u64,
+    pub max_links: u64,
+}
+
+impl FleetLimits {
+    /// Link values allowed per account held.
+    pub const LINKS_PER_ACCOUNT: u64 = 2;
+
+    pub fn for_accounts(max_accounts: u64) -> Self {
+        Self {
+            max_accounts,
+            max_links: max_accounts.saturating_mul(Self::LINKS_PER_ACCOUNT),
+        }
+    }
+}
+
+impl Keys {
+    /// The fleet keys' common start (their hash tag included).
+    pub(super) fn fleets(&self) -> String {
+        format!("{}{{f}}", self.prefix)
+    }
+}
+
+/// One account's share of a batch, as the graph takes it.
+pub(super) struct Record {
+    first: i64,
+    last: i64,
+    /// Minutes active, the 64 latest.
+    minutes: BTreeSet<i64>,
+    /// Link values with the latest time each was seen.
+    links: HashMap<(LinkKind, Arc<str>), i64>,
+}
+
+pub(super) type Records = HashMap<Arc<str>, Record>;
+
+pub(super) fn add(records: &mut Records, rules: &FleetRules, event: &UsageEvent) {
+    let t = event.timestamp;
+    let record = records
+        .entry(event.account_id.clone())
+        .or_insert_with(|| Record {
+            first: t,
+            last: t,
+            minutes: BTreeSet::new(),
+            links: HashMap::new(),
+        });
+    record.first = record.first.min(t);
+    record.last = record.last.max(t);
+    record.minutes.insert(t.div_euclid(60));
+    if record.minutes.len() > 64 {
+        record.minutes.pop_first();
+    }
+    for link in link_values(event, rules) {
+        let seen = record.links.entry(link).or_insert(t);
+        *seen = (*seen).max(t);
+    }
+}
+
+/// The policy's link minimums as the script takes them (0: the kind does not link); also what
+/// marks which rules a generation was built with.
+fn minimums(rules: &FleetRules) -> String {
+    LinkKind::ALL
+        .map(|k| rules.link(k).unwrap_or(0).to_string())
+        .join(",")
+}
+
+fn windows() -> String {
+    LinkKind::ALL.map(|k| window(k).to_string()).join(",")
+}
+
+/// The script, and the keys it is called with.
+pub(super) struct Graph {
+    pub script: Script,
+    base: String,
+    gen_key: String,
+}
+
+/// What a batch's write learned: whether a rebuild is due.
+pub(super) struct WriteStatus {
+    pub newest: i64,
+    pub rebuild_due: bool,
+}
+
+impl Graph {
+    pub(super) fn new(keys: &Keys) -> Self {
+        let base = keys.fleets();
+        Self {
+            script: Script::new(SCRIPT),
+            gen_key: format!("{base}gen"),
+            base,
+        }
+    }
+
+    fn call(&self, mode: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(1)
+            .arg(&self.gen_key)
+            .arg(mode)
+            .arg(&self.base);
+        cmd
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.base)
+    }
+
+    fn generation_key(&self, generation: &str, name: &str) -> String {
+        format!("{}{generation}:{name}", self.base)
+    }
+
+    /// Writes `records`, taking out what was written (a retry after an error writes the rest;
+    /// writing a record twice changes nothing).
+    pub(super) async fn write(
+        &self,
+        conn: &mut ConnectionManager,
+        rules: &FleetRules,
+        limits: FleetLimits,
+        records: &mut Records,
+    ) -> RedisResult<Option<WriteStatus>> {
+        let (mins, windows) = (minimums(rules), windows());
+        let mut status = None;
+        let mut all: Vec<(Arc<str>, Record)> = records.drain().collect();
+        while !all.is_empty() {
+            let take = all.len().min(ACCOUNTS_PER_CALL * CALLS_PER_PIPELINE);
+            let part: Vec<(Arc<str>, Record)> = all.drain(all.len() - take..).collect();
+            let mut pipe = redis::pipe();
+            for chunk in part.chunks(ACCOUNTS_PER_CALL) {
+                let newest = chunk.iter().map(|(_, r)| r.last).max().unwrap_or(0);
+                let mut cmd = self.call("write");
+                cmd.arg(GENERATION_TTL_MS)
+                    .arg(limits.max_accounts)
+                    .arg(limits.max_links)
+                    .arg(newest)
+                    .arg(&mins)
+                    .arg(&windows);
+                for (account, r) in chunk {
+                    cmd.arg(&**account)
+                        .arg(r.first)
+                        .arg(r.last)
+                        .arg(r.minutes.len());
+                    for m in &r.minutes {
+                        cmd.arg(*m);
+                    }
+                    cmd.arg(r.links.len());
+                    for ((kind, value), t) in &r.links {
+                        cmd.arg(*kind as u8).arg(&**value).arg(*t);
+                    }
+                }
+                pipe.add_command(cmd);
+            }
+            match bounded(pipe.query_async::<Vec<Vec<String>>>(conn)).await {
+                Ok(replies) => {
+                    if let Some(last) = replies.last() {
+                        status = Some(write_status(last, &mins)?);
+                    }
+                }
+                Err(error) => {
+                    records.extend(part);
+                    records.extend(all);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(status)
+    }
+
+    /// Adds the read of `account`'s fleet to a decision's pipeline (its reply: [`parse_read`]).
+    pub(super) fn read(&self, pipe: &mut redis::Pipeline, account: &str, now: i64) {
+        let mut cmd = self.call("read");
+        cmd.arg(account)
+            .arg(now)
+            .arg(HISTORY_SECS)
+            .arg(MAX_COORDINATION_MEMBERS)
+            .arg(WINDOW_MINUTES);
+        pipe.add_command(cmd);
+    }
+
+    /// Rebuilds the components into a new generation, if this replica gets the lock; `me`
+    /// names the lock holder. Returns whether it rebuilt.
+    pub(super) async fn rebuild(
+        &self,
+        conn: &mut ConnectionManager,
+        rules: &FleetRules,
+        me: &str,
+        newest: i64,
+    ) -> RedisResult<bool> {
+        let got: Option<String> = redis::cmd("SET")
+            .arg(self.key("lock"))
+            .arg(me)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_MS)
+            .query_async(conn)
+            .await?;
+        if got.is_none() {
+            return Ok(false);
+        }
+        let result = self.build(conn, rules, me, newest).await;
+        if result.is_err() {
+            let _: RedisResult<i64> = self.call("abandon").arg(me).query_async(conn).await;
+        }
+        result
+    }
+
+    async fn build(
+        &self,
+        conn: &mut ConnectionManager,
+        rules: &FleetRules,
+        me: &str,
+        newest: i64,
+    ) -> RedisResult<bool> {
+        let old: Option<String> = redis::cmd("GET")
+            .arg(&self.gen_key)
+            .query_async(conn)
+            .await?;
+        let new: i64 = redis::cmd("INCR")
+            .arg(self.key("genseq"))
+            .query_async(conn)
+            .await?;
+        let new = new.to_string();
+        let () = redis::cmd("SET")
+            .arg(self.key("building"))
+            .arg(&new)
+            .arg("PX")
+            .arg(LOCK_MS)
+            .query_async(conn)
+            .await?;
+        // From here on writes go to both generations. Accounts active within the window move.
+        let accounts = self.generation_key(&new, "a");
+        if let Some(old) = &old {
+            let from = self.generation_key(old, "a");
+            let mut cursor = 0u64;
+            loop {
+                let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                    .arg(&from)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?;
+                let mut pipe = redis::pipe();
+                for (account, activity) in &items {
+                    if last_seen(activity).is_some_and(|t| t > newest - HISTORY_SECS) {
+                        pipe.cmd("HSETNX")
+                            .arg(&accounts)
+                            .arg(account)
+                            .arg(activity)
+                            .ignore();
+                    }
+                }
+                let () = pipe.query_async(conn).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let () = redis::cmd("PEXPIRE")
+            .arg(&accounts)
+            .arg(GENERATION_TTL_MS)
+            .query_async(conn)
+            .await?;
+        // The components, from the links that are still live.
+        let links_prefix = self.key("l:");
+        let mut links = 0u64;
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", glob_escape(&links_prefix)))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            let kinds: Vec<(String, LinkKind)> = keys
+                .into_iter()
+                .filter_map(|key| {
+                    let kind = link_kind(key.strip_prefix(&links_prefix)?)?;
+                    Some((key, kind))
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            for (key, kind) in &kinds {
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(newest - window(*kind))
+                    .ignore();
+                pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1);
+            }
+            let members: Vec<Vec<String>> = pipe.query_async(conn).await?;
+            let mut unions = redis::pipe();
+            for ((key, kind), members) in kinds.iter().zip(&members) {
+                links += u64::from(!members.is_empty());
+                let Some(min) = rules.link(*kind) else {
+                    continue;
+                };
+                if members.len() < min as usize || members.len() < 2 {
+                    continue;
+                }
+                let mut cmd = self.call("union");
+                cmd.arg(GENERATION_TTL_MS)
+                    .arg(&new)
+                    .arg(*kind as u8)
+                    .arg(key)
+                    .arg(min)
+                    .arg(members);
+                unions.add_command(cmd).ignore();
+            }
+            let () = unions.query_async(conn).await?;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let () = redis::cmd("SET")
+            .arg(self.key("links"))
+            .arg(links)
+            .query_async(conn)
+            .await?;
+        let flipped: i64 = self
+            .call("flip")
+            .arg(me)
+            .arg(&new)
+            .arg(newest)
+            .arg(minimums(rules))
+            .query_async(conn)
+            .await?;
+        if flipped != 1 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "fleet rebuild: the lock lapsed before the new generation was ready",
+            )));
+        }
+        if let Some(old) = old {
+            self.drop_generation(conn, &old).await?;
+        }
+        Ok(true)
+    }
+
+    async fn drop_generation(&self, conn: &mut ConnectionManager, old: &str) -> RedisResult<()> {
+        let pattern = format!("{}*", glob_escape(&self.generation_key(old, "")));
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            if !keys.is_empty() {
+                let () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// The fleet with this id, for reviewers: its members and the values linking them, as the
+    /// in-process graph reports them.
+    pub(super) async fn report(
+        &self,
+        conn: &mut ConnectionManager,
+        rules: &FleetRules,
+        id: &str,
+        now: i64,
+    ) -> RedisResult<Option<FleetReport>> {
+        let Some(generation): Option<String> = redis::cmd("GET")
+            .arg(&self.gen_key)
+            .query_async(conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        // Roots of components with two members or more, by their founders' ids.
+        let roots = self.generation_key(&generation, "r");
+        let mut cursor = 0u64;
+        let mut root = None;
+        while root.is_none() {
+            let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&roots)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            root = items.into_iter().find_map(|(root, info)| {
+                let founder = info.splitn(4, ',').nth(3)?;
+                (fleet_id(founder) == id).then_some(root)
+            });
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let Some(root) = root else {
+            return Ok(None);
+        };
+        let mut pipe = redis::pipe();
+        self.read(&mut pipe, &root, now);
+        pipe.cmd("SMEMBERS")
+            .arg(self.generation_key(&generation, &format!("m:{root}")));
+        pipe.cmd("SMEMBERS")
+            .arg(self.generation_key(&generation, &format!("L:{root}")));
+        let (read, members, link_keys): (Value, Vec<String>, Vec<String>) =
+            pipe.query_async(conn).await?;
+        let Some(facts) = parse_read(read).map_err(unreadable)?.0 else {
+            return Ok(None);
+        };
+        let in_fleet: HashSet<&str> = members.iter().map(String::as_str).collect();
+        let links_prefix = self.key("l:");
+        let kinds: Vec<(String, LinkKind, String)> = link_keys
+            .into_iter()
+            .filter_map(|key| {
+                let rest = key.strip_prefix(&links_prefix)?;
+                let kind = link_kind(rest)?;
+                let value = rest.split_once(':')?.1.to_owned();
+                Some((key, kind, value))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for (key, kind, _) in &kinds {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(key)
+                .arg(format!("({}", now - window(*kind)))
+                .arg("+inf");
+        }
+        let live: Vec<Vec<String>> = pipe.query_async(conn).await?;
+        let mut links: Vec<(LinkKind, String, u32)> = kinds
+            .into_iter()
+            .zip(live)
+            .filter_map(|((_, kind, value), live)| {
+                // Only values strong enough to link, as the unions counted them.
+                let min = rules.link(kind)?;
+                if (live.len() as u32) < min {
+                    return None;
+                }
+                let shared = live
+                    .iter()
+                    .filter(|m| in_fleet.contains(m.as_str()))
+                    .count() as u32;
+                (shared >= 2).then_some((kind, value, shared))
+            })
+            .collect();
+        links.sort_unstable_by(|a, b| b.2.cmp(&a.2).then_with(|| (a.0, &a.1).cmp(&(b.0, &b.1))));
+        let mut members: Vec<Arc<str>> = members.into_iter().map(Arc::from).collect();
+        members.sort_unstable();
+        Ok(Some(FleetReport {
+            facts,
+            members,
+            links,
+        }))
+    }
+}
+
+fn unreadable(message: String) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Parse, "fleet script", message))
+}
+
+fn write_status(reply: &[String], mins: &str) -> RedisResult<WriteStatus> {
+    let number = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
+    let newest = number(0).ok_or_else(|| unreadable(format!("write reply {reply:?}")))?;
+    let built = number(1).unwrap_or(i64::MIN);
+    let rules_differ = reply.get(2).is_none_or(|r| r != mins);
+    let since = newest.saturating_sub(built);
+    Ok(WriteStatus {
+        newest,
+        rebuild_due: since >= REBUILD_SECS || (rules_differ && since >= RULES_REBUILD_SECS),
+    })
+}
+
+/// The link kind a key (after the `l:` prefix) names: `KIND:VALUE`, KIND a digit.
+fn link_kind(rest: &str) -> Option<LinkKind> {
+    let (kind, _) = rest.split_once(':')?;
+    LinkKind::ALL.get(kind.parse::<usize>().ok()?).copied()
+}
+
+/// The last time in an account's activity (`first,last,minutes…`).
+fn last_seen(activity: &str) -> Option<i64> {
+    activity.split(',').nth(1)?.parse().ok()
+}
+
+/// `text` as a SCAN pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The read's reply: the account's fleet (when in one) and the accounts sharing its most
+/// widely shared prompt template.
+pub(super) fn parse_read(reply: Value) -> Result<(Option<FleetFacts>, u32), String> {
+    let Value::Array(items) = reply else {
+        return Err(format!("fleet read: unexpected {reply:?}"));
+    };
+    let int = |v: &Value| -> Result<i64, String> {
+        redis::from_redis_value_ref(v).map_err(|e| format!("fleet read: {e}"))
+    };
+    let templates = int(items.first().ok_or("fleet read: empty reply")?)?;
+    let templates = u32::try_from(templates).unwrap_or(u32::MAX);
+    if items.len() < 5 {
+        return Ok((None, templates));
+    }
+    let size = int(&items[1])?;
+    let kinds = int(&items[2])?;
+    let founder: String =
+        redis::from_redis_value_ref(&items[3]).map_err(|e| format!("fleet read: {e}"))?;
+    let coordination: String =
+        redis::from_redis_value_ref(&items[4]).map_err(|e| format!("fleet read: {e}"))?;
+    let mut parts = coordination.split(',');
+    let mut next = || parts.next().ok_or("fleet read: short coordination");
+    let active: u32 = next()?.parse().map_err(|_| "fleet read: active")?;
+    let coactive: u64 = next()?.parse().map_err(|_| "fleet read: coactive")?;
+    let expected: f64 = next()?.parse().map_err(|_| "fleet read: expected")?;
+    Ok((
+        Some(FleetFacts {
+            id: fleet_id(&founder),
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+            links: LinkKind::from_bits(kinds as u8),
+            active_members_1h: active,
+            coactive_pairs_1h: coactive,
+            expected_coactive_pairs_1h: expected,
+        }),
+        templates,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_numbers_kinds_as_link_kind_does() {
+        // fleet.lua's TEMPLATE_KIND, and the digit in every link key.
+        assert_eq!(LinkKind::PromptTemplate as usize, 5);
+        assert!(SCRIPT.contains("local TEMPLATE_KIND = 5"));
+        assert_eq!(link_kind("2:device-1"), Some(LinkKind::Device));
+        assert_eq!(link_kind("9:x"), None);
+        assert_eq!(last_seen("10,20,1,2"), Some(20));
+        assert_eq!(glob_escape("a{f}*[x]"), "a{f}\\*\\[x\\]");
+    }
+
+    #[test]
+    fn a_rebuild_is_due_hourly_or_when_the_rules_change() {
+        let reply =
+            |built: &str, rules: &str| vec!["10000".to_owned(), built.to_owned(), rules.to_owned()];
+        let due = |r: Vec<String>| write_status(&r, "2,2").unwrap().rebuild_due;
+        assert!(!due(reply("9000", "2,2")));
+        assert!(due(reply("6400", "2,2")));
+        assert!(due(reply("9000", "3,2")));
+        assert!(!due(reply("9990", "3,2")));
+    }
+}
