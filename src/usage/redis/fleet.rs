@@ -36,8 +36,15 @@ pub(super) const SCRIPT: &str = include_str!("fleet.lua");
 const GENERATION_TTL_MS: i64 = HISTORY_SECS * 1000;
 /// The rebuilder's lock (and the dual writes it starts) lapse after this long.
 const LOCK_MS: u64 = 600_000;
-/// Accounts per script call: a call blocks Redis while it runs.
-const ACCOUNTS_PER_CALL: usize = 64;
+/// Accounts per script call: a call blocks Redis while it runs (about 30 µs an account with
+/// three link values, so a call stays well under a millisecond).
+const ACCOUNTS_PER_CALL: usize = 16;
+/// A link value an account was seen with is sent again only once its time has moved on by this
+/// much (event time): a member's time in Redis lags by at most this, for expiry, which the
+/// hourly rebuild makes hour-grained anyway.
+const REFRESH_SECS: i64 = REBUILD_SECS;
+/// Link values remembered as sent, at most (then forgotten all at once, and sent again).
+const SENT_MAX: usize = 200_000;
 /// Script calls per pipeline.
 const CALLS_PER_PIPELINE: usize = 16;
 /// After the link rules change, the graph is rebuilt at most this often (event time), so
@@ -83,7 +90,37 @@ pub(super) struct Record {
 
 pub(super) type Records = HashMap<Arc<str>, Record>;
 
-pub(super) fn add(records: &mut Records, rules: &FleetRules, event: &UsageEvent) {
+/// The link values this writer sent lately and the latest time sent: an account that keeps
+/// using its card, key and network costs Redis one link update every [`REFRESH_SECS`], not one
+/// per event. Nothing else depends on it (a value not remembered is sent).
+#[derive(Default)]
+pub(super) struct Sent {
+    links: HashMap<(Arc<str>, LinkKind, Arc<str>), i64>,
+}
+
+impl Sent {
+    /// Whether `account`'s use of `value` at `t` must go to Redis (and then remembers it).
+    fn needs(&mut self, account: &Arc<str>, kind: LinkKind, value: &Arc<str>, t: i64) -> bool {
+        if self.links.len() >= SENT_MAX {
+            self.links.clear();
+        }
+        match self.links.entry((account.clone(), kind, value.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut sent) => {
+                if t < *sent.get() + REFRESH_SECS {
+                    return false;
+                }
+                sent.insert(t);
+                true
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(t);
+                true
+            }
+        }
+    }
+}
+
+pub(super) fn add(records: &mut Records, sent: &mut Sent, rules: &FleetRules, event: &UsageEvent) {
     let t = event.timestamp;
     let record = records
         .entry(event.account_id.clone())
@@ -99,8 +136,11 @@ pub(super) fn add(records: &mut Records, rules: &FleetRules, event: &UsageEvent)
     if record.minutes.len() > 64 {
         record.minutes.pop_first();
     }
-    for link in link_values(event, rules) {
-        let seen = record.links.entry(link).or_insert(t);
+    for (kind, value) in link_values(event, rules) {
+        if !sent.needs(&event.account_id, kind, &value, t) {
+            continue;
+        }
+        let seen = record.links.entry((kind, value)).or_insert(t);
         *seen = (*seen).max(t);
     }
 }

@@ -80,9 +80,15 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, keys: &Keys, event: UsageEvent, location: EventLocation) {
+    fn add(
+        &mut self,
+        keys: &Keys,
+        sent: &mut fleet::Sent,
+        event: UsageEvent,
+        location: EventLocation,
+    ) {
         self.events += 1;
-        fleet::add(&mut self.fleets, &self.rules, &event);
+        fleet::add(&mut self.fleets, sent, &self.rules, &event);
         let t = event.timestamp;
         let mut share = |key: String, ttl: Duration| {
             let (members, _) = self
@@ -121,6 +127,7 @@ pub(super) struct Writer {
     me: Arc<Me>,
     in_flight: Arc<Semaphore>,
     fleets: Fleets,
+    sent: fleet::Sent,
 }
 
 /// What the writer needs of the fleet graph.
@@ -174,6 +181,7 @@ impl Writer {
             }),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             fleets,
+            sent: fleet::Sent::default(),
         }
     }
 
@@ -239,11 +247,11 @@ impl Writer {
         batch.events -= events.min(batch.events);
     }
 
-    fn take(&self, batch: &mut Batch, message: Message) {
+    fn take(&mut self, batch: &mut Batch, message: Message) {
         match message {
             Message::Event(event) => {
                 let (event, location) = *event;
-                batch.add(&self.keys, event, location);
+                batch.add(&self.keys, &mut self.sent, event, location);
             }
             Message::Flush(done) => batch.flushes.push(done),
         }
