@@ -8,7 +8,8 @@
 --   lock                    the rebuilder's lock
 --   l:KIND:VALUE            zset account -> last time seen with that value (capped, TTL = window)
 --   t:ACCOUNT               zset template -> last time the account sent it (4 at most)
---   G:a                     hash account -> "first,last,m1,m2,..." (minutes active, ascending)
+--   G:A                     hash account -> "first,last,top,hi,lo": the minutes it was active
+--                           as 64 bits, bit j (of lo, or of hi for j >= 32) for minute top - j
 --   G:p                     hash account -> parent (absent at a root)
 --   G:r                     hash root -> "size,kinds,founder_first,founder" (absent: a singleton)
 --   G:m:ROOT, G:L:ROOT      sets: the members of a component, the link keys that joined it
@@ -26,7 +27,7 @@ local function generation(g, from)
     return nil
   end
   local p = base .. g .. ':'
-  return { id = g, a = p .. 'a', p = p .. 'p', r = p .. 'r', m = p .. 'm:', l = p .. 'L:',
+  return { id = g, a = p .. 'A', p = p .. 'p', r = p .. 'r', m = p .. 'm:', l = p .. 'L:',
            c = p .. 'c:', from = from }
 end
 
@@ -36,6 +37,29 @@ local function numbers(text)
     out[#out + 1] = tonumber(n)
   end
   return out
+end
+
+-- An account's activity ("first,last,top,hi,lo"); nil when it is not one.
+local function activity(v)
+  local f, l, t, h, o = string.match(v, '^(-?%d+),(-?%d+),(-?%d+),(-?%d+),(-?%d+)$')
+  if not f then
+    return nil
+  end
+  return tonumber(f), tonumber(l), tonumber(t), tonumber(h), tonumber(o)
+end
+
+-- The 64 bits (hi, lo) of minutes moved on by d minutes (bit j becomes bit j + d).
+local function shift(hi, lo, d)
+  if d <= 0 then
+    return hi, lo
+  end
+  if d >= 64 then
+    return 0, 0
+  end
+  if d >= 32 then
+    return bit.lshift(lo, d - 32), 0
+  end
+  return bit.bor(bit.lshift(hi, d), bit.rshift(lo, 32 - d)), bit.lshift(lo, d)
 end
 
 local function find(g, x, compress)
@@ -61,7 +85,7 @@ local function info(g, root)
     return { size = tonumber(size), kinds = tonumber(kinds), ff = tonumber(ff), f = f }
   end
   local a = redis.call('HGET', g.a, root)
-  return { size = 1, kinds = 0, ff = a and numbers(a)[1] or 0, f = root }
+  return { size = 1, kinds = 0, ff = a and activity(a) or 0, f = root }
 end
 
 local function save(g, root, i)
@@ -133,7 +157,7 @@ local function present(g, account)
   return false
 end
 
-local function touch(g, account, first, last, minutes, max_accounts)
+local function touch(g, account, first, last, top, hi, lo, max_accounts)
   local v = redis.call('HGET', g.a, account)
   if not v and g.from then
     v = redis.call('HGET', g.from.a, account)
@@ -142,36 +166,20 @@ local function touch(g, account, first, last, minutes, max_accounts)
     redis.call('INCR', base .. 'refused')
     return false
   end
-  local seen, f, l = {}, first, last
+  local f, l, t, h, o = first, last, top, hi, lo
+  local was = nil
   if v then
-    local n = numbers(v)
-    f, l = math.min(n[1], first), math.max(n[2], last)
-    for i = 3, #n do
-      seen[n[i]] = true
+    local vf, vl, vt, vh, vo = activity(v)
+    if vf then
+      was = vf
+      f, l, t = math.min(vf, first), math.max(vl, last), math.max(vt, top)
+      local ah, ao = shift(vh, vo, t - vt)
+      local bh, bo = shift(hi, lo, t - top)
+      h, o = bit.bor(ah, bh), bit.bor(ao, bo)
     end
   end
-  for _, m in ipairs(minutes) do
-    seen[m] = true
-  end
-  local top = nil
-  for m in pairs(seen) do
-    if not top or m > top then
-      top = m
-    end
-  end
-  local list = {}
-  for m in pairs(seen) do
-    if m > top - 64 then
-      list[#list + 1] = m
-    end
-  end
-  table.sort(list)
-  local text = f .. ',' .. l
-  if #list > 0 then
-    text = text .. ',' .. table.concat(list, ',')
-  end
-  redis.call('HSET', g.a, account, text)
-  if v and f < numbers(v)[1] then
+  redis.call('HSET', g.a, account, f .. ',' .. l .. ',' .. t .. ',' .. bit.tobit(h) .. ',' .. bit.tobit(o))
+  if was and f < was then
     -- Earlier than it was: the fleet's founder is its earliest member, whatever order events
     -- came in.
     local root = find(g, account, true)
@@ -186,7 +194,8 @@ end
 
 if mode == 'write' then
   -- ARGV: ttl_ms, max_accounts, max_links, batch_newest, mins (6, 0 = does not link),
-  -- windows (6, seconds), then per account: account, first, last, n, n minutes, k, k × (kind, value, t).
+  -- windows (6, seconds), then per account: account, first, last, top, hi, lo (its activity, as
+  -- G:A holds it), k, k × (kind, value, t).
   local ttl, max_accounts, max_links = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
   local newest = math.max(tonumber(ARGV[6]), tonumber(redis.call('GET', base .. 'newest') or ARGV[6]))
   redis.call('SET', base .. 'newest', newest)
@@ -206,17 +215,12 @@ if mode == 'write' then
   local i = 9
   while i <= #ARGV do
     local account, first, last = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    local n = tonumber(ARGV[i + 3])
-    local minutes = {}
-    for j = 1, n do
-      minutes[j] = tonumber(ARGV[i + 3 + j])
-    end
-    i = i + 4 + n
+    local top, hi, lo = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+    i = i + 6
     local here = {}
     for _, gen in ipairs(gens) do
-      if touch(gen, account, first, last, minutes, max_accounts) then
+      if touch(gen, account, first, last, top, hi, lo, max_accounts) then
         here[#here + 1] = gen
-        redis.call('PEXPIRE', gen.a, ttl)
       end
     end
     local k = tonumber(ARGV[i])
@@ -227,29 +231,37 @@ if mode == 'write' then
       local key = base .. 'l:' .. kind .. ':' .. value
       local window = windows[kind + 1]
       local since = newest - window
+      local min = mins[kind + 1]
+      local old = redis.call('ZSCORE', key, account)
+      local card = nil
       local fits = true
-      if redis.call('EXISTS', key) == 0 then
-        if tonumber(redis.call('GET', base .. 'links') or '0') >= max_links then
+      if not old then
+        card = redis.call('ZCARD', key)
+        if card == 0 and redis.call('INCR', base .. 'links') > max_links then
+          redis.call('DECR', base .. 'links')
           redis.call('INCR', base .. 'refused')
           fits = false
-        else
-          redis.call('INCR', base .. 'links')
         end
       end
       if fits then
-        local before = redis.call('ZCOUNT', key, '(' .. since, '+inf')
-        local old = redis.call('ZSCORE', key, account)
+        -- Accounts holding the value within its window, before this one (counted only for
+        -- a kind that links, and only when there are any).
+        local before = 0
+        if min > 0 and card ~= 0 then
+          before = redis.call('ZCOUNT', key, '(' .. since, '+inf')
+        end
         local was_live = old and tonumber(old) > since
         redis.call('ZADD', key, 'GT', t, account)
-        redis.call('ZREMRANGEBYRANK', key, 0, -MAX_MEMBERS - 1)
+        if card and card >= MAX_MEMBERS then
+          redis.call('ZREMRANGEBYRANK', key, 0, -MAX_MEMBERS - 1)
+        end
         redis.call('PEXPIRE', key, window * 1000)
         if kind == TEMPLATE_KIND then
           local own = base .. 't:' .. account
           redis.call('ZADD', own, 'GT', t, value)
           redis.call('ZREMRANGEBYRANK', own, 0, -TEMPLATES - 1)
-          redis.call('PEXPIRE', own, windows[kind + 1] * 1000)
+          redis.call('PEXPIRE', own, window * 1000)
         end
-        local min = mins[kind + 1]
         local after = before
         if not was_live and t > since then
           after = after + 1
@@ -276,6 +288,9 @@ if mode == 'write' then
         end
       end
     end
+  end
+  for _, gen in ipairs(gens) do
+    redis.call('PEXPIRE', gen.a, ttl)
   end
   return { tostring(newest), redis.call('GET', base .. 'built') or '', redis.call('GET', base .. 'rules') or '' }
 end
@@ -324,13 +339,18 @@ if mode == 'read' then
     local acts = redis.call('HMGET', g.a, unpack(members, c, math.min(c + 999, #members)))
     for _, act in ipairs(acts) do
       if act then
-        local n = numbers(act)
+        local _, _, t, h, o = activity(act)
         -- A member whose latest minute is after `now` counts as inactive (as in-process).
-        if #n < 3 or n[#n] <= minute then
+        if t and t <= minute and minute - t < 64 and (h ~= 0 or o ~= 0) then
+          local s = minute - t
           local a = 0
-          for j = 3, #n do
-            local age = minute - n[j]
-            if age >= 0 and age < window then
+          for age = s, window - 1 do
+            local j = age - s
+            local word = o
+            if j >= 32 then
+              word, j = h, j - 32
+            end
+            if bit.band(bit.rshift(word, j), 1) ~= 0 then
               a = a + 1
               per[age + 1] = per[age + 1] + 1
             end

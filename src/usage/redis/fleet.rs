@@ -13,7 +13,7 @@
 //!
 //! All fleet keys share one hash tag (`{f}`): one Redis Cluster slot holds the whole graph.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
@@ -43,7 +43,8 @@ const ACCOUNTS_PER_CALL: usize = 16;
 /// much (event time): a member's time in Redis lags by at most this, for expiry, which the
 /// hourly rebuild makes hour-grained anyway.
 const REFRESH_SECS: i64 = REBUILD_SECS;
-/// Link values remembered as sent, at most (then forgotten all at once, and sent again).
+/// Link values, and accounts' activity, remembered as sent, at most (then forgotten all at
+/// once, and sent again).
 const SENT_MAX: usize = 200_000;
 /// Script calls per pipeline.
 const CALLS_PER_PIPELINE: usize = 16;
@@ -82,20 +83,55 @@ impl Keys {
 pub(super) struct Record {
     first: i64,
     last: i64,
-    /// Minutes active, the 64 latest.
-    minutes: BTreeSet<i64>,
+    /// Minutes active: bit i is minute `top - i` (as in-process).
+    activity: Minutes,
     /// Link values with the latest time each was seen.
     links: HashMap<(LinkKind, Arc<str>), i64>,
 }
 
 pub(super) type Records = HashMap<Arc<str>, Record>;
 
-/// The link values this writer sent lately and the latest time sent: an account that keeps
-/// using its card, key and network costs Redis one link update every [`REFRESH_SECS`], not one
-/// per event. Nothing else depends on it (a value not remembered is sent).
+/// The 64 latest minutes an account was active in: bit i is minute `top - i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Minutes {
+    top: i64,
+    bits: u64,
+}
+
+impl Minutes {
+    fn of(minute: i64) -> Self {
+        Self {
+            top: minute,
+            bits: 1,
+        }
+    }
+
+    /// Adds `minute`; whether it was not there (a minute older than the 64 kept is dropped,
+    /// as the script drops it).
+    fn insert(&mut self, minute: i64) -> bool {
+        if minute > self.top {
+            let shift = minute - self.top;
+            self.bits = if shift >= 64 { 0 } else { self.bits << shift };
+            self.top = minute;
+        }
+        let age = self.top - minute;
+        if age >= 64 || self.bits & (1 << age) != 0 {
+            return false;
+        }
+        self.bits |= 1 << age;
+        true
+    }
+}
+
+/// What this writer sent lately: an account that keeps using its card, key and network costs
+/// Redis one link update every [`REFRESH_SECS`] and one activity update a minute, not one per
+/// event or per batch. Nothing else depends on it (what is not remembered is sent).
 #[derive(Default)]
 pub(super) struct Sent {
+    /// Link values, with the latest time sent.
     links: HashMap<(Arc<str>, LinkKind, Arc<str>), i64>,
+    /// Each account's first time and minutes sent.
+    activity: HashMap<Arc<str>, (i64, Minutes)>,
 }
 
 impl Sent {
@@ -118,28 +154,51 @@ impl Sent {
             }
         }
     }
+
+    /// Whether an event of `account` at `t` tells Redis something new about its activity: a
+    /// minute not sent yet, or an earlier first time (and then remembers it).
+    fn active(&mut self, account: &Arc<str>, t: i64) -> bool {
+        if self.activity.len() >= SENT_MAX {
+            self.activity.clear();
+        }
+        let minute = t.div_euclid(60);
+        match self.activity.entry(account.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut sent) => {
+                let (first, minutes) = sent.get_mut();
+                let earlier = t < *first;
+                *first = (*first).min(t);
+                minutes.insert(minute) | earlier
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((t, Minutes::of(minute)));
+                true
+            }
+        }
+    }
 }
 
 pub(super) fn add(records: &mut Records, sent: &mut Sent, rules: &FleetRules, event: &UsageEvent) {
     let t = event.timestamp;
+    let active = sent.active(&event.account_id, t);
+    let links: Vec<(LinkKind, Arc<str>)> = link_values(event, rules)
+        .filter(|(kind, value)| sent.needs(&event.account_id, *kind, value, t))
+        .collect();
+    if !active && links.is_empty() {
+        return;
+    }
+    let minute = t.div_euclid(60);
     let record = records
         .entry(event.account_id.clone())
         .or_insert_with(|| Record {
             first: t,
             last: t,
-            minutes: BTreeSet::new(),
+            activity: Minutes::of(minute),
             links: HashMap::new(),
         });
     record.first = record.first.min(t);
     record.last = record.last.max(t);
-    record.minutes.insert(t.div_euclid(60));
-    if record.minutes.len() > 64 {
-        record.minutes.pop_first();
-    }
-    for (kind, value) in link_values(event, rules) {
-        if !sent.needs(&event.account_id, kind, &value, t) {
-            continue;
-        }
+    record.activity.insert(minute);
+    for (kind, value) in links {
         let seen = record.links.entry((kind, value)).or_insert(t);
         *seen = (*seen).max(t);
     }
@@ -227,11 +286,10 @@ impl Graph {
                     cmd.arg(&**account)
                         .arg(r.first)
                         .arg(r.last)
-                        .arg(r.minutes.len());
-                    for m in &r.minutes {
-                        cmd.arg(*m);
-                    }
-                    cmd.arg(r.links.len());
+                        .arg(r.activity.top)
+                        .arg((r.activity.bits >> 32) as u32)
+                        .arg(r.activity.bits as u32)
+                        .arg(r.links.len());
                     for ((kind, value), t) in &r.links {
                         cmd.arg(*kind as u8).arg(&**value).arg(*t);
                     }
@@ -316,9 +374,9 @@ impl Graph {
             .query_async(conn)
             .await?;
         // From here on writes go to both generations. Accounts active within the window move.
-        let accounts = self.generation_key(&new, "a");
+        let accounts = self.generation_key(&new, "A");
         if let Some(old) = &old {
-            let from = self.generation_key(old, "a");
+            let from = self.generation_key(old, "A");
             let mut cursor = 0u64;
             loop {
                 let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
@@ -570,7 +628,7 @@ fn link_kind(rest: &str) -> Option<LinkKind> {
     LinkKind::ALL.get(kind.parse::<usize>().ok()?).copied()
 }
 
-/// The last time in an account's activity (`first,last,minutes…`).
+/// The last time in an account's activity (`first,last,top,hi,lo`).
 fn last_seen(activity: &str) -> Option<i64> {
     activity.split(',').nth(1)?.parse().ok()
 }
@@ -636,8 +694,55 @@ mod tests {
         assert!(SCRIPT.contains("local TEMPLATE_KIND = 5"));
         assert_eq!(link_kind("2:device-1"), Some(LinkKind::Device));
         assert_eq!(link_kind("9:x"), None);
-        assert_eq!(last_seen("10,20,1,2"), Some(20));
+        assert_eq!(last_seen("10,20,1,0,5"), Some(20));
         assert_eq!(glob_escape("a{f}*[x]"), "a{f}\\*\\[x\\]");
+    }
+
+    #[test]
+    fn minutes_keep_the_64_latest_and_say_what_is_new() {
+        let mut m = Minutes::of(100);
+        assert!(!m.insert(100));
+        assert!(m.insert(99));
+        assert!(m.insert(163));
+        assert_eq!((m.top, m.bits), (163, 1 | 1 << 63));
+        // Minute 99 is now 64 minutes old: dropped, and not new.
+        assert!(!m.insert(99));
+        assert!(m.insert(300));
+        assert_eq!((m.top, m.bits), (300, 1));
+    }
+
+    #[test]
+    fn an_account_is_sent_again_only_with_a_new_minute_or_an_earlier_first_time() {
+        let mut sent = Sent::default();
+        let a: Arc<str> = Arc::from("a");
+        assert!(sent.active(&a, 6_000));
+        assert!(!sent.active(&a, 6_030));
+        assert!(sent.active(&a, 6_060));
+        // An earlier event in a minute already sent moves the first time back.
+        assert!(sent.active(&a, 5_999));
+        assert!(!sent.active(&a, 6_001));
+        let rules = FleetRules::default();
+        let event = UsageEvent {
+            account_id: a.clone(),
+            ip: "192.0.2.1".parse().unwrap(),
+            timestamp: 6_010,
+            api_key_id: Some(Arc::from("key-1")),
+            requests: 1,
+            input_tokens: 0,
+            output_tokens: 0,
+            payment_fingerprint: Some(Arc::from("card-1")),
+            device_id: None,
+            prompt_fingerprint: None,
+            organization_domain: None,
+        };
+        let mut records = Records::new();
+        add(&mut records, &mut sent, &rules, &event);
+        // Its minute was sent, but not its link values.
+        let record = records.get(&a).expect("links to send");
+        assert!(!record.links.is_empty());
+        records.clear();
+        add(&mut records, &mut sent, &rules, &event);
+        assert!(records.is_empty(), "nothing new to send");
     }
 
     #[test]

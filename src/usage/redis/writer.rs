@@ -264,6 +264,16 @@ impl Writer {
             bounded(self.fleets.graph.script.load_async(&mut self.conn)).await?;
             self.script_loaded = true;
         }
+        // The fleet graph's share goes beside the accounts' writes, on its own pipelines.
+        let fleets = (!batch.fleets.is_empty()).then(|| {
+            let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.clone());
+            let (rules, limits) = (batch.rules, self.fleets.limits);
+            let mut records = std::mem::take(&mut batch.fleets);
+            tokio::spawn(async move {
+                let result = graph.write(&mut conn, &rules, limits, &mut records).await;
+                (records, result)
+            })
+        });
         let mut shared = JoinSet::new();
         let mut keys = std::mem::take(&mut batch.shared).into_iter();
         loop {
@@ -338,19 +348,27 @@ impl Writer {
                 }
             }
         }
+        if let Some(task) = fleets {
+            match task.await {
+                Ok((left, result)) => {
+                    batch.fleets.extend(left);
+                    match result {
+                        Ok(Some(status)) if status.rebuild_due => {
+                            self.rebuild_fleets(status.newest, batch.rules)
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "usage history: a Redis write task failed; fleet updates of a batch lost")
+                }
+            }
+        }
         if let Some(error) = failed {
             return Err(error);
-        }
-        let limits = self.fleets.limits;
-        let status = self
-            .fleets
-            .graph
-            .write(&mut self.conn, &batch.rules, limits, &mut batch.fleets)
-            .await?;
-        if let Some(status) = status
-            && status.rebuild_due
-        {
-            self.rebuild_fleets(status.newest, batch.rules);
         }
         if !batch.accounts.is_empty() {
             // Contended beyond the rounds: the next attempt reads again.
