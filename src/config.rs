@@ -480,6 +480,12 @@ impl UsageConfig {
                 "usage.redis_max_pending_events: must be at least 1".into(),
             ));
         }
+        if self.redis_prefix.contains(['{', '}']) {
+            // The keys' own hash tags ({account}, {f}) must stay the first braces in each key.
+            return Err(ConfigError::Invalid(
+                "usage.redis_prefix: must not contain { or } (they would change the keys' Redis Cluster hash tags)".into(),
+            ));
+        }
         Ok(Some(crate::usage::redis::RedisSettings {
             url: url.clone(),
             prefix: self.redis_prefix.clone(),
@@ -629,6 +635,24 @@ fn existing(path: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_settings_are_checked_with_the_field_named() {
+        let usage = |extra: &str| {
+            Config::from_toml(
+                &format!("[usage]\nredis_url = \"redis://127.0.0.1:6379\"\n{extra}"),
+                "c.toml",
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.usage.redis().map_err(|e| e.to_string()))
+            .map(|s| s.map(|s| s.prefix))
+        };
+        assert_eq!(usage("").unwrap().as_deref(), Some("regionguard:"));
+        let err = usage("redis_prefix = \"a{b}:\"").unwrap_err();
+        assert!(err.contains("usage.redis_prefix"), "{err}");
+        let err = usage("redis_timeout_ms = 0").unwrap_err();
+        assert!(err.contains("usage.redis_timeout_ms"), "{err}");
+    }
 
     #[test]
     fn file_overrides_defaults_and_typos_are_errors() {

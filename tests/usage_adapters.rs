@@ -500,13 +500,46 @@ async fn expired_links_leave_the_shared_fleet_graph() {
     let fleet = then.fleet.expect("a and b share a card");
     assert_eq!((fleet.size, fleet.links.len()), (2, 1), "{fleet:?}");
 
+    // What a rebuild that died half-way (a killed replica) leaves behind: swept by the next.
+    {
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let () = redis::pipe()
+            .cmd("SADD")
+            .arg("expiry:{f}gens")
+            .arg("99")
+            .ignore()
+            .cmd("HSET")
+            .arg("expiry:{f}99:A")
+            .arg("x")
+            .arg("1,1,0,0,1")
+            .ignore()
+            .cmd("HSET")
+            .arg("expiry:{f}99:r")
+            .arg("x")
+            .arg("2,1,1,x")
+            .ignore()
+            .cmd("SADD")
+            .arg("expiry:{f}99:m:x")
+            .arg("x")
+            .ignore()
+            .query(&mut conn)
+            .unwrap();
+    }
     for account in ["a", "c"] {
         assert!(history.record(
             &linked(account, now, None, Some("device-new")),
             &location(1)
         ));
     }
+    // b is still active (so it is in the new generation), with a device of its own: only the
+    // expired card could link it.
+    assert!(history.record(&linked("b", now, None, Some("device-b")), &location(1)));
     history.flush().await;
+    let b = account_facts(&history, "b", ip(1), now).await;
+    assert_eq!(b.fleet, None, "b is linked by nothing live");
     let a = account_facts(&history, "a", ip(1), now).await;
     let fleet = a.fleet.expect("a and c share a device");
     assert_eq!(
@@ -539,6 +572,11 @@ async fn expired_links_leave_the_shared_fleet_graph() {
         Vec::<String>::new(),
         "the old generation is deleted"
     );
+    assert_eq!(
+        keys("expiry:{f}99:*"),
+        Vec::<String>::new(),
+        "a dead rebuild's generation is swept"
+    );
     assert!(
         !keys("expiry:{f}2:*").is_empty(),
         "the new generation holds the fleet"
@@ -548,6 +586,23 @@ async fn expired_links_leave_the_shared_fleet_graph() {
         Vec::<String>::new(),
         "the expired card is gone"
     );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let index: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("expiry:{f}index")
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        !index.iter().any(|k| k.contains("card-old")),
+        "the index forgets the expired card: {index:?}"
+    );
+    let gens: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("expiry:{f}gens")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(gens, ["2"], "only the live generation is held");
 }
 
 /// The fleet graph is shared: events for a chained fleet split between two replicas make one
@@ -622,4 +677,48 @@ async fn replicas_share_one_fleet_graph_and_name_each_fleet_alike() {
         replicas[1].fleet("fl_0000000000000000", now).await,
         Ok(None)
     );
+}
+
+/// A fleet script Redis no longer holds (a restart or failover, here SCRIPT FLUSH) costs a
+/// decision its fleet facts only, marked degraded; the rest of the history stands, and the next
+/// read has the fleet again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_fleet_script_costs_only_the_fleet_facts() {
+    let redis = RedisServer::start();
+    let history = RedisUsage::start(&RedisSettings {
+        url: redis.url(),
+        prefix: "noscript:".into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
+    })
+    .unwrap();
+    let now = now();
+    for account in ["a", "b"] {
+        assert!(history.record(
+            &linked(account, now - 60, Some("card-1"), None),
+            &location(1)
+        ));
+    }
+    history.flush().await;
+    let before = account_facts(&history, "a", ip(1), now).await;
+    assert!(before.fleet.is_some() && !before.degraded, "{before:?}");
+
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+    let during = account_facts(&history, "a", ip(1), now).await;
+    assert!(during.degraded, "{during:?}");
+    assert_eq!(during.fleet, None);
+    assert_eq!(
+        (during.requests_24h, during.accounts_sharing_network),
+        (before.requests_24h, before.accounts_sharing_network),
+        "the rest of the history is read as before"
+    );
+    let after = account_facts(&history, "a", ip(1), now).await;
+    assert_eq!(after.fleet, before.fleet, "the script is loaded again");
+    assert!(!after.degraded);
 }

@@ -1,10 +1,14 @@
 -- Fleets in Redis: the link graph every replica shares (src/usage/redis/fleet.rs).
 --
 -- Every key is under one hash tag, BASE = "<prefix>{f}", so the script may touch any of them
--- (KEYS[1] is BASE .. "gen", for routing). Keys:
+-- (KEYS[1] is BASE .. "gen": BASE is taken from it, so a cluster routes the call to the slot of
+-- every key it touches). Keys:
 --   gen, genseq, building   the current generation, the last one numbered, the one being rebuilt
 --   newest, built, rules    newest event time seen, when the current generation was built, its rules
---   links, refused          link values held (for the cap), what the caps refused
+--   epoch                   when the graph was started (TIME), so writers see a Redis that lost it
+--   gens                    set: the generations that have keys (a failed rebuild's are swept)
+--   index, refused          set: the link keys (l:...) held, for the cap and the rebuild; what the
+--                           caps refused
 --   lock                    the rebuilder's lock
 --   l:KIND:VALUE            zset account -> last time seen with that value (capped, TTL = window)
 --   t:ACCOUNT               zset template -> last time the account sent it (4 at most)
@@ -17,7 +21,11 @@
 -- where G is a generation number. Union-find cannot split a component, so expiry is a rebuild
 -- into a new generation (fleet.rs); while one is built, writes go to both.
 
-local mode, base = ARGV[1], ARGV[2]
+local mode = ARGV[1]
+local base = string.sub(KEYS[1], 1, -4)
+if ARGV[2] ~= base then
+  return redis.error_reply('fleet script: KEYS[1] is not BASE .. "gen"')
+end
 local MAX_MEMBERS = 256
 local TEMPLATES = 4
 local TEMPLATE_KIND = 5
@@ -29,6 +37,25 @@ local function generation(g, from)
   local p = base .. g .. ':'
   return { id = g, a = p .. 'A', p = p .. 'p', r = p .. 'r', m = p .. 'm:', l = p .. 'L:',
            c = p .. 'c:', from = from }
+end
+
+-- Whether account id a sorts before b, byte by byte as Rust compares them (Lua's `<` follows
+-- the server's locale).
+local function less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return #a < #b
+end
+
+-- Whether (first, account) is earlier than (ff, f): the founder is the earliest member, then
+-- the smaller account id.
+local function earlier(first, account, ff, f)
+  return first < ff or (first == ff and less(account, f))
 end
 
 local function numbers(text)
@@ -134,7 +161,7 @@ local function union(g, x, y, kind_bit, link, ttl)
   redis.call('SADD', g.l .. big, link)
   redis.call('PEXPIRE', g.l .. big, ttl)
   -- The founder: first seen, then the smaller account id, whatever order events came in.
-  if is.ff < ib.ff or (is.ff == ib.ff and is.f < ib.f) then
+  if earlier(is.ff, is.f, ib.ff, ib.f) then
     ib.ff, ib.f = is.ff, is.f
   end
   ib.size = ib.size + is.size
@@ -184,7 +211,7 @@ local function touch(g, account, first, last, top, hi, lo, max_accounts)
     -- came in.
     local root = find(g, account, true)
     local i = info(g, root)
-    if i.size >= 2 and (f < i.ff or (f == i.ff and account < i.f)) then
+    if i.size >= 2 and earlier(f, account, i.ff, i.f) then
       i.ff, i.f = f, account
       save(g, root, i)
     end
@@ -204,7 +231,11 @@ if mode == 'write' then
   if not current then
     current = tostring(redis.call('INCR', base .. 'genseq'))
     redis.call('SET', base .. 'gen', current)
+    redis.call('SADD', base .. 'gens', current)
     redis.call('SET', base .. 'built', newest)
+    redis.call('SET', base .. 'rules', ARGV[7])
+    local time = redis.call('TIME')
+    redis.call('SET', base .. 'epoch', time[1] .. '.' .. time[2])
   end
   local g = generation(current)
   local gens = { g }
@@ -225,6 +256,11 @@ if mode == 'write' then
     end
     local k = tonumber(ARGV[i])
     i = i + 1
+    if here[1] ~= g then
+      -- Refused by the cap: its link values are not taken either (as in-process).
+      i = i + 3 * k
+      k = 0
+    end
     for _ = 1, k do
       local kind, value, t = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
       i = i + 3
@@ -237,10 +273,13 @@ if mode == 'write' then
       local fits = true
       if not old then
         card = redis.call('ZCARD', key)
-        if card == 0 and redis.call('INCR', base .. 'links') > max_links then
-          redis.call('DECR', base .. 'links')
-          redis.call('INCR', base .. 'refused')
-          fits = false
+        if card == 0 then
+          if redis.call('SCARD', base .. 'index') >= max_links then
+            redis.call('INCR', base .. 'refused')
+            fits = false
+          else
+            redis.call('SADD', base .. 'index', key)
+          end
         end
       end
       if fits then
@@ -291,8 +330,12 @@ if mode == 'write' then
   end
   for _, gen in ipairs(gens) do
     redis.call('PEXPIRE', gen.a, ttl)
+    redis.call('PEXPIRE', gen.p, ttl)
+    redis.call('PEXPIRE', gen.r, ttl)
   end
-  return { tostring(newest), redis.call('GET', base .. 'built') or '', redis.call('GET', base .. 'rules') or '' }
+  redis.call('PEXPIRE', base .. 'index', ttl)
+  return { tostring(newest), redis.call('GET', base .. 'built') or '', redis.call('GET', base .. 'rules') or '',
+           redis.call('GET', base .. 'epoch') or '' }
 end
 
 if mode == 'read' then
@@ -388,7 +431,27 @@ if mode == 'union' then
   for j = 2, #live do
     union(g, live[1], live[j], bit.lshift(1, kind), link, ttl)
   end
+  redis.call('PEXPIRE', g.p, ttl)
+  redis.call('PEXPIRE', g.r, ttl)
   return #live
+end
+
+if mode == 'live' then
+  -- A rebuild's page of link keys: ARGV: newest, then (key, window) pairs. Drops each key's
+  -- members older than its window, and the key from the index once it is gone (in one call,
+  -- so a writer cannot add the key again in between); returns each key's live members.
+  local newest = tonumber(ARGV[3])
+  local out = {}
+  for j = 4, #ARGV, 2 do
+    local key = ARGV[j]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', newest - tonumber(ARGV[j + 1]))
+    local members = redis.call('ZRANGE', key, 0, -1)
+    if #members == 0 then
+      redis.call('SREM', base .. 'index', key)
+    end
+    out[#out + 1] = members
+  end
+  return out
 end
 
 if mode == 'flip' then
@@ -404,8 +467,19 @@ if mode == 'flip' then
   return 1
 end
 
+if mode == 'renew' then
+  -- ARGV: lock owner, ms. A rebuild in progress keeps its lock, and the dual writes, alive.
+  if redis.call('GET', base .. 'lock') ~= ARGV[3] then
+    return 0
+  end
+  redis.call('PEXPIRE', base .. 'lock', ARGV[4])
+  redis.call('PEXPIRE', base .. 'building', ARGV[4])
+  return 1
+end
+
 if mode == 'abandon' then
-  -- ARGV: lock owner. A failed rebuild: writes stop going to its generation.
+  -- ARGV: lock owner. A failed rebuild: writes stop going to its generation (whose keys the
+  -- rebuilder then deletes, or the next rebuild sweeps).
   if redis.call('GET', base .. 'lock') ~= ARGV[3] then
     return 0
   end

@@ -39,6 +39,8 @@ const LOCK_MS: u64 = 600_000;
 /// Accounts per script call: a call blocks Redis while it runs (about 30 µs an account with
 /// three link values, so a call stays well under a millisecond).
 const ACCOUNTS_PER_CALL: usize = 16;
+/// Link values per script call, at most (a caller may send an account with many devices).
+const VALUES_PER_CALL: usize = 64;
 /// A link value an account was seen with is sent again only once its time has moved on by this
 /// much (event time): a member's time in Redis lags by at most this, for expiry, which the
 /// hourly rebuild makes hour-grained anyway.
@@ -46,6 +48,8 @@ const REFRESH_SECS: i64 = REBUILD_SECS;
 /// Link values, and accounts' activity, remembered as sent, at most (then forgotten all at
 /// once, and sent again).
 const SENT_MAX: usize = 200_000;
+/// Link keys a rebuild takes per script call (each up to 256 members).
+const LIVE_PAGE: usize = 200;
 /// Script calls per pipeline.
 const CALLS_PER_PIPELINE: usize = 16;
 /// After the link rules change, the graph is rebuilt at most this often (event time), so
@@ -135,6 +139,12 @@ pub(super) struct Sent {
 }
 
 impl Sent {
+    /// Forgets everything: all is sent again.
+    pub(super) fn clear(&mut self) {
+        self.links.clear();
+        self.activity.clear();
+    }
+
     /// Whether `account`'s use of `value` at `t` must go to Redis (and then remembers it).
     fn needs(&mut self, account: &Arc<str>, kind: LinkKind, value: &Arc<str>, t: i64) -> bool {
         if self.links.len() >= SENT_MAX {
@@ -223,10 +233,12 @@ pub(super) struct Graph {
     gen_key: String,
 }
 
-/// What a batch's write learned: whether a rebuild is due.
+/// What a batch's write learned: whether a rebuild is due, and when the graph was started (a
+/// new start means Redis lost it, and what this writer remembers having sent is void).
 pub(super) struct WriteStatus {
     pub newest: i64,
     pub rebuild_due: bool,
+    pub epoch: String,
 }
 
 impl Graph {
@@ -272,9 +284,8 @@ impl Graph {
         while !all.is_empty() {
             let take = all.len().min(ACCOUNTS_PER_CALL * CALLS_PER_PIPELINE);
             let part: Vec<(Arc<str>, Record)> = all.drain(all.len() - take..).collect();
-            let mut pipe = redis::pipe();
-            for chunk in part.chunks(ACCOUNTS_PER_CALL) {
-                let newest = chunk.iter().map(|(_, r)| r.last).max().unwrap_or(0);
+            let newest = part.iter().map(|(_, r)| r.last).max().unwrap_or(0);
+            let header = || {
                 let mut cmd = self.call("write");
                 cmd.arg(GENERATION_TTL_MS)
                     .arg(limits.max_accounts)
@@ -282,18 +293,40 @@ impl Graph {
                     .arg(newest)
                     .arg(&mins)
                     .arg(&windows);
-                for (account, r) in chunk {
+                cmd
+            };
+            // Calls of at most ACCOUNTS_PER_CALL accounts and VALUES_PER_CALL link values: an
+            // account with more values is split over calls (its activity sent with each piece,
+            // which changes nothing).
+            let mut pipe = redis::pipe();
+            let (mut cmd, mut accounts, mut values) = (header(), 0, 0);
+            for (account, r) in &part {
+                let links: Vec<_> = r.links.iter().collect();
+                let pieces: Vec<&[_]> = if links.is_empty() {
+                    vec![&[]]
+                } else {
+                    links.chunks(VALUES_PER_CALL).collect()
+                };
+                for piece in pieces {
+                    if accounts == ACCOUNTS_PER_CALL || values + piece.len() > VALUES_PER_CALL {
+                        pipe.add_command(std::mem::replace(&mut cmd, header()));
+                        (accounts, values) = (0, 0);
+                    }
                     cmd.arg(&**account)
                         .arg(r.first)
                         .arg(r.last)
                         .arg(r.activity.top)
                         .arg((r.activity.bits >> 32) as u32)
                         .arg(r.activity.bits as u32)
-                        .arg(r.links.len());
-                    for ((kind, value), t) in &r.links {
-                        cmd.arg(*kind as u8).arg(&**value).arg(*t);
+                        .arg(piece.len());
+                    for ((kind, value), t) in piece {
+                        cmd.arg(*kind as u8).arg(&**value).arg(**t);
                     }
+                    accounts += 1;
+                    values += piece.len();
                 }
+            }
+            if accounts > 0 {
                 pipe.add_command(cmd);
             }
             match bounded(pipe.query_async::<Vec<Vec<String>>>(conn)).await {
@@ -324,7 +357,8 @@ impl Graph {
     }
 
     /// Rebuilds the components into a new generation, if this replica gets the lock; `me`
-    /// names the lock holder. Returns whether it rebuilt.
+    /// names the lock holder. Returns whether it rebuilt. A failed rebuild deletes what it
+    /// built (or the next one sweeps it).
     pub(super) async fn rebuild(
         &self,
         conn: &mut ConnectionManager,
@@ -343,11 +377,32 @@ impl Graph {
         if got.is_none() {
             return Ok(false);
         }
-        let result = self.build(conn, rules, me, newest).await;
+        let mut new = None;
+        let result = self.build(conn, rules, me, newest, &mut new).await;
         if result.is_err() {
             let _: RedisResult<i64> = self.call("abandon").arg(me).query_async(conn).await;
+            if let Some(new) = new {
+                let _ = self.drop_generation(conn, &new).await;
+            }
         }
         result
+    }
+
+    /// Keeps the lock (and the dual writes) for another [`LOCK_MS`]; an error once it lapsed.
+    async fn renew(&self, conn: &mut ConnectionManager, me: &str) -> RedisResult<()> {
+        let held: i64 = self
+            .call("renew")
+            .arg(me)
+            .arg(LOCK_MS)
+            .query_async(conn)
+            .await?;
+        if held != 1 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "fleet rebuild: the lock lapsed",
+            )));
+        }
+        Ok(())
     }
 
     async fn build(
@@ -356,21 +411,38 @@ impl Graph {
         rules: &FleetRules,
         me: &str,
         newest: i64,
+        building: &mut Option<String>,
     ) -> RedisResult<bool> {
         let old: Option<String> = redis::cmd("GET")
             .arg(&self.gen_key)
             .query_async(conn)
             .await?;
+        // Generations a failed rebuild left behind.
+        let held: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.key("gens"))
+            .query_async(conn)
+            .await?;
+        for stale in held.iter().filter(|g| Some(*g) != old.as_ref()) {
+            self.drop_generation(conn, stale).await?;
+            self.renew(conn, me).await?;
+        }
         let new: i64 = redis::cmd("INCR")
             .arg(self.key("genseq"))
             .query_async(conn)
             .await?;
         let new = new.to_string();
-        let () = redis::cmd("SET")
+        *building = Some(new.clone());
+        let () = redis::pipe()
+            .cmd("SADD")
+            .arg(self.key("gens"))
+            .arg(&new)
+            .ignore()
+            .cmd("SET")
             .arg(self.key("building"))
             .arg(&new)
             .arg("PX")
             .arg(LOCK_MS)
+            .ignore()
             .query_async(conn)
             .await?;
         // From here on writes go to both generations. Accounts active within the window move.
@@ -397,6 +469,7 @@ impl Graph {
                     }
                 }
                 let () = pipe.query_async(conn).await?;
+                self.renew(conn, me).await?;
                 if next == 0 {
                     break;
                 }
@@ -408,17 +481,15 @@ impl Graph {
             .arg(GENERATION_TTL_MS)
             .query_async(conn)
             .await?;
-        // The components, from the links that are still live.
+        // The components, from the link keys the index holds that are still live.
         let links_prefix = self.key("l:");
-        let mut links = 0u64;
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(self.key("index"))
                 .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", glob_escape(&links_prefix)))
                 .arg("COUNT")
-                .arg(1000)
+                .arg(LIVE_PAGE)
                 .query_async(conn)
                 .await?;
             let kinds: Vec<(String, LinkKind)> = keys
@@ -428,45 +499,38 @@ impl Graph {
                     Some((key, kind))
                 })
                 .collect();
-            let mut pipe = redis::pipe();
-            for (key, kind) in &kinds {
-                pipe.cmd("ZREMRANGEBYSCORE")
-                    .arg(key)
-                    .arg("-inf")
-                    .arg(newest - window(*kind))
-                    .ignore();
-                pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1);
-            }
-            let members: Vec<Vec<String>> = pipe.query_async(conn).await?;
-            let mut unions = redis::pipe();
-            for ((key, kind), members) in kinds.iter().zip(&members) {
-                links += u64::from(!members.is_empty());
-                let Some(min) = rules.link(*kind) else {
-                    continue;
-                };
-                if members.len() < min as usize || members.len() < 2 {
-                    continue;
+            if !kinds.is_empty() {
+                let mut live = self.call("live");
+                live.arg(newest);
+                for (key, kind) in &kinds {
+                    live.arg(key).arg(window(*kind));
                 }
-                let mut cmd = self.call("union");
-                cmd.arg(GENERATION_TTL_MS)
-                    .arg(&new)
-                    .arg(*kind as u8)
-                    .arg(key)
-                    .arg(min)
-                    .arg(members);
-                unions.add_command(cmd).ignore();
+                let members: Vec<Vec<String>> = live.query_async(conn).await?;
+                let mut unions = redis::pipe();
+                for ((key, kind), members) in kinds.iter().zip(&members) {
+                    let Some(min) = rules.link(*kind) else {
+                        continue;
+                    };
+                    if members.len() < min as usize || members.len() < 2 {
+                        continue;
+                    }
+                    let mut cmd = self.call("union");
+                    cmd.arg(GENERATION_TTL_MS)
+                        .arg(&new)
+                        .arg(*kind as u8)
+                        .arg(key)
+                        .arg(min)
+                        .arg(members);
+                    unions.add_command(cmd).ignore();
+                }
+                let () = unions.query_async(conn).await?;
             }
-            let () = unions.query_async(conn).await?;
+            self.renew(conn, me).await?;
             if next == 0 {
                 break;
             }
             cursor = next;
         }
-        let () = redis::cmd("SET")
-            .arg(self.key("links"))
-            .arg(links)
-            .query_async(conn)
-            .await?;
         let flipped: i64 = self
             .call("flip")
             .arg(me)
@@ -481,32 +545,53 @@ impl Graph {
                 "fleet rebuild: the lock lapsed before the new generation was ready",
             )));
         }
+        *building = None;
         if let Some(old) = old {
+            // Left for the next rebuild to sweep if this fails (it stays in `gens`).
             self.drop_generation(conn, &old).await?;
         }
         Ok(true)
     }
 
+    /// Deletes a generation's keys: those of each root it holds, then its hashes; no keyspace
+    /// SCAN, so it works the same on Redis Cluster.
     async fn drop_generation(&self, conn: &mut ConnectionManager, old: &str) -> RedisResult<()> {
-        let pattern = format!("{}*", glob_escape(&self.generation_key(old, "")));
+        let roots = self.generation_key(old, "r");
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&roots)
                 .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(conn)
                 .await?;
-            if !keys.is_empty() {
-                let () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            if !items.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                for (root, _) in &items {
+                    for kind in ["m", "L", "c"] {
+                        unlink.arg(self.generation_key(old, &format!("{kind}:{root}")));
+                    }
+                }
+                let _: i64 = unlink.query_async(conn).await?;
             }
             if next == 0 {
-                return Ok(());
+                break;
             }
             cursor = next;
         }
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(self.generation_key(old, "A"))
+            .arg(self.generation_key(old, "p"))
+            .arg(roots)
+            .query_async(conn)
+            .await?;
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.key("gens"))
+            .arg(old)
+            .query_async(conn)
+            .await?;
+        Ok(())
     }
 
     /// The fleet with this id, for reviewers: its members and the values linking them, as the
@@ -619,6 +704,7 @@ fn write_status(reply: &[String], mins: &str) -> RedisResult<WriteStatus> {
     Ok(WriteStatus {
         newest,
         rebuild_due: since >= REBUILD_SECS || (rules_differ && since >= RULES_REBUILD_SECS),
+        epoch: reply.get(3).cloned().unwrap_or_default(),
     })
 }
 
@@ -631,18 +717,6 @@ fn link_kind(rest: &str) -> Option<LinkKind> {
 /// The last time in an account's activity (`first,last,top,hi,lo`).
 fn last_seen(activity: &str) -> Option<i64> {
     activity.split(',').nth(1)?.parse().ok()
-}
-
-/// `text` as a SCAN pattern that matches only itself.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The read's reply: the account's fleet (when in one) and the accounts sharing its most
@@ -695,7 +769,6 @@ mod tests {
         assert_eq!(link_kind("2:device-1"), Some(LinkKind::Device));
         assert_eq!(link_kind("9:x"), None);
         assert_eq!(last_seen("10,20,1,0,5"), Some(20));
-        assert_eq!(glob_escape("a{f}*[x]"), "a{f}\\*\\[x\\]");
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl RedisUsage {
             rules: rules.clone(),
             limits: FleetLimits::for_accounts(settings.fleet_max_accounts),
             rebuilding: Arc::default(),
+            failed_at: Arc::default(),
         };
         tokio::spawn(Writer::new(writes, keys.clone(), counters.clone(), fleets).run(rx));
         Ok(Self {
@@ -279,6 +280,9 @@ impl Reads {
         if let Some(id) = q.account_id {
             self.graph.read(&mut pipe, id, q.now);
         }
+        // Errors come back in their places (see `answer`), so one failing script does not fail
+        // the whole read.
+        pipe.ignore_errors();
         let mut conn = self.conn.clone();
         let reply = tokio::time::timeout(self.timeout, async {
             if !self.fleet_loaded.load(Ordering::Relaxed) {
@@ -367,8 +371,25 @@ impl Reads {
             None => None,
         };
         let network = others(q.now - DAY)?;
+        // A fleet script that fails (NOSCRIPT after a failover, BUSY, OOM) costs the decision
+        // its fleet facts only, and says so: the rest of the history stands.
+        let mut fleet_failed = false;
         let fleet = match q.account_id {
-            Some(_) => Some(fleet::parse_read(next()?)?),
+            Some(_) => match next()? {
+                Value::ServerError(error) => {
+                    let error = redis::RedisError::from(error);
+                    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                        self.fleet_loaded.store(false, Ordering::Relaxed);
+                    }
+                    let errors = self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    if errors.is_multiple_of(100) {
+                        tracing::warn!(%error, "usage history in Redis: the fleet read failed; deciding without fleet facts (degraded)");
+                    }
+                    fleet_failed = true;
+                    None
+                }
+                reply => Some(fleet::parse_read(reply)?),
+            },
             None => None,
         };
         let mut facts = account::facts(
@@ -380,6 +401,9 @@ impl Reads {
         );
         if let (Some(facts), Some(fleet)) = (&mut facts, fleet) {
             (facts.fleet, facts.accounts_sharing_template) = fleet;
+        }
+        if fleet_failed && let Some(facts) = &mut facts {
+            facts.degraded = true;
         }
         Ok(facts)
     }

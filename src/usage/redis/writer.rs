@@ -128,6 +128,8 @@ pub(super) struct Writer {
     in_flight: Arc<Semaphore>,
     fleets: Fleets,
     sent: fleet::Sent,
+    /// The fleet graph's start as Redis last said (`WriteStatus::epoch`).
+    epoch: Option<String>,
 }
 
 /// What the writer needs of the fleet graph.
@@ -137,7 +139,12 @@ pub(super) struct Fleets {
     pub limits: FleetLimits,
     /// Held by the rebuild in progress (at most one per process); a flush waits for it.
     pub rebuilding: Arc<tokio::sync::Mutex<()>>,
+    /// When this process's last rebuild failed: the next waits [`REBUILD_BACKOFF`].
+    pub failed_at: Arc<Mutex<Option<std::time::Instant>>>,
 }
+
+/// After a failed rebuild, this process tries again no sooner (another replica may).
+const REBUILD_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Who writes: a random id per process, and a sequence per compare-and-set.
 pub(super) struct Me {
@@ -182,6 +189,7 @@ impl Writer {
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             fleets,
             sent: fleet::Sent::default(),
+            epoch: None,
         }
     }
 
@@ -353,10 +361,21 @@ impl Writer {
                 Ok((left, result)) => {
                     batch.fleets.extend(left);
                     match result {
-                        Ok(Some(status)) if status.rebuild_due => {
-                            self.rebuild_fleets(status.newest, batch.rules)
+                        Ok(Some(status)) => {
+                            if self.epoch.as_ref().is_some_and(|e| *e != status.epoch) {
+                                // Redis lost the graph (a restart, a failover to an empty
+                                // replica): what this writer sent is not there any more.
+                                tracing::warn!(
+                                    "usage history in Redis: the fleet graph was started anew; sending every link again"
+                                );
+                                self.sent.clear();
+                            }
+                            self.epoch = Some(status.epoch.clone());
+                            if status.rebuild_due {
+                                self.rebuild_fleets(status.newest, batch.rules)
+                            }
                         }
-                        Ok(_) => {}
+                        Ok(None) => {}
                         Err(error) => {
                             failed.get_or_insert(error);
                         }
@@ -385,9 +404,13 @@ impl Writer {
     /// Starts a rebuild of the fleet graph unless one is running here; another replica may hold
     /// the lock, and then this one does nothing.
     fn rebuild_fleets(&self, newest: i64, rules: FleetRules) {
+        if lock(&self.fleets.failed_at).is_some_and(|at| at.elapsed() < REBUILD_BACKOFF) {
+            return;
+        }
         let Ok(running) = self.fleets.rebuilding.clone().try_lock_owned() else {
             return;
         };
+        let failed_at = self.fleets.failed_at.clone();
         let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.clone());
         let (me, counters) = (format!("{:016x}", self.me.id), self.counters.clone());
         tokio::spawn(async move {
@@ -401,7 +424,8 @@ impl Writer {
                 Ok(false) => {}
                 Err(error) => {
                     counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "usage history in Redis: fleet rebuild failed; the next batch tries again");
+                    *lock(&failed_at) = Some(std::time::Instant::now());
+                    tracing::warn!(%error, "usage history in Redis: fleet rebuild failed; tried again in a minute");
                 }
             }
         });
