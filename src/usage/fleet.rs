@@ -142,35 +142,61 @@ pub fn is_fleet_id(text: &str) -> bool {
     })
 }
 
+/// A link value as an event holds it, before it is made a key (a network is formatted only
+/// when its text is needed).
+#[derive(Clone, Copy, Debug, Hash)]
+pub(crate) enum LinkRef<'a> {
+    Text(&'a Arc<str>),
+    Network(NetworkKey),
+}
+
+impl LinkRef<'_> {
+    pub(crate) fn value(self) -> Arc<str> {
+        match self {
+            Self::Text(value) => value.clone(),
+            Self::Network(network) => Arc::from(network.to_string()),
+        }
+    }
+}
+
 /// The values of an event that the graph keeps: those of the kinds that link under `rules`,
 /// and prompt templates always (they count for USAGE_TEMPLATE_REPETITION even when they do not
 /// link). Both adapters keep exactly these.
-pub(crate) fn link_values(
-    event: &UsageEvent,
+pub(crate) fn link_refs<'a>(
+    event: &'a UsageEvent,
     rules: &FleetRules,
-) -> impl Iterator<Item = (LinkKind, Arc<str>)> {
-    let network = rules
-        .link(LinkKind::Network)
-        .map(|_| Arc::from(NetworkKey::of(event.ip).to_string()));
+) -> impl Iterator<Item = (LinkKind, LinkRef<'a>)> + 'a {
+    let text = |value: &'a Option<Arc<str>>| value.as_ref().map(LinkRef::Text);
     let values = [
         (
             LinkKind::PaymentFingerprint,
-            event.payment_fingerprint.clone(),
+            text(&event.payment_fingerprint),
         ),
-        (LinkKind::ApiKey, event.api_key_id.clone()),
-        (LinkKind::Device, event.device_id.clone()),
+        (LinkKind::ApiKey, text(&event.api_key_id)),
+        (LinkKind::Device, text(&event.device_id)),
         (
             LinkKind::OrganizationDomain,
-            event.organization_domain.clone(),
+            text(&event.organization_domain),
         ),
-        (LinkKind::Network, network),
-        (LinkKind::PromptTemplate, event.prompt_fingerprint.clone()),
+        (
+            LinkKind::Network,
+            Some(LinkRef::Network(NetworkKey::of(event.ip))),
+        ),
+        (LinkKind::PromptTemplate, text(&event.prompt_fingerprint)),
     ];
     let rules = *rules;
     values.into_iter().filter_map(move |(kind, value)| {
         let value = value?;
         (rules.link(kind).is_some() || kind == LinkKind::PromptTemplate).then_some((kind, value))
     })
+}
+
+/// [`link_refs`], as keys.
+pub(crate) fn link_values<'a>(
+    event: &'a UsageEvent,
+    rules: &FleetRules,
+) -> impl Iterator<Item = (LinkKind, Arc<str>)> + 'a {
+    link_refs(event, rules).map(|(kind, value)| (kind, value.value()))
 }
 
 impl FleetGraph {

@@ -14,6 +14,7 @@
 //! All fleet keys share one hash tag (`{f}`): one Redis Cluster slot holds the whole graph.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
@@ -25,8 +26,8 @@ use crate::classify::{FleetFacts, LinkKind};
 use crate::policy::FleetRules;
 use crate::usage::UsageEvent;
 use crate::usage::fleet::{
-    FleetReport, MAX_COORDINATION_MEMBERS, REBUILD_SECS, WINDOW_MINUTES, fleet_id, link_values,
-    window,
+    FleetReport, LinkRef, MAX_COORDINATION_MEMBERS, REBUILD_SECS, WINDOW_MINUTES, fleet_id,
+    link_refs, window,
 };
 use crate::usage::window::HISTORY_SECS;
 
@@ -50,6 +51,8 @@ const REFRESH_SECS: i64 = REBUILD_SECS;
 const SENT_MAX: usize = 200_000;
 /// Link keys a rebuild takes per script call (each up to 256 members).
 const LIVE_PAGE: usize = 200;
+/// Fleet write pipelines in flight at once, per batch.
+const PIPELINES_IN_FLIGHT: usize = 3;
 /// Script calls per pipeline.
 const CALLS_PER_PIPELINE: usize = 16;
 /// After the link rules change, the graph is rebuilt at most this often (event time), so
@@ -129,13 +132,16 @@ impl Minutes {
 
 /// What this writer sent lately: an account that keeps using its card, key and network costs
 /// Redis one link update every [`REFRESH_SECS`] and one activity update a minute, not one per
-/// event or per batch. Nothing else depends on it (what is not remembered is sent).
+/// event or per batch. Nothing else depends on it (what is not remembered is sent). Kept by
+/// 64-bit hashes (seeded per process), so a lookup copies nothing; two values with one hash
+/// would only delay one's resend by up to [`REFRESH_SECS`].
 #[derive(Default)]
 pub(super) struct Sent {
-    /// Link values, with the latest time sent.
-    links: HashMap<(Arc<str>, LinkKind, Arc<str>), i64>,
-    /// Each account's first time and minutes sent.
-    activity: HashMap<Arc<str>, (i64, Minutes)>,
+    hasher: foldhash::fast::RandomState,
+    /// Hash of (account, kind, value) → the latest time sent.
+    links: HashMap<u64, i64, foldhash::fast::RandomState>,
+    /// Hash of an account → its first time and minutes sent.
+    activity: HashMap<u64, (i64, Minutes), foldhash::fast::RandomState>,
 }
 
 impl Sent {
@@ -146,11 +152,12 @@ impl Sent {
     }
 
     /// Whether `account`'s use of `value` at `t` must go to Redis (and then remembers it).
-    fn needs(&mut self, account: &Arc<str>, kind: LinkKind, value: &Arc<str>, t: i64) -> bool {
+    fn needs(&mut self, account: &str, kind: LinkKind, value: LinkRef<'_>, t: i64) -> bool {
         if self.links.len() >= SENT_MAX {
             self.links.clear();
         }
-        match self.links.entry((account.clone(), kind, value.clone())) {
+        let key = self.hasher.hash_one((account, kind as u8, value));
+        match self.links.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut sent) => {
                 if t < *sent.get() + REFRESH_SECS {
                     return false;
@@ -167,12 +174,12 @@ impl Sent {
 
     /// Whether an event of `account` at `t` tells Redis something new about its activity: a
     /// minute not sent yet, or an earlier first time (and then remembers it).
-    fn active(&mut self, account: &Arc<str>, t: i64) -> bool {
+    fn active(&mut self, account: &str, t: i64) -> bool {
         if self.activity.len() >= SENT_MAX {
             self.activity.clear();
         }
         let minute = t.div_euclid(60);
-        match self.activity.entry(account.clone()) {
+        match self.activity.entry(self.hasher.hash_one(account)) {
             std::collections::hash_map::Entry::Occupied(mut sent) => {
                 let (first, minutes) = sent.get_mut();
                 let earlier = t < *first;
@@ -190,10 +197,10 @@ impl Sent {
 pub(super) fn add(records: &mut Records, sent: &mut Sent, rules: &FleetRules, event: &UsageEvent) {
     let t = event.timestamp;
     let active = sent.active(&event.account_id, t);
-    let links: Vec<(LinkKind, Arc<str>)> = link_values(event, rules)
-        .filter(|(kind, value)| sent.needs(&event.account_id, *kind, value, t))
-        .collect();
-    if !active && links.is_empty() {
+    let mut links = link_refs(event, rules)
+        .filter(|(kind, value)| sent.needs(&event.account_id, *kind, *value, t))
+        .peekable();
+    if !active && links.peek().is_none() {
         return;
     }
     let minute = t.div_euclid(60);
@@ -209,7 +216,7 @@ pub(super) fn add(records: &mut Records, sent: &mut Sent, rules: &FleetRules, ev
     record.last = record.last.max(t);
     record.activity.insert(minute);
     for (kind, value) in links {
-        let seen = record.links.entry((kind, value)).or_insert(t);
+        let seen = record.links.entry((kind, value.value())).or_insert(t);
         *seen = (*seen).max(t);
     }
 }
@@ -281,6 +288,7 @@ impl Graph {
         let (mins, windows) = (minimums(rules), windows());
         let mut status = None;
         let mut all: Vec<(Arc<str>, Record)> = records.drain().collect();
+        let mut parts = Vec::new();
         while !all.is_empty() {
             let take = all.len().min(ACCOUNTS_PER_CALL * CALLS_PER_PIPELINE);
             let part: Vec<(Arc<str>, Record)> = all.drain(all.len() - take..).collect();
@@ -329,20 +337,53 @@ impl Graph {
             if accounts > 0 {
                 pipe.add_command(cmd);
             }
-            match bounded(pipe.query_async::<Vec<Vec<String>>>(conn)).await {
-                Ok(replies) => {
+            parts.push((part, pipe));
+        }
+        // A few pipelines in flight, so that Redis works while replies travel and are parsed.
+        let mut parts = parts.into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        let mut failed = None;
+        loop {
+            while failed.is_none() && running.len() < PIPELINES_IN_FLIGHT {
+                let Some((part, pipe)) = parts.next() else {
+                    break;
+                };
+                let mut conn = conn.clone();
+                running.spawn(async move {
+                    let replies = bounded(pipe.query_async::<Vec<Vec<String>>>(&mut conn)).await;
+                    (part, replies)
+                });
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            match done {
+                Ok((_, Ok(replies))) => {
                     if let Some(last) = replies.last() {
-                        status = Some(write_status(last, &mins)?);
+                        match write_status(last, &mins) {
+                            Ok(got) => status = Some(got),
+                            Err(error) => {
+                                failed.get_or_insert(error);
+                            }
+                        }
                     }
                 }
-                Err(error) => {
+                Ok((part, Err(error))) => {
                     records.extend(part);
-                    records.extend(all);
-                    return Err(error);
+                    failed.get_or_insert(error);
+                }
+                Err(error) => {
+                    // Short of a bug a pipeline task cannot panic; its accounts' fleet updates
+                    // are then lost (the next minute or hour sends them again).
+                    tracing::error!(%error, "usage history: a fleet write task failed");
                 }
             }
         }
-        Ok(status)
+        records.extend(parts.flat_map(|(part, _)| part));
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(status),
+        }
     }
 
     /// Adds the read of `account`'s fleet to a decision's pipeline (its reply: [`parse_read`]).
