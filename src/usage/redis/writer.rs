@@ -127,9 +127,30 @@ pub(super) struct Writer {
     me: Arc<Me>,
     in_flight: Arc<Semaphore>,
     fleets: Fleets,
-    sent: fleet::Sent,
-    /// The fleet graph's start as Redis last said (`WriteStatus::epoch`).
+    /// The fleet graph's start as Redis last said (`WriteStatus::epoch`), and whether it
+    /// changed in the last write.
     epoch: Option<String>,
+    epoch_changed: bool,
+}
+
+/// What merges queued events into batches: apart from the writer, so that the next batch is
+/// merged while the last one is written.
+struct Merger {
+    keys: Keys,
+    /// What the fleet graph was sent lately.
+    sent: fleet::Sent,
+}
+
+impl Merger {
+    fn take(&mut self, batch: &mut Batch, message: Message) {
+        match message {
+            Message::Event(event) => {
+                let (event, location) = *event;
+                batch.add(&self.keys, &mut self.sent, event, location);
+            }
+            Message::Flush(done) => batch.flushes.push(done),
+        }
+    }
 }
 
 /// What the writer needs of the fleet graph.
@@ -188,44 +209,76 @@ impl Writer {
             }),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             fleets,
-            sent: fleet::Sent::default(),
             epoch: None,
+            epoch_changed: false,
         }
     }
 
+    fn new_batch(&self) -> Batch {
+        Batch {
+            rules: *lock(&self.fleets.rules),
+            ..Batch::default()
+        }
+    }
+
+    /// Writes batch after batch; while one is written, the next is merged from the queue.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut merger = Merger {
+            keys: self.keys.clone(),
+            sent: fleet::Sent::default(),
+        };
         let mut backoff = BACKOFF_MIN;
-        while let Some(first) = rx.recv().await {
-            let mut batch = Batch {
-                rules: *lock(&self.fleets.rules),
-                ..Batch::default()
-            };
-            self.take(&mut batch, first);
-            let deadline = tokio::time::Instant::now() + GATHER;
-            while batch.events < BATCH_EVENTS && batch.flushes.is_empty() {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(message)) => self.take(&mut batch, message),
-                    _ => break,
-                }
-            }
-            // Retried until Redis takes it; meanwhile new events wait in the bounded queue.
-            loop {
-                match self.write(&mut batch).await {
-                    Ok(()) => {
-                        backoff = BACKOFF_MIN;
+        let mut closed = false;
+        let mut next: Option<Batch> = None;
+        loop {
+            let mut batch = match next.take() {
+                Some(batch) if batch.events > 0 || !batch.flushes.is_empty() => batch,
+                _ => {
+                    if closed {
                         break;
                     }
-                    Err(error) => {
-                        // Perhaps a Redis restarted without the script: load it again first.
-                        self.script_loaded = false;
-                        let errors = self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                        if errors.is_multiple_of(100) {
-                            tracing::warn!(%error, pending = batch.events, "usage history: writing to Redis failed; retrying");
+                    let Some(first) = rx.recv().await else {
+                        break;
+                    };
+                    let mut batch = self.new_batch();
+                    merger.take(&mut batch, first);
+                    let deadline = tokio::time::Instant::now() + GATHER;
+                    while batch.events < BATCH_EVENTS && batch.flushes.is_empty() {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(message)) => merger.take(&mut batch, message),
+                            Ok(None) => {
+                                closed = true;
+                                break;
+                            }
+                            Err(_) => break,
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    batch
+                }
+            };
+            let mut following = self.new_batch();
+            {
+                let write = self.write_until_done(&mut batch, &mut backoff);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut write => break,
+                        message = rx.recv(), if !closed
+                            && following.events < BATCH_EVENTS
+                            && following.flushes.is_empty() =>
+                        {
+                            match message {
+                                Some(message) => merger.take(&mut following, message),
+                                None => closed = true,
+                            }
+                        }
                     }
                 }
+            }
+            if std::mem::take(&mut self.epoch_changed) {
+                // Redis lost the fleet graph: what this writer sent is not there any more.
+                merger.sent.clear();
             }
             let events = batch.events as u64;
             self.counters.pending.fetch_sub(events, Ordering::Relaxed);
@@ -241,6 +294,30 @@ impl Writer {
                     }
                 });
             }
+            next = Some(following);
+        }
+    }
+
+    /// Writes `batch`, retried until Redis takes it; meanwhile new events wait in the bounded
+    /// queue (and the next batch is merged from it).
+    async fn write_until_done(&mut self, batch: &mut Batch, backoff: &mut Duration) {
+        loop {
+            match self.write(batch).await {
+                Ok(()) => {
+                    *backoff = BACKOFF_MIN;
+                    return;
+                }
+                Err(error) => {
+                    // Perhaps a Redis restarted without the script: load it again first.
+                    self.script_loaded = false;
+                    let errors = self.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    if errors.is_multiple_of(100) {
+                        tracing::warn!(%error, pending = batch.events, "usage history: writing to Redis failed; retrying");
+                    }
+                    tokio::time::sleep(*backoff).await;
+                    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+                }
+            }
         }
     }
 
@@ -253,16 +330,6 @@ impl Writer {
             .pending
             .fetch_sub(events as u64, Ordering::Relaxed);
         batch.events -= events.min(batch.events);
-    }
-
-    fn take(&mut self, batch: &mut Batch, message: Message) {
-        match message {
-            Message::Event(event) => {
-                let (event, location) = *event;
-                batch.add(&self.keys, &mut self.sent, event, location);
-            }
-            Message::Flush(done) => batch.flushes.push(done),
-        }
     }
 
     /// Writes what is left of `batch`, taking out what was written.
@@ -368,7 +435,7 @@ impl Writer {
                                 tracing::warn!(
                                     "usage history in Redis: the fleet graph was started anew; sending every link again"
                                 );
-                                self.sent.clear();
+                                self.epoch_changed = true;
                             }
                             self.epoch = Some(status.epoch.clone());
                             if status.rebuild_due {
