@@ -1106,3 +1106,30 @@ async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
     assert_eq!(set_override.reviewer, "alice@compliance");
     server.shutdown().await;
 }
+
+/// Without a usage history no fleet is ever found, so a fleet override could match nothing: it
+/// is refused (FAILED_PRECONDITION) instead of being kept to no effect.
+#[tokio::test]
+async fn a_fleet_override_needs_the_usage_history() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |config| {
+        reviewers(config);
+        config.usage.enabled = false;
+    })
+    .await;
+    let refused = review(&server)
+        .set_override(as_caller(
+            pb::SetOverrideRequest {
+                scope: "fleet".into(),
+                value: "fl_00112233445566ff".into(),
+                action: "DENY".into(),
+                reason: "one operator".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("usage history"), "{refused:?}");
+}

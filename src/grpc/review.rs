@@ -382,7 +382,17 @@ impl Review for ReviewService {
                     })?
                     .to_string()
             }
-            "fleet" => value = fleet_id("value", &value)?,
+            "fleet" => {
+                value = fleet_id("value", &value)?;
+                // Fleets come from the usage history: without one, the override could never
+                // match anything.
+                if self.engine.usage().is_none() {
+                    return Err(ApiError::NotConfigured(
+                        "a fleet override needs the usage history, which is turned off ([usage] enabled)".into(),
+                    )
+                    .into());
+                }
+            }
             other => {
                 return Err(ApiError::invalid(
                     "scope",
