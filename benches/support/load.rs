@@ -46,6 +46,7 @@ pub fn pin_load_generator() -> bool {
 pub struct Server {
     pub child: Child,
     pub channel: Channel,
+    pub port: u16,
     pub metrics_port: u16,
 }
 
@@ -97,6 +98,7 @@ pub async fn start(dir: &Path, name: &str, config: &str) -> Server {
             return Server {
                 child,
                 channel,
+                port,
                 metrics_port,
             };
         }
