@@ -5,6 +5,8 @@
 
 #[path = "../tests/support/fixtures.rs"]
 mod fixtures;
+#[path = "support/requests.rs"]
+mod requests;
 mod support;
 
 use std::hint::black_box;
@@ -221,6 +223,73 @@ fn bench_engine(c: &mut Criterion) {
     });
 }
 
+/// Issue 16's (b) and (c) in process: a whole decision (lookup, usage facts, overrides,
+/// classify, decision id) for an API request of an account with usage history, and for a
+/// signup with a full account; then the same with the request decoded from its bytes and the
+/// response encoded, as the Classify handler does around the transport.
+fn bench_realistic(c: &mut Criterion) {
+    let history = std::sync::Arc::new(regionguard::usage::UsageAggregator::new(256 << 20));
+    let engine = Engine::new(
+        embedded_policy().unwrap(),
+        whole_internet_with_capacity(0),
+        None,
+    )
+    .with_usage(history);
+    let now = requests::now_secs();
+    for e in requests::history(now * 1000) {
+        let text = |v: &str| (!v.is_empty()).then(|| std::sync::Arc::from(v));
+        let event = regionguard::usage::UsageEvent {
+            account_id: e.account_id.as_str().into(),
+            ip: e.ip.parse().unwrap(),
+            timestamp: e.timestamp_unix_ms / 1000,
+            api_key_id: text(&e.api_key_id),
+            requests: e.request_count,
+            input_tokens: e.input_tokens,
+            output_tokens: e.output_tokens,
+            payment_fingerprint: text(&e.payment_fingerprint),
+            device_id: None,
+            prompt_fingerprint: None,
+            organization_domain: None,
+        };
+        assert!(engine.record_usage(&event));
+    }
+    for (name, make) in [
+        (
+            "api_request_with_history",
+            requests::api_request as fn(u32) -> pb::ClassifyRequest,
+        ),
+        ("signup_full_account", requests::signup_request),
+    ] {
+        let bodies: Vec<Vec<u8>> = (0..requests::ACCOUNTS)
+            .map(|n| make(n).encode_to_vec())
+            .collect();
+        let inputs: Vec<ClassifyInput> = (0..requests::ACCOUNTS)
+            .map(|n| ClassifyInput::try_from(&make(n)).unwrap())
+            .collect();
+        c.bench_function(&format!("engine/{name}"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % inputs.len();
+                engine
+                    .classify_now(black_box(&inputs[i]), std::time::SystemTime::now())
+                    .unwrap()
+            })
+        });
+        c.bench_function(&format!("engine/{name}_rpc_body"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % bodies.len();
+                let request = pb::ClassifyRequest::decode(black_box(&bodies[i][..])).unwrap();
+                let input = ClassifyInput::try_from(&request).unwrap();
+                let outcome = engine
+                    .classify_now(&input, std::time::SystemTime::now())
+                    .unwrap();
+                pb::ClassifyResponse::from(outcome).encode_to_vec()
+            })
+        });
+    }
+}
+
 /// The lookup ceiling: the three databases read directly (tree walk + decode of the fields we
 /// use), against `Geo::lookup_uncached`, which also combines the answers.
 fn bench_raw_lookups(c: &mut Criterion) {
@@ -320,7 +389,8 @@ criterion_group!(
     bench_raw_lookups,
     bench_policy_size,
     bench_cache_size,
-    bench_engine
+    bench_engine,
+    bench_realistic
 );
 
 /// Resident bytes per cache entry: `n` distinct /24 buckets looked up through a cache that holds

@@ -27,11 +27,13 @@
 mod envoy;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/requests.rs"]
+mod requests;
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use prost::Message;
@@ -40,8 +42,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-const ACCOUNTS: u32 = 2_048;
-const ADDRESSES: u32 = 16_384;
+use requests::{ACCOUNTS, LANGUAGE, USER_AGENT, address, api_request, signup_request};
+
 const IN_FLIGHT: usize = 64;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -78,75 +80,6 @@ impl Kind {
         }
     }
 }
-
-/// Address `n` of the pool: spread over the IPv4 space (a fixed multiplicative hash).
-fn address(n: u32) -> String {
-    let x = (n % ADDRESSES).wrapping_mul(2_654_435_761) | 0x0100_0000;
-    std::net::Ipv4Addr::from(x & 0xdfff_ffff).to_string()
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn api_request(n: u32) -> pb::ClassifyRequest {
-    let a = n % ACCOUNTS;
-    pb::ClassifyRequest {
-        ip: address(a),
-        flow: pb::Flow::ApiRequest as i32,
-        account: Some(pb::Account {
-            account_id: format!("acct-{a:05}"),
-            billing_country: "DE".into(),
-            payment_fingerprint: format!("card-{a}"),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn signup_request(n: u32) -> pb::ClassifyRequest {
-    let owner = |name: &str, country: &str, share: f64| pb::Owner {
-        name: name.into(),
-        country: country.into(),
-        share_percent: share,
-        owners: Vec::new(),
-    };
-    pb::ClassifyRequest {
-        ip: address(n.wrapping_mul(7)),
-        flow: pb::Flow::Signup as i32,
-        account: Some(pb::Account {
-            account_id: format!("new-{n:07}"),
-            billing_country: "DE".into(),
-            phone_country: "DE".into(),
-            payment_country: "DE".into(),
-            declared_country: "DE".into(),
-            created_at_unix: now_secs(),
-            payment_fingerprint: format!("card-new-{n}"),
-            organization: Some(pb::Organization {
-                name: "Example Analytics GmbH".into(),
-                domain: "example-analytics.de".into(),
-                headquarters_country: "DE".into(),
-                owners: vec![
-                    owner("Example Holding AG", "CH", 60.0),
-                    owner("Founders", "DE", 40.0),
-                ],
-            }),
-            verifications: Vec::new(),
-        }),
-        hints: Some(pb::ClientHints {
-            accept_language: "de-DE,de;q=0.9,en-US;q=0.8,en;q=0.7".into(),
-            timezone: "Europe/Berlin".into(),
-            user_agent: "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36".into(),
-        }),
-        ..Default::default()
-    }
-}
-
-const USER_AGENT: &str = "openai-python/1.55.0";
-const LANGUAGE: &str = "en-US,en;q=0.9";
 
 fn check_request(n: u32) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
     let a = n % ACCOUNTS;
@@ -255,24 +188,7 @@ async fn start(dir: &Path, store: bool) -> Target {
     }
     let server = load::start(dir, name, &config).await;
     // Usage history for every account: 12 events over the last day.
-    let now_ms = now_secs() * 1000;
-    let events: Vec<pb::UsageEvent> = (0..ACCOUNTS)
-        .flat_map(|a| {
-            (0..12).map(move |i| pb::UsageEvent {
-                account_id: format!("acct-{a:05}"),
-                ip: address(a),
-                timestamp_unix_ms: now_ms - i * 7_200_000 - 1000,
-                api_key_id: format!("key-{a}"),
-                request_count: 1,
-                input_tokens: 900,
-                output_tokens: 300,
-                model: "model-large".into(),
-                payment_fingerprint: format!("card-{a}"),
-                user_agent: USER_AGENT.into(),
-                ..Default::default()
-            })
-        })
-        .collect();
+    let events = requests::history(requests::now_secs() * 1000);
     let expected = events.len() as u64;
     let summary = UsageClient::new(server.channel.clone())
         .report(tokio_stream::iter(events))

@@ -59,6 +59,10 @@ pub fn open_for_writing(dir: &Path) -> Result<Connection, StoreError> {
     // OS crash or power loss can take the last commits.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(&err)?;
+    // The WAL is cut back to this once a checkpoint has copied it all (it grows to what the
+    // busiest stretch between checkpoints wrote, and would stay that big).
+    conn.pragma_update(None, "journal_size_limit", 64i64 << 20)
+        .map_err(&err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(&err)?;
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)").map_err(&err)?;

@@ -44,6 +44,7 @@ pub(crate) fn start(
             path: path.clone(),
             error,
         })?;
+
     let checkpoints = open_for_writing(dir)?;
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let counters = Arc::new(Counters::default());
@@ -70,14 +71,30 @@ pub(crate) fn start(
 /// How often the WAL is copied back into the database, beside the writer.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// Passive checkpoints (they never block the writer or readers) until the writer stops.
+/// A WAL longer than this (in pages of 16 KB) is restarted from the beginning by the next
+/// checkpoint: under a writer that never pauses, passive checkpoints keep copying it back but
+/// the file itself would only grow (2.4 GB after 13 s at 27k rows/s, before).
+const WAL_RESTART_PAGES: i64 = 4_096;
+
+/// Passive checkpoints (they never block the writer or readers) until the writer stops; when
+/// the WAL has grown past [`WAL_RESTART_PAGES`], a restarting one, which waits for the writer's
+/// transaction in progress and holds the next one back only while it copies what the passive
+/// ones left (little, as they keep up).
 fn checkpoint_while(conn: &Connection, writing: &std::sync::atomic::AtomicBool) {
     while writing.load(Ordering::Relaxed) {
         std::thread::sleep(CHECKPOINT_EVERY);
-        let result: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
+            conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
+            })
+        };
+        let result = checkpoint("PASSIVE").and_then(|(busy, pages, copied)| {
+            if pages > WAL_RESTART_PAGES {
+                checkpoint("RESTART")
+            } else {
+                Ok((busy, pages, copied))
+            }
+        });
         if let Err(error) = result {
             tracing::warn!(%error, "audit store: WAL checkpoint failed; the next one retries");
         }
@@ -90,6 +107,25 @@ const RETENTION_PAUSE: Duration = Duration::from_millis(50);
 
 /// Most commands one transaction takes.
 const BATCH: usize = 256;
+
+/// How long rows nobody waits for (ALLOW decisions outside `must_record`) may gather before
+/// they commit. A commit writes every page it dirtied to the WAL, 16 KB each (the table's last
+/// page, one per index, the hourly counts), however few rows it holds: committing each
+/// millisecond's handful of rows wrote about 7 KB of WAL per row at 27k rows/s. A caller that
+/// waits (a must-record decision, a reviewer, a flush) ends the gathering within
+/// [`GATHER_POLL`].
+const ASYNC_GATHER: Duration = Duration::from_millis(5);
+/// How often the gathering looks for a caller that waits: what it can add to such a caller's
+/// wait, at most.
+const GATHER_POLL: Duration = Duration::from_micros(250);
+
+/// Whether somebody waits for this command's commit.
+fn waited_on(command: &Command) -> bool {
+    match command {
+        Command::Decision(_, keep) => keep.must_keep(),
+        Command::Review(_) | Command::Flush(_) | Command::Retain { .. } => true,
+    }
+}
 
 /// A keyed chain is only continued keyed, and a plain one is keyed only by an explicit
 /// adoption (`adopt_key`): otherwise someone who can write the file but lacks the key could
@@ -361,11 +397,33 @@ fn run(
     });
     let mut last_chunk = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
+        let mut waiting = waited_on(&first);
         let mut commands = vec![first];
         while commands.len() < BATCH {
             match rx.try_recv() {
-                Ok(command) => commands.push(command),
+                Ok(command) => {
+                    waiting |= waited_on(&command);
+                    commands.push(command);
+                }
                 Err(_) => break,
+            }
+        }
+        // Polled in short sleeps rather than woken per row: a wake per row is a context switch
+        // per row on a busy core.
+        let gathering = std::time::Instant::now();
+        while !waiting && commands.len() < BATCH && gathering.elapsed() < ASYNC_GATHER {
+            std::thread::sleep(GATHER_POLL);
+            loop {
+                if commands.len() >= BATCH {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(command) => {
+                        waiting |= waited_on(&command);
+                        commands.push(command);
+                    }
+                    Err(_) => break,
+                }
             }
         }
         let mut items = Vec::with_capacity(commands.len());
