@@ -73,6 +73,34 @@ for in_flight in (1, 64):
     rows.append((f"Classify / echo p99, {in_flight} in flight",
                  f"{classify[1]:.0f} / {echo[1]:.0f} µs = {p99:.2f}", "≤ 1.2", verdict(p99 <= 1.2)))
 
+# Issue 16: the realistic mix (benches/mix.rs), this generator's tables, store off then on.
+mix = {}
+for section in re.split(r"^(?=store (?:off|on))", log("mix"), flags=re.M):
+    head = " ".join(section.split()[:2])
+    if "64 in flight" not in section.split("\n", 1)[0]:
+        continue
+    for call, ratio, p99 in re.findall(r"^\| (\([a-e]\)[^|]*?) \| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \([^)]*\) \| ([\d.]+) \|$",
+                                       section, re.M):
+        mix[(head, call[:3])] = (float(ratio), float(p99))
+for (call, name, floor, p99_cap) in (("(b)", "API request with usage history", 0.85, 1.2),
+                                      ("(c)", "signup with a full account", 0.75, None),
+                                      ("(d)", "Envoy Check with headers", 0.8, None)):
+    got = mix.get(("store off", call))
+    if got:
+        rows.append((f"mix {call} {name} / health check, 64 in flight (store off)", f"{got[0]:.2f}",
+                     f"≥ {floor}", verdict(got[0] >= floor)))
+        if p99_cap:
+            rows.append((f"mix {call} p99 / health check p99", f"{got[1]:.2f}", f"≤ {p99_cap}",
+                         verdict(got[1] <= p99_cap)))
+got = mix.get(("store on", "(b)"))
+if got:
+    rows.append(("mix (b) / health check, store on (ALLOW rows asynchronous)", f"{got[0]:.2f}", "≥ 0.8",
+                 verdict(got[0] >= 0.8)))
+for bench, name, cap in (("engine_api_request_with_history", "(b)", 1000), ("engine_signup_full_account", "(c)", 3000)):
+    value = median_ns(bench)
+    if value is not None:
+        rows.append((f"in-process whole decision, {name}", ns(value), f"≤ {ns(cap)}", verdict(value <= cap)))
+
 durable = {}
 for name, rate, p50, p99, cpu, errors in re.findall(
         r"^\| (no store|store, recorded asynchronously|store, must-record waits \(as shipped\)) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \|$",
