@@ -76,7 +76,7 @@ for in_flight in (1, 64):
 # Issue 16: the realistic mix (benches/mix.rs), this generator's tables, store off then on.
 mix = {}
 for section in re.split(r"^(?=store (?:off|on))", log("mix"), flags=re.M):
-    head = " ".join(section.split()[:2])
+    head = " ".join(section.split()[:2]).rstrip(",")
     if "64 in flight" not in section.split("\n", 1)[0]:
         continue
     for call, ratio, p99 in re.findall(r"^\| (\([a-e]\)[^|]*?) \| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \([^)]*\) \| ([\d.]+) \|$",
