@@ -107,15 +107,7 @@ fn events(now: i64) -> Vec<(UsageEvent, EventLocation)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_and_redis_adapters_give_the_same_facts() {
     let redis = RedisServer::start();
-    let remote = RedisUsage::start(&RedisSettings {
-        url: redis.url(),
-        prefix: "test:".into(),
-        timeout: Duration::from_secs(2),
-        cache_ttl: Duration::ZERO,
-        max_pending_events: 100_000,
-        fleet_max_accounts: 1_000_000,
-    })
-    .unwrap();
+    let remote = history_on(&redis, "test:");
     let local = UsageAggregator::new(256 << 20);
     let now = now();
     let events = events(now);
@@ -186,6 +178,19 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
             >= 4
     );
     assert!(remote.stats().backend_errors == 0);
+}
+
+/// A Redis usage history on `redis` under `prefix`, answering every read from Redis.
+fn history_on(redis: &RedisServer, prefix: &str) -> RedisUsage {
+    RedisUsage::start(&RedisSettings {
+        url: redis.url(),
+        prefix: prefix.into(),
+        timeout: Duration::from_secs(2),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
+    })
+    .unwrap()
 }
 
 /// What the history holds of an account that has some, asked from `ip`.
@@ -481,15 +486,7 @@ fn linked(account: &str, t: i64, card: Option<&str>, device: Option<&str>) -> Us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_links_leave_the_shared_fleet_graph() {
     let redis = RedisServer::start();
-    let history = RedisUsage::start(&RedisSettings {
-        url: redis.url(),
-        prefix: "expiry:".into(),
-        timeout: Duration::from_secs(2),
-        cache_ttl: Duration::ZERO,
-        max_pending_events: 100_000,
-        fleet_max_accounts: 1_000_000,
-    })
-    .unwrap();
+    let history = history_on(&redis, "expiry:");
     let now = now();
     let old = now - 9 * 86_400;
     for (account, t) in [("a", old), ("b", old + 60)] {
@@ -685,15 +682,7 @@ async fn replicas_share_one_fleet_graph_and_name_each_fleet_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_fleet_script_costs_only_the_fleet_facts() {
     let redis = RedisServer::start();
-    let history = RedisUsage::start(&RedisSettings {
-        url: redis.url(),
-        prefix: "noscript:".into(),
-        timeout: Duration::from_secs(2),
-        cache_ttl: Duration::ZERO,
-        max_pending_events: 100_000,
-        fleet_max_accounts: 1_000_000,
-    })
-    .unwrap();
+    let history = history_on(&redis, "noscript:");
     let now = now();
     for account in ["a", "b"] {
         assert!(history.record(
