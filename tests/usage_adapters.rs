@@ -711,3 +711,39 @@ async fn a_lost_fleet_script_costs_only_the_fleet_facts() {
     assert_eq!(after.fleet, before.fleet, "the script is loaded again");
     assert!(!after.degraded);
 }
+
+/// A Redis that lost the fleet graph (a restart without persistence, a failover to an empty
+/// replica; here FLUSHALL) gets it again from the events that follow: the writer sees a new
+/// start of the graph and sends every link again, though it sent them within the hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_fleet_graph_is_sent_the_links_again() {
+    let redis = RedisServer::start();
+    let history = history_on(&redis, "lost:");
+    let now = now();
+    let round = |t: i64| {
+        for account in ["a", "b"] {
+            assert!(history.record(&linked(account, t, Some("card-1"), None), &location(1)));
+        }
+        history.flush()
+    };
+    round(now - 180).await;
+    let before = account_facts(&history, "a", ip(1), now).await;
+    assert_eq!(before.fleet.as_ref().map(|f| f.size), Some(2), "{before:?}");
+
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    // The first write after the loss tells the writer; what it had sent lately went with
+    // Redis's keys, so the next events carry their links again.
+    round(now - 120).await;
+    round(now - 60).await;
+    let after = account_facts(&history, "a", ip(1), now).await;
+    assert_eq!(after.fleet.as_ref().map(|f| f.size), Some(2), "{after:?}");
+    assert_eq!(
+        after.fleet.as_ref().map(|f| &f.id),
+        before.fleet.as_ref().map(|f| &f.id),
+        "the fleet keeps its id (its founder)"
+    );
+}

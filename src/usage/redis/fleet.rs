@@ -248,6 +248,28 @@ pub(super) struct WriteStatus {
     pub epoch: String,
 }
 
+impl WriteStatus {
+    /// What two pipelines of one batch said, whichever finished first: the newest time, a
+    /// rebuild due if either says so, and the later start (Redis may have lost the graph
+    /// between them).
+    fn later(a: Self, b: Self) -> Self {
+        let start = |s: &Self| {
+            let (secs, micros) = s.epoch.split_once('.').unwrap_or((&s.epoch, "0"));
+            (secs.parse::<i64>().ok(), micros.parse::<i64>().ok())
+        };
+        let epoch = if start(&b) >= start(&a) {
+            b.epoch
+        } else {
+            a.epoch
+        };
+        Self {
+            newest: a.newest.max(b.newest),
+            rebuild_due: a.rebuild_due || b.rebuild_due,
+            epoch,
+        }
+    }
+}
+
 impl Graph {
     pub(super) fn new(keys: &Keys) -> Self {
         let base = keys.fleets();
@@ -361,7 +383,12 @@ impl Graph {
                 Ok((_, Ok(replies))) => {
                     if let Some(last) = replies.last() {
                         match write_status(last, &mins) {
-                            Ok(got) => status = Some(got),
+                            Ok(got) => {
+                                status = Some(match status.take() {
+                                    Some(before) => WriteStatus::later(before, got),
+                                    None => got,
+                                })
+                            }
                             Err(error) => {
                                 failed.get_or_insert(error);
                             }
@@ -857,6 +884,27 @@ mod tests {
         records.clear();
         add(&mut records, &mut sent, &rules, &event);
         assert!(records.is_empty(), "nothing new to send");
+    }
+
+    #[test]
+    fn a_batch_says_the_newest_time_and_the_later_start_whatever_order_its_pipelines_end() {
+        let status = |newest, due, epoch: &str| WriteStatus {
+            newest,
+            rebuild_due: due,
+            epoch: epoch.into(),
+        };
+        // Redis restarted between two pipelines: the later start wins either way round
+        // (microseconds unpadded, as TIME says them).
+        for (a, b) in [
+            (status(50, false, "100.999"), status(40, true, "100.1000")),
+            (status(40, true, "100.1000"), status(50, false, "100.999")),
+        ] {
+            let s = WriteStatus::later(a, b);
+            assert_eq!(
+                (s.newest, s.rebuild_due, s.epoch.as_str()),
+                (50, true, "100.1000")
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -257,14 +257,18 @@ impl Writer {
                 }
             };
             let mut following = self.new_batch();
+            // While Redis refuses writes, events stay in the bounded queue rather than pile up
+            // in the next batch beyond it.
+            let retrying = AtomicBool::new(false);
             {
-                let write = self.write_until_done(&mut batch, &mut backoff);
+                let write = self.write_until_done(&mut batch, &mut backoff, &retrying);
                 tokio::pin!(write);
                 loop {
                     tokio::select! {
                         biased;
                         () = &mut write => break,
                         message = rx.recv(), if !closed
+                            && !retrying.load(Ordering::Relaxed)
                             && following.events < BATCH_EVENTS
                             && following.flushes.is_empty() =>
                         {
@@ -277,8 +281,18 @@ impl Writer {
                 }
             }
             if std::mem::take(&mut self.epoch_changed) {
-                // Redis lost the fleet graph: what this writer sent is not there any more.
+                // Redis lost the fleet graph: what this writer sent is not there any more, and
+                // the next batch, merged meanwhile, left out what was sent before.
                 merger.sent.clear();
+                following.fleets.clear();
+                for (event, _) in following.accounts.values().flat_map(|p| &p.events) {
+                    fleet::add(
+                        &mut following.fleets,
+                        &mut merger.sent,
+                        &following.rules,
+                        event,
+                    );
+                }
             }
             let events = batch.events as u64;
             self.counters.pending.fetch_sub(events, Ordering::Relaxed);
@@ -300,7 +314,12 @@ impl Writer {
 
     /// Writes `batch`, retried until Redis takes it; meanwhile new events wait in the bounded
     /// queue (and the next batch is merged from it).
-    async fn write_until_done(&mut self, batch: &mut Batch, backoff: &mut Duration) {
+    async fn write_until_done(
+        &mut self,
+        batch: &mut Batch,
+        backoff: &mut Duration,
+        retrying: &AtomicBool,
+    ) {
         loop {
             match self.write(batch).await {
                 Ok(()) => {
@@ -314,6 +333,7 @@ impl Writer {
                     if errors.is_multiple_of(100) {
                         tracing::warn!(%error, pending = batch.events, "usage history: writing to Redis failed; retrying");
                     }
+                    retrying.store(true, Ordering::Relaxed);
                     tokio::time::sleep(*backoff).await;
                     *backoff = (*backoff * 2).min(BACKOFF_MAX);
                 }
