@@ -19,7 +19,7 @@ use regionguard::classify::{
     AccountFacts, AnonymizerFlags, Facts, Flow, HintFacts, IpFacts, classify,
 };
 use regionguard::engine::{ClassifyInput, Engine};
-use regionguard::geo::{DbRole, Geo, GeoDatabase};
+use regionguard::geo::{DbRole, Geo, GeoDatabase, GeoOptions};
 use regionguard::grpc::pb;
 use regionguard::policy::embedded_policy;
 use regionguard::region::{CountryCode, RegionCode};
@@ -35,11 +35,59 @@ fn addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// The shipped whole-Internet country database, cached.
+/// The shipped whole-Internet country database, as served by default (compiled).
 fn whole_internet() -> Geo {
+    whole_internet_with(COMPILED)
+}
+
+/// The default: compiled tables (the cache serves only what they leave to the readers).
+const COMPILED: GeoOptions = GeoOptions {
+    compile: true,
+    cache_capacity: 100_000,
+};
+/// Today's alternative: the readers behind the prefix cache.
+const CACHED: GeoOptions = GeoOptions {
+    compile: false,
+    cache_capacity: 100_000,
+};
+/// The readers alone.
+const READERS: GeoOptions = GeoOptions {
+    compile: false,
+    cache_capacity: 0,
+};
+
+fn whole_internet_with(options: GeoOptions) -> Geo {
     let db = GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
         .unwrap();
-    Geo::new(Some(db), None, None, 100_000)
+    Geo::with_options(Some(db), None, None, options)
+}
+
+/// Opens a set of databases with the given options (`None`: not available here).
+type Opener = fn(GeoOptions) -> Option<Geo>;
+
+/// The fixture City, Anonymous and ASN databases.
+fn fixture_three(options: GeoOptions) -> Geo {
+    let open = |role, bytes| GeoDatabase::from_bytes(role, bytes, "fixture").unwrap();
+    Geo::with_options(
+        Some(open(DbRole::Location, fixtures::city_db())),
+        Some(open(DbRole::Anonymous, fixtures::anonymous_db())),
+        Some(open(DbRole::Asn, fixtures::asn_db())),
+        options,
+    )
+}
+
+/// MaxMind's City and Anonymous-IP test databases, when REGIONGUARD_MAXMIND_TEST_DATA names
+/// them (City records carry names in eight languages, as production City data does).
+fn maxmind_city(options: GeoOptions) -> Option<Geo> {
+    let dir = std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA")?;
+    let open =
+        |role, name: &str| GeoDatabase::open(role, &std::path::Path::new(&dir).join(name)).unwrap();
+    Some(Geo::with_options(
+        Some(open(DbRole::Location, "GeoIP2-City-Test.mmdb")),
+        Some(open(DbRole::Anonymous, "GeoIP2-Anonymous-IP-Test.mmdb")),
+        None,
+        options,
+    ))
 }
 
 fn bench_classify(c: &mut Criterion) {
@@ -96,26 +144,9 @@ fn bench_classify(c: &mut Criterion) {
     group.finish();
 }
 
+/// Hot lookups (1,024 addresses, or MaxMind's five): through the compiled tables, through the
+/// prefix cache in front of the readers, and the readers alone, each on the same databases.
 fn bench_geo(c: &mut Criterion) {
-    let world = whole_internet();
-    let city = Geo::new(
-        Some(GeoDatabase::from_bytes(DbRole::Location, fixtures::city_db(), "city").unwrap()),
-        Some(GeoDatabase::from_bytes(DbRole::Anonymous, fixtures::anonymous_db(), "anon").unwrap()),
-        Some(GeoDatabase::from_bytes(DbRole::Asn, fixtures::asn_db(), "asn").unwrap()),
-        100_000,
-    );
-    // MaxMind's City test records carry names in eight languages, as production City data does.
-    let maxmind = std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA").map(|dir| {
-        let open = |role, name: &str| {
-            GeoDatabase::open(role, &std::path::Path::new(&dir).join(name)).unwrap()
-        };
-        Geo::new(
-            Some(open(DbRole::Location, "GeoIP2-City-Test.mmdb")),
-            Some(open(DbRole::Anonymous, "GeoIP2-Anonymous-IP-Test.mmdb")),
-            None,
-            100_000,
-        )
-    });
     let ips = addresses();
     let maxmind_ips: Vec<IpAddr> = [
         "81.2.69.142",
@@ -128,26 +159,38 @@ fn bench_geo(c: &mut Criterion) {
     .map(|s| s.parse().unwrap())
     .collect();
     let mut group = c.benchmark_group("geo");
-    let mut cases = vec![
-        ("whole_internet_country", &world, &ips),
-        ("fixture_city_anon_asn", &city, &ips),
+    let mut cases: Vec<(&str, Opener, &Vec<IpAddr>)> = vec![
+        (
+            "whole_internet_country",
+            |o| Some(whole_internet_with(o)),
+            &ips,
+        ),
+        ("fixture_city_anon_asn", |o| Some(fixture_three(o)), &ips),
     ];
-    if let Some(maxmind) = &maxmind {
-        cases.push(("maxmind_city_anon", maxmind, &maxmind_ips));
+    if std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA").is_some() {
+        cases.push(("maxmind_city_anon", maxmind_city, &maxmind_ips));
     }
-    for (name, geo, ips) in cases {
+    for (name, open, ips) in cases {
+        let (compiled, cached) = (open(COMPILED).unwrap(), open(CACHED).unwrap());
         group.bench_function(format!("{name}/uncached"), |b| {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) % ips.len();
-                geo.lookup_uncached(black_box(ips[i])).unwrap()
+                cached.lookup_uncached(black_box(ips[i])).unwrap()
             })
         });
         group.bench_function(format!("{name}/cached"), |b| {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) % ips.len();
-                geo.lookup(black_box(ips[i])).unwrap()
+                cached.lookup(black_box(ips[i])).unwrap()
+            })
+        });
+        group.bench_function(format!("{name}/compiled"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % ips.len();
+                compiled.lookup(black_box(ips[i])).unwrap()
             })
         });
     }
@@ -161,8 +204,12 @@ fn bench_engine(c: &mut Criterion) {
     for (name, geo) in [
         ("engine/classify_whole_internet", whole_internet()),
         (
+            "engine/classify_whole_internet_cached",
+            whole_internet_with(CACHED),
+        ),
+        (
             "engine/classify_whole_internet_uncached",
-            whole_internet_with_capacity(0),
+            whole_internet_with(READERS),
         ),
     ] {
         let engine = Engine::new(embedded_policy().unwrap(), geo, None);
@@ -179,11 +226,7 @@ fn bench_engine(c: &mut Criterion) {
     }
     // What the Classify handler does around the transport: decode the request bytes, convert,
     // decide, convert back, encode the response. The wire bench's gap to echo, without h2.
-    let engine = Engine::new(
-        embedded_policy().unwrap(),
-        whole_internet_with_capacity(0),
-        None,
-    );
+    let engine = Engine::new(embedded_policy().unwrap(), whole_internet(), None);
     let requests: Vec<Vec<u8>> = ips
         .iter()
         .map(|ip| {
@@ -229,12 +272,8 @@ fn bench_engine(c: &mut Criterion) {
 /// response encoded, as the Classify handler does around the transport.
 fn bench_realistic(c: &mut Criterion) {
     let history = std::sync::Arc::new(regionguard::usage::UsageAggregator::new(256 << 20));
-    let engine = Engine::new(
-        embedded_policy().unwrap(),
-        whole_internet_with_capacity(0),
-        None,
-    )
-    .with_usage(history);
+    let engine =
+        Engine::new(embedded_policy().unwrap(), whole_internet(), None).with_usage(history);
     let now = requests::now_secs();
     for e in requests::history(now * 1000) {
         let text = |v: &str| (!v.is_empty()).then(|| std::sync::Arc::from(v));
@@ -356,30 +395,78 @@ fn bench_policy_size(c: &mut Criterion) {
     group.finish();
 }
 
-/// Cached lookups with the cache holding 1k, 100k and 1M networks (one /24 bucket each).
+/// Lookups spread uniformly over 1k, 100k and 1M networks of the shipped database (one /24
+/// bucket each): through the prefix cache holding them all, through the compiled tables, and
+/// the readers alone.
 fn bench_cache_size(c: &mut Criterion) {
-    let mut group = c.benchmark_group("geo_cached_by_entries");
+    let bucket = |k: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0100_0000 + k * 256));
+    let compiled = whole_internet_with(COMPILED);
+    let readers = whole_internet_with(READERS);
     for n in [1_000u32, 100_000, 1_000_000] {
-        let geo = whole_internet_with_capacity(u64::from(n) * 2);
-        let bucket = |k: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0100_0000 + k * 256));
-        for k in 0..n {
-            geo.lookup(bucket(k)).unwrap();
-        }
-        group.bench_function(format!("{n}"), |b| {
-            let mut k = 0;
-            b.iter(|| {
-                k = (k + 7919) % n;
-                geo.lookup(black_box(bucket(k))).unwrap()
-            })
+        let cached = whole_internet_with(GeoOptions {
+            compile: false,
+            cache_capacity: u64::from(n) * 2,
         });
+        for k in 0..n {
+            cached.lookup(bucket(k)).unwrap();
+        }
+        for (group, geo) in [
+            ("geo_cached_by_entries", &cached),
+            ("geo_compiled_by_entries", &compiled),
+            ("geo_uncached_by_entries", &readers),
+        ] {
+            let mut group = c.benchmark_group(group);
+            group.bench_function(format!("{n}"), |b| {
+                let mut k = 0;
+                b.iter(|| {
+                    k = (k + 7919) % n;
+                    geo.lookup(black_box(bucket(k))).unwrap()
+                })
+            });
+            group.finish();
+        }
     }
-    group.finish();
 }
 
-fn whole_internet_with_capacity(capacity: u64) -> Geo {
-    let db = GeoDatabase::from_bytes(DbRole::Location, EMBEDDED_LOCATION_DB.to_vec(), "embedded")
-        .unwrap();
-    Geo::new(Some(db), None, None, capacity)
+/// What compiling costs, for the shipped database and MaxMind's City test database: the walk at
+/// open, the compile, the tables' bytes per network, and the resident growth of it all.
+fn report_compiled() {
+    let mut cases: Vec<(&str, Opener)> =
+        vec![("shipped country database", |o| Some(whole_internet_with(o)))];
+    if std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA").is_some() {
+        cases.push(("MaxMind City + Anonymous-IP test databases", maxmind_city));
+    }
+    for (name, open) in cases {
+        let (before, started) = (support::rss_bytes(), std::time::Instant::now());
+        let geo = open(COMPILED).unwrap();
+        let elapsed = started.elapsed();
+        let grown = support::rss_bytes()
+            .zip(before)
+            .map(|(after, before)| after.saturating_sub(before));
+        let stats = geo.compiled_stats().expect("compiled");
+        println!(
+            "compiled: {name}: {} networks, opened and compiled in {} ms: {} + {} ranges, {} records, {:.1} MiB = {:.1} B per network; resident growth {}",
+            stats.networks,
+            elapsed.as_millis(),
+            stats.ranges_v4,
+            stats.ranges_v6,
+            stats.records,
+            stats.bytes as f64 / 1048576.0,
+            stats.bytes as f64 / stats.networks as f64,
+            grown.map_or("n/a".to_owned(), |g| format!(
+                "{:.1} MiB",
+                g as f64 / 1048576.0
+            )),
+        );
+        drop(geo);
+        let started = std::time::Instant::now();
+        let uncompiled = open(READERS).unwrap();
+        println!(
+            "compiled: {name}: opened without compiling in {} ms",
+            started.elapsed().as_millis()
+        );
+        drop(uncompiled);
+    }
 }
 
 criterion_group!(
@@ -396,7 +483,10 @@ criterion_group!(
 /// Resident bytes per cache entry: `n` distinct /24 buckets looked up through a cache that holds
 /// them all, the growth divided by `n` (the record, its `Arc`, moka's entry and index).
 fn report_cache_memory(n: u32) {
-    let geo = whole_internet_with_capacity(u64::from(n) * 2);
+    let geo = whole_internet_with(GeoOptions {
+        compile: false,
+        cache_capacity: u64::from(n) * 2,
+    });
     let before = support::rss_bytes();
     for k in 0..n {
         geo.lookup(IpAddr::from(std::net::Ipv4Addr::from(
@@ -429,6 +519,7 @@ fn main() {
         return;
     }
     support::measure_in_fresh_processes("REGIONGUARD_BENCH_CACHE_MEMORY", &["100000", "1000000"]);
+    report_compiled();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::audit::AuditTrail;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::geo::{DbRole, Geo, GeoDatabase, GeoError};
+use crate::geo::{DbRole, Geo, GeoDatabase, GeoError, GeoOptions};
 use crate::metrics::Metrics;
 use crate::overrides::OverrideIndex;
 use crate::policy::{EMBEDDED_POLICY, Policy, PolicyError, parse_policy};
@@ -112,7 +112,22 @@ pub fn load(config: &Config) -> Result<Loaded, StartError> {
     };
     let anonymous = optional(DbRole::Anonymous, &config.anonymous_db)?;
     let asn = optional(DbRole::Asn, &config.asn_db)?;
-    let geo = Geo::new(location, anonymous, asn, config.cache_capacity);
+    let options = GeoOptions {
+        compile: config.compile_databases,
+        cache_capacity: config.cache_capacity,
+    };
+    let built = std::time::Instant::now();
+    let geo = Geo::with_options(location, anonymous, asn, options);
+    if let Some(stats) = geo.compiled_stats() {
+        tracing::info!(
+            ranges_v4 = stats.ranges_v4,
+            ranges_v6 = stats.ranges_v6,
+            records = stats.records,
+            mib = stats.bytes >> 20,
+            ms = built.elapsed().as_millis() as u64,
+            "databases compiled for lookup"
+        );
+    }
     let engine = Engine::new(policy, geo, config.max_db_age());
     let engine = match usage_history(config)? {
         Some(history) => {

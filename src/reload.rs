@@ -210,13 +210,22 @@ fn apply(engine: &Engine, target: &Target) -> Result<String, String> {
         }
         Target::Database(role, path) => {
             let db = GeoDatabase::open(*role, path).map_err(|e| e.to_string())?;
-            let detail = format!(
+            let mut detail = format!(
                 "{} database {} built {}",
                 role.as_str(),
                 db.database_type(),
                 db.build_epoch()
             );
+            let started = std::time::Instant::now();
             engine.geo().replace(*role, Some(db));
+            if let Some(stats) = engine.geo().compiled_stats() {
+                detail += &format!(
+                    ", compiled into {} ranges ({} MiB) in {} ms",
+                    stats.ranges_v4 + stats.ranges_v6,
+                    stats.bytes >> 20,
+                    started.elapsed().as_millis()
+                );
+            }
             Ok(detail)
         }
     }

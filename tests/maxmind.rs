@@ -112,3 +112,64 @@ fn shipped_default_database_answers_real_addresses() {
     assert_eq!(country("2001:4860:4860::8888").as_deref(), Some("US"));
     assert_eq!(country("10.0.0.1"), None, "private space is unknown");
 }
+
+/// The released binary answers `lookup` alike with the databases compiled (the default) and
+/// with `compile_databases = false` (the readers behind the cache), for MaxMind's City,
+/// Anonymous-IP and ASN test databases: countries, subdivisions, flags, ASNs and networks.
+#[test]
+fn lookups_answer_alike_compiled_or_read() {
+    let Some(dir) = support::maxmind_dir() else {
+        eprintln!(
+            "{} not set: compiled-or-read lookups not run",
+            support::MAXMIND_ENV
+        );
+        return;
+    };
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "compile_databases = false\n").unwrap();
+    let lookup = |ip: &str, read: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_regionguard"));
+        command
+            .arg("lookup")
+            .arg("--location-db")
+            .arg(dir.join("GeoIP2-City-Test.mmdb"))
+            .arg("--anonymous-db")
+            .arg(dir.join("GeoIP2-Anonymous-IP-Test.mmdb"))
+            .arg("--asn-db")
+            .arg(dir.join("GeoLite2-ASN-Test.mmdb"))
+            .env_remove("REGIONGUARD_CONFIG");
+        if read {
+            command.arg("--config").arg(config.path());
+        }
+        let out = command.arg(ip).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{ip}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json
+    };
+    let mut found = 0;
+    for ip in [
+        "81.2.69.142",
+        "89.160.20.115",
+        "216.160.83.57",
+        "175.16.199.10",
+        "2.125.160.217",
+        "1.2.0.1",
+        "2001:218::1",
+        "2a02:d2c0::1",
+        "::1.2.3.4",
+        "2002:102:304::1",
+        "10.0.0.1",
+    ] {
+        let (compiled, read) = (lookup(ip, false), lookup(ip, true));
+        assert_eq!(compiled, read, "{ip}");
+        found += usize::from(compiled["found"] == serde_json::Value::Bool(true));
+    }
+    assert!(
+        found >= 6,
+        "only {found} addresses found: the check would prove little"
+    );
+}

@@ -11,9 +11,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ipnetwork::IpNetwork;
 use moka::sync::Cache;
 
 use super::GeoRecord;
+
+/// A record and the network it was answered for.
+type Answer = (Arc<GeoRecord>, IpNetwork);
 
 const V4_BUCKET: u8 = 24;
 const V6_BUCKET: u8 = 48;
@@ -29,8 +33,8 @@ struct Key {
 
 #[derive(Clone)]
 enum Slot {
-    Whole(Arc<GeoRecord>),
-    Split(Arc<[Arc<GeoRecord>]>),
+    Whole(Answer),
+    Split(Arc<[Answer]>),
 }
 
 /// Counters for operators and benchmarks.
@@ -91,12 +95,12 @@ impl PrefixCache {
         }
     }
 
-    pub fn get(&self, generation: u64, ip: IpAddr) -> Option<Arc<GeoRecord>> {
+    pub fn get(&self, generation: u64, ip: IpAddr) -> Option<Answer> {
         let (mut key, _) = bucket_of(ip);
         key.generation = generation;
         let found = match self.cache.get(&key) {
-            Some(Slot::Whole(record)) => Some(record),
-            Some(Slot::Split(list)) => list.iter().find(|r| r.network.contains(ip)).cloned(),
+            Some(Slot::Whole(answer)) => Some(answer),
+            Some(Slot::Split(list)) => list.iter().find(|(_, n)| n.contains(ip)).cloned(),
             None => None,
         };
         let counter = if found.is_some() {
@@ -108,11 +112,11 @@ impl PrefixCache {
         found
     }
 
-    pub fn insert(&self, generation: u64, ip: IpAddr, record: Arc<GeoRecord>) {
+    pub fn insert(&self, generation: u64, ip: IpAddr, record: Arc<GeoRecord>, network: IpNetwork) {
         let (mut key, bucket_len) = bucket_of(ip);
         key.generation = generation;
-        if record.network.prefix() <= bucket_len {
-            self.cache.insert(key, Slot::Whole(record));
+        if network.prefix() <= bucket_len {
+            self.cache.insert(key, Slot::Whole((record, network)));
             return;
         }
         // A full bucket stays as it is: rebuilding it on every miss would churn for nothing.
@@ -122,16 +126,16 @@ impl PrefixCache {
             return;
         }
         self.cache.entry(key).and_upsert_with(|existing| {
-            let mut list: Vec<Arc<GeoRecord>> = match existing.map(|e| e.into_value()) {
+            let mut list: Vec<Answer> = match existing.map(|e| e.into_value()) {
                 Some(Slot::Split(list)) => list
                     .iter()
-                    .filter(|r| r.network != record.network)
+                    .filter(|(_, n)| *n != network)
                     .cloned()
                     .collect(),
                 _ => Vec::new(),
             };
             if list.len() < MAX_SPLIT {
-                list.push(record);
+                list.push((record.clone(), network));
             }
             Slot::Split(list.into())
         });
@@ -151,12 +155,21 @@ mod tests {
     use super::*;
     use crate::classify::IpFacts;
 
-    fn record(net: &str) -> Arc<GeoRecord> {
-        Arc::new(GeoRecord {
-            network: net.parse().unwrap(),
+    fn record(net: &str) -> (Arc<GeoRecord>, IpNetwork) {
+        let record = GeoRecord {
             facts: IpFacts::default(),
             ..GeoRecord::unknown_for_tests()
-        })
+        };
+        (Arc::new(record), net.parse().unwrap())
+    }
+
+    fn insert(
+        cache: &PrefixCache,
+        generation: u64,
+        ip: IpAddr,
+        (r, n): (Arc<GeoRecord>, IpNetwork),
+    ) {
+        cache.insert(generation, ip, r, n);
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -166,7 +179,7 @@ mod tests {
     #[test]
     fn wide_network_serves_the_whole_bucket() {
         let cache = PrefixCache::new(100);
-        cache.insert(1, ip("10.1.2.3"), record("10.0.0.0/8"));
+        insert(&cache, 1, ip("10.1.2.3"), record("10.0.0.0/8"));
         assert!(cache.get(1, ip("10.1.2.250")).is_some());
         assert!(cache.get(1, ip("10.1.3.1")).is_none(), "another bucket");
         assert!(cache.get(2, ip("10.1.2.3")).is_none(), "another generation");
@@ -177,14 +190,14 @@ mod tests {
     #[test]
     fn narrow_networks_share_a_bucket() {
         let cache = PrefixCache::new(100);
-        cache.insert(1, ip("81.2.69.142"), record("81.2.69.142/31"));
-        cache.insert(1, ip("81.2.69.160"), record("81.2.69.160/27"));
+        insert(&cache, 1, ip("81.2.69.142"), record("81.2.69.142/31"));
+        insert(&cache, 1, ip("81.2.69.160"), record("81.2.69.160/27"));
         assert_eq!(
-            cache.get(1, ip("81.2.69.143")).unwrap().network.to_string(),
+            cache.get(1, ip("81.2.69.143")).unwrap().1.to_string(),
             "81.2.69.142/31"
         );
         assert_eq!(
-            cache.get(1, ip("81.2.69.170")).unwrap().network.to_string(),
+            cache.get(1, ip("81.2.69.170")).unwrap().1.to_string(),
             "81.2.69.160/27"
         );
         assert!(cache.get(1, ip("81.2.69.1")).is_none());
@@ -195,7 +208,7 @@ mod tests {
         let cache = PrefixCache::new(1000);
         for i in 0..(MAX_SPLIT as u8 + 8) {
             let addr = format!("81.2.69.{i}");
-            cache.insert(1, ip(&addr), record(&format!("{addr}/32")));
+            insert(&cache, 1, ip(&addr), record(&format!("{addr}/32")));
         }
         assert!(cache.get(1, ip("81.2.69.0")).is_some());
         assert!(
@@ -214,7 +227,7 @@ mod tests {
     #[test]
     fn ipv6_buckets_are_48_bits() {
         let cache = PrefixCache::new(100);
-        cache.insert(1, ip("2a02:d2c0::1"), record("2a02:d2c0::/29"));
+        insert(&cache, 1, ip("2a02:d2c0::1"), record("2a02:d2c0::/29"));
         assert!(cache.get(1, ip("2a02:d2c0:0:ffff::1")).is_some());
         assert!(cache.get(1, ip("2a02:d2c0:1::1")).is_none());
     }

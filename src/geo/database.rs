@@ -83,11 +83,51 @@ pub struct AsnRecord {
 /// A record handle and the network the answer covers.
 type Found<'a> = (LookupResult<'a, Vec<u8>>, IpNetwork);
 
+/// A cell's record when the database has none for its addresses.
+pub(crate) const NO_RECORD: u32 = u32::MAX;
+
+/// One network of a database's search tree: the addresses from `start` on that one lookup
+/// answers alike (`prefix` bits of the family), and its record (an index into
+/// [`Partition::records`], or [`NO_RECORD`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cell<K> {
+    pub start: K,
+    pub record: u32,
+    pub prefix: u8,
+}
+
+/// Every network of a database, walked once at load, with each distinct data record decoded
+/// once in its role's shape. Cells are sorted and disjoint; addresses no cell covers (the
+/// IPv6 aliases of the IPv4 subtree, such as 6to4) are for the reader to answer.
+#[derive(Debug, Default)]
+pub(crate) struct Partition {
+    pub v4: Vec<Cell<u32>>,
+    pub v6: Vec<Cell<u128>>,
+    pub records: Records,
+}
+
+/// The distinct records of one database, decoded in its role's shape.
+#[derive(Debug)]
+pub(crate) enum Records {
+    Location(Vec<LocationRecord>),
+    Anonymous(Vec<AnonymizerFlags>),
+    Asn(Vec<AsnRecord>),
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Records::Location(Vec::new())
+    }
+}
+
 /// A loaded database with its metadata.
 pub struct GeoDatabase {
     role: DbRole,
     reader: Reader<Vec<u8>>,
     source_name: String,
+    /// The walk made at load, until the first compile takes it (a later compile walks again,
+    /// so it is not held in memory beside the tables).
+    walked: std::sync::Mutex<Option<Partition>>,
 }
 
 impl std::fmt::Debug for GeoDatabase {
@@ -163,8 +203,10 @@ impl GeoDatabase {
             role,
             reader,
             source_name,
+            walked: Default::default(),
         };
-        db.probe()?;
+        let walked = db.walk()?;
+        *db.walked.lock().unwrap_or_else(|e| e.into_inner()) = Some(walked);
         Ok(db)
     }
 
@@ -193,36 +235,78 @@ impl GeoDatabase {
         self.reader.metadata().build_epoch
     }
 
-    /// Decodes every record in this role's shape; at least one must carry role data.
-    fn probe(&self) -> Result<(), GeoError> {
+    /// Every network of the tree, each distinct record decoded in this role's shape; at least
+    /// one record must carry role data.
+    fn walk(&self) -> Result<Partition, GeoError> {
         let verify = |error| GeoError::Verify {
             source_name: self.source_name.clone(),
             error,
         };
+        let mut partition = Partition {
+            records: match self.role {
+                DbRole::Location => Records::Location(Vec::new()),
+                DbRole::Anonymous => Records::Anonymous(Vec::new()),
+                DbRole::Asn => Records::Asn(Vec::new()),
+            },
+            ..Partition::default()
+        };
+        let mut seen: std::collections::HashMap<usize, u32> = Default::default();
         let mut useful = false;
-        for item in self
-            .reader
-            .networks(WithinOptions::default())
-            .map_err(verify)?
-        {
+        let options = WithinOptions::default()
+            .include_networks_without_data()
+            .include_aliased_networks();
+        for item in self.reader.networks(options).map_err(verify)? {
             let found = item.map_err(verify)?;
-            useful |= match self.role {
-                DbRole::Location => found
-                    .decode::<RawLocation>()
-                    .map_err(verify)?
-                    .is_some_and(|r| location_of(r).country.is_some()),
-                DbRole::Anonymous => found
-                    .decode::<RawAnonymous>()
-                    .map_err(verify)?
-                    .is_some_and(|r| anonymizer_of(&r) != AnonymizerFlags::default()),
-                DbRole::Asn => found
-                    .decode::<RawAsn>()
-                    .map_err(verify)?
-                    .is_some_and(|r| r.autonomous_system_number.is_some()),
+            let network = found.network().map_err(verify)?;
+            let record = match found.offset() {
+                None => NO_RECORD,
+                Some(offset) => match seen.get(&offset) {
+                    Some(&index) => index,
+                    None => {
+                        let index = self.decode_into(&found, &mut partition.records, &mut useful);
+                        let index = index.map_err(verify)?;
+                        seen.insert(offset, index);
+                        index
+                    }
+                },
             };
+            let prefix = network.prefix();
+            match network {
+                IpNetwork::V4(net) => partition.v4.push(Cell {
+                    start: u32::from(net.network()),
+                    record,
+                    prefix,
+                }),
+                IpNetwork::V6(net) => {
+                    let start = u128::from(net.network());
+                    // A network above the IPv4 subtree answers every IPv4 address, as IPv4 /0.
+                    if start == 0 && net.prefix() <= 96 {
+                        partition.v4.push(Cell {
+                            start: 0,
+                            prefix: 0,
+                            record,
+                        });
+                    }
+                    partition.v6.push(Cell {
+                        start,
+                        record,
+                        prefix,
+                    });
+                }
+            }
         }
+        if self.reader.metadata().ip_version == 4 {
+            // An IPv4 database cannot know an IPv6 address: all of IPv6, no record.
+            partition.v6 = vec![Cell {
+                start: 0,
+                prefix: 0,
+                record: NO_RECORD,
+            }];
+        }
+        partition.v4.sort_unstable_by_key(|c| c.start);
+        partition.v6.sort_unstable_by_key(|c| c.start);
         if useful {
-            Ok(())
+            Ok(partition)
         } else {
             Err(GeoError::WrongRole {
                 source_name: self.source_name.clone(),
@@ -230,6 +314,50 @@ impl GeoDatabase {
                 database_type: self.database_type().to_owned(),
             })
         }
+    }
+
+    /// Decodes `found` into `records` (its role's list), saying whether it carries role data.
+    fn decode_into(
+        &self,
+        found: &LookupResult<'_, Vec<u8>>,
+        records: &mut Records,
+        useful: &mut bool,
+    ) -> Result<u32, MaxMindDbError> {
+        let index = match records {
+            Records::Location(list) => {
+                let record = found.decode::<RawLocation>()?.map(location_of);
+                let record = record.unwrap_or_default();
+                *useful |= record.country.is_some();
+                list.push(record);
+                list.len()
+            }
+            Records::Anonymous(list) => {
+                let flags = found.decode::<RawAnonymous>()?.map(|r| anonymizer_of(&r));
+                let flags = flags.unwrap_or_default();
+                *useful |= flags != AnonymizerFlags::default();
+                list.push(flags);
+                list.len()
+            }
+            Records::Asn(list) => {
+                let raw = found.decode::<RawAsn>()?;
+                let record = raw.map_or_else(AsnRecord::default, |r| AsnRecord {
+                    asn: r.autonomous_system_number,
+                    organization: r.autonomous_system_organization.map(str::to_owned),
+                });
+                *useful |= record.asn.is_some();
+                list.push(record);
+                list.len()
+            }
+        };
+        u32::try_from(index - 1).map_err(|_| {
+            MaxMindDbError::invalid_database("more distinct records than a compiled table holds")
+        })
+    }
+
+    /// Every network and its decoded record: the walk made at load, or a new one.
+    pub(crate) fn partition(&self) -> Result<Partition, GeoError> {
+        let walked = self.walked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        walked.map_or_else(|| self.walk(), Ok)
     }
 
     fn lookup_error(&self) -> impl Fn(MaxMindDbError) -> GeoError + '_ {

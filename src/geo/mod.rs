@@ -5,9 +5,11 @@
 //! with a new generation number, which also keys the cache. This module knows nothing of policy.
 
 mod cache;
+mod compiled;
 mod database;
 
 pub use cache::CacheStats;
+pub use compiled::CompiledStats;
 pub use database::{AsnRecord, DbRole, GeoDatabase, GeoError, LocationRecord};
 
 use std::net::IpAddr;
@@ -20,16 +22,15 @@ use ipnetwork::IpNetwork;
 use crate::classify::IpFacts;
 use crate::region::CountryCode;
 use cache::PrefixCache;
+use compiled::Compiled;
 
-/// What the databases say of one network: constant for every address in `network`.
+/// What the databases say of an address: shared by every network with the same records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GeoRecord {
     pub facts: IpFacts,
     pub registered_country: Option<CountryCode>,
     pub asn: Option<u32>,
     pub as_org: Option<String>,
-    /// The most specific network of all the databases' answers: the one the answer holds for.
-    pub network: IpNetwork,
     pub accuracy_radius_km: Option<u16>,
     /// Whether any database had a record for the address.
     pub found: bool,
@@ -43,7 +44,6 @@ impl GeoRecord {
             registered_country: None,
             asn: None,
             as_org: None,
-            network: "0.0.0.0/0".parse().unwrap(),
             accuracy_radius_km: None,
             found: false,
         }
@@ -65,6 +65,8 @@ pub struct GeoLookup {
     /// The address as looked up: IPv4-mapped IPv6 is normalised to IPv4.
     pub ip: IpAddr,
     pub record: Arc<GeoRecord>,
+    /// The most specific network of all the databases' answers: the one the answer holds for.
+    pub network: IpNetwork,
     pub databases: Arc<[DatabaseMeta]>,
     /// The snapshot's generation: changes whenever any database is replaced.
     pub generation: u64,
@@ -77,15 +79,15 @@ struct GeoSnapshot {
     anonymous: Option<Arc<GeoDatabase>>,
     asn: Option<Arc<GeoDatabase>>,
     databases: Arc<[DatabaseMeta]>,
+    /// The databases as one table per family, when compiling is on.
+    compiled: Option<Compiled>,
 }
 
 impl GeoSnapshot {
-    fn new(
-        generation: u64,
-        location: Option<Arc<GeoDatabase>>,
-        anonymous: Option<Arc<GeoDatabase>>,
-        asn: Option<Arc<GeoDatabase>>,
-    ) -> Self {
+    fn new(generation: u64, (location, anonymous, asn): Slots, compile: bool) -> Self {
+        let compiled = compile
+            .then(|| Compiled::new(location.as_deref(), anonymous.as_deref(), asn.as_deref()))
+            .flatten();
         let databases = [&location, &anonymous, &asn]
             .into_iter()
             .flatten()
@@ -102,6 +104,7 @@ impl GeoSnapshot {
             anonymous,
             asn,
             databases,
+            compiled,
         }
     }
 
@@ -119,33 +122,71 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+type Slots = (
+    Option<Arc<GeoDatabase>>,
+    Option<Arc<GeoDatabase>>,
+    Option<Arc<GeoDatabase>>,
+);
+
+/// How lookups are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GeoOptions {
+    /// Compile the databases into flat tables at load (on by default); off, every lookup walks
+    /// the readers' trees, through the cache.
+    pub compile: bool,
+    /// Networks the cache in front of the readers holds at most (0: no cache). With compiled
+    /// tables it serves only the addresses the tables leave to the readers.
+    pub cache_capacity: u64,
+}
+
 /// The geolocation service: current databases plus the cache.
 pub struct Geo {
     snapshot: ArcSwap<GeoSnapshot>,
-    /// `None` when configured off (capacity 0): for flat databases a lookup is cheaper than a
-    /// cache probe (see docs/operations.md, Performance).
+    /// `None` when configured off (capacity 0).
     cache: Option<PrefixCache>,
     generations: AtomicU64,
+    compile: bool,
 }
 
 impl Geo {
+    /// Compiled tables, and a cache of `cache_capacity` networks in front of the readers.
     pub fn new(
         location: Option<GeoDatabase>,
         anonymous: Option<GeoDatabase>,
         asn: Option<GeoDatabase>,
         cache_capacity: u64,
     ) -> Self {
-        let snapshot = GeoSnapshot::new(
-            1,
+        let options = GeoOptions {
+            compile: true,
+            cache_capacity,
+        };
+        Self::with_options(location, anonymous, asn, options)
+    }
+
+    pub fn with_options(
+        location: Option<GeoDatabase>,
+        anonymous: Option<GeoDatabase>,
+        asn: Option<GeoDatabase>,
+        options: GeoOptions,
+    ) -> Self {
+        let slots = (
             location.map(Arc::new),
             anonymous.map(Arc::new),
             asn.map(Arc::new),
         );
+        let snapshot = GeoSnapshot::new(1, slots, options.compile);
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            cache: (cache_capacity > 0).then(|| PrefixCache::new(cache_capacity)),
+            cache: (options.cache_capacity > 0).then(|| PrefixCache::new(options.cache_capacity)),
             generations: AtomicU64::new(1),
+            compile: options.compile,
         }
+    }
+
+    /// What the compiled tables hold (`None` when compiling is off or no location database is
+    /// loaded).
+    pub fn compiled_stats(&self) -> Option<CompiledStats> {
+        self.snapshot.load().compiled.as_ref().map(Compiled::stats)
     }
 
     /// Puts `db` in its role (or empties the role with `None`); requests in flight finish on the
@@ -161,7 +202,7 @@ impl Geo {
             ];
             slots[role as usize] = db.clone();
             let [location, anonymous, asn] = slots;
-            GeoSnapshot::new(generation, location, anonymous, asn)
+            GeoSnapshot::new(generation, (location, anonymous, asn), self.compile)
         });
     }
 
@@ -180,40 +221,53 @@ impl Geo {
             .unwrap_or_default()
     }
 
-    /// Looks `ip` up in every loaded database, bypassing the cache (benchmark baseline,
-    /// diagnostics). Requests use [`Geo::lookup`].
-    pub fn lookup_uncached(&self, ip: IpAddr) -> Result<GeoRecord, GeoError> {
+    /// Looks `ip` up in every loaded database's reader, bypassing the compiled tables and the
+    /// cache (benchmark baseline, diagnostics, tests). Requests use [`Geo::lookup`].
+    pub fn lookup_uncached(&self, ip: IpAddr) -> Result<(GeoRecord, IpNetwork), GeoError> {
         lookup_uncached(&self.snapshot.load(), normalize(ip))
     }
 
-    /// Looks `ip` up in every loaded database, through the cache.
+    /// Looks `ip` up: in the compiled tables, else through the cache in the readers.
     pub fn lookup(&self, ip: IpAddr) -> Result<GeoLookup, GeoError> {
         let ip = normalize(ip);
         let snapshot = self.snapshot.load();
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|cache| cache.get(snapshot.generation, ip));
-        let record = match cached {
-            Some(record) => record,
-            None => {
-                let record = Arc::new(lookup_uncached(&snapshot, ip)?);
-                if let Some(cache) = &self.cache {
-                    cache.insert(snapshot.generation, ip, record.clone());
-                }
-                record
-            }
+        let compiled = snapshot.compiled.as_ref().and_then(|c| c.lookup(ip));
+        let (record, network) = match compiled {
+            Some((record, network)) => (record.clone(), network),
+            None => self.read(&snapshot, ip)?,
         };
         Ok(GeoLookup {
             ip,
             record,
+            network,
             databases: snapshot.databases.clone(),
             generation: snapshot.generation,
         })
     }
+
+    /// The readers' answer, through the cache.
+    fn read(
+        &self,
+        snapshot: &GeoSnapshot,
+        ip: IpAddr,
+    ) -> Result<(Arc<GeoRecord>, IpNetwork), GeoError> {
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.get(snapshot.generation, ip));
+        if let Some(answer) = cached {
+            return Ok(answer);
+        }
+        let (record, network) = lookup_uncached(snapshot, ip)?;
+        let record = Arc::new(record);
+        if let Some(cache) = &self.cache {
+            cache.insert(snapshot.generation, ip, record.clone(), network);
+        }
+        Ok((record, network))
+    }
 }
 
-fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<GeoRecord, GeoError> {
+fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<(GeoRecord, IpNetwork), GeoError> {
     let location_db = snapshot
         .location
         .as_ref()
@@ -244,7 +298,7 @@ fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<GeoRecord, GeoE
         found |= record.is_some();
         asn = record.unwrap_or_default();
     }
-    Ok(GeoRecord {
+    let record = GeoRecord {
         facts: IpFacts {
             country: location.country,
             subdivisions: location.subdivisions,
@@ -253,10 +307,10 @@ fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<GeoRecord, GeoE
         registered_country: location.registered_country,
         asn: asn.asn,
         as_org: asn.organization,
-        network,
         accuracy_radius_km: location.accuracy_radius_km,
         found,
-    })
+    };
+    Ok((record, network))
 }
 
 /// A reader may answer an IPv4 query with an IPv6 network (a match above the IPv4 subtree);

@@ -28,7 +28,7 @@ fn reads_country_subdivisions_anonymizers_and_asn() {
     assert_eq!(us.record.facts.subdivisions[0].to_string(), "US-WA");
     assert_eq!(us.record.asn, Some(209));
     assert_eq!(
-        us.record.network.to_string(),
+        us.network.to_string(),
         "216.160.83.56/29",
         "the most specific network wins"
     );
@@ -77,7 +77,7 @@ fn ipv4_mapped_ipv6_answers_exactly_as_ipv4() {
         geo.lookup_uncached(ip("::ffff:175.16.199.10")).unwrap(),
         plain
     );
-    assert_eq!(*mapped.record, plain);
+    assert_eq!((mapped.record.as_ref().clone(), mapped.network), plain);
 }
 
 #[test]
@@ -95,14 +95,14 @@ fn narrower_network_of_another_database_wins_across_families() {
     );
     let proxy = geo.lookup(ip("6.1.0.4")).unwrap();
     assert!(proxy.record.facts.anonymizer.residential_proxy);
-    assert_eq!(proxy.record.network.to_string(), "6.1.0.4/32");
+    assert_eq!(proxy.network.to_string(), "6.1.0.4/32");
     let neighbour = geo.lookup(ip("6.1.0.5")).unwrap();
     assert!(
         !neighbour.record.facts.anonymizer.residential_proxy,
         "the /32 answer must not serve its neighbour"
     );
     assert_eq!(
-        *neighbour.record,
+        (neighbour.record.as_ref().clone(), neighbour.network),
         geo.lookup_uncached(ip("6.1.0.5")).unwrap()
     );
 }
@@ -141,7 +141,16 @@ fn flat_country_code_layout_is_read() {
 
 #[test]
 fn cache_serves_a_subnet_and_reload_changes_generation() {
-    let geo = geo();
+    let db = |role, bytes, name| Some(GeoDatabase::from_bytes(role, bytes, name).unwrap());
+    let geo = Geo::with_options(
+        db(DbRole::Location, fixtures::city_db(), "city"),
+        db(DbRole::Anonymous, fixtures::anonymous_db(), "anon"),
+        db(DbRole::Asn, fixtures::asn_db(), "asn"),
+        GeoOptions {
+            compile: false,
+            cache_capacity: 1000,
+        },
+    );
     geo.lookup(ip("175.16.199.10")).unwrap();
     geo.lookup(ip("175.16.199.200")).unwrap();
     assert_eq!(
@@ -206,4 +215,138 @@ fn cache_can_be_turned_off() {
         );
     }
     assert_eq!(geo.cache_stats(), CacheStats::default());
+}
+
+/// Every address a compiled table answers, it answers as the readers do (record and network):
+/// the first and last address of every network of every database and their neighbours, for
+/// the fixtures, the shipped whole-Internet database, and MaxMind's test databases when
+/// REGIONGUARD_MAXMIND_TEST_DATA names them. Fails if the tables leave more than a few
+/// addresses to the readers.
+#[test]
+fn compiled_tables_answer_as_the_readers_do() {
+    let open = |role, bytes: Vec<u8>| GeoDatabase::from_bytes(role, bytes, "test").ok();
+    let mut sets: Vec<(String, [Option<GeoDatabase>; 3])> = vec![
+        (
+            "fixtures".into(),
+            [
+                open(DbRole::Location, fixtures::city_db()),
+                open(DbRole::Anonymous, fixtures::anonymous_db()),
+                open(DbRole::Asn, fixtures::asn_db()),
+            ],
+        ),
+        (
+            "ipv6-only city and anonymous".into(),
+            [
+                open(DbRole::Location, fixtures::ipv6_only_city_db()),
+                open(DbRole::Anonymous, fixtures::anonymous_db()),
+                None,
+            ],
+        ),
+        (
+            "flat country".into(),
+            [
+                open(DbRole::Location, fixtures::flat_country_db()),
+                None,
+                None,
+            ],
+        ),
+        (
+            "shipped".into(),
+            [
+                open(DbRole::Location, crate::app::EMBEDDED_LOCATION_DB.to_vec()),
+                None,
+                None,
+            ],
+        ),
+    ];
+    if let Some(dir) = std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA") {
+        let dir = std::path::PathBuf::from(dir);
+        let file =
+            |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for location in [
+            "GeoIP2-City-Test.mmdb",
+            "GeoIP2-Country-Test.mmdb",
+            "GeoIP2-Enterprise-Test.mmdb",
+            "GeoLite2-City-Test.mmdb",
+        ] {
+            sets.push((
+                location.into(),
+                [
+                    open(DbRole::Location, file(location)),
+                    open(DbRole::Anonymous, file("GeoIP2-Anonymous-IP-Test.mmdb")),
+                    open(DbRole::Asn, file("GeoLite2-ASN-Test.mmdb")),
+                ],
+            ));
+        }
+    }
+    for (name, [location, anonymous, asn]) in sets {
+        assert!(location.is_some(), "{name}: the location database opens");
+        let mut probes: Vec<IpAddr> = Vec::new();
+        for db in [&location, &anonymous, &asn].into_iter().flatten() {
+            let partition = db.partition().unwrap();
+            // The shipped database has about a million networks: every 7th is plenty.
+            let step = (partition.v4.len() + partition.v6.len()) / 150_000 + 1;
+            let v4 = partition.v4.iter().map(|c| (u128::from(c.start), c.prefix));
+            let v6 = partition.v6.iter().map(|c| (c.start, c.prefix));
+            let cells: [(Vec<(u128, u8)>, u32); 2] = [(v4.collect(), 32), (v6.collect(), 128)];
+            for (cells, bits) in cells {
+                for (start, prefix) in cells.into_iter().step_by(step) {
+                    let size_bits = bits - u32::from(prefix);
+                    let end = start | u128::MAX.checked_shr(128 - size_bits).unwrap_or(0);
+                    let last = u128::MAX.checked_shr(128 - bits).unwrap_or(0);
+                    for key in [
+                        start.wrapping_sub(1) & last,
+                        start,
+                        end,
+                        end.wrapping_add(1) & last,
+                    ] {
+                        probes.push(if bits == 32 {
+                            IpAddr::from(std::net::Ipv4Addr::from(key as u32))
+                        } else {
+                            IpAddr::from(std::net::Ipv6Addr::from(key))
+                        });
+                    }
+                }
+            }
+        }
+        probes.extend(
+            [
+                "1.1.1.1",
+                "2001:db8::1",
+                "2002:102:304::1",
+                "::1",
+                "::1.2.3.4",
+                "::ffff:81.2.69.160",
+            ]
+            .map(ip),
+        );
+        let geo = Geo::with_options(
+            location,
+            anonymous,
+            asn,
+            GeoOptions {
+                compile: true,
+                cache_capacity: 0,
+            },
+        );
+        let compiled = geo.snapshot.load();
+        let compiled = compiled.compiled.as_ref().expect("compiled");
+        let mut from_tables = 0;
+        for probe in &probes {
+            let probe = normalize(*probe);
+            let Some((record, network)) = compiled.lookup(probe) else {
+                continue;
+            };
+            from_tables += 1;
+            let read = geo
+                .lookup_uncached(probe)
+                .unwrap_or_else(|e| panic!("{name} {probe}: {e}"));
+            assert_eq!((record.as_ref().clone(), network), read, "{name}: {probe}");
+        }
+        assert!(
+            from_tables * 100 >= probes.len() * 95,
+            "{name}: only {from_tables} of {} probes answered by the tables",
+            probes.len()
+        );
+    }
 }

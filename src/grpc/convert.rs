@@ -356,7 +356,7 @@ pub fn location(lookup: &GeoLookup, databases: &[DatabaseStatus]) -> pb::Locatio
         registered_country: text(record.registered_country),
         asn: record.asn.unwrap_or(0),
         as_org: record.as_org.clone().unwrap_or_default(),
-        network: network_text(&record.network),
+        network: network_text(&lookup.network),
         anonymizer: Some(pb::Anonymizer {
             vpn: flags.vpn,
             tor: flags.tor,
