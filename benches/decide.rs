@@ -440,12 +440,20 @@ fn report_compiled() {
         let (before, started) = (support::rss_bytes(), std::time::Instant::now());
         let geo = open(COMPILED).unwrap();
         let elapsed = started.elapsed();
+        let mib = |b: Option<u64>| {
+            b.map_or("n/a".to_owned(), |g| {
+                format!("{:.1} MiB", g as f64 / 1048576.0)
+            })
+        };
         let grown = support::rss_bytes()
             .zip(before)
             .map(|(after, before)| after.saturating_sub(before));
+        let peak = support::peak_rss_bytes()
+            .zip(before)
+            .map(|(peak, before)| peak.saturating_sub(before));
         let stats = geo.compiled_stats().expect("compiled");
         println!(
-            "compiled: {name}: {} networks, opened and compiled in {} ms: {} + {} ranges, {} records, {:.1} MiB = {:.1} B per network; resident growth {}",
+            "compiled: {name}: {} networks, opened and compiled in {} ms: {} + {} ranges, {} records, {:.1} MiB = {:.1} B per network; resident growth {} (peak {})",
             stats.networks,
             elapsed.as_millis(),
             stats.ranges_v4,
@@ -453,10 +461,8 @@ fn report_compiled() {
             stats.records,
             stats.bytes as f64 / 1048576.0,
             stats.bytes as f64 / stats.networks as f64,
-            grown.map_or("n/a".to_owned(), |g| format!(
-                "{:.1} MiB",
-                g as f64 / 1048576.0
-            )),
+            mib(grown),
+            mib(peak),
         );
         drop(geo);
         let started = std::time::Instant::now();

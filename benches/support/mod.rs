@@ -12,6 +12,16 @@ pub fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// The process's peak resident set so far (`VmHWM`); not every bench including this module
+/// reads it.
+#[allow(dead_code)]
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Runs each of `specs` in a fresh process of this benchmark (`env_var=spec`), so that memory
 /// freed by one measurement is not reused by the next. Only under `cargo bench`.
 pub fn measure_in_fresh_processes(env_var: &str, specs: &[&str]) {

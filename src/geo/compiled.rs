@@ -31,8 +31,9 @@ const MAX_RECORDS: usize = GAP as usize;
 
 /// One family's ranges: sorted starts, and for each `record << 8 | prefix`.
 struct Table<K> {
-    starts: Box<[K]>,
-    values: Box<[u32]>,
+    /// Vectors, not boxed slices: shrinking them to size would copy them.
+    starts: Vec<K>,
+    values: Vec<u32>,
     /// `index[b]`: how many starts lie below `b << (BITS - 16)`.
     index: Box<[u32]>,
 }
@@ -82,8 +83,8 @@ impl<K: Key> Table<K> {
             *slot = below as u32;
         }
         Self {
-            starts: starts.into(),
-            values: values.into(),
+            starts,
+            values,
             index: index.into(),
         }
     }
@@ -279,7 +280,9 @@ fn merge<K: Key>(
         .map(|(slot, p)| (*slot, cells(p).as_slice()))
         .collect();
     let mut at = vec![0usize; lists.len()];
-    let (mut starts, mut values) = (Vec::new(), Vec::new());
+    // At most one range per cell, and one per gap between cells.
+    let bound = lists.iter().map(|(_, l)| 2 * l.len()).sum::<usize>() + 1;
+    let (mut starts, mut values) = (Vec::with_capacity(bound), Vec::with_capacity(bound));
     let mut pos: u128 = 0;
     loop {
         // Per database: the cell holding `pos`, or a gap up to its next cell.

@@ -250,6 +250,11 @@ impl GeoDatabase {
             },
             ..Partition::default()
         };
+        // A tree of n nodes has n + 1 leaves (more with aliases): reserved, so that the lists
+        // are not copied as they grow (capacity never written to is never resident).
+        let leaves = self.reader.metadata().node_count as usize + 1;
+        partition.v4.reserve(leaves);
+        partition.v6.reserve(leaves);
         let mut seen: std::collections::HashMap<usize, u32> = Default::default();
         let mut useful = false;
         let options = WithinOptions::default()
