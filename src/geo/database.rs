@@ -359,6 +359,11 @@ impl GeoDatabase {
         })
     }
 
+    /// Drops the walk made at load (the databases are not compiled).
+    pub(crate) fn forget_walk(&self) {
+        self.walked.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
     /// Every network and its decoded record: the walk made at load, or a new one.
     pub(crate) fn partition(&self) -> Result<Partition, GeoError> {
         let walked = self.walked.lock().unwrap_or_else(|e| e.into_inner()).take();

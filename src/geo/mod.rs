@@ -88,6 +88,10 @@ impl GeoSnapshot {
         let compiled = compile
             .then(|| Compiled::new(location.as_deref(), anonymous.as_deref(), asn.as_deref()))
             .flatten();
+        // What a compile did not take (compiling off, or given up) is not kept.
+        for db in [&location, &anonymous, &asn].into_iter().flatten() {
+            db.forget_walk();
+        }
         let databases = [&location, &anonymous, &asn]
             .into_iter()
             .flatten()
