@@ -30,7 +30,9 @@ impl Flow {
 }
 
 /// Anonymizer flags from an Anonymous-IP database; all false when unknown.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(default)]
 pub struct AnonymizerFlags {
     pub vpn: bool,

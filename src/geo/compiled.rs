@@ -20,7 +20,7 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 use super::GeoRecord;
 use super::database::{
-    AsnRecord, Cell, GeoDatabase, LocationRecord, NO_RECORD, Partition, Records,
+    AsnRecord, Cell, DbRole, GeoDatabase, LocationRecord, NO_RECORD, Partition, Records,
 };
 use crate::classify::{AnonymizerFlags, IpFacts};
 
@@ -137,6 +137,15 @@ impl Compiled {
         let mut parts = Vec::new();
         for (slot, db) in [Some(location), anonymous, asn].into_iter().enumerate() {
             if let Some(db) = db {
+                if db.role() != DbRole::ALL[slot] {
+                    // Combined by slot, decoded by role: they must agree (the app opens each
+                    // database in its slot's role).
+                    tracing::error!(
+                        role = db.role().as_str(),
+                        "a database in another role's slot is not compiled"
+                    );
+                    return None;
+                }
                 match db.partition() {
                     Ok(partition) => parts.push((slot, partition)),
                     Err(error) => {

@@ -6,6 +6,7 @@
 //! here rather than failing requests later. (The reader's own `verify()` is stricter about
 //! metadata than real-world writers are: the ip-location-db files have an empty description.)
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -66,7 +67,7 @@ pub enum GeoError {
 }
 
 /// A record, decoded in the shape of one role.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LocationRecord {
     pub country: Option<CountryCode>,
     pub registered_country: Option<CountryCode>,
@@ -74,7 +75,7 @@ pub struct LocationRecord {
     pub accuracy_radius_km: Option<u16>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AsnRecord {
     pub asn: Option<u32>,
     pub organization: Option<String>,
@@ -118,6 +119,51 @@ impl Default for Records {
     fn default() -> Self {
         Records::Location(Vec::new())
     }
+}
+
+impl Records {
+    /// Appends `record` to its role's list: its index, or `None` past what a table holds.
+    fn push(&mut self, record: Decoded) -> Option<u32> {
+        let len = match (self, record) {
+            (Records::Location(list), Decoded::Location(r)) => {
+                list.push(r);
+                list.len()
+            }
+            (Records::Anonymous(list), Decoded::Anonymous(r)) => {
+                list.push(r);
+                list.len()
+            }
+            (Records::Asn(list), Decoded::Asn(r)) => {
+                list.push(r);
+                list.len()
+            }
+            _ => return None,
+        };
+        u32::try_from(len - 1).ok().filter(|&i| i < NO_RECORD)
+    }
+}
+
+/// One record as its role reads it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Decoded {
+    Location(LocationRecord),
+    Anonymous(AnonymizerFlags),
+    Asn(AsnRecord),
+}
+
+/// Whether `net` lies inside one of the IPv6 aliases of the IPv4 subtree MaxMind's writers
+/// install: IPv4-mapped `::ffff:0:0/96` (normalised to IPv4 before any lookup), Teredo
+/// `2001::/32` and 6to4 `2002::/16`.
+fn is_alias(net: ipnetwork::Ipv6Network) -> bool {
+    const ALIASES: [(u128, u8); 3] = [
+        (0xffff_0000_0000, 96),
+        (0x2001_0000 << 96, 32),
+        (0x2002 << 112, 16),
+    ];
+    let start = u128::from(net.network());
+    ALIASES.iter().any(|&(base, len)| {
+        net.prefix() >= len && start & (u128::MAX << (128 - u32::from(len))) == base
+    })
 }
 
 /// A loaded database with its metadata.
@@ -255,21 +301,53 @@ impl GeoDatabase {
         let leaves = self.reader.metadata().node_count as usize + 1;
         partition.v4.reserve(leaves);
         partition.v6.reserve(leaves);
-        let mut seen: std::collections::HashMap<usize, u32> = Default::default();
+        // Offsets already decoded, and each distinct decoded record's index: City records that
+        // differ only in fields no role reads (names, postcodes, coordinates) are one record.
+        let mut seen: HashMap<usize, u32> = Default::default();
+        let mut distinct: HashMap<Decoded, u32> = Default::default();
         let mut useful = false;
+        // Aliases included: a database without IPv4 data has its empty node where the IPv4
+        // subtree would be, and the walker skips every empty node equal to it as an alias.
         let options = WithinOptions::default()
             .include_networks_without_data()
             .include_aliased_networks();
-        for item in self.reader.networks(options).map_err(verify)? {
+        // A tree of n nodes has n + 1 leaves, each reached at most four times (the IPv4
+        // subtree and its three aliases); more means nodes shared between branches, a file
+        // made to be walked without end.
+        let most = 4 * leaves + 16;
+        for (walked, item) in self.reader.networks(options).map_err(verify)?.enumerate() {
+            if walked > most {
+                return Err(verify(MaxMindDbError::invalid_database(
+                    "the search tree has more networks than nodes to hold them (shared nodes)",
+                )));
+            }
             let found = item.map_err(verify)?;
             let network = found.network().map_err(verify)?;
+            if let IpNetwork::V6(net) = network
+                && is_alias(net)
+            {
+                // The same IPv4 data again; the readers answer these addresses.
+                continue;
+            }
             let record = match found.offset() {
                 None => NO_RECORD,
                 Some(offset) => match seen.get(&offset) {
                     Some(&index) => index,
                     None => {
-                        let index = self.decode_into(&found, &mut partition.records, &mut useful);
-                        let index = index.map_err(verify)?;
+                        let decoded = self.decode(&found, &mut useful).map_err(verify)?;
+                        let index = match distinct.get(&decoded) {
+                            Some(&index) => index,
+                            None => {
+                                let index = partition.records.push(decoded.clone());
+                                let index = index.ok_or_else(|| {
+                                    verify(MaxMindDbError::invalid_database(
+                                        "more distinct records than a compiled table holds",
+                                    ))
+                                })?;
+                                distinct.insert(decoded, index);
+                                index
+                            }
+                        };
                         seen.insert(offset, index);
                         index
                     }
@@ -321,41 +399,34 @@ impl GeoDatabase {
         }
     }
 
-    /// Decodes `found` into `records` (its role's list), saying whether it carries role data.
-    fn decode_into(
+    /// Decodes `found` in this role's shape, saying whether it carries role data.
+    fn decode(
         &self,
         found: &LookupResult<'_, Vec<u8>>,
-        records: &mut Records,
         useful: &mut bool,
-    ) -> Result<u32, MaxMindDbError> {
-        let index = match records {
-            Records::Location(list) => {
+    ) -> Result<Decoded, MaxMindDbError> {
+        Ok(match self.role {
+            DbRole::Location => {
                 let record = found.decode::<RawLocation>()?.map(location_of);
                 let record = record.unwrap_or_default();
                 *useful |= record.country.is_some();
-                list.push(record);
-                list.len()
+                Decoded::Location(record)
             }
-            Records::Anonymous(list) => {
+            DbRole::Anonymous => {
                 let flags = found.decode::<RawAnonymous>()?.map(|r| anonymizer_of(&r));
                 let flags = flags.unwrap_or_default();
                 *useful |= flags != AnonymizerFlags::default();
-                list.push(flags);
-                list.len()
+                Decoded::Anonymous(flags)
             }
-            Records::Asn(list) => {
+            DbRole::Asn => {
                 let raw = found.decode::<RawAsn>()?;
                 let record = raw.map_or_else(AsnRecord::default, |r| AsnRecord {
                     asn: r.autonomous_system_number,
                     organization: r.autonomous_system_organization.map(str::to_owned),
                 });
                 *useful |= record.asn.is_some();
-                list.push(record);
-                list.len()
+                Decoded::Asn(record)
             }
-        };
-        u32::try_from(index - 1).map_err(|_| {
-            MaxMindDbError::invalid_database("more distinct records than a compiled table holds")
         })
     }
 

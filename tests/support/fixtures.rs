@@ -145,3 +145,65 @@ pub fn ipv6_only_city_db() -> Vec<u8> {
         &[("0:0:1::/48", city("DE", &[], "DE"))],
     )
 }
+
+/// An IPv4-only (`ip_version = 4`) location database: it cannot know an IPv6 address.
+pub fn ipv4_only_city_db() -> Vec<u8> {
+    let mut writer = Writer::builder("RegionGuard-Test-City-v4")
+        .description(&[("en", "regionguard test fixture")])
+        .ip_version(mmdb_writer::IpVersion::V4)
+        .build();
+    for (network, value) in [
+        ("5.1.0.0/16", city("IR", &[], "IR")),
+        ("216.160.83.56/29", city("US", &["WA"], "US")),
+        ("1.2.0.0/16", city("DE", &["BE"], "DE")),
+    ] {
+        let network: ipnet::IpNet = network.parse().expect("fixture network");
+        writer.insert_value(network, value).expect("fixture insert");
+    }
+    writer.to_bytes().expect("fixture write")
+}
+
+/// A location database written without IPv4 aliases: 6to4 and Teredo addresses are ordinary
+/// IPv6 there, and one holds data.
+pub fn unaliased_city_db() -> Vec<u8> {
+    let mut writer = Writer::builder("RegionGuard-Test-City-unaliased")
+        .description(&[("en", "regionguard test fixture")])
+        .ipv4_aliasing(mmdb_writer::Ipv4Aliasing::Disabled)
+        .build();
+    for (network, value) in [
+        ("5.1.0.0/16", city("IR", &[], "IR")),
+        ("2002:501::/32", city("CU", &[], "CU")),
+        ("2a02:d2c0::/29", city("IR", &[], "IR")),
+    ] {
+        let network: ipnet::IpNet = network.parse().expect("fixture network");
+        writer.insert_value(network, value).expect("fixture insert");
+    }
+    writer.to_bytes().expect("fixture write")
+}
+
+/// A database whose search tree shares its nodes between branches, so that some 2^100 paths
+/// lead to its one record: a one-address database with every empty branch pointed at its
+/// sibling node.
+pub fn shared_nodes_db() -> Vec<u8> {
+    let mut bytes = write(
+        "RegionGuard-Test-City",
+        &[("::1/128", city("DE", &[], "DE"))],
+    );
+    let reader = maxminddb::Reader::from_source(bytes.clone()).expect("fixture reads");
+    let (nodes, size) = (
+        reader.metadata().node_count as usize,
+        reader.metadata().record_size as usize,
+    );
+    assert_eq!(size, 24, "the patch below reads and writes 24-bit records");
+    let read = |b: &[u8], at: usize| u32::from_be_bytes([0, b[at], b[at + 1], b[at + 2]]) as usize;
+    for node in 0..nodes {
+        let (left, right) = (read(&bytes, node * 6), read(&bytes, node * 6 + 3));
+        let (empty, other) = match (left == nodes, right == nodes) {
+            (false, true) if left < nodes => (node * 6 + 3, left),
+            (true, false) if right < nodes => (node * 6, right),
+            _ => continue,
+        };
+        bytes[empty..empty + 3].copy_from_slice(&(other as u32).to_be_bytes()[1..]);
+    }
+    bytes
+}
