@@ -225,55 +225,32 @@ fn cache_can_be_turned_off() {
 #[test]
 fn compiled_tables_answer_as_the_readers_do() {
     let open = |role, bytes: Vec<u8>| GeoDatabase::from_bytes(role, bytes, "test").ok();
+    // A location database, with or without the fixture Anonymous and ASN databases.
+    let set = |name: &str, location: Vec<u8>, anonymous: bool, asn: bool| {
+        let anonymous = anonymous.then(|| open(DbRole::Anonymous, fixtures::anonymous_db()));
+        let asn = asn.then(|| open(DbRole::Asn, fixtures::asn_db()));
+        (
+            name.to_owned(),
+            [
+                open(DbRole::Location, location),
+                anonymous.flatten(),
+                asn.flatten(),
+            ],
+        )
+    };
+    let shipped = crate::app::EMBEDDED_LOCATION_DB.to_vec();
     let mut sets: Vec<(String, [Option<GeoDatabase>; 3])> = vec![
-        (
-            "fixtures".into(),
-            [
-                open(DbRole::Location, fixtures::city_db()),
-                open(DbRole::Anonymous, fixtures::anonymous_db()),
-                open(DbRole::Asn, fixtures::asn_db()),
-            ],
+        set("fixtures", fixtures::city_db(), true, true),
+        set("IPv6-only city", fixtures::ipv6_only_city_db(), true, false),
+        set("flat country", fixtures::flat_country_db(), false, false),
+        set("IPv4-only city", fixtures::ipv4_only_city_db(), true, true),
+        set(
+            "city without aliases",
+            fixtures::unaliased_city_db(),
+            true,
+            false,
         ),
-        (
-            "ipv6-only city and anonymous".into(),
-            [
-                open(DbRole::Location, fixtures::ipv6_only_city_db()),
-                open(DbRole::Anonymous, fixtures::anonymous_db()),
-                None,
-            ],
-        ),
-        (
-            "flat country".into(),
-            [
-                open(DbRole::Location, fixtures::flat_country_db()),
-                None,
-                None,
-            ],
-        ),
-        (
-            "IPv4-only city with IPv6 anonymous and ASN".into(),
-            [
-                open(DbRole::Location, fixtures::ipv4_only_city_db()),
-                open(DbRole::Anonymous, fixtures::anonymous_db()),
-                open(DbRole::Asn, fixtures::asn_db()),
-            ],
-        ),
-        (
-            "city without IPv4 aliases".into(),
-            [
-                open(DbRole::Location, fixtures::unaliased_city_db()),
-                open(DbRole::Anonymous, fixtures::anonymous_db()),
-                None,
-            ],
-        ),
-        (
-            "shipped".into(),
-            [
-                open(DbRole::Location, crate::app::EMBEDDED_LOCATION_DB.to_vec()),
-                None,
-                None,
-            ],
-        ),
+        set("shipped", shipped, false, false),
     ];
     if let Some(dir) = std::env::var_os("REGIONGUARD_MAXMIND_TEST_DATA") {
         let dir = std::path::PathBuf::from(dir);

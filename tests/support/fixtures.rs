@@ -49,9 +49,13 @@ fn country_code(code: &str) -> Value {
 }
 
 fn write(database_type: &str, entries: &[(&str, Value)]) -> Vec<u8> {
-    let mut writer = Writer::builder(database_type)
+    let writer = Writer::builder(database_type)
         .description(&[("en", "regionguard test fixture")])
         .build();
+    write_with(writer, entries)
+}
+
+fn write_with(mut writer: Writer, entries: &[(&str, Value)]) -> Vec<u8> {
     for (network, value) in entries {
         let network: ipnet::IpNet = network.parse().expect("fixture network");
         writer
@@ -148,37 +152,35 @@ pub fn ipv6_only_city_db() -> Vec<u8> {
 
 /// An IPv4-only (`ip_version = 4`) location database: it cannot know an IPv6 address.
 pub fn ipv4_only_city_db() -> Vec<u8> {
-    let mut writer = Writer::builder("RegionGuard-Test-City-v4")
+    let writer = Writer::builder("RegionGuard-Test-City-v4")
         .description(&[("en", "regionguard test fixture")])
         .ip_version(mmdb_writer::IpVersion::V4)
         .build();
-    for (network, value) in [
-        ("5.1.0.0/16", city("IR", &[], "IR")),
-        ("216.160.83.56/29", city("US", &["WA"], "US")),
-        ("1.2.0.0/16", city("DE", &["BE"], "DE")),
-    ] {
-        let network: ipnet::IpNet = network.parse().expect("fixture network");
-        writer.insert_value(network, value).expect("fixture insert");
-    }
-    writer.to_bytes().expect("fixture write")
+    write_with(
+        writer,
+        &[
+            ("5.1.0.0/16", city("IR", &[], "IR")),
+            ("216.160.83.56/29", city("US", &["WA"], "US")),
+            ("1.2.0.0/16", city("DE", &["BE"], "DE")),
+        ],
+    )
 }
 
 /// A location database written without IPv4 aliases: 6to4 and Teredo addresses are ordinary
 /// IPv6 there, and one holds data.
 pub fn unaliased_city_db() -> Vec<u8> {
-    let mut writer = Writer::builder("RegionGuard-Test-City-unaliased")
+    let writer = Writer::builder("RegionGuard-Test-City-unaliased")
         .description(&[("en", "regionguard test fixture")])
         .ipv4_aliasing(mmdb_writer::Ipv4Aliasing::Disabled)
         .build();
-    for (network, value) in [
-        ("5.1.0.0/16", city("IR", &[], "IR")),
-        ("2002:501::/32", city("CU", &[], "CU")),
-        ("2a02:d2c0::/29", city("IR", &[], "IR")),
-    ] {
-        let network: ipnet::IpNet = network.parse().expect("fixture network");
-        writer.insert_value(network, value).expect("fixture insert");
-    }
-    writer.to_bytes().expect("fixture write")
+    write_with(
+        writer,
+        &[
+            ("5.1.0.0/16", city("IR", &[], "IR")),
+            ("2002:501::/32", city("CU", &[], "CU")),
+            ("2a02:d2c0::/29", city("IR", &[], "IR")),
+        ],
+    )
 }
 
 /// A database whose search tree shares its nodes between branches, so that some 2^100 paths
