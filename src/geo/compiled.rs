@@ -166,10 +166,13 @@ impl Compiled {
             return None;
         };
         let networks = parts.iter().map(|(_, p)| p.v4.len() + p.v6.len()).sum();
+        let records = combined.records.into();
+        // The walks are done with: freed before the tables are finished.
+        drop(parts);
         Some(Self {
             v4: Table::new(v4),
             v6: Table::new(v6),
-            records: combined.records.into(),
+            records,
             networks,
         })
     }

@@ -167,7 +167,7 @@ pub fn ipv4_only_city_db() -> Vec<u8> {
 }
 
 /// A location database written without IPv4 aliases: 6to4 and Teredo addresses are ordinary
-/// IPv6 there, and one holds data.
+/// IPv6 there, and one holds data. One network is narrower than a /64.
 pub fn unaliased_city_db() -> Vec<u8> {
     let writer = Writer::builder("RegionGuard-Test-City-unaliased")
         .description(&[("en", "regionguard test fixture")])
@@ -179,6 +179,8 @@ pub fn unaliased_city_db() -> Vec<u8> {
             ("5.1.0.0/16", city("IR", &[], "IR")),
             ("2002:501::/32", city("CU", &[], "CU")),
             ("2a02:d2c0::/29", city("IR", &[], "IR")),
+            // Narrower than a /64: left to the readers in a table keyed by /64s.
+            ("2a02:d2c8::1:0:0/96", city("DE", &[], "DE")),
         ],
     )
 }
