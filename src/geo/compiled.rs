@@ -109,14 +109,14 @@ pub(crate) struct Compiled {
     v4: Table<u32>,
     v6: Table<u128>,
     records: Box<[Arc<GeoRecord>]>,
-    /// The databases' networks the tables were compiled from (aliases included).
+    /// The databases' networks the tables were compiled from (the IPv4 aliases not counted).
     networks: usize,
 }
 
 /// What compiling cost, for logs and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompiledStats {
-    /// The databases' networks compiled (every network of every database).
+    /// The databases' networks compiled (every network of every database, IPv4 aliases aside).
     pub networks: usize,
     pub ranges_v4: usize,
     pub ranges_v6: usize,
