@@ -22,7 +22,7 @@ use super::GeoRecord;
 use super::database::{
     AsnRecord, Cell, DbRole, GeoDatabase, LocationRecord, NO_RECORD, Partition, Records,
 };
-use crate::classify::{AnonymizerFlags, IpFacts};
+use crate::classify::AnonymizerFlags;
 
 /// The record part of a range's value that marks a gap (the reader answers).
 const GAP: u32 = (1 << 24) - 1;
@@ -257,20 +257,7 @@ impl<'a> Combiner<'a> {
         let location = self.location.get(of[0] as usize);
         let anonymous = self.anonymous.get(of[1] as usize);
         let asn = self.asn.get(of[2] as usize);
-        let location_default = LocationRecord::default();
-        let l = location.unwrap_or(&location_default);
-        let record = GeoRecord {
-            facts: IpFacts {
-                country: l.country,
-                subdivisions: l.subdivisions.clone(),
-                anonymizer: anonymous.copied().unwrap_or_default(),
-            },
-            registered_country: l.registered_country,
-            asn: asn.and_then(|a| a.asn),
-            as_org: asn.and_then(|a| a.organization.clone()),
-            accuracy_radius_km: l.accuracy_radius_km,
-            found: location.is_some() || anonymous.is_some() || asn.is_some(),
-        };
+        let record = GeoRecord::combine(location, anonymous, asn);
         let id = self.records.len() as u32;
         self.records.push(Arc::new(record));
         self.ids.insert(of, id);

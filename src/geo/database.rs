@@ -419,11 +419,7 @@ impl GeoDatabase {
                 Decoded::Anonymous(flags)
             }
             DbRole::Asn => {
-                let raw = found.decode::<RawAsn>()?;
-                let record = raw.map_or_else(AsnRecord::default, |r| AsnRecord {
-                    asn: r.autonomous_system_number,
-                    organization: r.autonomous_system_organization.map(str::to_owned),
-                });
+                let record = found.decode::<RawAsn>()?.map(asn_of).unwrap_or_default();
                 *useful |= record.asn.is_some();
                 Decoded::Asn(record)
             }
@@ -489,11 +485,7 @@ impl GeoDatabase {
             return Ok((None, Self::whole_v6()));
         };
         let record = found.decode::<RawAsn>().map_err(self.lookup_error())?;
-        let asn = record.map(|r| AsnRecord {
-            asn: r.autonomous_system_number,
-            organization: r.autonomous_system_organization.map(str::to_owned),
-        });
-        Ok((asn, network))
+        Ok((record.map(asn_of), network))
     }
 }
 
@@ -518,6 +510,13 @@ fn location_of(raw: RawLocation<'_>) -> LocationRecord {
             .and_then(CountryCode::from_record),
         subdivisions,
         accuracy_radius_km: raw.location.and_then(|l| l.accuracy_radius),
+    }
+}
+
+fn asn_of(raw: RawAsn<'_>) -> AsnRecord {
+    AsnRecord {
+        asn: raw.autonomous_system_number,
+        organization: raw.autonomous_system_organization.map(str::to_owned),
     }
 }
 

@@ -50,6 +50,32 @@ impl GeoRecord {
     }
 }
 
+impl GeoRecord {
+    /// What the three databases' records for an address say together (`None`: the database
+    /// has no record there, or is not loaded). The readers' path and the compiled tables both
+    /// build their records here, so they cannot differ.
+    pub(crate) fn combine(
+        location: Option<&LocationRecord>,
+        anonymous: Option<&crate::classify::AnonymizerFlags>,
+        asn: Option<&AsnRecord>,
+    ) -> Self {
+        let none = LocationRecord::default();
+        let l = location.unwrap_or(&none);
+        GeoRecord {
+            facts: IpFacts {
+                country: l.country,
+                subdivisions: l.subdivisions.clone(),
+                anonymizer: anonymous.copied().unwrap_or_default(),
+            },
+            registered_country: l.registered_country,
+            asn: asn.and_then(|a| a.asn),
+            as_org: asn.and_then(|a| a.organization.clone()),
+            accuracy_radius_km: l.accuracy_radius_km,
+            found: location.is_some() || anonymous.is_some() || asn.is_some(),
+        }
+    }
+}
+
 /// A database as loaded: role, type and build time (for staleness reports).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseMeta {
@@ -280,40 +306,25 @@ fn lookup_uncached(snapshot: &GeoSnapshot, ip: IpAddr) -> Result<(GeoRecord, IpN
     // Compare prefixes only within the query's family: a match above the IPv4 subtree comes back
     // as an IPv6 network and must be expressed as IPv4 before a narrower IPv4 answer can win.
     let mut network = same_family(network, ip);
-    let mut found = location.is_some();
-    let location = location.unwrap_or_default();
     let mut narrow = |other: IpNetwork| {
         let other = same_family(other, ip);
         if other.prefix() > network.prefix() {
             network = other;
         }
     };
-    let mut anonymizer = Default::default();
+    let mut anonymizer = None;
     if let Some(db) = &snapshot.anonymous {
         let (flags, net) = db.anonymizer(ip)?;
         narrow(net);
-        found |= flags.is_some();
-        anonymizer = flags.unwrap_or_default();
+        anonymizer = flags;
     }
-    let mut asn = AsnRecord::default();
+    let mut asn = None;
     if let Some(db) = &snapshot.asn {
         let (record, net) = db.asn(ip)?;
         narrow(net);
-        found |= record.is_some();
-        asn = record.unwrap_or_default();
+        asn = record;
     }
-    let record = GeoRecord {
-        facts: IpFacts {
-            country: location.country,
-            subdivisions: location.subdivisions,
-            anonymizer,
-        },
-        registered_country: location.registered_country,
-        asn: asn.asn,
-        as_org: asn.organization,
-        accuracy_radius_km: location.accuracy_radius_km,
-        found,
-    };
+    let record = GeoRecord::combine(location.as_ref(), anonymizer.as_ref(), asn.as_ref());
     Ok((record, network))
 }
 
