@@ -1,16 +1,14 @@
 //! In-process usage history: the embedded default, for one replica.
 //!
-//! All three maps (accounts, payment fingerprints, networks) are moka caches with an idle TTL
-//! of 7 days and a byte ceiling that evicts (never grows past it); sets saturate at fixed
+//! All three maps (accounts, payment fingerprints, networks) are [`BoundedMap`]s with an idle
+//! TTL of 7 days and a byte ceiling that evicts (never grows past it); sets saturate at fixed
 //! sizes, so one account's cost is bounded.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use moka::sync::Cache;
 
 use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
+use super::bounded::BoundedMap;
 use super::fleet::FleetGraph;
 use super::window::{HISTORY_SECS, Recent};
 use super::{
@@ -20,138 +18,76 @@ use super::{
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
 
-/// What one moka entry costs beyond its value: the key's allocation, the Arc and Mutex, the
-/// cache's node, hash slot and access-order links. Calibrated against resident memory with
-/// `cargo bench --bench usage` (see docs/usage-signals.md).
-const ENTRY_OVERHEAD: usize = 400;
-
-struct Entry {
-    state: AccountState,
-    /// The size this entry was last weighed at (moka weighs on insert).
-    weighed: usize,
-}
-
-impl Entry {
-    /// Estimated bytes: what the memory ceiling counts (allocations by capacity, plus the
-    /// cache's own per-entry cost).
-    fn bytes(&self) -> usize {
-        ENTRY_OVERHEAD + std::mem::size_of::<Self>() + self.state.heap_bytes()
-    }
-}
-
-type Shared<T> = Arc<Mutex<T>>;
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves counters, not invariants: keep using them.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The heap bytes of an `Arc<str>` key: its counts and its text.
+fn text_bytes(text: &Arc<str>) -> usize {
+    16 + text.len()
+}
+
+/// The maps' time: seconds since the epoch, as the events and queries give it (until 2106).
+fn tick(t: i64) -> u32 {
+    t.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Which accounts used one payment fingerprint or network.
+type Sharing = Recent<Arc<str>>;
+
 pub struct UsageAggregator {
     /// Fleets: the link graph (a fifth of `max_bytes`).
     fleets: Mutex<FleetGraph>,
-    accounts: Cache<Arc<str>, Shared<Entry>>,
-    payments: Cache<Arc<str>, Shared<Recent<Arc<str>>>>,
-    networks: Cache<NetworkKey, Shared<Recent<Arc<str>>>>,
-}
-
-fn shared_cache<K: std::hash::Hash + Eq + Send + Sync + 'static>(
-    max_bytes: u64,
-) -> Cache<K, Shared<Recent<Arc<str>>>> {
-    Cache::builder()
-        .max_capacity(max_bytes)
-        .time_to_idle(Duration::from_secs(HISTORY_SECS as u64))
-        .weigher(|_, v: &Shared<Recent<Arc<str>>>| shared_entry_bytes(&lock(v)))
-        .build()
-}
-
-/// Bytes one shared-key entry (payment fingerprint or network) costs.
-fn shared_entry_bytes(set: &Recent<Arc<str>>) -> u32 {
-    (ENTRY_OVERHEAD + std::mem::size_of::<Recent<Arc<str>>>() + set.heap_bytes())
-        .min(u32::MAX as usize) as u32
+    accounts: BoundedMap<Arc<str>, AccountState>,
+    payments: BoundedMap<Arc<str>, Sharing>,
+    networks: BoundedMap<NetworkKey, Sharing>,
 }
 
 /// Resident bytes per weighed byte in the usage maps, as measured by `cargo bench --bench usage`
-/// (a million one-event accounts under a ceiling: 2457 B resident for 1892 B weighed): moka's
-/// tables and deques and the allocator's rounding, which the weigher does not see.
-const MAP_OVERHEAD_PERCENT: u64 = 130;
+/// (a million one-event accounts through a 256 MiB ceiling, evicting all along: 202 MiB
+/// resident for 126 MiB weighed; 1.4 for accounts that were never evicted): the allocator's
+/// rounding and the reuse of what eviction frees, the account ids that sharing sets keep alive,
+/// and the tables' spare room beyond their mean, none of which the weights see.
+const MAP_OVERHEAD_PERCENT: u64 = 160;
 
 impl UsageAggregator {
     /// `max_bytes` bounds the resident memory of the whole history: a fifth for the fleet
     /// graph, the rest for the three maps (70% accounts, 15% payment fingerprints, 15%
-    /// networks), their weighed sizes scaled down by the overhead measured beside them.
+    /// networks), their weights scaled down by the overhead measured beside them.
     pub fn new(max_bytes: u64) -> Self {
-        let idle = Duration::from_secs(HISTORY_SECS as u64);
+        let idle = HISTORY_SECS as u32;
         let graph = max_bytes / 5;
         let maps = (max_bytes - graph) / MAP_OVERHEAD_PERCENT * 100;
         Self {
             fleets: Mutex::new(FleetGraph::new(graph, FleetRules::default())),
-            accounts: Cache::builder()
-                .max_capacity(maps / 100 * 70)
-                .time_to_idle(idle)
-                .weigher(|k: &Arc<str>, v: &Shared<Entry>| {
-                    (lock(v).bytes() + k.len()).min(u32::MAX as usize) as u32
-                })
-                .build(),
-            payments: shared_cache(maps / 100 * 15),
-            networks: shared_cache(maps / 100 * 15),
+            accounts: BoundedMap::new(maps / 100 * 70, idle, |id, state| {
+                text_bytes(id) + state.heap_bytes()
+            }),
+            payments: BoundedMap::new(maps / 100 * 15, idle, |fingerprint, sharing| {
+                text_bytes(fingerprint) + sharing.heap_bytes()
+            }),
+            networks: BoundedMap::new(maps / 100 * 15, idle, |_, sharing| sharing.heap_bytes()),
         }
     }
 
     pub fn record(&self, event: &UsageEvent, location: &EventLocation) {
         lock(&self.fleets).record(event);
-        let t = event.timestamp;
-        let entry = self.accounts.get_with(event.account_id.clone(), || {
-            Arc::new(Mutex::new(Entry {
-                state: AccountState::new(t),
-                weighed: 0,
-            }))
-        });
-        let reweigh = {
-            let mut entry = lock(&entry);
-            entry.state.apply(event, location);
-            let bytes = entry.bytes();
-            let drifted =
-                bytes > entry.weighed + entry.weighed / 4 || bytes + bytes / 4 < entry.weighed;
-            if drifted {
-                entry.weighed = bytes;
-            }
-            drifted
-        };
-        if reweigh {
-            self.accounts.insert(event.account_id.clone(), entry);
-        }
-        if let Some(fingerprint) = &event.payment_fingerprint {
-            Self::touch_shared(&self.payments, fingerprint.clone(), &event.account_id, t);
-        }
-        Self::touch_shared(
-            &self.networks,
-            NetworkKey::of(event.ip),
-            &event.account_id,
-            t,
+        let (t, tick) = (event.timestamp, tick(event.timestamp));
+        self.accounts.update(
+            event.account_id.clone(),
+            tick,
+            || AccountState::new(t),
+            |state| state.apply(event, location),
         );
-    }
-
-    fn touch_shared<K>(
-        cache: &Cache<K, Shared<Recent<Arc<str>>>>,
-        key: K,
-        account: &Arc<str>,
-        t: i64,
-    ) where
-        K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
-    {
-        let entry = cache.get_with(key.clone(), || {
-            Arc::new(Mutex::new(Recent::new(MAX_ACCOUNTS_PER_KEY)))
-        });
-        let grew = {
-            let mut accounts = lock(&entry);
-            let before = accounts.len();
-            accounts.touch(account.clone(), t);
-            accounts.len() != before && accounts.len().is_power_of_two()
-        };
-        if grew {
-            // Re-weigh as the set doubles, so the byte ceiling follows it.
-            cache.insert(key, entry);
+        let shared = || Recent::new(MAX_ACCOUNTS_PER_KEY);
+        let touch = |sharing: &mut Sharing| sharing.touch(event.account_id.clone(), t);
+        if let Some(fingerprint) = &event.payment_fingerprint {
+            self.payments
+                .update(fingerprint.clone(), tick, shared, touch);
         }
+        self.networks
+            .update(NetworkKey::of(event.ip), tick, shared, touch);
     }
 
     /// The account's usage facts at `now`, counting shared keys with this request's IP and
@@ -163,30 +99,35 @@ impl UsageAggregator {
         payment_fingerprint: Option<&str>,
         now: i64,
     ) -> Option<UsageFacts> {
-        let others = |set: Option<Shared<Recent<Arc<str>>>>, since: i64| -> Option<u32> {
-            // Known when any account was seen in the window (the asking one included), as
-            // the Redis adapter counts it.
-            let set = set?;
-            let set = lock(&set);
-            let (mut seen, mut others) = (0u32, 0u32);
-            for account in set.since(since) {
-                seen += 1;
-                others += u32::from(Some(&**account) != account_id);
+        let tick = tick(now);
+        let others = |since: i64| {
+            move |sharing: &Sharing| -> Option<u32> {
+                // Known when any account was seen in the window (the asking one included), as
+                // the Redis adapter counts it.
+                let (mut seen, mut others) = (0u32, 0u32);
+                for account in sharing.since(since) {
+                    seen += 1;
+                    others += u32::from(Some(&**account) != account_id);
+                }
+                (seen > 0).then_some(others)
             }
-            (seen > 0).then_some(others)
         };
-        let payment =
-            payment_fingerprint.and_then(|f| others(self.payments.get(f), now - HISTORY_SECS));
-        let network = others(self.networks.get(&NetworkKey::of(ip)), now - DAY);
-        let entry = account_id.and_then(|id| self.accounts.get(id));
-        let entry = entry.as_ref().map(|e| lock(e));
-        let mut facts = account::facts(
-            entry.as_ref().map(|e| &e.state),
-            payment,
-            network,
-            account_id.is_some(),
-            now,
-        )?;
+        let payment = payment_fingerprint
+            .and_then(|f| self.payments.read(f, tick, others(now - HISTORY_SECS)))
+            .flatten();
+        let network = self
+            .networks
+            .read(&NetworkKey::of(ip), tick, others(now - DAY))
+            .flatten();
+        let known = account_id.and_then(|id| {
+            self.accounts.read(id, tick, |state| {
+                account::facts(Some(state), payment, network, true, now)
+            })
+        });
+        let mut facts = match known {
+            Some(facts) => facts,
+            None => account::facts(None, payment, network, account_id.is_some(), now),
+        }?;
         if let Some(id) = account_id {
             (facts.fleet, facts.accounts_sharing_template) = lock(&self.fleets).facts(id, now);
         }
@@ -194,16 +135,14 @@ impl UsageAggregator {
     }
 
     pub fn stats(&self) -> UsageStats {
-        self.accounts.run_pending_tasks();
-        self.payments.run_pending_tasks();
-        self.networks.run_pending_tasks();
+        let (accounts, account_bytes) = self.accounts.size();
+        let (payment_fingerprints, payment_bytes) = self.payments.size();
+        let (networks, network_bytes) = self.networks.size();
         UsageStats {
-            accounts: self.accounts.entry_count(),
-            payment_fingerprints: self.payments.entry_count(),
-            networks: self.networks.entry_count(),
-            bytes: self.accounts.weighted_size()
-                + self.payments.weighted_size()
-                + self.networks.weighted_size(),
+            accounts,
+            payment_fingerprints,
+            networks,
+            bytes: account_bytes + payment_bytes + network_bytes,
             ..UsageStats::default()
         }
     }
@@ -242,9 +181,8 @@ impl UsageHistory for UsageAggregator {
         let fleet = report.map(|report| {
             super::fleet_from(report, |account| {
                 let mut usage = UsageFacts::default();
-                if let Some(entry) = self.accounts.get(account) {
-                    lock(&entry).state.fill(&mut usage, now);
-                }
+                self.accounts
+                    .read(account, tick(now), |state| state.fill(&mut usage, now));
                 usage
             })
         });

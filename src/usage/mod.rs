@@ -13,6 +13,7 @@
 //!   account state as Redis stores it.
 
 mod account;
+mod bounded;
 mod codec;
 pub mod fleet;
 pub mod memory;
