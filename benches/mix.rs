@@ -415,6 +415,37 @@ fn range(v: &[f64]) -> (f64, f64) {
     )
 }
 
+/// `REGIONGUARD_MIX_PROFILE=<kind>[,store]` (kind: health, bare, api, signup, check,
+/// forward-auth, mix): one kind for 30 s against one server, its pid printed first, for a
+/// profiler to attach to (`perf record -p PID`); then calls/s and server CPU per call.
+async fn profile(dir: &Path, which: &str) {
+    let (name, store) = match which.split_once(',') {
+        Some((name, "store")) => (name, true),
+        _ => (which, false),
+    };
+    let kind = match name {
+        "health" => Kind::Echo,
+        "bare" => Kind::Bare,
+        "api" => Kind::Api,
+        "signup" => Kind::Signup,
+        "check" => Kind::Check,
+        "forward-auth" => Kind::ForwardAuth,
+        "mix" => Kind::Mix,
+        other => panic!("REGIONGUARD_MIX_PROFILE: no kind {other:?}"),
+    };
+    let target = start(dir, store).await;
+    let _ = round(&target, kind, Duration::from_secs(1), 0).await;
+    println!("server pid {}", target.server.child.id());
+    let (got, cpu_us) = round(&target, kind, Duration::from_secs(30), 7).await;
+    println!(
+        "{}: {:.0} calls/s, p99 {:.0} µs, server CPU {cpu_us:.1} µs/call, {} errors",
+        kind.name(),
+        got.rate,
+        got.p99_us,
+        got.errors
+    );
+}
+
 fn main() {
     let benching = load::pin_load_generator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -430,6 +461,9 @@ fn main() {
             println!("(smoke run under cargo test: debug build, short runs; the figures are not measurements)");
             (1, Duration::from_millis(150))
         };
+        if let Ok(which) = std::env::var("REGIONGUARD_MIX_PROFILE") {
+            return profile(dir.path(), &which).await;
+        }
         for store in [false, true] {
             let target = start(dir.path(), store).await;
             let label = if target.store { "store on (SQLite)" } else { "store off" };
