@@ -314,6 +314,18 @@ fn bench_realistic(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        // Every call in a second of its own: the account's facts read off its state each time,
+        // not from the last read of the same second (what a hot account gets).
+        c.bench_function(&format!("engine/{name}_each_second_new"), |b| {
+            let mut n = 0u64;
+            b.iter(|| {
+                n += 1;
+                let i = (n % inputs.len() as u64) as usize;
+                let second = now as u64 + n % 3600;
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(second);
+                engine.classify_now(black_box(&inputs[i]), at).unwrap()
+            })
+        });
         c.bench_function(&format!("engine/{name}_rpc_body"), |b| {
             let mut i = 0;
             b.iter(|| {

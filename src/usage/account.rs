@@ -98,27 +98,74 @@ impl AccountState {
 
     /// Writes the account's own facts at `now` into `facts` (sharing counts are the caller's).
     pub fn fill(&self, facts: &mut UsageFacts, now: i64) {
-        let hour = self.series.sum(now, HOUR);
-        let day = self.series.sum(now, DAY);
-        let week = self.series.sum(now, HISTORY_SECS);
-        let observed_hours = ((now - self.oldest) / HOUR).clamp(1, HISTORY_SECS / HOUR - 1);
-        let (switches, fastest) = self.runs.switches_since(now - DAY);
-        facts.requests_1h = hour.requests;
-        facts.baseline_requests_per_hour =
-            week.requests.saturating_sub(hour.requests) as f64 / observed_hours as f64;
-        facts.requests_24h = day.requests;
-        facts.anonymized_requests_24h = day.anonymized;
-        facts.distinct_countries_24h = self.countries.count_since(now - DAY);
-        facts.distinct_ips_24h = self.ips.count_since(now - DAY);
-        facts.distinct_networks_24h = self.networks.count_since(now - DAY);
-        facts.distinct_asns_24h = self.asns.count_since(now - DAY);
-        facts.country_switches_24h = switches;
-        facts.fastest_country_switch_secs = fastest;
-        facts.api_keys_24h = self.api_keys.count_since(now - DAY);
-        facts.regions_7d = self.regions.since(now - HISTORY_SECS).copied().collect();
+        OwnFacts::of(self, now).write_into(facts);
+    }
+}
+
+/// An account's own facts at one second: what its state says, sharing counts aside. The
+/// in-process history keeps the last one beside the state, so that an account asked about
+/// many times a second reads its state (a dozen allocations) once.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnFacts {
+    /// The second these are the facts of.
+    pub at: i64,
+    requests_1h: u64,
+    baseline_requests_per_hour: f64,
+    requests_24h: u64,
+    anonymized_requests_24h: u64,
+    distinct_countries_24h: u32,
+    distinct_ips_24h: u32,
+    distinct_networks_24h: u32,
+    distinct_asns_24h: u32,
+    country_switches_24h: u32,
+    fastest_country_switch_secs: Option<u64>,
+    api_keys_24h: u32,
+    regions_7d: Vec<RegionCode>,
+}
+
+impl OwnFacts {
+    pub fn of(state: &AccountState, now: i64) -> Self {
+        let hour = state.series.sum(now, HOUR);
+        let day = state.series.sum(now, DAY);
+        let week = state.series.sum(now, HISTORY_SECS);
+        let observed_hours = ((now - state.oldest) / HOUR).clamp(1, HISTORY_SECS / HOUR - 1);
+        let (switches, fastest) = state.runs.switches_since(now - DAY);
+        let mut regions_7d: Vec<RegionCode> =
+            state.regions.since(now - HISTORY_SECS).copied().collect();
         // A set: in code order, so the answer does not depend on the order events arrived in
         // (replicas write one account's events in any interleaving).
-        facts.regions_7d.sort_unstable();
+        regions_7d.sort_unstable();
+        Self {
+            at: now,
+            requests_1h: hour.requests,
+            baseline_requests_per_hour: week.requests.saturating_sub(hour.requests) as f64
+                / observed_hours as f64,
+            requests_24h: day.requests,
+            anonymized_requests_24h: day.anonymized,
+            distinct_countries_24h: state.countries.count_since(now - DAY),
+            distinct_ips_24h: state.ips.count_since(now - DAY),
+            distinct_networks_24h: state.networks.count_since(now - DAY),
+            distinct_asns_24h: state.asns.count_since(now - DAY),
+            country_switches_24h: switches,
+            fastest_country_switch_secs: fastest,
+            api_keys_24h: state.api_keys.count_since(now - DAY),
+            regions_7d,
+        }
+    }
+
+    pub fn write_into(self, facts: &mut UsageFacts) {
+        facts.requests_1h = self.requests_1h;
+        facts.baseline_requests_per_hour = self.baseline_requests_per_hour;
+        facts.requests_24h = self.requests_24h;
+        facts.anonymized_requests_24h = self.anonymized_requests_24h;
+        facts.distinct_countries_24h = self.distinct_countries_24h;
+        facts.distinct_ips_24h = self.distinct_ips_24h;
+        facts.distinct_networks_24h = self.distinct_networks_24h;
+        facts.distinct_asns_24h = self.distinct_asns_24h;
+        facts.country_switches_24h = self.country_switches_24h;
+        facts.fastest_country_switch_secs = self.fastest_country_switch_secs;
+        facts.api_keys_24h = self.api_keys_24h;
+        facts.regions_7d = self.regions_7d;
     }
 }
 
@@ -128,16 +175,15 @@ pub(crate) fn sharing(others: u32, asking: bool) -> u32 {
     others + u32::from(asking)
 }
 
-/// Facts from what a history found: `None` when it knows nothing of the account, the payment
-/// fingerprint or the network.
+/// Facts from what a history found (the account's own facts, and the other accounts seen with
+/// the payment fingerprint and the network): `None` when it knows nothing of any of them.
 pub(crate) fn facts(
-    state: Option<&AccountState>,
+    own: Option<OwnFacts>,
     payment_others: Option<u32>,
     network_others: Option<u32>,
     asking: bool,
-    now: i64,
 ) -> Option<UsageFacts> {
-    if state.is_none() && payment_others.is_none() && network_others.is_none() {
+    if own.is_none() && payment_others.is_none() && network_others.is_none() {
         return None;
     }
     let mut facts = UsageFacts {
@@ -145,8 +191,8 @@ pub(crate) fn facts(
         accounts_sharing_network: network_others.map_or(0, |n| sharing(n, asking)),
         ..UsageFacts::default()
     };
-    if let Some(state) = state {
-        state.fill(&mut facts, now);
+    if let Some(own) = own {
+        own.write_into(&mut facts);
     }
     Some(facts)
 }

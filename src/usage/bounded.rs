@@ -141,10 +141,11 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
         ((self.weigh)(key, value) + slot).min(u32::MAX as usize) as u32
     }
 
-    /// `f` of the value for `key`, marked used at `now` (the caller's time in seconds: an
+    /// `f` of the value for `key` (which may change what the weight does not count), marked
+    /// used at `now` (the caller's time in seconds: an
     /// earlier time than the entry's last use leaves that); `None` when absent or idle for the
     /// TTL.
-    pub fn read<Q, R>(&self, key: &Q, now: u32, f: impl FnOnce(&V) -> R) -> Option<R>
+    pub fn read<Q, R>(&self, key: &Q, now: u32, f: impl FnOnce(&mut V) -> R) -> Option<R>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -160,7 +161,7 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
         }
         slot.seq = seq;
         slot.used = slot.used.max(now);
-        Some(f(&slot.value))
+        Some(f(&mut slot.value))
     }
 
     /// Changes the value for `key` with `f` (made by `make` when absent or idle), re-weighs it

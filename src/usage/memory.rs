@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY};
+use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY, OwnFacts};
 use super::bounded::BoundedMap;
 use super::fleet::FleetGraph;
 use super::window::{HISTORY_SECS, Recent};
@@ -17,6 +17,7 @@ use super::{
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
+use crate::region::RegionCode;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves counters, not invariants: keep using them.
@@ -33,13 +34,30 @@ fn tick(t: i64) -> u32 {
     t.clamp(0, i64::from(u32::MAX)) as u32
 }
 
+/// One account: its state, and its own facts as last read (for the second they were read at;
+/// any event clears them).
+struct Account {
+    state: AccountState,
+    read: Option<OwnFacts>,
+}
+
+impl Account {
+    /// The account's own facts at `now`, read off its state at most once a second.
+    fn own_facts(&mut self, now: i64) -> OwnFacts {
+        match &self.read {
+            Some(read) if read.at == now => read.clone(),
+            _ => self.read.insert(OwnFacts::of(&self.state, now)).clone(),
+        }
+    }
+}
+
 /// Which accounts used one payment fingerprint or network.
 type Sharing = Recent<Arc<str>>;
 
 pub struct UsageAggregator {
     /// Fleets: the link graph (a fifth of `max_bytes`).
     fleets: Mutex<FleetGraph>,
-    accounts: BoundedMap<Arc<str>, AccountState>,
+    accounts: BoundedMap<Arc<str>, Account>,
     payments: BoundedMap<Arc<str>, Sharing>,
     networks: BoundedMap<NetworkKey, Sharing>,
 }
@@ -61,8 +79,10 @@ impl UsageAggregator {
         let maps = (max_bytes - graph) / MAP_OVERHEAD_PERCENT * 100;
         Self {
             fleets: Mutex::new(FleetGraph::new(graph, FleetRules::default())),
-            accounts: BoundedMap::new(maps / 100 * 70, idle, |id, state| {
-                text_bytes(id) + state.heap_bytes()
+            accounts: BoundedMap::new(maps / 100 * 70, idle, |id, account| {
+                // The facts last read hold at most the regions the state holds.
+                let read = account.state.regions.len() * std::mem::size_of::<RegionCode>();
+                text_bytes(id) + account.state.heap_bytes() + read
             }),
             payments: BoundedMap::new(maps / 100 * 15, idle, |fingerprint, sharing| {
                 text_bytes(fingerprint) + sharing.heap_bytes()
@@ -77,8 +97,14 @@ impl UsageAggregator {
         self.accounts.update(
             event.account_id.clone(),
             tick,
-            || AccountState::new(t),
-            |state| state.apply(event, location),
+            || Account {
+                state: AccountState::new(t),
+                read: None,
+            },
+            |account| {
+                account.read = None;
+                account.state.apply(event, location);
+            },
         );
         let shared = || Recent::new(MAX_ACCOUNTS_PER_KEY);
         let touch = |sharing: &mut Sharing| sharing.touch(event.account_id.clone(), t);
@@ -101,7 +127,7 @@ impl UsageAggregator {
     ) -> Option<UsageFacts> {
         let tick = tick(now);
         let others = |since: i64| {
-            move |sharing: &Sharing| -> Option<u32> {
+            move |sharing: &mut Sharing| -> Option<u32> {
                 // Known when any account was seen in the window (the asking one included), as
                 // the Redis adapter counts it.
                 let (mut seen, mut others) = (0u32, 0u32);
@@ -120,14 +146,10 @@ impl UsageAggregator {
             .read(&NetworkKey::of(ip), tick, others(now - DAY))
             .flatten();
         let known = account_id.and_then(|id| {
-            self.accounts.read(id, tick, |state| {
-                account::facts(Some(state), payment, network, true, now)
-            })
+            self.accounts
+                .read(id, tick, |account| account.own_facts(now))
         });
-        let mut facts = match known {
-            Some(facts) => facts,
-            None => account::facts(None, payment, network, account_id.is_some(), now),
-        }?;
+        let mut facts = account::facts(known, payment, network, account_id.is_some())?;
         if let Some(id) = account_id {
             (facts.fleet, facts.accounts_sharing_template) = lock(&self.fleets).facts(id, now);
         }
@@ -181,8 +203,9 @@ impl UsageHistory for UsageAggregator {
         let fleet = report.map(|report| {
             super::fleet_from(report, |account| {
                 let mut usage = UsageFacts::default();
-                self.accounts
-                    .read(account, tick(now), |state| state.fill(&mut usage, now));
+                self.accounts.read(account, tick(now), |account| {
+                    account.state.fill(&mut usage, now)
+                });
                 usage
             })
         });

@@ -152,3 +152,25 @@ fn bytes_per_typical_account_are_bounded() {
     );
     assert!(per_account < 24_576.0, "{per_account}");
 }
+
+#[test]
+fn facts_read_twice_in_a_second_follow_every_event_in_between() {
+    let usage = UsageAggregator::new(64 << 20);
+    let ip = "203.0.113.7";
+    let ask = |now| {
+        usage
+            .facts(Some("a"), ip.parse().unwrap(), None, now)
+            .unwrap()
+    };
+    usage.record(&event("a", ip, NOW - 3000), &located("DE"));
+    assert_eq!(ask(NOW).requests_1h, 1);
+    assert_eq!(ask(NOW).requests_1h, 1, "the same second, nothing new");
+    usage.record(&event("a", ip, NOW - 5), &located("FR"));
+    let facts = ask(NOW);
+    assert_eq!(facts.requests_1h, 2, "an event in between is seen");
+    assert_eq!(facts.distinct_countries_24h, 2);
+    assert_eq!(facts.regions_7d.len(), 2);
+    // A later second reads the state again: the first event is out of its hour.
+    assert_eq!(ask(NOW + 1200).requests_1h, 1);
+    assert_eq!(ask(NOW).requests_1h, 2, "and an earlier one too");
+}

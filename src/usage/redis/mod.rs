@@ -393,11 +393,12 @@ impl Reads {
             None => None,
         };
         let mut facts = account::facts(
-            state.as_ref(),
+            state
+                .as_ref()
+                .map(|state| account::OwnFacts::of(state, q.now)),
             payment,
             network,
             q.account_id.is_some(),
-            q.now,
         );
         if let (Some(facts), Some(fleet)) = (&mut facts, fleet) {
             (facts.fleet, facts.accounts_sharing_template) = fleet;
