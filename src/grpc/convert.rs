@@ -1,8 +1,6 @@
 //! Proto <-> domain translation. Input is parsed once here into checked domain types; any
 //! problem names the request field it came from.
 
-use std::collections::HashMap;
-
 use crate::classify::hints::accept_language_regions;
 use crate::classify::ownership::{
     MAX_OWNERS, MAX_OWNERSHIP_DEPTH, Organization, Owner, owner_field,
@@ -398,7 +396,7 @@ impl From<Outcome> for pb::ClassifyResponse {
                         .evidence
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
-                        .collect::<HashMap<_, _>>(),
+                        .collect(),
                 })
                 .collect(),
             location: Some(location),
