@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::grpc::codec::WireCodec")
         // Evidence maps hold a handful of entries each: a BTreeMap is one small node, where a
         // HashMap seeds a hasher and hashes every key (measured on the Classify answer path).
-        .btree_map(".")
+        .btree_map(".regionguard.v1.Reason.evidence")
         // serde on messages lets the CLI read and print requests and responses as JSON.
         .message_attribute(
             ".regionguard.v1",

@@ -131,7 +131,8 @@ impl AsyncWrite for Connection {
     /// Classify answer, measured with `perf stat -e syscalls:*` under the mix bench's (b)).
     /// Without, payloads under 1 KiB are copied (a few hundred bytes) and frames go out
     /// together: one `send` per call, (b) 33k -> 41k calls/s on one core, the health check
-    /// unchanged. Larger payloads still go as their own write.
+    /// unchanged. Larger payloads still go as their own write. Plaintext only: under TLS,
+    /// rustls's stream stands between h2 and this one and says it is vectored.
     fn is_write_vectored(&self) -> bool {
         false
     }

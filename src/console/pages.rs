@@ -626,8 +626,7 @@ pub fn decision(
                                 td.num { (r.contribution) }
                                 td { (r.message) }
                                 td {
-                                    @let evidence: BTreeMap<&String, &String> = r.evidence.iter().collect();
-                                    dl.evidence { @for (k, v) in evidence { dt { (k) } dd { (v) } } }
+                                    dl.evidence { @for (k, v) in &r.evidence { dt { (k) } dd { (v) } } }
                                 }
                             }
                         }

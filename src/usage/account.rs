@@ -153,6 +153,11 @@ impl OwnFacts {
         }
     }
 
+    /// Heap bytes allocated, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.regions_7d.capacity() * std::mem::size_of::<RegionCode>()
+    }
+
     pub fn write_into(self, facts: &mut UsageFacts) {
         facts.requests_1h = self.requests_1h;
         facts.baseline_requests_per_hour = self.baseline_requests_per_hour;

@@ -6,9 +6,10 @@
 //! the whole decision (BENCHMARKS.md, In process). These maps need little of moka's policy:
 //! an entry is weighed on every change (an account's weight is the sum of a few capacities),
 //! a shard over its share of the ceiling drops what was idle longest (least recently used, by
-//! a per-shard access sequence) down to 7/8 of its share in one pass, so a full shard costs
-//! amortised O(1) per insert, and entries idle for the TTL are dropped by a pass at most once
-//! an hour per shard, or when read. A read runs under its shard's lock, with no reference
+//! a per-shard access sequence, found by selection) down to 7/8 of its share in one O(n)
+//! pass, so a full shard costs amortised O(1) per insert (the pass holds that shard's lock, a
+//! 64th of the keys, for time linear in its entries, once per eighth of them inserted), and
+//! entries idle for the TTL are dropped by a pass at most once an hour per shard, or when read. One entry heavier than its shard's share (a ceiling of a few MiB) is kept alone. A read runs under its shard's lock, with no reference
 //! count to take or drop. Shards are `Mutex<HashMap>`s with foldhash, seeded per process:
 //! keys are client-chosen.
 
@@ -68,19 +69,29 @@ impl<K: Hash + Eq, V> Shard<K, V> {
         let mut order: Vec<(u64, u32)> = self
             .map
             .values()
+            .filter(|slot| slot.seq != keep)
             .map(|slot| (slot.seq, slot.weighed))
             .collect();
-        order.sort_unstable_by_key(|(seq, _)| *seq);
-        let mut freed = 0u64;
-        let mut cutoff = 0;
-        for (seq, weighed) in order {
-            if freed >= excess || seq == keep {
-                break;
-            }
-            freed += u64::from(weighed);
-            cutoff = seq;
+        if order.is_empty() {
+            return;
         }
-        self.map.retain(|_, slot| slot.seq > cutoff);
+        // The k oldest by a selection (O(n), not a sort), k first guessed from the mean weight
+        // and grown until they free enough.
+        let mean = (self.bytes / (order.len() as u64 + 1)).max(1);
+        let mut k = usize::try_from(excess / mean + 1)
+            .unwrap_or(usize::MAX)
+            .min(order.len());
+        let (cutoff, freed) = loop {
+            let len = order.len();
+            let (older, nth, _) = order.select_nth_unstable_by_key(k - 1, |(seq, _)| *seq);
+            let freed = older.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() + u64::from(nth.1);
+            if freed >= excess || k == len {
+                break (nth.0, freed);
+            }
+            k = (k + k / 2 + 1).min(len);
+        };
+        self.map
+            .retain(|_, slot| slot.seq > cutoff || slot.seq == keep);
         self.bytes -= freed;
         // Removal leaves tombstones, and a table that runs out of room while more than half
         // full doubles rather than rehashing in place: a shard that evicts over and over would
@@ -202,7 +213,7 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
         };
         shard.bytes = shard.bytes - u64::from(before) + u64::from(after);
         if shard.bytes > self.per_shard {
-            shard.drop_idle(now, self.idle);
+            // Idle entries are the least recently used: they go first.
             shard.drop_oldest(self.per_shard - self.per_shard / 8, seq);
         }
     }
@@ -248,7 +259,13 @@ mod tests {
         // Key 0 is read between inserts, so it is never the least recently used.
         map.update(0, 0, || vec![0; 500], |_| {});
         for key in 1..20_000u32 {
-            map.update(key, 0, || vec![0; 500], |_| {});
+            // Weights from 100 to 1,000 bytes: the pass frees by weight, not by count.
+            map.update(
+                key,
+                0,
+                || vec![0; 100 + (key as usize * 7919) % 900],
+                |_| {},
+            );
             assert!(
                 map.read(&0, 0, |_| ()).is_some(),
                 "kept while used, at {key}"

@@ -17,7 +17,6 @@ use super::{
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
-use crate::region::RegionCode;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves counters, not invariants: keep using them.
@@ -35,19 +34,31 @@ fn tick(t: i64) -> u32 {
 }
 
 /// One account: its state, and its own facts as last read (for the second they were read at;
-/// any event clears them).
+/// any event makes them stale). Boxed: accounts that are only reported on never hold them.
 struct Account {
     state: AccountState,
-    read: Option<OwnFacts>,
+    read: Option<Box<OwnFacts>>,
 }
 
 impl Account {
     /// The account's own facts at `now`, read off its state at most once a second.
     fn own_facts(&mut self, now: i64) -> OwnFacts {
-        match &self.read {
-            Some(read) if read.at == now => read.clone(),
-            _ => self.read.insert(OwnFacts::of(&self.state, now)).clone(),
+        match &mut self.read {
+            Some(read) if read.at == now => (**read).clone(),
+            Some(read) => {
+                **read = OwnFacts::of(&self.state, now);
+                (**read).clone()
+            }
+            None => (**self.read.insert(Box::new(OwnFacts::of(&self.state, now)))).clone(),
         }
+    }
+
+    /// Bytes beyond the state: the facts last read, once the account has been asked about
+    /// (weighed from the next event on).
+    fn read_bytes(&self) -> usize {
+        self.read.as_ref().map_or(0, |read| {
+            std::mem::size_of::<OwnFacts>() + read.heap_bytes()
+        })
     }
 }
 
@@ -80,9 +91,7 @@ impl UsageAggregator {
         Self {
             fleets: Mutex::new(FleetGraph::new(graph, FleetRules::default())),
             accounts: BoundedMap::new(maps / 100 * 70, idle, |id, account| {
-                // The facts last read hold at most the regions the state holds.
-                let read = account.state.regions.len() * std::mem::size_of::<RegionCode>();
-                text_bytes(id) + account.state.heap_bytes() + read
+                text_bytes(id) + account.state.heap_bytes() + account.read_bytes()
             }),
             payments: BoundedMap::new(maps / 100 * 15, idle, |fingerprint, sharing| {
                 text_bytes(fingerprint) + sharing.heap_bytes()
@@ -102,7 +111,9 @@ impl UsageAggregator {
                 read: None,
             },
             |account| {
-                account.read = None;
+                if let Some(read) = &mut account.read {
+                    read.at = i64::MIN;
+                }
                 account.state.apply(event, location);
             },
         );
