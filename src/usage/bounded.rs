@@ -4,14 +4,17 @@
 //! Not moka, on measurement: a decision for an account with history read three moka caches,
 //! and their hash probes, `MiniArc` drops and access-order deques were the largest frames of
 //! the whole decision (BENCHMARKS.md, In process). These maps need little of moka's policy:
-//! an entry is weighed on every change (an account's weight is the sum of a few capacities),
-//! a shard over its share of the ceiling drops what was idle longest (least recently used, by
-//! a per-shard access sequence, found by selection) down to 7/8 of its share in one O(n)
-//! pass, so a full shard costs amortised O(1) per insert (the pass holds that shard's lock, a
-//! 64th of the keys, for time linear in its entries, once per eighth of them inserted), and
-//! entries idle for the TTL are dropped by a pass at most once an hour per shard, or when read. One entry heavier than its shard's share (a ceiling of a few MiB) is kept alone. A read runs under its shard's lock, with no reference
-//! count to take or drop. Shards are `Mutex<HashMap>`s with foldhash, seeded per process:
-//! keys are client-chosen.
+//! - an entry is weighed on every change (an account's weight is the sum of a few capacities);
+//! - a shard over its share of the ceiling drops what was used longest ago (by a per-shard
+//!   access sequence, the cutoff found by selection) down to 7/8 of its share in one O(n)
+//!   pass, so a full shard costs amortised O(1) per insert (the pass holds that shard's lock,
+//!   a 64th of the keys, once per eighth of its entries inserted); one entry heavier than its
+//!   shard's whole share (a ceiling of a few MiB) is kept, alone;
+//! - entries idle for the TTL are dropped when read, and by a pass at most once an hour per
+//!   shard;
+//! - a read runs under its shard's lock, with no reference count to take or drop.
+//!
+//! Shards are `Mutex<HashMap>`s with foldhash, seeded per process: keys are client-chosen.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -153,9 +156,8 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
     }
 
     /// `f` of the value for `key` (which may change what the weight does not count), marked
-    /// used at `now` (the caller's time in seconds: an
-    /// earlier time than the entry's last use leaves that); `None` when absent or idle for the
-    /// TTL.
+    /// used at `now` (the caller's time in seconds; an earlier time than the entry's last use
+    /// leaves that); `None` when absent or idle for the TTL.
     pub fn read<Q, R>(&self, key: &Q, now: u32, f: impl FnOnce(&mut V) -> R) -> Option<R>
     where
         K: Borrow<Q>,
@@ -176,8 +178,8 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
     }
 
     /// Changes the value for `key` with `f` (made by `make` when absent or idle), re-weighs it
-    /// and makes room in its shard when the shard is over its share of the ceiling: idle
-    /// entries first, then the least recently used, never the one just changed.
+    /// and makes room in its shard when the shard is over its share of the ceiling: the least
+    /// recently used go (idle ones among the first), never the one just changed.
     pub fn update(&self, key: K, now: u32, make: impl FnOnce() -> V, f: impl FnOnce(&mut V)) {
         let mut shard = self.shard(&key);
         if now.saturating_sub(shard.swept) >= SWEEP_SECS {
