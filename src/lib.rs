@@ -29,6 +29,7 @@ pub mod region;
 pub mod reload;
 pub mod replay;
 pub mod server;
+mod sharded;
 pub mod store;
 pub mod usage;
 

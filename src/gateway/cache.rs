@@ -11,18 +11,20 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
-use std::sync::Mutex;
+use std::hash::Hash;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::sharded::{lock, shard_of};
 
 /// A power of two.
 const SHARDS: usize = 16;
 
-/// One shard: each entry with the time it was inserted.
-type Shard<K, V> = Mutex<HashMap<K, (Instant, V), foldhash::fast::RandomState>>;
+/// One shard's entries, each with the time it was inserted.
+type Entries<K, V> = HashMap<K, (Instant, V), foldhash::fast::RandomState>;
 
 pub struct TtlCache<K, V> {
-    shards: Box<[Shard<K, V>]>,
+    shards: Box<[Mutex<Entries<K, V>>]>,
     hasher: foldhash::fast::RandomState,
     per_shard: usize,
     ttl: Duration,
@@ -46,14 +48,8 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
         }
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Shard<K, V> {
-        // Not the hash's low bits (the shard's table indexes by them) nor its top 7 (its tags):
-        // the top bits of the hash times an odd constant, which depend on all of it.
-        let mixed = self
-            .hasher
-            .hash_one(key)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        &self.shards[(mixed >> (64 - SHARDS.trailing_zeros())) as usize]
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, Entries<K, V>> {
+        lock(&self.shards[shard_of(&self.hasher, key, SHARDS)])
     }
 
     /// The value for `key` if it was inserted less than the TTL ago (as of `now`).
@@ -62,7 +58,7 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.shard(key);
         match shard.get(key) {
             Some((at, value)) if now.saturating_duration_since(*at) < self.ttl => {
                 Some(value.clone())
@@ -77,7 +73,7 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
 
     /// Inserts `value` for `key` as of `now`, making room in a full shard first.
     pub fn insert(&self, key: K, value: V, now: Instant) {
-        let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.shard(&key);
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             let ttl = self.ttl;
             shard.retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
@@ -102,10 +98,7 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     /// Entries held, expired ones not yet removed included.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 }
 

@@ -19,8 +19,10 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
+
+use crate::sharded::{lock, shard_of};
 
 /// A power of two.
 const SHARDS: usize = 64;
@@ -135,17 +137,8 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
     }
 
     fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, Shard<K, V>> {
-        // The top bits of the hash times an odd constant: neither the bits the shard's table
-        // indexes by nor its tags alone.
-        let mixed = self
-            .hasher
-            .hash_one(key)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let shard = &self.shards[(mixed >> (64 - SHARDS.trailing_zeros())) as usize];
         // A panic while holding the lock leaves counters, not invariants: keep using them.
-        shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shards[shard_of(&self.hasher, key, SHARDS)])
     }
 
     /// What one entry weighs: its own bytes and its slot in the table (at the table's mean
@@ -223,9 +216,7 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
     /// Entries held and their weight in bytes.
     pub fn size(&self) -> (u64, u64) {
         self.shards.iter().fold((0, 0), |(n, bytes), shard| {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let shard = lock(shard);
             (n + shard.map.len() as u64, bytes + shard.bytes)
         })
     }

@@ -17,11 +17,7 @@ use super::{
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves counters, not invariants: keep using them.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::sharded::lock;
 
 /// The heap bytes of an `Arc<str>` key: its counts and its text.
 fn text_bytes(text: &Arc<str>) -> usize {
