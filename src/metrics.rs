@@ -361,8 +361,14 @@ impl Collector for EngineCollector {
             counter(
                 e,
                 "usage_lost_events",
-                "Usage events that could not be kept: the queue to the remote engine was full",
+                "Usage events that could not be kept: the queue to the remote engine was full, or it refused their account's key (WRONGTYPE, NOPERM)",
                 stats.lost_events,
+            )?;
+            counter(
+                e,
+                "usage_backend_reconnects",
+                "Connections to the usage history's remote engine replaced because they stopped answering",
+                stats.reconnects,
             )?;
             counter(
                 e,

@@ -747,3 +747,189 @@ async fn a_redis_that_lost_the_fleet_graph_is_sent_the_links_again() {
         "the fleet keeps its id (its founder)"
     );
 }
+
+/// One plain event of `account` at `t`, with a card if given.
+fn plain(account: &str, t: i64, card: Option<&str>) -> UsageEvent {
+    UsageEvent {
+        payment_fingerprint: card.map(Into::into),
+        ..linked(account, t, None, None)
+    }
+}
+
+/// Keys Redis refuses for good (another application's values under our prefix: WRONGTYPE) cost
+/// only what was meant for them: the account's events are counted lost, the sharing set's and
+/// the fleet graph's updates dropped. The writer does not retry them for ever, so the accounts
+/// beside them, and the events that follow, are written. (Before, the whole batch was retried
+/// with back-off for ever, and every later event was lost to the full queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_redis_refuses_cost_only_what_was_meant_for_them() {
+    let redis = RedisServer::start();
+    for clash in [
+        "RPUSH clash:{a:taken} another-app",
+        "HSET clash:{p:card-taken} another app",
+        "RPUSH clash:{f}gen another-app",
+    ] {
+        assert!(
+            redis.command(clash).is_some_and(|r| r.starts_with(':')),
+            "{clash}"
+        );
+    }
+    let history = history_on(&redis, "clash:");
+    let now = now();
+    for round in 0..2 {
+        let t = now - 120 + round * 60;
+        assert!(history.record(&plain("taken", t, None), &location(1)));
+        for i in 0..20 {
+            let card = (i % 2 == 0).then_some("card-taken");
+            assert!(history.record(&plain(&format!("ok-{i}"), t, card), &location(1)));
+        }
+        tokio::time::timeout(Duration::from_secs(30), history.flush())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "round {round}: writes never finished: {:?}",
+                    history.stats()
+                )
+            });
+    }
+    let stats = history.stats();
+    assert_eq!(
+        stats.lost_events, 2,
+        "taken's two events, counted: {stats:?}"
+    );
+    assert_eq!(stats.written_events, 40, "{stats:?}");
+    assert!(stats.backend_errors > 0, "{stats:?}");
+    for i in 0..20 {
+        let facts = account_facts(&history, &format!("ok-{i}"), ip(1), now).await;
+        assert_eq!(facts.requests_24h, 2, "ok-{i}: {facts:?}");
+        // The fleet graph's key is another application's: no fleet facts, and the decision
+        // says it went without them.
+        assert!(facts.degraded && facts.fleet.is_none(), "ok-{i}: {facts:?}");
+    }
+    assert_eq!(
+        redis.command("LRANGE clash:{a:taken} 0 -1").as_deref(),
+        Some("*1\r\n$11\r\nanother-app\r\n"),
+        "another application's value is left as it was"
+    );
+}
+
+/// A TCP proxy whose connections can be cut silently: after [`SilentProxy::cut`], the
+/// connections open until then swallow what they carry both ways and stay open (a firewall or
+/// NAT that forgot the flow, a host that froze); connections opened later are carried.
+struct SilentProxy {
+    port: u16,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SilentProxy {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let shared = cuts.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (cuts, born) = (shared.clone(), shared.load(Ordering::SeqCst));
+                let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                            mut to: tokio::net::tcp::OwnedWriteHalf| {
+                    let cuts = cuts.clone();
+                    async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if cuts.load(Ordering::SeqCst) > born {
+                                continue; // swallowed; the connection stays open
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                tokio::spawn(pipe(client_rx, server_tx));
+                tokio::spawn(pipe(server_rx, client_tx));
+            }
+        });
+        Self { port, cuts }
+    }
+
+    fn cut(&self) {
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A connection to Redis that goes silent (no reset, no reply) is replaced by one that
+/// answers: decisions stop being degraded and writes go on, without restarting anything.
+/// (Before, the connection manager kept the dead connection until the kernel gave up on it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_is_replaced() {
+    let redis = RedisServer::start();
+    let proxy = SilentProxy::start(redis.port).await;
+    let history = RedisUsage::start(&RedisSettings {
+        url: format!("redis://127.0.0.1:{}/", proxy.port),
+        prefix: "silent:".into(),
+        timeout: Duration::from_millis(100),
+        cache_ttl: Duration::ZERO,
+        max_pending_events: 100_000,
+        fleet_max_accounts: 1_000_000,
+    })
+    .unwrap();
+    let now = now();
+    assert!(history.record(&plain("a", now - 60, None), &location(1)));
+    history.flush().await;
+    let before = account_facts(&history, "a", ip(1), now).await;
+    assert!(!before.degraded && before.requests_24h == 1, "{before:?}");
+
+    proxy.cut();
+    assert!(history.record(&plain("a", now - 30, None), &location(1)));
+    let cut = std::time::Instant::now();
+    let mut degraded = 0;
+    let after = loop {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "still silent after 20 s: {degraded} degraded reads, {:?}",
+            history.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let facts = history
+            .facts(UsageQuery {
+                account_id: Some("a"),
+                ip: ip(1),
+                payment_fingerprint: None,
+                now,
+            })
+            .resolve()
+            .await;
+        match facts {
+            Some(facts) if !facts.degraded => {
+                if facts.requests_24h == 2 {
+                    break facts;
+                }
+            }
+            _ => degraded += 1,
+        }
+    };
+    assert!(degraded > 0, "the cut was seen: {after:?}");
+    let stats = history.stats();
+    assert!(
+        stats.reconnects >= 2,
+        "both connections replaced: {stats:?}"
+    );
+    assert_eq!(stats.lost_events, 0, "{stats:?}");
+    support::record(format_args!(
+        "a silent Redis connection: answered again after {:.1} s ({degraded} degraded reads, {} connections replaced)",
+        cut.elapsed().as_secs_f64(),
+        stats.reconnects
+    ));
+}

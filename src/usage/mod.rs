@@ -159,10 +159,13 @@ pub struct UsageStats {
     pub degraded_reads: u64,
     /// Events accepted but not yet written to the remote engine.
     pub pending_events: u64,
-    /// Events that could not be kept (the pending bound was reached): counted, never silent.
+    /// Events that could not be kept (the pending bound was reached, or the remote engine
+    /// refused their account's key for good): counted, never silent.
     pub lost_events: u64,
     /// Events written to the remote engine.
     pub written_events: u64,
+    /// Connections to the remote engine replaced because they stopped answering.
+    pub reconnects: u64,
 }
 
 /// One fleet as reviewers see it: who is in it, what they did, what links them.

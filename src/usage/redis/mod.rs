@@ -13,7 +13,7 @@
 //! an account's state and both sharing counts, and answers are cached for `redis_cache_ms`.
 //! When Redis is slow or down, decisions go on from what this replica last read (or nothing),
 //! marked `degraded`; a failed read keeps the request path off Redis for a short back-off while
-//! the connection manager reconnects. Writes never happen on the request path: events go
+//! the connection manager reconnects (and [`link`] replaces a connection that went silent). Writes never happen on the request path: events go
 //! through a bounded queue to one writer task that merges them per account and pipelines them;
 //! a failed batch is retried with back-off, and an event that finds the queue full is counted
 //! as lost.
@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use super::account::{self, AccountState};
@@ -39,9 +38,11 @@ use super::{
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
 use fleet::Graph;
+use link::Link;
 use writer::{Message, Writer};
 
 mod fleet;
+mod link;
 mod writer;
 
 pub use fleet::FleetLimits;
@@ -128,6 +129,8 @@ struct Cached {
 
 pub struct RedisUsage {
     reads: Arc<Reads>,
+    /// The writer's connection (for its count of replacements).
+    writes: Arc<Link>,
     rules: Arc<std::sync::Mutex<FleetRules>>,
     queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
@@ -136,7 +139,7 @@ pub struct RedisUsage {
 
 /// The read side, shared with the background reads that refresh hot entries.
 struct Reads {
-    conn: ConnectionManager,
+    conn: Arc<Link>,
     keys: Keys,
     timeout: Duration,
     cache_ttl: Duration,
@@ -148,23 +151,6 @@ struct Reads {
     graph: Arc<Graph>,
     /// Whether Redis is known to hold the fleet script (a restarted Redis does not).
     fleet_loaded: AtomicBool,
-}
-
-/// A reconnecting multiplexed connection; `response_timeout` None leaves the bound to the caller.
-fn manager(
-    client: redis::Client,
-    response_timeout: Option<Duration>,
-) -> Result<ConnectionManager, RedisStartError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(response_timeout)
-        .set_min_delay(writer::BACKOFF_MIN)
-        .set_max_delay(writer::BACKOFF_MAX)
-        // A few attempts per reconnection; the next call after they fail starts another, so
-        // nothing waits on a reconnection that never ends.
-        .set_number_of_retries(4);
-    ConnectionManager::new_lazy_with_config(client, config)
-        .map_err(|e| RedisStartError(e.to_string()))
 }
 
 /// The URL without its password, for logs.
@@ -190,8 +176,8 @@ impl RedisUsage {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| RedisStartError(e.to_string()))?;
         // Reads are bounded by `redis_timeout_ms` around each call; writes by WRITE_TIMEOUT.
-        let reads = manager(client.clone(), None)?;
-        let writes = manager(client, Some(writer::WRITE_TIMEOUT))?;
+        let reads = Link::open(client.clone(), None)?;
+        let writes = Link::open(client, Some(writer::WRITE_TIMEOUT))?;
         let keys = Keys {
             prefix: settings.prefix.as_str().into(),
         };
@@ -206,7 +192,7 @@ impl RedisUsage {
             rebuilding: Arc::default(),
             failed_at: Arc::default(),
         };
-        tokio::spawn(Writer::new(writes, keys.clone(), counters.clone(), fleets).run(rx));
+        tokio::spawn(Writer::new(writes.clone(), keys.clone(), counters.clone(), fleets).run(rx));
         Ok(Self {
             rules,
             reads: Arc::new(Reads {
@@ -224,6 +210,7 @@ impl RedisUsage {
                 graph,
                 fleet_loaded: AtomicBool::new(false),
             }),
+            writes,
             queue,
             counters,
             url: redacted(&settings.url),
@@ -283,7 +270,7 @@ impl Reads {
         // Errors come back in their places (see `answer`), so one failing script does not fail
         // the whole read.
         pipe.ignore_errors();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let reply = tokio::time::timeout(self.timeout, async {
             if !self.fleet_loaded.load(Ordering::Relaxed) {
                 self.graph.script.load_async(&mut conn).await?;
@@ -538,6 +525,7 @@ impl UsageHistory for RedisUsage {
             pending_events: c.pending.load(Ordering::Relaxed),
             lost_events: c.lost.load(Ordering::Relaxed),
             written_events: c.written.load(Ordering::Relaxed),
+            reconnects: self.reads.conn.replaced() + self.writes.replaced(),
             ..UsageStats::default()
         }
     }
@@ -585,7 +573,7 @@ impl Reads {
         let rules = *rules
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let report = async {
             self.graph.script.load_async(&mut conn).await?;
             self.graph.report(&mut conn, &rules, fleet_id, now).await

@@ -6,7 +6,8 @@
 //! of the batch, so a retry after an error never applies an event twice; a compare-and-set
 //! whose reply was lost (a timeout, a dropped connection) is recognised on the retry by the
 //! version it wrote. The sharing sets take `ZADD GT` (idempotent), then a trim to the cap and
-//! their TTL.
+//! their TTL. A key Redis refuses for good ([`refused_for_good`]) costs only what was meant for
+//! it, counted; any other error retries the batch with back-off.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::fleet::{self, FleetLimits, Graph};
+use super::link::Link;
 use super::{CAS, Counters, Keys, VERSION_LEN, decode_stored, encode_stored};
 use crate::policy::FleetRules;
 use crate::usage::account::{AccountState, MAX_ACCOUNTS_PER_KEY};
@@ -117,7 +119,7 @@ impl Batch {
 }
 
 pub(super) struct Writer {
-    conn: ConnectionManager,
+    conn: Arc<Link>,
     keys: Keys,
     counters: Arc<Counters>,
     cas: Arc<Script>,
@@ -186,9 +188,25 @@ pub(super) async fn bounded<T>(
     }
 }
 
+/// Whether Redis refuses one key for good: another type of value under our name (a prefix
+/// shared with another application: WRONGTYPE) or an ACL that denies the key (NOPERM). No retry
+/// can succeed, so what was meant for that key is dropped, counted and logged, and the rest of
+/// the batch goes on. Any other error (LOADING, BUSY, OOM, READONLY, NOSCRIPT, a timeout) is
+/// Redis as a whole refusing for now: the batch is retried.
+pub(super) fn refused_for_good(error: &redis::RedisError) -> bool {
+    const FOR_GOOD: [&str; 2] = ["WRONGTYPE", "NOPERM"];
+    match error.code() {
+        Some(code) => FOR_GOOD.contains(&code),
+        // A pipeline's errors (without `ignore_errors`): refused for good if every one is.
+        None => error.clone().into_server_errors().is_some_and(|errors| {
+            !errors.is_empty() && errors.iter().all(|(_, e)| FOR_GOOD.contains(&e.code()))
+        }),
+    }
+}
+
 impl Writer {
     pub(super) fn new(
-        conn: ConnectionManager,
+        conn: Arc<Link>,
         keys: Keys,
         counters: Arc<Counters>,
         fleets: Fleets,
@@ -352,16 +370,27 @@ impl Writer {
         batch.events -= events.min(batch.events);
     }
 
+    /// Updates that Redis refused for good (sharing sets, fleet links): dropped, and counted
+    /// with the backend's errors (the events themselves are counted apart).
+    fn refuse(&self, updates: u64) {
+        if updates > 0 {
+            self.counters
+                .backend_errors
+                .fetch_add(updates, Ordering::Relaxed);
+        }
+    }
+
     /// Writes what is left of `batch`, taking out what was written.
     async fn write(&mut self, batch: &mut Batch) -> redis::RedisResult<()> {
         if !self.script_loaded {
-            bounded(self.cas.load_async(&mut self.conn)).await?;
-            bounded(self.fleets.graph.script.load_async(&mut self.conn)).await?;
+            let mut conn = self.conn.get();
+            bounded(self.cas.load_async(&mut conn)).await?;
+            bounded(self.fleets.graph.script.load_async(&mut conn)).await?;
             self.script_loaded = true;
         }
         // The fleet graph's share goes beside the accounts' writes, on its own pipelines.
         let fleets = (!batch.fleets.is_empty()).then(|| {
-            let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.clone());
+            let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.get());
             let (rules, limits) = (batch.rules, self.fleets.limits);
             let mut records = std::mem::take(&mut batch.fleets);
             tokio::spawn(async move {
@@ -376,11 +405,7 @@ impl Writer {
             if chunk.is_empty() {
                 break;
             }
-            shared.spawn(write_shared(
-                self.conn.clone(),
-                self.in_flight.clone(),
-                chunk,
-            ));
+            shared.spawn(write_shared(self.conn.get(), self.in_flight.clone(), chunk));
         }
         let mut failed = None;
         for _ in 0..CAS_ROUNDS {
@@ -398,7 +423,7 @@ impl Writer {
                 let events: usize = chunk.iter().map(|(_, p)| p.events.len()).sum();
                 let task = chunks.spawn(write_accounts(
                     Chunk {
-                        conn: self.conn.clone(),
+                        conn: self.conn.get(),
                         keys: self.keys.clone(),
                         cas: self.cas.clone(),
                         me: self.me.clone(),
@@ -433,10 +458,12 @@ impl Writer {
         }
         while let Some(done) = shared.join_next().await {
             match done {
-                Ok((_, Ok(()))) => {}
-                Ok((left, Err(error))) => {
+                Ok((left, refused, result)) => {
+                    self.refuse(refused);
                     batch.shared.extend(left);
-                    failed.get_or_insert(error);
+                    if let Err(error) = result {
+                        failed.get_or_insert(error);
+                    }
                 }
                 Err(error) => {
                     tracing::error!(%error, "usage history: a Redis write task failed; sharing updates of a batch lost")
@@ -446,7 +473,16 @@ impl Writer {
         if let Some(task) = fleets {
             match task.await {
                 Ok((left, result)) => {
-                    batch.fleets.extend(left);
+                    match &result {
+                        Err(error) if refused_for_good(error) => {
+                            // The graph's keys are refused (a prefix shared with another
+                            // application, an ACL): retrying cannot help, so these accounts'
+                            // links are dropped, counted, and the accounts' own writes go on.
+                            tracing::warn!(%error, accounts = left.len(), "usage history in Redis: the fleet graph's keys are refused; fleet updates dropped");
+                            self.refuse(left.len() as u64);
+                        }
+                        _ => batch.fleets.extend(left),
+                    }
                     match result {
                         Ok(Some(status)) => {
                             if self.epoch.as_ref().is_some_and(|e| *e != status.epoch) {
@@ -463,6 +499,7 @@ impl Writer {
                             }
                         }
                         Ok(None) => {}
+                        Err(error) if refused_for_good(&error) => {}
                         Err(error) => {
                             failed.get_or_insert(error);
                         }
@@ -498,7 +535,7 @@ impl Writer {
             return;
         };
         let failed_at = self.fleets.failed_at.clone();
-        let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.clone());
+        let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.get());
         let (me, counters) = (format!("{:016x}", self.me.id), self.counters.clone());
         tokio::spawn(async move {
             let _running = running;
@@ -540,16 +577,34 @@ async fn write_accounts(
     };
     let mut lost = 0;
     let mut get = redis::pipe();
+    get.ignore_errors();
     for (id, _) in &chunk {
         get.cmd("GET").arg(c.keys.account(id));
     }
-    let current: Vec<Option<Vec<u8>>> = match bounded(get.query_async(&mut c.conn)).await {
-        Ok(current) => current,
-        Err(error) => return (chunk, 0, Err(error)),
-    };
+    let current: Vec<redis::RedisResult<Option<Vec<u8>>>> =
+        match bounded(get.query_async(&mut c.conn)).await {
+            Ok(current) => current,
+            Err(error) => return (chunk, 0, Err(error)),
+        };
     let mut set = redis::pipe();
+    set.ignore_errors();
     let mut sent = Vec::with_capacity(chunk.len());
-    for (i, ((id, pending), stored)) in chunk.iter_mut().zip(&current).enumerate() {
+    let mut failed = None;
+    for (i, ((id, pending), stored)) in chunk.iter_mut().zip(current).enumerate() {
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(error) if refused_for_good(&error) => {
+                tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: the account's key is refused; events lost");
+                lost += pending.events.len();
+                pending.events.clear();
+                continue;
+            }
+            Err(error) => {
+                // Retried with the next attempt; the others go on.
+                failed.get_or_insert(error);
+                continue;
+            }
+        };
         let stored = match stored.as_deref().map(decode_stored) {
             None => None,
             Some(Ok(stored)) => Some(stored),
@@ -604,59 +659,93 @@ async fn write_accounts(
         pending.attempted.get_or_insert(seq);
         sent.push(i);
     }
-    let result = if sent.is_empty() {
-        Ok(())
-    } else {
-        match bounded(set.query_async::<Vec<i64>>(&mut c.conn)).await {
+    if !sent.is_empty() {
+        match bounded(set.query_async::<Vec<redis::RedisResult<i64>>>(&mut c.conn)).await {
             Ok(applied) => {
-                for (&i, ok) in sent.iter().zip(applied) {
-                    let pending = &mut chunk[i].1;
-                    // Answered: written (1), or not written because the value changed (0).
-                    pending.attempted = None;
-                    if ok == 1 {
-                        pending.events.clear();
+                for (&i, reply) in sent.iter().zip(applied) {
+                    let (id, pending) = &mut chunk[i];
+                    match reply {
+                        // Answered: written (1), or not written because the value changed (0).
+                        Ok(ok) => {
+                            pending.attempted = None;
+                            if ok == 1 {
+                                pending.events.clear();
+                            }
+                        }
+                        // The script stopped before its SET: nothing was written.
+                        Err(error) if refused_for_good(&error) => {
+                            tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: the account's key is refused; events lost");
+                            lost += pending.events.len();
+                            pending.events.clear();
+                        }
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                        }
                     }
                 }
-                Ok(())
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                failed.get_or_insert(error);
+            }
         }
-    };
+    }
     chunk.retain(|(_, pending)| !pending.events.is_empty());
-    (chunk, lost, result)
+    (chunk, lost, failed.map_or(Ok(()), Err))
 }
 
 type Shared = HashMap<String, (HashMap<Arc<str>, i64>, Duration)>;
 
-/// The sharing sets: `ZADD GT` (a retry cannot move a time back), the cap, the TTL.
+/// Commands per sharing-set key in [`write_shared`]'s pipeline.
+const SHARED_COMMANDS: usize = 3;
+
+/// The sharing sets: `ZADD GT` (a retry cannot move a time back), the cap, the TTL. Returns
+/// the keys to try again and how many Redis refused for good (their updates are dropped).
 async fn write_shared(
     mut conn: ConnectionManager,
     in_flight: Arc<Semaphore>,
     shared: Shared,
-) -> (Shared, redis::RedisResult<()>) {
+) -> (Shared, u64, redis::RedisResult<()>) {
     let Ok(_permit) = in_flight.acquire_owned().await else {
-        return (shared, Ok(()));
+        return (shared, 0, Ok(()));
     };
     let mut pipe = redis::pipe();
-    for (key, (members, ttl)) in &shared {
+    pipe.ignore_errors();
+    let keys: Vec<&String> = shared.keys().collect();
+    for key in &keys {
+        let (members, ttl) = &shared[*key];
         let mut zadd = redis::cmd("ZADD");
-        zadd.arg(key).arg("GT");
+        zadd.arg(*key).arg("GT");
         for (account, t) in members {
             zadd.arg(*t).arg(&**account);
         }
-        pipe.add_command(zadd).ignore();
+        pipe.add_command(zadd);
         pipe.cmd("ZREMRANGEBYRANK")
-            .arg(key)
+            .arg(*key)
             .arg(0)
-            .arg(-(MAX_ACCOUNTS_PER_KEY as i64) - 1)
-            .ignore();
-        pipe.cmd("PEXPIRE")
-            .arg(key)
-            .arg(ttl.as_millis() as u64)
-            .ignore();
+            .arg(-(MAX_ACCOUNTS_PER_KEY as i64) - 1);
+        pipe.cmd("PEXPIRE").arg(*key).arg(ttl.as_millis() as u64);
     }
-    match bounded(pipe.query_async::<()>(&mut conn)).await {
-        Ok(()) => (HashMap::new(), Ok(())),
-        Err(error) => (shared, Err(error)),
+    let replies =
+        match bounded(pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)).await {
+            Ok(replies) => replies,
+            Err(error) => return (shared, 0, Err(error)),
+        };
+    let (mut again, mut refused, mut failed) = (std::collections::HashSet::new(), 0, None);
+    for (key, replies) in keys.iter().zip(replies.chunks(SHARED_COMMANDS)) {
+        let Some(error) = replies.iter().find_map(|r| r.as_ref().err()) else {
+            continue;
+        };
+        if refused_for_good(error) {
+            tracing::warn!(%key, %error, "usage history in Redis: a sharing set's key is refused; its update dropped");
+            refused += 1;
+        } else {
+            // Each of the three commands may be repeated: the ZADD is GT, the others settle.
+            again.insert((*key).clone());
+            failed.get_or_insert_with(|| error.clone());
+        }
     }
+    drop(keys);
+    let mut shared = shared;
+    shared.retain(|key, _| again.contains(key));
+    (shared, refused, failed.map_or(Ok(()), Err))
 }
