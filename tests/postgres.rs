@@ -656,3 +656,112 @@ async fn postgres_stopped_under_load_fails_no_call_and_loses_no_decision_that_mu
         row.2 / row.0.max(1),
     ));
 }
+
+/// Decision ids of `kept` found in the audit log of the database at `db`, waited for up to 10 s.
+async fn until_stored(db: &tokio_postgres::Client, kept: &[String]) -> usize {
+    let started = Instant::now();
+    loop {
+        let found: i64 = db
+            .query_one(
+                "SELECT count(*) FROM audit_log WHERE kind = 'decision' AND ref_id = ANY($1)",
+                &[&kept],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if found as usize == kept.len() || started.elapsed() > Duration::from_secs(10) {
+            return found as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A replica (re)started while PostgreSQL is down serves anyway: with the overrides it last
+/// read (kept beside its spool), its must-keep decisions spooled; a replica that never reached
+/// its database starts too, with none, and migrates the database when it answers. Once it is
+/// back, every spooled decision is in PostgreSQL and both chains verify. (Before, a replica
+/// could not start without its database.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_postgres_is_down_serves_with_the_overrides_it_last_read() {
+    let mut pg = PgServer::start_new().await;
+    let fresh_url = format!("postgres://postgres@127.0.0.1:{}/fresh", pg.port());
+    pg.client()
+        .await
+        .batch_execute("CREATE DATABASE fresh")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let held = account(ALLOWED, "acct-held", pb::Flow::ApiRequest);
+    {
+        let replica = pg_replica(dir.path(), "a", &pg.url()).await;
+        replica
+            .review()
+            .await
+            .set_override(as_alice(pb::SetOverrideRequest {
+                scope: "account".into(),
+                value: "acct-held".into(),
+                action: "DENY".into(),
+                reason: "case 7".into(),
+                expires_at_unix_ms: 0,
+            }))
+            .await
+            .unwrap();
+        until(&replica, &held, |r| codes(r).contains(&"OVERRIDE_DENY")).await;
+        // The listener's resync after the change keeps its copy beside the spool.
+        let copy = dir.path().join("a-spool/regionguard-overrides.json");
+        let started = Instant::now();
+        while !std::fs::read_to_string(&copy).is_ok_and(|c| c.contains("acct-held")) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no copy of the overrides"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    pg.stop();
+
+    let a = pg_replica(dir.path(), "a", &pg.url()).await;
+    let b = pg_replica(dir.path(), "b", &fresh_url).await;
+    let mut client = a.classifier().await;
+    let answer = client.classify(held.clone()).await.unwrap().into_inner();
+    assert!(
+        codes(&answer).contains(&"OVERRIDE_DENY") && verdict(&answer) == Verdict::Deny,
+        "the override last read holds: {answer:?}"
+    );
+    let mut kept = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        for (replica, ids) in [(&a, &mut kept.0), (&b, &mut kept.1)] {
+            let answer = replica
+                .classifier()
+                .await
+                .classify(account(ALLOWED, &format!("s-{i}"), pb::Flow::Signup))
+                .await
+                .expect("a signup is answered while the database is down")
+                .into_inner();
+            ids.push(answer.decision_id);
+        }
+    }
+    kept.0.push(answer.decision_id);
+    for replica in [&a, &b] {
+        let depth = replica.metric("regionguard_store_spool_depth");
+        assert!(depth >= 10.0, "must-keep decisions are spooled: {depth}");
+    }
+
+    pg.start();
+    let found = until_stored(&pg.client().await, &kept.0).await;
+    assert_eq!(
+        found,
+        kept.0.len(),
+        "a's spooled decisions reached PostgreSQL"
+    );
+    let found = until_stored(&pg.connect("fresh").await, &kept.1).await;
+    assert_eq!(
+        found,
+        kept.1.len(),
+        "b migrated its database, then drained its spool"
+    );
+    for url in [pg.url(), fresh_url] {
+        let (ok, out) = verify(&url);
+        assert!(ok, "{url}: {out}");
+    }
+}

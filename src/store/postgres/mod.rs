@@ -10,8 +10,10 @@
 //!   ([`super::spool`]) and are drained in order once it is back; reviewer writes fail with
 //!   [`StoreError::Unavailable`].
 //! - Override changes `NOTIFY regionguard_overrides` in their transaction; every replica
-//!   listens, and reloads every override on a notification and on every (re)connect.
+//!   listens, and reloads every override on a notification and on every (re)connect, keeping
+//!   a copy beside its spool ([`last_overrides`]) for a start while the database is away.
 
+mod last_overrides;
 pub mod verify;
 pub mod writer;
 
@@ -318,6 +320,9 @@ pub fn reads(url: &str) -> Result<super::Reads, StoreError> {
 pub struct Reader {
     config: Arc<tokio_postgres::Config>,
     client: Arc<tokio::sync::Mutex<Option<Arc<Client>>>>,
+    /// Where the override listener keeps its copy of the overrides (a serving replica's
+    /// spool directory; none for the command line).
+    overrides_copy: Option<Arc<std::path::Path>>,
 }
 
 impl Reader {
@@ -325,7 +330,14 @@ impl Reader {
         Self {
             config: Arc::new(config),
             client: Arc::default(),
+            overrides_copy: None,
         }
+    }
+
+    /// Keeps a copy of the overrides the listener reads in `dir` ([`last_overrides`]).
+    pub(crate) fn keeping_overrides_in(mut self, dir: std::path::PathBuf) -> Self {
+        self.overrides_copy = Some(dir.into());
+        self
     }
 
     async fn client(&self) -> Result<Arc<Client>, StoreError> {
@@ -474,6 +486,18 @@ impl Reader {
     /// every notification, and every (re)connect, hands all overrides to `apply`.
     pub fn watch_overrides(&self, apply: Arc<dyn Fn(Vec<OverrideRecord>) + Send + Sync>) {
         let config = self.config.clone();
+        let apply: Arc<dyn Fn(Vec<OverrideRecord>) + Send + Sync> = match self
+            .overrides_copy
+            .clone()
+        {
+            None => apply,
+            Some(dir) => Arc::new(move |all: Vec<OverrideRecord>| {
+                if let Err(error) = last_overrides::save(&dir, &all) {
+                    tracing::warn!(%error, "override listener: the local copy of the overrides could not be written");
+                }
+                apply(all)
+            }),
+        };
         tokio::spawn(async move {
             // Short: a change made while the listener is away applies when it is back.
             const FIRST: Duration = Duration::from_millis(100);

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, Transaction};
 
+use super::last_overrides;
 use super::{CHAIN_LOCK, CHANNEL, Reader, is_unavailable, pg_error};
 use crate::store::chain::{ChainKey, GENESIS, KEYED};
 use crate::store::spool::Spool;
@@ -46,7 +47,13 @@ const RETRY: Duration = Duration::from_millis(500);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connects to the store at `url` (migrating it), checks the chain's keying, reads the
-/// overrides and starts the writer thread. The database must be reachable at start.
+/// overrides and starts the writer thread.
+///
+/// A database that cannot be reached at start does not stop the replica: it starts with the
+/// overrides it last read ([`super::last_overrides`], none if it never read any), spools what
+/// must be kept, and migrates and checks the chain's keying when the database answers, before
+/// draining the spool. A database that answers and refuses (a keying that does not match, a
+/// failed migration) stops the start.
 pub fn open(
     url: &str,
     spool_dir: &Path,
@@ -56,6 +63,7 @@ pub fn open(
 ) -> Result<crate::store::Opened, StoreError> {
     let config = super::parse_url(url)?;
     let spool = Spool::open(spool_dir)?;
+    let spool_dir = spool_dir.to_path_buf();
     let counters = Arc::new(Counters::default());
     counters.spool_depth.store(spool.len(), Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -63,6 +71,7 @@ pub fn open(
     let thread_config = config.clone();
     let thread_counters = counters.clone();
     let redacted = super::redact(url);
+    let spool_path = spool_dir.clone();
     std::thread::Builder::new()
         .name("regionguard-store".into())
         .spawn(move || {
@@ -86,29 +95,60 @@ pub fn open(
                     let overrides = super::load_overrides(&client).await.map_err(pg_error)?;
                     Ok::<_, StoreError>((client, overrides))
                 };
-                match start.await {
+                let (client, overrides) = match start.await {
                     Ok((client, overrides)) => {
-                        let _ = ready.send(Ok(overrides));
-                        let mut writer = Writer {
-                            config: thread_config,
-                            client: Some(client),
-                            reconnect: None,
-                            last_attempt: Instant::now(),
-                            key,
-                            spool,
-                            stalled: false,
-                            counters: thread_counters,
-                        };
-                        writer.run(rx).await;
+                        if let Err(error) = last_overrides::save(&spool_dir, &overrides) {
+                            tracing::warn!(%error, "postgres store: the local copy of the overrides could not be written");
+                        }
+                        (Some(client), overrides)
                     }
+                    Err(StoreError::Unavailable(message)) => match last_overrides::load(&spool_dir) {
+                        Ok(copy) => {
+                            let (overrides, age_s) = match copy {
+                                Some((overrides, written)) => (
+                                    overrides,
+                                    written.elapsed().map_or(0, |age| age.as_secs()),
+                                ),
+                                None => (Vec::new(), 0),
+                            };
+                            tracing::error!(
+                                %message,
+                                overrides = overrides.len(),
+                                copy_age_s = age_s,
+                                spool = %spool.path().display(),
+                                "postgres store unreachable at start: serving with the overrides last read (none if never), must-keep decisions go to the spool, reviewer changes fail until it answers"
+                            );
+                            (None, overrides)
+                        }
+                        Err(error) => {
+                            let _ = ready.send(Err(StoreError::Unavailable(format!(
+                                "{message}; and the local copy of the overrides cannot be read ({error}): remove it to start with none"
+                            ))));
+                            return;
+                        }
+                    },
                     Err(error) => {
                         let _ = ready.send(Err(error));
+                        return;
                     }
-                }
+                };
+                let _ = ready.send(Ok(overrides));
+                let mut writer = Writer {
+                    config: thread_config,
+                    setup_pending: client.is_none(),
+                    client,
+                    reconnect: None,
+                    last_attempt: Instant::now(),
+                    key,
+                    spool,
+                    stalled: false,
+                    counters: thread_counters,
+                };
+                writer.run(rx).await;
             });
         })
         .map_err(|error| StoreError::Dir {
-            path: spool_dir.display().to_string(),
+            path: spool_path.display().to_string(),
             error,
         })?;
     let overrides = started
@@ -120,10 +160,10 @@ pub fn open(
             }
             other => other,
         })?;
-    tracing::info!(url = %redacted, spool = %spool_dir.display(), "postgres store open");
+    tracing::info!(url = %redacted, spool = %spool_path.display(), "postgres store open");
     Ok(crate::store::Opened {
         recorder: Recorder::from_parts(tx, overflow, counters),
-        reads: Reads::Postgres(Reader::new(config)),
+        reads: Reads::Postgres(Reader::new(config).keeping_overrides_in(spool_path)),
         overrides,
     })
 }
@@ -176,8 +216,12 @@ enum Committed {
 
 struct Writer {
     config: tokio_postgres::Config,
+    /// The database was not reachable at start: migrate it and check the chain's keying on
+    /// the first connection, before anything is written.
+    setup_pending: bool,
     client: Option<Client>,
-    /// A connection attempt in progress while the database is away.
+    /// A connection attempt in progress while the database is away (with the set-up, if
+    /// pending).
     reconnect: Option<tokio::task::JoinHandle<Result<Client, StoreError>>>,
     last_attempt: Instant,
     key: Option<ChainKey>,
@@ -276,17 +320,34 @@ impl Writer {
             match attempt.await {
                 Ok(Ok(client)) => {
                     tracing::info!(spooled = self.spool.len(), "postgres store reachable again");
+                    self.setup_pending = false;
                     self.client = Some(client);
                     return true;
                 }
-                Ok(Err(error)) => tracing::debug!(%error, "postgres store still unreachable"),
+                Ok(Err(error @ StoreError::Unavailable(_))) => {
+                    tracing::debug!(%error, "postgres store still unreachable")
+                }
+                // The database answers but refuses this replica (a chain keyed otherwise, a
+                // migration that fails): nothing is written to it; the spool keeps what must
+                // be kept, and every attempt says why.
+                Ok(Err(error)) => {
+                    tracing::error!(%error, spooled = self.spool.len(), "postgres store refuses this replica; must-keep decisions stay in the spool")
+                }
                 Err(error) => tracing::warn!(%error, "postgres reconnect task failed"),
             }
         }
         if self.reconnect.is_none() && self.last_attempt.elapsed() >= RETRY {
             self.last_attempt = Instant::now();
-            let config = self.config.clone();
-            self.reconnect = Some(tokio::spawn(async move { super::connect(&config).await }));
+            let (config, key) = (self.config.clone(), self.key.clone());
+            let setup = self.setup_pending;
+            self.reconnect = Some(tokio::spawn(async move {
+                let mut client = super::connect(&config).await?;
+                if setup {
+                    super::migrate(&mut client).await.map_err(pg_error)?;
+                    check_keying(&client, key.as_ref()).await?;
+                }
+                Ok(client)
+            }));
         }
         false
     }
