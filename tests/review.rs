@@ -1064,11 +1064,6 @@ async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
             ALICE,
         )
     };
-    let mut allow = set(&fleet_id);
-    allow.get_mut().action = "ALLOW".into();
-    let wholesale = review(&server).set_override(allow).await.unwrap_err();
-    assert_eq!(wholesale.code(), Code::InvalidArgument);
-    assert!(wholesale.message().starts_with("action: "), "{wholesale:?}");
     let refused = review(&server)
         .set_override(set("fl_xyz"))
         .await
@@ -1104,6 +1099,108 @@ async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
         .unwrap();
     assert_eq!(verdict(&outsider), Verdict::Allow);
     assert_eq!(set_override.reviewer, "alice@compliance");
+    server.shutdown().await;
+}
+
+/// A fleet ALLOW (a reviewer's word that the fleet is legitimate: a company's staff) clears the
+/// reasons that fleet raised, for every member, and nothing else: the members' other reasons
+/// stand, and a DENY on one member still denies it.
+#[tokio::test]
+async fn a_fleet_allow_clears_what_the_fleet_raised_and_nothing_else() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Twelve accounts on one company card: a fleet past the policy's 10.
+    let events: Vec<_> = (0..12)
+        .map(|i| pb::UsageEvent {
+            account_id: format!("staff-{i}"),
+            ip: scenario.ips.allowed.into(),
+            timestamp_unix_ms: now - 1000,
+            request_count: 1,
+            payment_fingerprint: "card-company".into(),
+            ..Default::default()
+        })
+        .collect();
+    pb::usage_client::UsageClient::new(server.channel.clone())
+        .report(tokio_stream::iter(events))
+        .await
+        .unwrap();
+    let signup = |ip: &str, member: &str| pb::ClassifyRequest {
+        flow: pb::Flow::Signup.into(),
+        ..account(ip, member)
+    };
+    let before = server
+        .classify(signup(scenario.ips.allowed, "staff-1"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&before), Verdict::Review, "{before:?}");
+    let fleet_id = before.usage.unwrap().fleet.unwrap().fleet_id;
+    let allowed = review(&server)
+        .set_override(as_caller(
+            pb::SetOverrideRequest {
+                scope: "fleet".into(),
+                value: fleet_id.clone(),
+                action: "ALLOW".into(),
+                reason: "Acme's engineers, contract 12".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.action, "ALLOW");
+    for member in ["staff-1", "staff-7"] {
+        let after = server
+            .classify(signup(scenario.ips.allowed, member))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&after), Verdict::Allow, "{member}: {after:?}");
+        let fleet = after
+            .reasons
+            .iter()
+            .find(|r| r.code == "USAGE_FLEET")
+            .expect("the cleared reason stays in the answer");
+        assert_eq!(fleet.contribution, 0);
+        assert_eq!(
+            fleet.evidence["cleared_by"],
+            format!("override:{}", allowed.id)
+        );
+        let note = after
+            .reasons
+            .iter()
+            .find(|r| r.code == "OVERRIDE_ALLOW")
+            .unwrap();
+        assert_eq!(note.evidence["scope"], format!("fleet:{fleet_id}"));
+    }
+    // A member's other reasons stand: from a Tor exit it is reviewed as before.
+    let tor = server
+        .classify(signup(scenario.ips.tor, "staff-2"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&tor), Verdict::Review, "{tor:?}");
+    // A DENY on one member beats the fleet's ALLOW.
+    review(&server)
+        .set_override(as_caller(
+            pb::SetOverrideRequest {
+                scope: "account".into(),
+                value: "staff-3".into(),
+                action: "DENY".into(),
+                reason: "left the company".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap();
+    let denied = server
+        .classify(signup(scenario.ips.allowed, "staff-3"))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&denied), Verdict::Deny);
     server.shutdown().await;
 }
 

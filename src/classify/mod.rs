@@ -42,6 +42,7 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     }
     let unknown = unknown_location(facts.ip, policy, &mut reasons);
     cleared_by_verifications(facts, policy, &mut reasons);
+    overrides::clear_allowed_fleets(facts.overrides, &mut reasons);
 
     let score: u32 = reasons.iter().map(|r| u32::from(r.contribution)).sum();
     let risk_score = score.min(100) as u8;
@@ -63,7 +64,7 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     // What is still missing for the soft reasons (a cleared one has nothing missing).
     let mut required_verifications: Vec<String> = Vec::new();
     if facts.flow == Flow::Signup && !hard {
-        for reason in reasons.iter().filter(|r| !r.hard) {
+        for reason in reasons.iter().filter(|r| !r.hard && !overrides::cleared(r)) {
             for &kind in policy.verifications(reason.code) {
                 let name = kind.as_str();
                 if !fresh(facts, policy, kind) && !required_verifications.iter().any(|v| v == name)

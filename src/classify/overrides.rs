@@ -3,6 +3,12 @@
 //! A DENY override denies. An ALLOW override allows, unless a hard reason from the sanctioned
 //! list stands (billing, IP or ownership in a sanctioned region…) and the policy does not let
 //! overrides lift sanctions: then it is reported, not applied.
+//!
+//! An ALLOW on a fleet is narrower: a fleet is whoever shares one value with a member, so an
+//! ALLOW that lifted every reason would pass to any account that copied one member's card or
+//! device. It says "this fleet is known and legitimate" (a company's staff, a school's lab):
+//! the reasons raised because of that fleet (those whose evidence names it) are cleared, and
+//! every other reason stands, scored as usual.
 
 use super::{OverrideAction, OverrideFact, Reason, ReasonCode, Verdict};
 use crate::policy::{ListKind, Policy};
@@ -31,7 +37,44 @@ fn liftable(reason: &Reason) -> bool {
             .any(|(k, v)| *k == "list" && v == ListKind::Unsupported.as_str())
 }
 
+/// The fleet an override is on, if that is its scope.
+fn fleet_of(o: &OverrideFact) -> Option<&str> {
+    o.scope.strip_prefix("fleet:")
+}
+
+/// Clears, before scoring, the soft reasons raised because of a fleet that an ALLOW override
+/// is on: they stay in the answer, contributing nothing, with `cleared_by` naming the override.
+pub(super) fn clear_allowed_fleets(overrides: &[OverrideFact], reasons: &mut [Reason]) {
+    for o in overrides
+        .iter()
+        .filter(|o| o.action == OverrideAction::Allow)
+    {
+        let Some(fleet) = fleet_of(o) else { continue };
+        for reason in reasons.iter_mut().filter(|r| !r.hard) {
+            if reason
+                .evidence
+                .iter()
+                .any(|(k, v)| *k == "fleet_id" && v == fleet)
+            {
+                reason.contribution = 0;
+                reason
+                    .evidence
+                    .push(("cleared_by", format!("override:{}", o.id)));
+            }
+        }
+    }
+}
+
+/// Whether a reviewer's override cleared `reason` (nothing is then asked to verify for it).
+pub(super) fn cleared(reason: &Reason) -> bool {
+    reason
+        .evidence
+        .iter()
+        .any(|(k, v)| *k == "cleared_by" && v.starts_with("override:"))
+}
+
 /// Applies the matching overrides to `verdict`, adding their reasons; returns the new verdict.
+/// A fleet ALLOW has done its work in [`clear_allowed_fleets`]; it is reported here.
 pub(super) fn apply(
     overrides: &[OverrideFact],
     policy: &Policy,
@@ -48,7 +91,31 @@ pub(super) fn apply(
         });
         return Verdict::Deny;
     }
-    let Some(allow) = overrides.iter().find(|o| o.action == OverrideAction::Allow) else {
+    for fleet_allow in overrides
+        .iter()
+        .filter(|o| o.action == OverrideAction::Allow && fleet_of(o).is_some())
+    {
+        let cleared = format!("override:{}", fleet_allow.id);
+        let applied = reasons.iter().any(|r| {
+            r.evidence
+                .iter()
+                .any(|(k, v)| *k == "cleared_by" && *v == cleared)
+        });
+        reasons.push(Reason {
+            code: ReasonCode::OverrideAllow,
+            message: format!(
+                "{}'s override on the fleet clears the reasons it raised (the others stand): {}",
+                fleet_allow.reviewer, fleet_allow.reason
+            ),
+            contribution: 0,
+            hard: false,
+            evidence: evidence(fleet_allow, applied),
+        });
+    }
+    let Some(allow) = overrides
+        .iter()
+        .find(|o| o.action == OverrideAction::Allow && fleet_of(o).is_none())
+    else {
         return verdict;
     };
     let applies =

@@ -99,7 +99,7 @@ reason_codes! {
     UsageTemplateRepetition = "USAGE_TEMPLATE_REPETITION", false,
         "One of the account's prompt-template fingerprints was sent by at least the policy's number of accounts in 7 days.";
     OverrideAllow = "OVERRIDE_ALLOW", false,
-        "A reviewer's override allows this account, domain, network or fleet (it cannot lift a sanctions DENY unless the policy says so).";
+        "A reviewer's override allows this account, domain or network (it cannot lift a sanctions DENY unless the policy says so), or clears the reasons a fleet raised.";
     OverrideDeny = "OVERRIDE_DENY", true,
         "A reviewer's override denies this account, domain, network or fleet.";
 }

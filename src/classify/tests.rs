@@ -517,6 +517,106 @@ fn overrides_deny_and_allow_within_the_policy() {
     );
 }
 
+#[test]
+fn a_fleet_allow_clears_the_fleets_reasons_and_nothing_else() {
+    let p = policy();
+    let usage = UsageFacts {
+        fleet: Some(FleetFacts {
+            id: "fl_00112233445566ff".into(),
+            size: 40,
+            links: vec![LinkKind::PaymentFingerprint],
+            active_members_1h: 0,
+            coactive_pairs_1h: 0,
+            expected_coactive_pairs_1h: 0.0,
+        }),
+        ..Default::default()
+    };
+    let fleet_override = |action, fleet: &str| OverrideFact {
+        scope: format!("fleet:{fleet}"),
+        ..an_override(action)
+    };
+    let decide = |ip: &IpFacts, overrides: &[OverrideFact]| {
+        let (account, hints) = (AccountFacts::default(), HintFacts::default());
+        classify(
+            &Facts {
+                flow: Flow::Signup,
+                now_unix: NOW,
+                ip,
+                account: &account,
+                hints: &hints,
+                usage: Some(&usage),
+                overrides,
+            },
+            &p,
+        )
+    };
+    let plain = decide(&ip_in("DE"), &[]);
+    assert_eq!(plain.verdict, Verdict::Review, "{plain:?}");
+
+    let allowed = decide(
+        &ip_in("DE"),
+        &[fleet_override(OverrideAction::Allow, "fl_00112233445566ff")],
+    );
+    assert_eq!(allowed.verdict, Verdict::Allow, "{allowed:?}");
+    assert_eq!(allowed.risk_score, 0);
+    let fleet = allowed
+        .reasons
+        .iter()
+        .find(|r| r.code == ReasonCode::UsageFleet)
+        .expect("the cleared reason stays in the answer");
+    assert_eq!(fleet.contribution, 0);
+    assert!(
+        fleet
+            .evidence
+            .contains(&("cleared_by", "override:ovr-1".into()))
+    );
+    assert!(allowed.reasons.iter().any(|r| {
+        r.code == ReasonCode::OverrideAllow
+            && r.evidence.contains(&("applied", "true".into()))
+            && r.evidence
+                .contains(&("scope", "fleet:fl_00112233445566ff".into()))
+    }));
+    assert!(allowed.required_verifications.is_empty(), "{allowed:?}");
+
+    // The other reasons stand, scored as usual: a fleet ALLOW is not an account ALLOW.
+    let mut tor = ip_in("DE");
+    tor.anonymizer.tor = true;
+    let anonymous = decide(
+        &tor,
+        &[fleet_override(OverrideAction::Allow, "fl_00112233445566ff")],
+    );
+    assert_ne!(anonymous.verdict, Verdict::Allow, "{anonymous:?}");
+    assert_eq!(
+        decide(
+            &ip_in("IR"),
+            &[fleet_override(OverrideAction::Allow, "fl_00112233445566ff")]
+        )
+        .verdict,
+        Verdict::Deny
+    );
+    // Another fleet's ALLOW clears nothing; a DENY wins over an ALLOW.
+    let other = decide(
+        &ip_in("DE"),
+        &[fleet_override(OverrideAction::Allow, "fl_ffffffffffffffff")],
+    );
+    assert_eq!(other.verdict, Verdict::Review);
+    assert!(
+        other
+            .reasons
+            .iter()
+            .any(|r| r.code == ReasonCode::OverrideAllow
+                && r.evidence.contains(&("applied", "false".into())))
+    );
+    let both = decide(
+        &ip_in("DE"),
+        &[
+            fleet_override(OverrideAction::Allow, "fl_00112233445566ff"),
+            an_override(OverrideAction::Deny),
+        ],
+    );
+    assert_eq!(both.verdict, Verdict::Deny);
+}
+
 fn verified(kind: VerificationKind, country_code: Option<&str>, days_ago: i64) -> Verification {
     Verification {
         kind,

@@ -412,16 +412,6 @@ impl Review for ReviewService {
             )
             .into());
         }
-        // A fleet is whoever shares a value with a member: an ALLOW on it would pass to any
-        // account that copies one member's card, device or template. Fleets are denied, never
-        // allowed wholesale (allow the accounts one by one).
-        if scope == "fleet" && action == "ALLOW" {
-            return Err(ApiError::invalid(
-                "action",
-                "a fleet override can only DENY (anyone who shares one value with a member joins the fleet); allow its accounts one by one",
-            )
-            .into());
-        }
         let reason = required("reason", &r.reason)?;
         let now = now_ms();
         if r.expires_at_unix_ms != 0 && r.expires_at_unix_ms <= now {
