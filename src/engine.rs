@@ -307,8 +307,7 @@ impl Engine {
             usage
                 .as_ref()
                 .filter(|_| input.usage.is_none())
-                .and_then(|u| u.fleet.as_ref())
-                .map(|f| f.id.as_str()),
+                .and_then(|u| u.fleet.as_ref()),
             now_ms,
         );
         Circumstances {

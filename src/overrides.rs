@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::classify::{OverrideAction, OverrideFact};
+use crate::classify::{FleetFacts, OverrideAction, OverrideFact};
 use crate::store::OverrideRecord;
 
 #[derive(Debug, Default)]
@@ -63,13 +63,13 @@ impl OverrideIndex {
     }
 
     /// Overrides active at `now_ms` for this account, organisation domain, address or fleet
-    /// (the usage history's fleet id for the account).
+    /// (the usage history's fleet for the account: its id, or any id it had before).
     pub fn matching(
         &self,
         account_id: Option<&str>,
         domain: Option<&str>,
         ip: IpAddr,
-        fleet: Option<&str>,
+        fleet: Option<&FleetFacts>,
         now_ms: i64,
     ) -> Vec<OverrideFact> {
         if self.is_empty() {
@@ -84,8 +84,9 @@ impl OverrideIndex {
             .into_iter()
             .flatten();
         let fleets = fleet
-            .and_then(|f| self.by_fleet.get(f))
             .into_iter()
+            .flat_map(|f| std::iter::once(&f.id).chain(&f.formerly))
+            .filter_map(|id| self.by_fleet.get(id))
             .flatten();
         let networks = self
             .networks
@@ -138,6 +139,14 @@ mod tests {
         }
     }
 
+    fn fleet(id: &str, formerly: &[&str]) -> FleetFacts {
+        FleetFacts {
+            id: id.into(),
+            formerly: formerly.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn matches_account_domain_and_network_while_active() {
         let mut removed = record("r", "account", "a", "DENY", None);
@@ -160,7 +169,7 @@ mod tests {
                 Some("z"),
                 None,
                 "203.0.113.1".parse().unwrap(),
-                Some("fl_00112233445566ff"),
+                Some(&fleet("fl_00112233445566ff", &[])),
                 0
             )),
             ["4"],
@@ -171,7 +180,18 @@ mod tests {
                 Some("z"),
                 None,
                 "203.0.113.1".parse().unwrap(),
-                Some("fl_0011223344556600"),
+                Some(&fleet("fl_aaaaaaaaaaaaaaaa", &["fl_00112233445566ff"])),
+                0
+            )),
+            ["4"],
+            "a fleet that merged into another, or took an earlier founder: its former id"
+        );
+        assert_eq!(
+            ids(index.matching(
+                Some("z"),
+                None,
+                "203.0.113.1".parse().unwrap(),
+                Some(&fleet("fl_0011223344556600", &["fl_0011223344556601"])),
                 0
             )),
             Vec::<String>::new(),

@@ -1204,6 +1204,84 @@ async fn a_fleet_allow_clears_what_the_fleet_raised_and_nothing_else() {
     server.shutdown().await;
 }
 
+/// A denied fleet cannot shed its DENY by linking to an older account: the merged fleet takes
+/// the older founder's id, and keeps the denied one among its former ids, which the override
+/// still matches. (Before, the override matched only the current id, and the fleet was let in.)
+#[tokio::test]
+async fn a_denied_fleet_stays_denied_when_it_merges_into_an_older_one() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let event = |account: &str, ago_ms: i64, card: &str, device: &str| pb::UsageEvent {
+        account_id: account.into(),
+        ip: scenario.ips.allowed.into(),
+        timestamp_unix_ms: now - ago_ms,
+        request_count: 1,
+        payment_fingerprint: card.into(),
+        device_id: device.into(),
+        ..Default::default()
+    };
+    let report = |events: Vec<pb::UsageEvent>| {
+        let mut usage = pb::usage_client::UsageClient::new(server.channel.clone());
+        async move {
+            usage.report(tokio_stream::iter(events)).await.unwrap();
+        }
+    };
+    // An older pair on a card, and the fleet to deny on a device.
+    report(vec![
+        event("veteran-1", 3_600_000, "card-veteran", ""),
+        event("veteran-2", 3_599_000, "card-veteran", ""),
+        event("operator-1", 60_000, "", "device-op"),
+        event("operator-2", 59_000, "", "device-op"),
+    ])
+    .await;
+    let fleet = |member: &str| {
+        let request = account(scenario.ips.allowed, member);
+        let server = &server;
+        async move { server.classify(request).await.unwrap() }
+    };
+    let operators = fleet("operator-1").await.usage.unwrap().fleet.unwrap();
+    let denied = review(&server)
+        .set_override(as_caller(
+            pb::SetOverrideRequest {
+                scope: "fleet".into(),
+                value: operators.fleet_id.clone(),
+                action: "DENY".into(),
+                reason: "one operator behind these accounts".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(verdict(&fleet("operator-1").await), Verdict::Deny);
+
+    // One operator account pays with the veterans' card: one fleet, the veterans' id.
+    report(vec![event("operator-2", 30_000, "card-veteran", "")]).await;
+    for member in ["operator-1", "operator-2", "veteran-1"] {
+        let answer = fleet(member).await;
+        let summary = answer.usage.clone().unwrap().fleet.unwrap();
+        assert_ne!(summary.fleet_id, operators.fleet_id, "{member}: merged");
+        assert_eq!(summary.size, 4);
+        assert_eq!(
+            summary.former_fleet_ids,
+            std::slice::from_ref(&operators.fleet_id)
+        );
+        assert_eq!(verdict(&answer), Verdict::Deny, "{member}: {answer:?}");
+        let reason = answer
+            .reasons
+            .iter()
+            .find(|r| r.code == "OVERRIDE_DENY")
+            .unwrap();
+        assert_eq!(reason.evidence["override_id"], denied.id);
+    }
+    server.shutdown().await;
+}
+
 /// Without a usage history no fleet is ever found, so a fleet override could match nothing: it
 /// is refused (FAILED_PRECONDITION) instead of being kept to no effect.
 #[tokio::test]

@@ -42,7 +42,11 @@ pub fn classify(facts: &Facts<'_>, policy: &Policy) -> Decision {
     }
     let unknown = unknown_location(facts.ip, policy, &mut reasons);
     cleared_by_verifications(facts, policy, &mut reasons);
-    overrides::clear_allowed_fleets(facts.overrides, &mut reasons);
+    overrides::clear_allowed_fleets(
+        facts.overrides,
+        facts.usage.and_then(|u| u.fleet.as_ref()),
+        &mut reasons,
+    );
 
     let score: u32 = reasons.iter().map(|r| u32::from(r.contribution)).sum();
     let risk_score = score.min(100) as u8;

@@ -10,7 +10,7 @@
 //! the reasons raised because of that fleet (those whose evidence names it) are cleared, and
 //! every other reason stands, scored as usual.
 
-use super::{OverrideAction, OverrideFact, Reason, ReasonCode, Verdict};
+use super::{FleetFacts, OverrideAction, OverrideFact, Reason, ReasonCode, Verdict};
 use crate::policy::{ListKind, Policy};
 
 fn evidence(o: &OverrideFact, applied: bool) -> Vec<(&'static str, String)> {
@@ -43,18 +43,27 @@ fn fleet_of(o: &OverrideFact) -> Option<&str> {
 }
 
 /// Clears, before scoring, the soft reasons raised because of a fleet that an ALLOW override
-/// is on: they stay in the answer, contributing nothing, with `cleared_by` naming the override.
-pub(super) fn clear_allowed_fleets(overrides: &[OverrideFact], reasons: &mut [Reason]) {
+/// is on (by its id, or an id it had before): they stay in the answer, contributing nothing,
+/// with `cleared_by` naming the override.
+pub(super) fn clear_allowed_fleets(
+    overrides: &[OverrideFact],
+    fleet: Option<&FleetFacts>,
+    reasons: &mut [Reason],
+) {
+    let Some(fleet) = fleet else { return };
     for o in overrides
         .iter()
         .filter(|o| o.action == OverrideAction::Allow)
     {
-        let Some(fleet) = fleet_of(o) else { continue };
+        let Some(id) = fleet_of(o) else { continue };
+        if fleet.id != id && !fleet.formerly.iter().any(|f| f == id) {
+            continue;
+        }
         for reason in reasons.iter_mut().filter(|r| !r.hard) {
             if reason
                 .evidence
                 .iter()
-                .any(|(k, v)| *k == "fleet_id" && v == fleet)
+                .any(|(k, v)| *k == "fleet_id" && *v == fleet.id)
             {
                 reason.contribution = 0;
                 reason

@@ -523,6 +523,7 @@ fn a_fleet_allow_clears_the_fleets_reasons_and_nothing_else() {
     let usage = UsageFacts {
         fleet: Some(FleetFacts {
             id: "fl_00112233445566ff".into(),
+            formerly: vec!["fl_0000000000000001".into()],
             size: 40,
             links: vec![LinkKind::PaymentFingerprint],
             active_members_1h: 0,
@@ -594,6 +595,12 @@ fn a_fleet_allow_clears_the_fleets_reasons_and_nothing_else() {
         .verdict,
         Verdict::Deny
     );
+    // An ALLOW on an id the fleet had before (it merged into an older one) holds too.
+    let former = decide(
+        &ip_in("DE"),
+        &[fleet_override(OverrideAction::Allow, "fl_0000000000000001")],
+    );
+    assert_eq!(former.verdict, Verdict::Allow, "{former:?}");
     // Another fleet's ALLOW clears nothing; a DENY wins over an ALLOW.
     let other = decide(
         &ip_in("DE"),

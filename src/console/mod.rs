@@ -948,6 +948,10 @@ async fn fleet(
         .await?
         .into_inner();
     let fleet_id = fleet.summary.as_ref().map_or("", |s| s.fleet_id.as_str());
+    let former: &[String] = fleet
+        .summary
+        .as_ref()
+        .map_or(&[], |s| s.former_fleet_ids.as_slice());
     let now = now_ms();
     let audit = console.audit()?;
     console
@@ -960,7 +964,10 @@ async fn fleet(
         )
         .await?;
     let mut overrides = audit.reads().overrides().await?;
-    overrides.retain(|o| o.scope == "fleet" && o.value == fleet_id && o.active_at(now));
+    // An override on an id the fleet had before holds for it too.
+    overrides.retain(|o| {
+        o.scope == "fleet" && (o.value == fleet_id || former.contains(&o.value)) && o.active_at(now)
+    });
     let queue = format!("/queue?status=all&fleet={}", pages::url_encode(fleet_id));
     Ok(pages::fleet(&session, &fleet, &overrides, &queue, now).into_response())
 }

@@ -779,8 +779,9 @@ pub fn fleet(
     let summary = fleet.summary.clone().unwrap_or_default();
     let back = format!("/fleets/{}", url_encode(&summary.fleet_id));
     let refs: Vec<&OverrideRecord> = overrides.iter().collect();
-    let rows: [(&str, String); 7] = [
+    let rows: [(&str, String); 8] = [
         ("accounts", summary.size.to_string()),
+        ("formerly", summary.former_fleet_ids.join(", ")),
         ("held together by", summary.links.join(", ")),
         (
             "members active in the last hour",

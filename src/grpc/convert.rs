@@ -20,6 +20,8 @@ use crate::region::{CountryCode, RegionCode};
 pub const MAX_ID_BYTES: usize = 256;
 const MAX_REQUEST_ID_BYTES: usize = 128;
 const MAX_HINT_BYTES: usize = 1024;
+/// Former ids a caller may name in inline usage (`usage.fleet.former_fleet_ids`).
+const MAX_FORMER_FLEET_IDS: usize = 256;
 
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.len() > max {
@@ -496,8 +498,27 @@ fn fleet_facts(fleet: &pb::FleetSummary) -> Result<FleetFacts, ApiError> {
             format!("{expected} is not a count"),
         ));
     }
+    if fleet.former_fleet_ids.len() > MAX_FORMER_FLEET_IDS {
+        return Err(ApiError::invalid(
+            "usage.fleet.former_fleet_ids",
+            format!(
+                "{} ids, more than {MAX_FORMER_FLEET_IDS}",
+                fleet.former_fleet_ids.len()
+            ),
+        ));
+    }
+    let mut formerly = Vec::with_capacity(fleet.former_fleet_ids.len());
+    for (i, former) in fleet.former_fleet_ids.iter().enumerate() {
+        let field = format!("usage.fleet.former_fleet_ids[{i}]");
+        let former = identifier(&field, former, MAX_ID_BYTES)?
+            .ok_or_else(|| ApiError::invalid(field, "empty"))?;
+        formerly.push(former.to_owned());
+    }
+    formerly.sort_unstable();
+    formerly.dedup();
     Ok(FleetFacts {
         id: id.to_owned(),
+        formerly,
         size: fleet.size,
         links,
         active_members_1h: fleet.active_members_1h,
@@ -514,6 +535,7 @@ pub fn fleet_summary(fleet: &FleetFacts) -> pb::FleetSummary {
         active_members_1h: fleet.active_members_1h,
         coactive_pairs_1h: fleet.coactive_pairs_1h,
         expected_coactive_pairs_1h: fleet.expected_coactive_pairs_1h,
+        former_fleet_ids: fleet.formerly.clone(),
     }
 }
 

@@ -111,6 +111,9 @@ pub struct FleetGraph {
     /// Fleet facts per root, as last computed: reused within the minute while the component
     /// keeps its size and links, so a decision costs a lookup, not a walk of the members.
     cached: HashMap<u32, Cached>,
+    /// Per root: the founders the fleet had before (see [`absorb`]). At most one entry per
+    /// member: bounded by the accounts held.
+    former: HashMap<u32, Vec<u32>>,
 }
 
 struct Cached {
@@ -214,6 +217,7 @@ impl FleetGraph {
             refused: 0,
             rebuilds: 0,
             cached: HashMap::default(),
+            former: HashMap::default(),
         }
     }
 
@@ -262,6 +266,12 @@ impl FleetGraph {
             if earlier(&self.nodes, node, founder) == node && founder != node {
                 self.nodes[root as usize].founder = node;
                 self.cached.remove(&root);
+                // The fleet's id changes with its founder: the old one is kept as a former id.
+                let former = self.former.entry(root).or_default();
+                former.retain(|n| *n != node);
+                if !former.contains(&founder) {
+                    former.push(founder);
+                }
             }
         }
         {
@@ -368,10 +378,14 @@ impl FleetGraph {
         if before < min {
             // The value just became strong enough: it links everyone who shares it.
             for other in link.live(since) {
-                union(&mut self.nodes, node, other, kind);
+                if let Some(merged) = union(&mut self.nodes, node, other, kind) {
+                    absorb(&mut self.former, &self.nodes, merged);
+                }
             }
-        } else if let Some(other) = link.live(since).find(|n| *n != node) {
-            union(&mut self.nodes, node, other, kind);
+        } else if let Some(other) = link.live(since).find(|n| *n != node)
+            && let Some(merged) = union(&mut self.nodes, node, other, kind)
+        {
+            absorb(&mut self.former, &self.nodes, merged);
         }
     }
 
@@ -382,6 +396,17 @@ impl FleetGraph {
         self.built_at = now;
         self.cached.clear();
         let idle = now - HISTORY_SECS;
+        // The ids each fleet had (its founder's and its former ones), by old root, to carry
+        // over to the components its members end up in.
+        let old_roots: Vec<u32> = (0..self.nodes.len() as u32)
+            .map(|n| find(&mut self.nodes, n))
+            .collect();
+        let mut known: HashMap<u32, Vec<u32>> = std::mem::take(&mut self.former);
+        for (n, node) in self.nodes.iter().enumerate() {
+            if node.parent == n as u32 && node.size >= 2 {
+                known.entry(n as u32).or_default().push(node.founder);
+            }
+        }
         // Renumber the accounts that stay.
         let mut renumber = vec![u32::MAX; self.nodes.len()];
         let mut nodes = Vec::with_capacity(self.nodes.len());
@@ -429,10 +454,37 @@ impl FleetGraph {
             }
             let first = link.members[0].0;
             for &(other, _) in &link.members[1..] {
+                // The rebuild's own merges are not fleets anyone saw: no former ids from them.
                 union(&mut self.nodes, first, other, *kind);
             }
         }
         self.links = links;
+        // Each new fleet keeps the ids its members' fleets had, while those founders stay.
+        let mut carried = std::collections::HashSet::new();
+        for (old, &new) in renumber.iter().enumerate() {
+            let Some(ids) = known.get(&old_roots[old]) else {
+                continue;
+            };
+            if new == u32::MAX {
+                continue;
+            }
+            let root = find(&mut self.nodes, new);
+            if self.nodes[root as usize].size < 2 || !carried.insert((old_roots[old], root)) {
+                continue;
+            }
+            let founder = self.nodes[root as usize].founder;
+            let former = self.former.entry(root).or_default();
+            former.extend(
+                ids.iter()
+                    .map(|&id| renumber[id as usize])
+                    .filter(|&id| id != u32::MAX && id != founder),
+            );
+        }
+        self.former.retain(|_, former| {
+            former.sort_unstable();
+            former.dedup();
+            !former.is_empty()
+        });
     }
 
     /// The account's fleet at `now` (`None` when it is linked to no other account), and the
@@ -504,8 +556,19 @@ impl FleetGraph {
             n = member.next;
         }
         let coactive = per_minute.iter().map(|c| c * c.saturating_sub(1) / 2).sum();
+        let mut formerly: Vec<String> = self
+            .former
+            .get(&root)
+            .into_iter()
+            .flatten()
+            .filter(|&&n| n != r.founder)
+            .map(|&n| fleet_id(&self.nodes[n as usize].account))
+            .collect();
+        formerly.sort_unstable();
+        formerly.dedup();
         FleetFacts {
             id: fleet_id(&self.nodes[r.founder as usize].account),
+            formerly,
             size: r.size,
             links: LinkKind::from_bits(r.kinds),
             active_members_1h: active,
@@ -584,22 +647,49 @@ fn earlier(nodes: &[Node], a: u32, b: u32) -> u32 {
     }
 }
 
-fn union(nodes: &mut [Node], a: u32, b: u32, kind: LinkKind) {
+/// What a union of two components did: the root that stays, the one absorbed, and the
+/// founder that lost, when its component was a fleet (two or more: it had an id that decisions
+/// carried, and that reviewers may have overridden).
+struct Merged {
+    root: u32,
+    absorbed: u32,
+    lost: Option<u32>,
+}
+
+/// Keeps the ids a fleet had before a merge as its former ids, so that an override on either
+/// fleet holds for the merged one (a denied fleet cannot shed its id by linking to an older
+/// account).
+fn absorb(former: &mut HashMap<u32, Vec<u32>>, nodes: &[Node], merged: Merged) {
+    let mut ids = former.remove(&merged.absorbed).unwrap_or_default();
+    ids.extend(merged.lost);
+    if ids.is_empty() {
+        return;
+    }
+    let founder = nodes[merged.root as usize].founder;
+    let kept = former.entry(merged.root).or_default();
+    kept.extend(ids.into_iter().filter(|&id| id != founder));
+    kept.sort_unstable();
+    kept.dedup();
+}
+
+fn union(nodes: &mut [Node], a: u32, b: u32, kind: LinkKind) -> Option<Merged> {
     let (ra, rb) = (find(nodes, a), find(nodes, b));
     if ra == rb {
         nodes[ra as usize].kinds |= kind.bit();
-        return;
+        return None;
     }
     let (big, small) = if nodes[ra as usize].size >= nodes[rb as usize].size {
         (ra, rb)
     } else {
         (rb, ra)
     };
-    let founder = earlier(
-        nodes,
-        nodes[big as usize].founder,
-        nodes[small as usize].founder,
-    );
+    let (big_founder, small_founder) = (nodes[big as usize].founder, nodes[small as usize].founder);
+    let founder = earlier(nodes, big_founder, small_founder);
+    let (loser, loser_size) = if founder == big_founder {
+        (small_founder, nodes[small as usize].size)
+    } else {
+        (big_founder, nodes[big as usize].size)
+    };
     let (small_size, small_kinds, small_next) = {
         let s = &mut nodes[small as usize];
         s.parent = big;
@@ -612,6 +702,11 @@ fn union(nodes: &mut [Node], a: u32, b: u32, kind: LinkKind) {
     root.size += small_size;
     root.kinds |= small_kinds | kind.bit();
     root.founder = founder;
+    Some(Merged {
+        root: big,
+        absorbed: small,
+        lost: (loser_size >= 2).then_some(loser),
+    })
 }
 
 #[cfg(test)]

@@ -202,3 +202,54 @@ fn templates_count_across_accounts_and_the_ceiling_holds() {
     assert!(g.bytes() <= 40 * (ACCOUNT_BYTES + LINK_BYTES));
     assert_eq!(u64::from(g.facts("t-0", NOW).1), held);
 }
+
+#[test]
+fn a_fleet_keeps_the_ids_it_had_when_it_merges_or_finds_an_earlier_member() {
+    let mut g = graph();
+    let linked = |account: &str, t: i64, card: Option<&str>, device: Option<&str>| {
+        let mut e = event(account, "10.9.0.1", t);
+        e.payment_fingerprint = card.map(Into::into);
+        e.device_id = device.map(Into::into);
+        e
+    };
+    // An older fleet on a card, a younger one on a device.
+    g.record(&linked("old-1", NOW, Some("card-old"), None));
+    g.record(&linked("old-2", NOW + 1, Some("card-old"), None));
+    g.record(&linked("young-1", NOW + 100, None, Some("device-y")));
+    g.record(&linked("young-2", NOW + 101, None, Some("device-y")));
+    let old = g.facts("old-1", NOW + 200).0.unwrap();
+    let young = g.facts("young-1", NOW + 200).0.unwrap();
+    assert!(old.formerly.is_empty() && young.formerly.is_empty());
+    // A young member uses the old card: one fleet, named after the older founder, that still
+    // answers to the young fleet's id (an override on it holds).
+    g.record(&linked("young-2", NOW + 300, Some("card-old"), None));
+    let merged = g.facts("young-1", NOW + 400).0.unwrap();
+    assert_eq!((merged.id.as_str(), merged.size), (old.id.as_str(), 4));
+    assert_eq!(merged.formerly, std::slice::from_ref(&young.id));
+    assert_eq!(
+        g.facts("old-2", NOW + 400).0.unwrap().formerly,
+        std::slice::from_ref(&young.id)
+    );
+    // An earlier member turns up (events out of order): the fleet takes its id, and keeps the
+    // one it had.
+    g.record(&linked("early", NOW - 50, Some("card-old"), None));
+    let earlier = g.facts("old-1", NOW + 400).0.unwrap();
+    assert_eq!(earlier.id, fleet_id("early"));
+    let mut expected = vec![old.id.clone(), young.id.clone()];
+    expected.sort();
+    assert_eq!(earlier.formerly, expected);
+    // The hourly rebuild keeps them while their founders are held.
+    g.rebuild(NOW + 500);
+    assert_eq!(g.facts("young-2", NOW + 500).0.unwrap().formerly, expected);
+    // Eight days on only young-2 and early are active, still on the card: the fleet of two
+    // keeps only the ids whose founders are still held.
+    let later = NOW + 8 * DAY;
+    g.record(&linked("early", later, Some("card-old"), None));
+    g.record(&linked("young-2", later, Some("card-old"), None));
+    let kept = g.facts("young-2", later).0.unwrap();
+    assert_eq!(
+        (kept.id.as_str(), kept.size),
+        (fleet_id("early").as_str(), 2)
+    );
+    assert!(kept.formerly.is_empty(), "{kept:?}");
+}

@@ -18,6 +18,8 @@
 --   G:r                     hash root -> "size,kinds,founder_first,founder" (absent: a singleton)
 --   G:m:ROOT, G:L:ROOT      sets: the members of a component, the link keys that joined it
 --   G:c:ROOT                its coordination facts, "minute,size,kinds,active,coactive,expected"
+--   G:k:ROOT                set: the founders the fleet had before (of fleets that merged into
+--                           it, its own before an earlier member turned up): its former ids
 -- where G is a generation number. Union-find cannot split a component, so expiry is a rebuild
 -- into a new generation (fleet.rs); while one is built, writes go to both.
 
@@ -36,7 +38,7 @@ local function generation(g, from)
   end
   local p = base .. g .. ':'
   return { id = g, a = p .. 'A', p = p .. 'p', r = p .. 'r', m = p .. 'm:', l = p .. 'L:',
-           c = p .. 'c:', from = from }
+           c = p .. 'c:', k = p .. 'k:', from = from }
 end
 
 -- Whether account id a sorts before b, byte by byte as Rust compares them (Lua's `<` follows
@@ -131,7 +133,17 @@ local function move(from, to, ttl)
   end
 end
 
-local function union(g, x, y, kind_bit, link, ttl)
+-- Adds `founder` to root's former founders (not its current one).
+local function formerly(g, root, founder, current, ttl)
+  if founder ~= current then
+    redis.call('SADD', g.k .. root, founder)
+    redis.call('PEXPIRE', g.k .. root, ttl)
+  end
+end
+
+-- `track`: whether the ids the two fleets had are kept (a rebuild's own merges are not fleets
+-- anyone saw: it carries the old ids over instead).
+local function union(g, x, y, kind_bit, link, ttl, track)
   local rx, ry = find(g, x, true), find(g, y, true)
   local ix = info(g, rx)
   if rx == ry then
@@ -161,9 +173,23 @@ local function union(g, x, y, kind_bit, link, ttl)
   redis.call('SADD', g.l .. big, link)
   redis.call('PEXPIRE', g.l .. big, ttl)
   -- The founder: first seen, then the smaller account id, whatever order events came in.
+  local lost = nil
   if earlier(is.ff, is.f, ib.ff, ib.f) then
+    if ib.size >= 2 then
+      lost = ib.f
+    end
     ib.ff, ib.f = is.ff, is.f
+  elseif is.size >= 2 then
+    lost = is.f
   end
+  -- The ids both fleets had stay the merged fleet's former ids.
+  if redis.call('EXISTS', g.k .. small) == 1 then
+    move(g.k .. small, g.k .. big, ttl)
+  end
+  if track and lost then
+    formerly(g, big, lost, ib.f, ttl)
+  end
+  redis.call('SREM', g.k .. big, ib.f)
   ib.size = ib.size + is.size
   ib.kinds = bit.bor(ib.kinds, is.kinds, kind_bit)
   save(g, big, ib)
@@ -184,7 +210,7 @@ local function present(g, account)
   return false
 end
 
-local function touch(g, account, first, last, top, hi, lo, max_accounts)
+local function touch(g, account, first, last, top, hi, lo, max_accounts, ttl)
   local v = redis.call('HGET', g.a, account)
   if not v and g.from then
     v = redis.call('HGET', g.from.a, account)
@@ -212,6 +238,9 @@ local function touch(g, account, first, last, top, hi, lo, max_accounts)
     local root = find(g, account, true)
     local i = info(g, root)
     if i.size >= 2 and earlier(f, account, i.ff, i.f) then
+      -- The fleet's id changes with its founder: the old one is kept as a former id.
+      formerly(g, root, i.f, account, ttl)
+      redis.call('SREM', g.k .. root, account)
       i.ff, i.f = f, account
       save(g, root, i)
     end
@@ -250,7 +279,7 @@ if mode == 'write' then
     i = i + 6
     local here = {}
     for _, gen in ipairs(gens) do
-      if touch(gen, account, first, last, top, hi, lo, max_accounts) then
+      if touch(gen, account, first, last, top, hi, lo, max_accounts, ttl) then
         here[#here + 1] = gen
       end
     end
@@ -317,7 +346,7 @@ if mode == 'write' then
           for _, gen in ipairs(here) do
             for _, other in ipairs(others) do
               if other ~= account and present(gen, other) then
-                union(gen, account, other, bit.lshift(1, kind), key, ttl)
+                union(gen, account, other, bit.lshift(1, kind), key, ttl, true)
                 if before >= min then
                   break
                 end
@@ -363,7 +392,8 @@ if mode == 'read' then
   local head = minute .. ',' .. i.size .. ',' .. i.kinds .. ','
   local cached = redis.call('GET', g.c .. root)
   if cached and string.sub(cached, 1, #head) == head then
-    return { templates, i.size, i.kinds, i.f, string.sub(cached, #head + 1) }
+    return { templates, i.size, i.kinds, i.f, string.sub(cached, #head + 1),
+             redis.call('SMEMBERS', g.k .. root) }
   end
   -- Members active in the same minutes of the last hour, against chance; a fleet bigger
   -- than max_members is sampled.
@@ -411,7 +441,40 @@ if mode == 'read' then
   end
   local facts = active .. ',' .. coactive .. ',' .. string.format('%.17g', (sum * sum - squares) / (2 * window))
   redis.call('SET', g.c .. root, head .. facts, 'PX', 120000)
-  return { templates, i.size, i.kinds, i.f, facts }
+  return { templates, i.size, i.kinds, i.f, facts, redis.call('SMEMBERS', g.k .. root) }
+end
+
+if mode == 'carry' then
+  -- A rebuild's page of the old generation's fleets: ARGV: ttl_ms, old generation, new
+  -- generation, roots... Each new fleet keeps the ids (founders, current and former) that its
+  -- members' old fleets had, while those founders are in the new generation.
+  local ttl, old, g = tonumber(ARGV[3]), generation(ARGV[4]), generation(ARGV[5])
+  for j = 6, #ARGV do
+    local root = ARGV[j]
+    local i = info(old, root)
+    if i.size >= 2 then
+      local ids = redis.call('SMEMBERS', old.k .. root)
+      ids[#ids + 1] = i.f
+      local done = {}
+      for _, member in ipairs(redis.call('SMEMBERS', old.m .. root)) do
+        if redis.call('HEXISTS', g.a, member) == 1 then
+          local to = find(g, member, true)
+          if not done[to] then
+            done[to] = true
+            local t = info(g, to)
+            if t.size >= 2 then
+              for _, id in ipairs(ids) do
+                if redis.call('HEXISTS', g.a, id) == 1 then
+                  formerly(g, to, id, t.f, ttl)
+                end
+              end
+            end
+          end
+        end
+      end
+    end
+  end
+  return 1
 end
 
 if mode == 'union' then
@@ -429,7 +492,7 @@ if mode == 'union' then
     return 0
   end
   for j = 2, #live do
-    union(g, live[1], live[j], bit.lshift(1, kind), link, ttl)
+    union(g, live[1], live[j], bit.lshift(1, kind), link, ttl, false)
   end
   redis.call('PEXPIRE', g.p, ttl)
   redis.call('PEXPIRE', g.r, ttl)

@@ -51,6 +51,8 @@ const REFRESH_SECS: i64 = REBUILD_SECS;
 const SENT_MAX: usize = 200_000;
 /// Link keys a rebuild takes per script call (each up to 256 members).
 const LIVE_PAGE: usize = 200;
+/// Old fleets a rebuild carries the ids of per script call (each walks its members).
+const CARRY_PAGE: usize = 200;
 /// Fleet write pipelines in flight at once, per batch.
 const PIPELINES_IN_FLIGHT: usize = 3;
 /// Script calls per pipeline.
@@ -599,6 +601,33 @@ impl Graph {
             }
             cursor = next;
         }
+        // Each new fleet keeps the ids its members' old fleets had.
+        if let Some(old) = &old {
+            let roots = self.generation_key(old, "r");
+            let mut cursor = 0u64;
+            loop {
+                let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                    .arg(&roots)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(CARRY_PAGE)
+                    .query_async(conn)
+                    .await?;
+                if !items.is_empty() {
+                    let mut carry = self.call("carry");
+                    carry.arg(GENERATION_TTL_MS).arg(old).arg(&new);
+                    for (root, _) in &items {
+                        carry.arg(root);
+                    }
+                    let _: i64 = carry.query_async(conn).await?;
+                }
+                self.renew(conn, me).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
         let flipped: i64 = self
             .call("flip")
             .arg(me)
@@ -637,7 +666,7 @@ impl Graph {
             if !items.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 for (root, _) in &items {
-                    for kind in ["m", "L", "c"] {
+                    for kind in ["m", "L", "c", "k"] {
                         unlink.arg(self.generation_key(old, &format!("{kind}:{root}")));
                     }
                 }
@@ -812,9 +841,23 @@ pub(super) fn parse_read(reply: Value) -> Result<(Option<FleetFacts>, u32), Stri
     let active: u32 = next()?.parse().map_err(|_| "fleet read: active")?;
     let coactive: u64 = next()?.parse().map_err(|_| "fleet read: coactive")?;
     let expected: f64 = next()?.parse().map_err(|_| "fleet read: expected")?;
+    let former: Vec<String> = match items.get(5) {
+        Some(former) => {
+            redis::from_redis_value_ref(former).map_err(|e| format!("fleet read: {e}"))?
+        }
+        None => Vec::new(),
+    };
+    let mut formerly: Vec<String> = former
+        .iter()
+        .filter(|account| **account != founder)
+        .map(|account| fleet_id(account))
+        .collect();
+    formerly.sort_unstable();
+    formerly.dedup();
     Ok((
         Some(FleetFacts {
             id: fleet_id(&founder),
+            formerly,
             size: u32::try_from(size).unwrap_or(u32::MAX),
             links: LinkKind::from_bits(kinds as u8),
             active_members_1h: active,
