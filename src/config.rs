@@ -245,6 +245,10 @@ pub struct StoreConfig {
     /// A file of at least 32 secret bytes: audit rows are then HMAC-keyed with it, so that
     /// nobody without it can append or rewrite rows that verify. None: plain SHA-256.
     pub chain_key_file: Option<PathBuf>,
+    /// PostgreSQL store: whether a replica that has no copy of the overrides in `data_dir`
+    /// (one that never reached the database) may start while the database is unreachable, and
+    /// then serve with no overrides until it answers. False: such a start is refused.
+    pub start_without_overrides: bool,
 }
 
 impl Default for StoreConfig {
@@ -263,6 +267,7 @@ impl Default for StoreConfig {
             must_record_timeout_ms: 2_000,
             retain_days: None,
             chain_key_file: None,
+            start_without_overrides: false,
         }
     }
 }
@@ -295,6 +300,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("must_record_timeout_ms", &self.must_record_timeout_ms)
             .field("retain_days", &self.retain_days)
             .field("chain_key_file", &self.chain_key_file)
+            .field("start_without_overrides", &self.start_without_overrides)
             .finish()
     }
 }
@@ -319,6 +325,7 @@ impl StoreConfig {
                 Ok(Some(Backend::Postgres {
                     url: url.clone(),
                     spool_dir: dir.clone(),
+                    start_without_overrides: self.start_without_overrides,
                 }))
             }
         }

@@ -83,11 +83,19 @@ impl OverrideIndex {
             .and_then(|d| self.by_domain.get(&d.to_ascii_lowercase()))
             .into_iter()
             .flatten();
-        let fleets = fleet
+        // A DENY follows the fleet through the ids it had; an ALLOW holds for its current id
+        // only (a fleet that another links into must not lend it the ALLOW).
+        let current = fleet
+            .and_then(|f| self.by_fleet.get(&f.id))
             .into_iter()
-            .flat_map(|f| std::iter::once(&f.id).chain(&f.formerly))
-            .filter_map(|id| self.by_fleet.get(id))
             .flatten();
+        let former = fleet
+            .into_iter()
+            .flat_map(|f| &f.formerly)
+            .filter_map(|id| self.by_fleet.get(id))
+            .flatten()
+            .filter(|r| r.action == "DENY");
+        let fleets = current.chain(former);
         let networks = self
             .networks
             .iter()
@@ -156,6 +164,7 @@ mod tests {
             record("2", "domain", "Example.com", "DENY", None),
             record("3", "network", "198.51.100.0/24", "ALLOW", None),
             record("4", "fleet", "fl_00112233445566ff", "DENY", None),
+            record("5", "fleet", "fl_0011223344556601", "ALLOW", None),
             removed,
         ]);
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
@@ -195,7 +204,7 @@ mod tests {
                 0
             )),
             Vec::<String>::new(),
-            "another fleet"
+            "another fleet, and an ALLOW on a former id"
         );
         assert_eq!(
             ids(index.matching(Some("a"), None, "203.0.113.1".parse().unwrap(), None, 1000)),

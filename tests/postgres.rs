@@ -720,8 +720,53 @@ async fn a_replica_started_while_postgres_is_down_serves_with_the_overrides_it_l
     }
     pg.stop();
 
+    // A replica that never read the overrides would serve without any: refused, unless the
+    // operator says so.
+    let config = dir.path().join("refused.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_listen = \"127.0.0.1:{}\"\n[store]\npostgres_url = {fresh_url:?}\ndata_dir = {:?}\n",
+            support::free_port(),
+            dir.path().join("refused-spool").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", support::free_port()),
+        ])
+        .env("REGIONGUARD_CONFIG", &config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = refused.kill();
+            panic!("a replica with no copy of the overrides started without its database");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("start_without_overrides"), "{stderr}");
+
     let a = pg_replica(dir.path(), "a", &pg.url()).await;
-    let b = pg_replica(dir.path(), "b", &fresh_url).await;
+    let b = {
+        let config = format!(
+            "[store]\npostgres_url = {fresh_url:?}\ndata_dir = {spool:?}\nstart_without_overrides = true\n",
+            spool = dir.path().join("b-spool").display().to_string(),
+        );
+        Replica::start(dir.path(), "b", &config).await
+    };
     let mut client = a.classifier().await;
     let answer = client.classify(held.clone()).await.unwrap().into_inner();
     assert!(

@@ -409,6 +409,7 @@ async fn postgres_counts_made_by_the_migration_equal_the_writers() {
     let backend = Backend::Postgres {
         url: pg.url(),
         spool_dir: dir.path().join("spool"),
+        start_without_overrides: false,
     };
     let (opened, t0) = three_decisions(&backend, None).await;
     assert_counts(&opened.reads, t0, "postgres").await;
@@ -453,6 +454,7 @@ async fn postgres_adapter_passes_the_store_suite() {
         Backend::Postgres {
             url: pg.url(),
             spool_dir: dir.path().join("spool"),
+            start_without_overrides: false,
         },
         Verifier::Postgres(pg.url()),
         "postgres",
@@ -469,6 +471,7 @@ async fn postgres_writer_rate_and_bytes_per_row() {
     let backend = Backend::Postgres {
         url: pg.url(),
         spool_dir: dir.path().join("spool"),
+        start_without_overrides: false,
     };
     let opened = store::open(&backend, 10_000, Overflow::Sample, None).unwrap();
     let body = serde_json::json!({ "ip": "5.1.2.3", "pad": "x".repeat(1700) }).to_string();
@@ -531,6 +534,7 @@ async fn postgres_spool_is_drained_in_order_before_newer_rows_without_holding_th
     let backend = Backend::Postgres {
         url: pg.url(),
         spool_dir: spool_dir.clone(),
+        start_without_overrides: false,
     };
     // A small channel: a writer that held it while draining would make these wait.
     let opened = store::open(&backend, 16, Overflow::Sample, None).unwrap();
@@ -603,6 +607,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
             let backend = Backend::Postgres {
                 url: url.clone(),
                 spool_dir: dir.path().join(format!("spool-{i}")),
+                start_without_overrides: false,
             };
             std::thread::spawn(move || {
                 store::open(&backend, 8, Overflow::Sample, None)

@@ -158,9 +158,9 @@ impl LinkKind {
 pub struct FleetFacts {
     /// Stable while the fleet's founding member stays in the window.
     pub id: String,
-    /// The ids the fleet had before: those of fleets that merged into it, and its own before
-    /// an earlier member turned up (while their founders stay in the window). An override on
-    /// any of them holds for the fleet.
+    /// The ids the fleet had before: those of fleets whose founders it now holds (fleets that
+    /// merged into it; its own before an earlier member turned up). A DENY override on any of
+    /// them holds for the fleet.
     pub formerly: Vec<String>,
     /// Accounts in the fleet, this one included.
     pub size: u32,

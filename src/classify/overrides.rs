@@ -42,9 +42,15 @@ fn fleet_of(o: &OverrideFact) -> Option<&str> {
     o.scope.strip_prefix("fleet:")
 }
 
-/// Clears, before scoring, the soft reasons raised because of a fleet that an ALLOW override
-/// is on (by its id, or an id it had before): they stay in the answer, contributing nothing,
-/// with `cleared_by` naming the override.
+/// The reasons a fleet ALLOW clears: those the fleet raised. Not USAGE_TEMPLATE_REPETITION,
+/// which counts accounts within or outside the fleet.
+const CLEARED_BY_FLEET_ALLOW: [ReasonCode; 2] =
+    [ReasonCode::UsageFleet, ReasonCode::UsageCoordinatedActivity];
+
+/// Clears, before scoring, the reasons a fleet raised when an ALLOW override is on its current
+/// id (never on an id it had before: a fleet that linked into an allowed one must not take its
+/// ALLOW along): they stay in the answer, contributing nothing, with `cleared_by` naming the
+/// override.
 pub(super) fn clear_allowed_fleets(
     overrides: &[OverrideFact],
     fleet: Option<&FleetFacts>,
@@ -55,11 +61,13 @@ pub(super) fn clear_allowed_fleets(
         .iter()
         .filter(|o| o.action == OverrideAction::Allow)
     {
-        let Some(id) = fleet_of(o) else { continue };
-        if fleet.id != id && !fleet.formerly.iter().any(|f| f == id) {
+        if fleet_of(o) != Some(fleet.id.as_str()) {
             continue;
         }
-        for reason in reasons.iter_mut().filter(|r| !r.hard) {
+        for reason in reasons
+            .iter_mut()
+            .filter(|r| !r.hard && CLEARED_BY_FLEET_ALLOW.contains(&r.code))
+        {
             if reason
                 .evidence
                 .iter()

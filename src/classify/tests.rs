@@ -595,12 +595,13 @@ fn a_fleet_allow_clears_the_fleets_reasons_and_nothing_else() {
         .verdict,
         Verdict::Deny
     );
-    // An ALLOW on an id the fleet had before (it merged into an older one) holds too.
+    // An ALLOW on an id the fleet had before does not hold: another fleet that linked into
+    // the allowed one would take its ALLOW along.
     let former = decide(
         &ip_in("DE"),
         &[fleet_override(OverrideAction::Allow, "fl_0000000000000001")],
     );
-    assert_eq!(former.verdict, Verdict::Allow, "{former:?}");
+    assert_eq!(former.verdict, Verdict::Review, "{former:?}");
     // Another fleet's ALLOW clears nothing; a DENY wins over an ALLOW.
     let other = decide(
         &ip_in("DE"),

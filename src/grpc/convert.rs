@@ -22,6 +22,8 @@ const MAX_REQUEST_ID_BYTES: usize = 128;
 const MAX_HINT_BYTES: usize = 1024;
 /// Former ids a caller may name in inline usage (`usage.fleet.former_fleet_ids`).
 const MAX_FORMER_FLEET_IDS: usize = 256;
+/// Former ids an answer (and so its audit row) lists: the overrides match them all.
+const MAX_FORMER_FLEET_IDS_LISTED: usize = 32;
 
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.len() > max {
@@ -535,7 +537,12 @@ pub fn fleet_summary(fleet: &FleetFacts) -> pb::FleetSummary {
         active_members_1h: fleet.active_members_1h,
         coactive_pairs_1h: fleet.coactive_pairs_1h,
         expected_coactive_pairs_1h: fleet.expected_coactive_pairs_1h,
-        former_fleet_ids: fleet.formerly.clone(),
+        former_fleet_ids: fleet
+            .formerly
+            .iter()
+            .take(MAX_FORMER_FLEET_IDS_LISTED)
+            .cloned()
+            .collect(),
     }
 }
 

@@ -107,8 +107,14 @@ pub enum StoreError {
 pub enum Backend {
     /// The embedded SQLite store in this directory.
     Sqlite { dir: PathBuf },
-    /// PostgreSQL at `url`; `spool_dir` (the config's `data_dir`) holds only the local spool.
-    Postgres { url: String, spool_dir: PathBuf },
+    /// PostgreSQL at `url`; `spool_dir` (the config's `data_dir`) holds only the local spool
+    /// and the copy of the overrides last read. `start_without_overrides`: whether a replica
+    /// that has no such copy may start while the database is unreachable (with none).
+    Postgres {
+        url: String,
+        spool_dir: PathBuf,
+        start_without_overrides: bool,
+    },
 }
 
 /// An open store: its writer, its read side, and the overrides it holds.
@@ -141,9 +147,17 @@ pub fn open(
                 overrides,
             })
         }
-        Backend::Postgres { url, spool_dir } => {
-            postgres::open(url, spool_dir, capacity, overflow, key)
-        }
+        Backend::Postgres {
+            url,
+            spool_dir,
+            start_without_overrides,
+        } => postgres::open(
+            url,
+            spool_dir,
+            (capacity, overflow),
+            key,
+            *start_without_overrides,
+        ),
     }
 }
 

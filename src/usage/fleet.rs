@@ -111,8 +111,8 @@ pub struct FleetGraph {
     /// Fleet facts per root, as last computed: reused within the minute while the component
     /// keeps its size and links, so a decision costs a lookup, not a walk of the members.
     cached: HashMap<u32, Cached>,
-    /// Per root: the founders the fleet had before (see [`absorb`]). At most one entry per
-    /// member: bounded by the accounts held.
+    /// Per root: the founders the fleet had before (see [`absorb`]), each a member of the
+    /// fleet: at most one entry per member, bounded by the accounts held.
     former: HashMap<u32, Vec<u32>>,
 }
 
@@ -396,15 +396,15 @@ impl FleetGraph {
         self.built_at = now;
         self.cached.clear();
         let idle = now - HISTORY_SECS;
-        // The ids each fleet had (its founder's and its former ones), by old root, to carry
-        // over to the components its members end up in.
-        let old_roots: Vec<u32> = (0..self.nodes.len() as u32)
-            .map(|n| find(&mut self.nodes, n))
+        // The founders of every fleet (current and former ids): each id follows its founder
+        // into whatever component holds it after the rebuild.
+        let mut founders: Vec<u32> = std::mem::take(&mut self.former)
+            .into_values()
+            .flatten()
             .collect();
-        let mut known: HashMap<u32, Vec<u32>> = std::mem::take(&mut self.former);
         for (n, node) in self.nodes.iter().enumerate() {
             if node.parent == n as u32 && node.size >= 2 {
-                known.entry(n as u32).or_default().push(node.founder);
+                founders.push(node.founder);
             }
         }
         // Renumber the accounts that stay.
@@ -459,26 +459,18 @@ impl FleetGraph {
             }
         }
         self.links = links;
-        // Each new fleet keeps the ids its members' fleets had, while those founders stay.
-        let mut carried = std::collections::HashSet::new();
-        for (old, &new) in renumber.iter().enumerate() {
-            let Some(ids) = known.get(&old_roots[old]) else {
-                continue;
-            };
-            if new == u32::MAX {
+        // A fleet keeps the ids whose founders it still holds (not a fragment that split off
+        // without them), while they are held.
+        for old in founders {
+            let founder = renumber[old as usize];
+            if founder == u32::MAX {
                 continue;
             }
-            let root = find(&mut self.nodes, new);
-            if self.nodes[root as usize].size < 2 || !carried.insert((old_roots[old], root)) {
-                continue;
+            let root = find(&mut self.nodes, founder);
+            let node = &self.nodes[root as usize];
+            if node.size >= 2 && node.founder != founder {
+                self.former.entry(root).or_default().push(founder);
             }
-            let founder = self.nodes[root as usize].founder;
-            let former = self.former.entry(root).or_default();
-            former.extend(
-                ids.iter()
-                    .map(|&id| renumber[id as usize])
-                    .filter(|&id| id != u32::MAX && id != founder),
-            );
         }
         self.former.retain(|_, former| {
             former.sort_unstable();

@@ -50,16 +50,16 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// overrides and starts the writer thread.
 ///
 /// A database that cannot be reached at start does not stop the replica: it starts with the
-/// overrides it last read ([`super::last_overrides`], none if it never read any), spools what
-/// must be kept, and migrates and checks the chain's keying when the database answers, before
-/// draining the spool. A database that answers and refuses (a keying that does not match, a
+/// overrides it last read ([`super::last_overrides`]; a replica that never read any starts only
+/// with `start_without_overrides`, then with none), spools what must be kept, and migrates and
+/// checks the chain's keying when the database answers, before draining the spool. A database that answers and refuses (a keying that does not match, a
 /// failed migration) stops the start.
 pub fn open(
     url: &str,
     spool_dir: &Path,
-    capacity: usize,
-    overflow: Overflow,
+    (capacity, overflow): (usize, Overflow),
     key: Option<ChainKey>,
+    start_without_overrides: bool,
 ) -> Result<crate::store::Opened, StoreError> {
     let config = super::parse_url(url)?;
     let spool = Spool::open(spool_dir)?;
@@ -103,6 +103,13 @@ pub fn open(
                         (Some(client), overrides)
                     }
                     Err(StoreError::Unavailable(message)) => match last_overrides::load(&spool_dir) {
+                        Ok(None) if !start_without_overrides => {
+                            let _ = ready.send(Err(StoreError::Unavailable(format!(
+                                "{message}; and this replica has no copy of the overrides in {} (it never reached the database), so it would serve without any: start it once the database answers, or set store.start_without_overrides = true",
+                                spool_dir.display()
+                            ))));
+                            return;
+                        }
                         Ok(copy) => {
                             let (overrides, age_s) = match copy {
                                 Some((overrides, written)) => (

@@ -253,3 +253,38 @@ fn a_fleet_keeps_the_ids_it_had_when_it_merges_or_finds_an_earlier_member() {
     );
     assert!(kept.formerly.is_empty(), "{kept:?}");
 }
+
+#[test]
+fn an_id_stays_with_its_founder_when_a_fleet_splits() {
+    let mut g = graph();
+    let on = |account: &str, t: i64, card: Option<&str>, device: &str| {
+        let mut e = event(account, "10.8.0.1", t);
+        e.payment_fingerprint = card.map(Into::into);
+        e.device_id = Some(device.into());
+        e
+    };
+    // A legitimate fleet, and a younger one (to be denied) that links to it by a card once.
+    g.record(&on("good-1", NOW, None, "device-good"));
+    g.record(&on("good-2", NOW + 1, None, "device-good"));
+    g.record(&on("bad-1", NOW + 100, None, "device-bad"));
+    g.record(&on("bad-2", NOW + 101, Some("card-x"), "device-bad"));
+    let bad = g.facts("bad-1", NOW + 150).0.unwrap().id;
+    g.record(&on("good-2", NOW + 200, Some("card-x"), "device-good"));
+    let merged = g.facts("good-1", NOW + 300).0.unwrap();
+    assert_eq!(merged.formerly, std::slice::from_ref(&bad));
+    // Eight days on, all four are active on their own devices; the card has expired, so the
+    // rebuild splits them. The denied id goes with its founder, not to the good fleet.
+    let later = NOW + 8 * DAY;
+    for (account, device) in [
+        ("good-1", "device-good"),
+        ("good-2", "device-good"),
+        ("bad-1", "device-bad"),
+        ("bad-2", "device-bad"),
+    ] {
+        g.record(&on(account, later, None, device));
+    }
+    let good = g.facts("good-1", later).0.unwrap();
+    assert_eq!(good.size, 2);
+    assert!(good.formerly.is_empty(), "{good:?}");
+    assert_eq!(g.facts("bad-2", later).0.unwrap().id, bad);
+}

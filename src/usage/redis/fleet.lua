@@ -210,7 +210,7 @@ local function present(g, account)
   return false
 end
 
-local function touch(g, account, first, last, top, hi, lo, max_accounts, ttl)
+local function touch(g, account, first, last, top, hi, lo, max_accounts, ttl, track)
   local v = redis.call('HGET', g.a, account)
   if not v and g.from then
     v = redis.call('HGET', g.from.a, account)
@@ -239,7 +239,9 @@ local function touch(g, account, first, last, top, hi, lo, max_accounts, ttl)
     local i = info(g, root)
     if i.size >= 2 and earlier(f, account, i.ff, i.f) then
       -- The fleet's id changes with its founder: the old one is kept as a former id.
-      formerly(g, root, i.f, account, ttl)
+      if track then
+        formerly(g, root, i.f, account, ttl)
+      end
       redis.call('SREM', g.k .. root, account)
       i.ff, i.f = f, account
       save(g, root, i)
@@ -279,7 +281,7 @@ if mode == 'write' then
     i = i + 6
     local here = {}
     for _, gen in ipairs(gens) do
-      if touch(gen, account, first, last, top, hi, lo, max_accounts, ttl) then
+      if touch(gen, account, first, last, top, hi, lo, max_accounts, ttl, gen == g) then
         here[#here + 1] = gen
       end
     end
@@ -346,7 +348,10 @@ if mode == 'write' then
           for _, gen in ipairs(here) do
             for _, other in ipairs(others) do
               if other ~= account and present(gen, other) then
-                union(gen, account, other, bit.lshift(1, kind), key, ttl, true)
+                -- Only the current generation keeps the ids merges leave behind: components
+                -- half built by a rebuild are not fleets anyone saw (the rebuild carries the
+                -- current generation's ids over when it is done).
+                union(gen, account, other, bit.lshift(1, kind), key, ttl, gen == g)
                 if before >= min then
                   break
                 end
@@ -446,8 +451,9 @@ end
 
 if mode == 'carry' then
   -- A rebuild's page of the old generation's fleets: ARGV: ttl_ms, old generation, new
-  -- generation, roots... Each new fleet keeps the ids (founders, current and former) that its
-  -- members' old fleets had, while those founders are in the new generation.
+  -- generation, roots... Each id (a fleet's founder, current or former) follows its founder
+  -- into the new generation's component that holds it, if that is a fleet it does not found
+  -- (not a fragment that split off without it).
   local ttl, old, g = tonumber(ARGV[3]), generation(ARGV[4]), generation(ARGV[5])
   for j = 6, #ARGV do
     local root = ARGV[j]
@@ -455,20 +461,12 @@ if mode == 'carry' then
     if i.size >= 2 then
       local ids = redis.call('SMEMBERS', old.k .. root)
       ids[#ids + 1] = i.f
-      local done = {}
-      for _, member in ipairs(redis.call('SMEMBERS', old.m .. root)) do
-        if redis.call('HEXISTS', g.a, member) == 1 then
-          local to = find(g, member, true)
-          if not done[to] then
-            done[to] = true
-            local t = info(g, to)
-            if t.size >= 2 then
-              for _, id in ipairs(ids) do
-                if redis.call('HEXISTS', g.a, id) == 1 then
-                  formerly(g, to, id, t.f, ttl)
-                end
-              end
-            end
+      for _, id in ipairs(ids) do
+        if redis.call('HEXISTS', g.a, id) == 1 then
+          local to = find(g, id, true)
+          local t = info(g, to)
+          if t.size >= 2 then
+            formerly(g, to, id, t.f, ttl)
           end
         end
       end

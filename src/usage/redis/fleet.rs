@@ -308,6 +308,7 @@ impl Graph {
         rules: &FleetRules,
         limits: FleetLimits,
         records: &mut Records,
+        refused: &mut u64,
     ) -> RedisResult<Option<WriteStatus>> {
         let (mins, windows) = (minimums(rules), windows());
         let mut status = None;
@@ -396,6 +397,13 @@ impl Graph {
                             }
                         }
                     }
+                }
+                // Keys Redis refuses for good (another application's value under the prefix, an
+                // ACL): retrying cannot help, so this part's links are dropped and counted; the
+                // other parts go on.
+                Ok((part, Err(error))) if super::writer::refused_for_good(&error) => {
+                    tracing::warn!(%error, accounts = part.len(), "usage history in Redis: the fleet graph's keys are refused; fleet updates dropped");
+                    *refused += part.len() as u64;
                 }
                 Ok((part, Err(error))) => {
                     records.extend(part);

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -36,6 +36,11 @@ pub(super) struct Link {
     response_timeout: Option<Duration>,
     /// Connections replaced because they went silent.
     replaced: AtomicU64,
+    /// When a call on the current connection was last answered (ms since `epoch`): a
+    /// connection busy with long pipelines answers them, and a PING queued behind them is
+    /// not needed to tell it is alive.
+    answered_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl Link {
@@ -51,6 +56,8 @@ impl Link {
             client,
             response_timeout,
             replaced: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         tokio::spawn(probe(Arc::downgrade(&link)));
         Ok(link)
@@ -59,6 +66,18 @@ impl Link {
     /// The current connection (a cheap handle: clone it per call).
     pub(super) fn get(&self) -> ConnectionManager {
         ConnectionManager::clone(&self.current.load())
+    }
+
+    /// A call on the connection was answered.
+    pub(super) fn answered(&self) {
+        self.answered_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a call was answered within the last `within`.
+    fn answered_within(&self, within: Duration) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(self.answered_ms.load(Ordering::Relaxed)) < within.as_millis() as u64
     }
 
     /// How many times the connection was replaced because it went silent.
@@ -76,6 +95,7 @@ impl Link {
         }
         self.current.store(Arc::new(fresh));
         self.replaced.fetch_add(1, Ordering::Relaxed);
+        self.answered();
         true
     }
 }
@@ -117,7 +137,8 @@ async fn probe(link: Weak<Link>) {
         let Some(link) = link.upgrade() else {
             return;
         };
-        if answers(&mut link.get()).await {
+        if link.answered_within(PROBE_EVERY) || answers(&mut link.get()).await {
+            link.answered();
             silent = 0;
             continue;
         }

@@ -280,7 +280,10 @@ impl Reads {
         })
         .await;
         let values = match reply {
-            Ok(Ok(values)) => values,
+            Ok(Ok(values)) => {
+                self.conn.answered();
+                values
+            }
             Ok(Err(error)) => {
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
                     // Redis restarted without the script: the next read loads it again.

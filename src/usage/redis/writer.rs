@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -195,11 +194,17 @@ pub(super) async fn bounded<T>(
 /// Redis as a whole refusing for now: the batch is retried.
 pub(super) fn refused_for_good(error: &redis::RedisError) -> bool {
     const FOR_GOOD: [&str; 2] = ["WRONGTYPE", "NOPERM"];
+    // Redis 7 raises a script's failed call with the call's own code; Redis 6 wraps it in
+    // `ERR Error running script …: WRONGTYPE …`.
+    let for_good = |code: &str, detail: Option<&str>| {
+        FOR_GOOD.contains(&code)
+            || (code == "ERR" && detail.is_some_and(|d| FOR_GOOD.iter().any(|c| d.contains(c))))
+    };
     match error.code() {
-        Some(code) => FOR_GOOD.contains(&code),
+        Some(code) => for_good(code, error.detail()),
         // A pipeline's errors (without `ignore_errors`): refused for good if every one is.
         None => error.clone().into_server_errors().is_some_and(|errors| {
-            !errors.is_empty() && errors.iter().all(|(_, e)| FOR_GOOD.contains(&e.code()))
+            !errors.is_empty() && errors.iter().all(|(_, e)| for_good(e.code(), e.details()))
         }),
     }
 }
@@ -394,8 +399,11 @@ impl Writer {
             let (rules, limits) = (batch.rules, self.fleets.limits);
             let mut records = std::mem::take(&mut batch.fleets);
             tokio::spawn(async move {
-                let result = graph.write(&mut conn, &rules, limits, &mut records).await;
-                (records, result)
+                let mut refused = 0;
+                let result = graph
+                    .write(&mut conn, &rules, limits, &mut records, &mut refused)
+                    .await;
+                (records, refused, result)
             })
         });
         let mut shared = JoinSet::new();
@@ -405,7 +413,11 @@ impl Writer {
             if chunk.is_empty() {
                 break;
             }
-            shared.spawn(write_shared(self.conn.get(), self.in_flight.clone(), chunk));
+            shared.spawn(write_shared(
+                self.conn.clone(),
+                self.in_flight.clone(),
+                chunk,
+            ));
         }
         let mut failed = None;
         for _ in 0..CAS_ROUNDS {
@@ -423,7 +435,7 @@ impl Writer {
                 let events: usize = chunk.iter().map(|(_, p)| p.events.len()).sum();
                 let task = chunks.spawn(write_accounts(
                     Chunk {
-                        conn: self.conn.get(),
+                        link: self.conn.clone(),
                         keys: self.keys.clone(),
                         cas: self.cas.clone(),
                         me: self.me.clone(),
@@ -459,6 +471,9 @@ impl Writer {
         while let Some(done) = shared.join_next().await {
             match done {
                 Ok((left, refused, result)) => {
+                    if result.is_ok() {
+                        self.conn.answered();
+                    }
                     self.refuse(refused);
                     batch.shared.extend(left);
                     if let Err(error) = result {
@@ -472,17 +487,9 @@ impl Writer {
         }
         if let Some(task) = fleets {
             match task.await {
-                Ok((left, result)) => {
-                    match &result {
-                        Err(error) if refused_for_good(error) => {
-                            // The graph's keys are refused (a prefix shared with another
-                            // application, an ACL): retrying cannot help, so these accounts'
-                            // links are dropped, counted, and the accounts' own writes go on.
-                            tracing::warn!(%error, accounts = left.len(), "usage history in Redis: the fleet graph's keys are refused; fleet updates dropped");
-                            self.refuse(left.len() as u64);
-                        }
-                        _ => batch.fleets.extend(left),
-                    }
+                Ok((left, refused, result)) => {
+                    self.refuse(refused);
+                    batch.fleets.extend(left);
                     match result {
                         Ok(Some(status)) => {
                             if self.epoch.as_ref().is_some_and(|e| *e != status.epoch) {
@@ -499,7 +506,6 @@ impl Writer {
                             }
                         }
                         Ok(None) => {}
-                        Err(error) if refused_for_good(&error) => {}
                         Err(error) => {
                             failed.get_or_insert(error);
                         }
@@ -558,7 +564,7 @@ impl Writer {
 
 /// What a chunk task needs.
 struct Chunk {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     keys: Keys,
     cas: Arc<Script>,
     me: Arc<Me>,
@@ -569,7 +575,7 @@ struct Chunk {
 /// written (changed under the compare-and-set, or not answered).
 /// Also returns how many events cannot be written (their account's value is unreadable).
 async fn write_accounts(
-    mut c: Chunk,
+    c: Chunk,
     mut chunk: Accounts,
 ) -> (Accounts, usize, redis::RedisResult<()>) {
     let Ok(_permit) = c.in_flight.clone().acquire_owned().await else {
@@ -581,11 +587,13 @@ async fn write_accounts(
     for (id, _) in &chunk {
         get.cmd("GET").arg(c.keys.account(id));
     }
+    let mut conn = c.link.get();
     let current: Vec<redis::RedisResult<Option<Vec<u8>>>> =
-        match bounded(get.query_async(&mut c.conn)).await {
+        match bounded(get.query_async(&mut conn)).await {
             Ok(current) => current,
             Err(error) => return (chunk, 0, Err(error)),
         };
+    c.link.answered();
     let mut set = redis::pipe();
     set.ignore_errors();
     let mut sent = Vec::with_capacity(chunk.len());
@@ -660,8 +668,9 @@ async fn write_accounts(
         sent.push(i);
     }
     if !sent.is_empty() {
-        match bounded(set.query_async::<Vec<redis::RedisResult<i64>>>(&mut c.conn)).await {
+        match bounded(set.query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)).await {
             Ok(applied) => {
+                c.link.answered();
                 for (&i, reply) in sent.iter().zip(applied) {
                     let (id, pending) = &mut chunk[i];
                     match reply {
@@ -701,7 +710,7 @@ const SHARED_COMMANDS: usize = 3;
 /// The sharing sets: `ZADD GT` (a retry cannot move a time back), the cap, the TTL. Returns
 /// the keys to try again and how many Redis refused for good (their updates are dropped).
 async fn write_shared(
-    mut conn: ConnectionManager,
+    link: Arc<Link>,
     in_flight: Arc<Semaphore>,
     shared: Shared,
 ) -> (Shared, u64, redis::RedisResult<()>) {
@@ -725,11 +734,13 @@ async fn write_shared(
             .arg(-(MAX_ACCOUNTS_PER_KEY as i64) - 1);
         pipe.cmd("PEXPIRE").arg(*key).arg(ttl.as_millis() as u64);
     }
+    let mut conn = link.get();
     let replies =
         match bounded(pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)).await {
             Ok(replies) => replies,
             Err(error) => return (shared, 0, Err(error)),
         };
+    link.answered();
     let (mut again, mut refused, mut failed) = (std::collections::HashSet::new(), 0, None);
     for (key, replies) in keys.iter().zip(replies.chunks(SHARED_COMMANDS)) {
         let Some(error) = replies.iter().find_map(|r| r.as_ref().err()) else {
@@ -748,4 +759,40 @@ async fn write_shared(
     let mut shared = shared;
     shared.retain(|key, _| again.contains(key));
     (shared, refused, failed.map_or(Ok(()), Err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_for_good;
+
+    fn server(code: &str, detail: &str) -> redis::RedisError {
+        redis::make_extension_error(code.into(), Some(detail.into()))
+    }
+
+    #[test]
+    fn only_a_key_refused_for_good_is_dropped() {
+        let wrong = server(
+            "WRONGTYPE",
+            "Operation against a key holding the wrong kind of value",
+        );
+        assert!(refused_for_good(&wrong));
+        assert!(refused_for_good(&server(
+            "NOPERM",
+            "No permissions to access a key"
+        )));
+        // Redis 6 wraps a script's failed call.
+        assert!(refused_for_good(&server(
+            "ERR",
+            "Error running script (call to f_1): @user_script:3: WRONGTYPE Operation against a key holding the wrong kind of value"
+        )));
+        for transient in [
+            server("OOM", "command not allowed when used memory > 'maxmemory'"),
+            server("BUSY", "Redis is busy running a script"),
+            server("ERR", "max number of clients reached"),
+        ] {
+            assert!(!refused_for_good(&transient), "{transient}");
+        }
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(!refused_for_good(&io));
+    }
 }
