@@ -474,8 +474,11 @@ async fn the_wal_stays_bounded_under_a_writer_that_never_pauses() {
         .unwrap_or(0);
     let written = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
     assert!(written > 200 << 20, "the rows take {written} bytes");
+    // Bounded, with room for a checkpoint that lags on a loaded machine (95 MB seen with the
+    // rest of the suite running on both cores); without the writer's own checkpoints it held
+    // every row (403 MB here).
     assert!(
-        wal <= (64 << 20) + (16 << 20),
+        wal <= 2 * (64 << 20),
         "the WAL holds {wal} bytes after {written} bytes of rows"
     );
 }
