@@ -31,6 +31,7 @@ pub mod replay;
 pub mod server;
 mod sharded;
 pub mod store;
+mod ttl_cache;
 pub mod usage;
 
 /// Lower-case hex of `bytes` (digests in tokens, hashes and ids), without the formatter.

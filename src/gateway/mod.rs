@@ -4,7 +4,6 @@
 //! `forward_auth` answers the same checks over HTTP for gateways that ask an HTTP endpoint.
 //! It holds no policy logic: what is restricted is the policy's business.
 
-mod cache;
 pub mod config;
 pub mod forward_auth;
 mod path;

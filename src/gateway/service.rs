@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
 use tonic::{Request, Response, Status};
 
-use super::cache::TtlCache;
+use crate::ttl_cache::TtlCache;
 use super::config::{GatewayConfig, OnError};
 use super::request::{GatewayRequest, map_check, path};
 use super::response;

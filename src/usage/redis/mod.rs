@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use moka::sync::Cache;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +36,7 @@ use super::{
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
+use crate::ttl_cache::TtlCache;
 use fleet::Graph;
 use link::Link;
 use writer::{Message, Writer};
@@ -80,6 +80,8 @@ return 0
 ";
 
 const VERSION_LEN: usize = 8;
+/// Cached reads held at most (accounts, networks and cards a replica answers for at once).
+const CACHE_ENTRIES: u64 = 100_000;
 /// Cached reads are kept this long in all, to answer degraded decisions.
 const STALE_KEEP: Duration = Duration::from_secs(60);
 /// After a failed read, decisions skip Redis for this long (the connection manager
@@ -112,15 +114,35 @@ impl Keys {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// What a cached read answers for: the account, the request's network and its card. The cache
+/// is keyed by a seeded hash of the three, taken from the query as borrowed (no allocation on
+/// a hit); the entry keeps them to tell a collision from a hit.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct CacheKey {
     account: Option<Arc<str>>,
     network: NetworkKey,
     payment: Option<Arc<str>>,
 }
 
+impl CacheKey {
+    fn of(q: &UsageQuery<'_>) -> Self {
+        Self {
+            account: q.account_id.map(Arc::from),
+            network: NetworkKey::of(q.ip),
+            payment: q.payment_fingerprint.map(Arc::from),
+        }
+    }
+
+    fn answers(&self, q: &UsageQuery<'_>) -> bool {
+        self.account.as_deref() == q.account_id
+            && self.network == NetworkKey::of(q.ip)
+            && self.payment.as_deref() == q.payment_fingerprint
+    }
+}
+
 #[derive(Clone)]
 struct Cached {
+    key: CacheKey,
     at: Instant,
     facts: Arc<Option<UsageFacts>>,
     /// A background read to replace this entry has started.
@@ -143,7 +165,9 @@ struct Reads {
     keys: Keys,
     timeout: Duration,
     cache_ttl: Duration,
-    cache: Cache<CacheKey, Cached>,
+    cache: TtlCache<u64, Cached>,
+    /// Seeds the cache's hash of a query (keys hold caller-chosen parts).
+    hasher: foldhash::fast::RandomState,
     counters: Arc<Counters>,
     /// Milliseconds since `epoch` before which reads skip Redis.
     skip_until_ms: AtomicU64,
@@ -200,10 +224,8 @@ impl RedisUsage {
                 keys,
                 timeout: settings.timeout,
                 cache_ttl: settings.cache_ttl,
-                cache: Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(STALE_KEEP.max(settings.cache_ttl))
-                    .build(),
+                cache: TtlCache::new(CACHE_ENTRIES, STALE_KEEP.max(settings.cache_ttl)),
+                hasher: foldhash::fast::RandomState::default(),
                 counters: counters.clone(),
                 skip_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -221,7 +243,7 @@ impl RedisUsage {
 impl Reads {
     /// Reads for `q` in the background (an entry past half its life that decisions still ask
     /// for), so hot accounts never wait on Redis. Needs a runtime; without one, nothing.
-    fn refresh(self: &Arc<Self>, q: &UsageQuery<'_>, key: CacheKey) {
+    fn refresh(self: &Arc<Self>, q: &UsageQuery<'_>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -229,8 +251,15 @@ impl Reads {
         runtime.spawn(async move {
             let q = query.borrowed();
             // A failure is counted and opens the back-off; the entry answers until its TTL.
-            let _ = reads.read(&q, key).await;
+            let _ = reads.read(&q).await;
         });
+    }
+
+    /// The cache's key for `q`: a seeded hash of its account, network and card, as borrowed.
+    fn hash_of(&self, q: &UsageQuery<'_>) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher
+            .hash_one((q.account_id, NetworkKey::of(q.ip), q.payment_fingerprint))
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -248,7 +277,7 @@ impl Reads {
     }
 
     /// One bounded read into the cache; `Err` when Redis did not answer in time (counted).
-    async fn read(&self, q: &UsageQuery<'_>, key: CacheKey) -> Result<Option<UsageFacts>, ()> {
+    async fn read(&self, q: &UsageQuery<'_>) -> Result<Option<UsageFacts>, ()> {
         let network = NetworkKey::of(q.ip);
         let mut pipe = redis::pipe();
         if let Some(id) = q.account_id {
@@ -300,13 +329,16 @@ impl Reads {
         match self.answer(q, values) {
             Ok(facts) => {
                 self.skip_until_ms.store(0, Ordering::Relaxed);
+                let now = Instant::now();
                 self.cache.insert(
-                    key,
+                    self.hash_of(q),
                     Cached {
-                        at: Instant::now(),
+                        key: CacheKey::of(q),
+                        at: now,
                         facts: Arc::new(facts.clone()),
                         refreshing: Arc::default(),
                     },
+                    now,
                 );
                 Ok(facts)
             }
@@ -487,22 +519,22 @@ impl UsageHistory for RedisUsage {
 
     fn facts<'a>(&'a self, q: UsageQuery<'_>) -> UsageLookup<'a> {
         let reads = &self.reads;
-        let key = CacheKey {
-            account: q.account_id.map(Arc::from),
-            network: NetworkKey::of(q.ip),
-            payment: q.payment_fingerprint.map(Arc::from),
-        };
-        let cached = reads.cache.get(&key);
+        let now = Instant::now();
+        let cached = reads
+            .cache
+            .get(&reads.hash_of(&q), now)
+            .filter(|c| c.key.answers(&q));
         if let Some(hit) = &cached {
-            let age = hit.at.elapsed();
+            let age = now.saturating_duration_since(hit.at);
             if age < reads.cache_ttl {
-                // Past half its life, a hot entry is read again in the background: the next
-                // decisions keep answering at once, from an entry never older than the TTL.
-                if age >= reads.cache_ttl / 2
+                // Past three quarters of its life, a hot entry is read again in the
+                // background: the next decisions keep answering at once, from an entry never
+                // older than the TTL (the read has a quarter of it, 250 ms by default, to land).
+                if age >= reads.cache_ttl / 4 * 3
                     && reads.elapsed_ms() >= reads.skip_until_ms.load(Ordering::Relaxed)
                     && !hit.refreshing.swap(true, Ordering::Relaxed)
                 {
-                    reads.refresh(&q, key);
+                    reads.refresh(&q);
                 }
                 return UsageLookup::Ready(hit.facts.as_ref().clone());
             }
@@ -513,7 +545,7 @@ impl UsageHistory for RedisUsage {
         let query = OwnedQuery::from(&q);
         UsageLookup::Pending(Box::pin(async move {
             let q = query.borrowed();
-            match reads.read(&q, key).await {
+            match reads.read(&q).await {
                 Ok(facts) => facts,
                 Err(()) => reads.degraded(cached),
             }

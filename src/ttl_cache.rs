@@ -1,5 +1,5 @@
-//! The gateway's decision cache: a bounded map from a check's identity to its decision, each
-//! entry valid for a fixed TTL.
+//! A bounded map whose entries are valid for a fixed TTL: the gateway's decision cache (a
+//! check's identity to its decision) and the Redis usage adapter's cache of reads.
 //!
 //! Not moka, on measurement: under a steady stream of new clients (every check a miss, each
 //! decision inserted and expiring a second later) moka's get-miss, insert and housekeeping cost
