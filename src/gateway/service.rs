@@ -17,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
 use tonic::{Request, Response, Status};
 
-use crate::ttl_cache::TtlCache;
 use super::config::{GatewayConfig, OnError};
 use super::request::{GatewayRequest, map_check, path};
 use super::response;
@@ -26,6 +25,7 @@ use crate::classify::Flow;
 use crate::engine::{Engine, Outcome};
 use crate::policy::PolicyVersion;
 use crate::region::CountryCode;
+use crate::ttl_cache::TtlCache;
 
 /// What makes two checks the same decision.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -251,8 +251,16 @@ impl Reads {
         runtime.spawn(async move {
             let q = query.borrowed();
             // A failure is counted and opens the back-off; the entry answers until its TTL.
-            let _ = reads.read(&q).await;
+            let _ = reads.read(&q, reads.refresh_timeout()).await;
         });
+    }
+
+    /// How long a background refresh may wait: off the request path, it need not hold to
+    /// `redis_timeout_ms`, only land before the entry it replaces expires (a quarter of its
+    /// life). A refresh held to 5 ms on a busy core failed, and the entry then expired into a
+    /// decision that waited on Redis.
+    fn refresh_timeout(&self) -> Duration {
+        (self.cache_ttl / 4).max(self.timeout)
     }
 
     /// The cache's key for `q`: a seeded hash of its account, network and card, as borrowed.
@@ -277,7 +285,7 @@ impl Reads {
     }
 
     /// One bounded read into the cache; `Err` when Redis did not answer in time (counted).
-    async fn read(&self, q: &UsageQuery<'_>) -> Result<Option<UsageFacts>, ()> {
+    async fn read(&self, q: &UsageQuery<'_>, timeout: Duration) -> Result<Option<UsageFacts>, ()> {
         let network = NetworkKey::of(q.ip);
         let mut pipe = redis::pipe();
         if let Some(id) = q.account_id {
@@ -300,7 +308,7 @@ impl Reads {
         // the whole read.
         pipe.ignore_errors();
         let mut conn = self.conn.get();
-        let reply = tokio::time::timeout(self.timeout, async {
+        let reply = tokio::time::timeout(timeout, async {
             if !self.fleet_loaded.load(Ordering::Relaxed) {
                 self.graph.script.load_async(&mut conn).await?;
                 self.fleet_loaded.store(true, Ordering::Relaxed);
@@ -545,7 +553,7 @@ impl UsageHistory for RedisUsage {
         let query = OwnedQuery::from(&q);
         UsageLookup::Pending(Box::pin(async move {
             let q = query.borrowed();
-            match reads.read(&q).await {
+            match reads.read(&q, reads.timeout).await {
                 Ok(facts) => facts,
                 Err(()) => reads.degraded(cached),
             }
