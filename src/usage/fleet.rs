@@ -111,6 +111,9 @@ pub struct FleetGraph {
     /// Fleet facts per root, as last computed: reused within the minute while the component
     /// keeps its size and links, so a decision costs a lookup, not a walk of the members.
     cached: HashMap<u32, Cached>,
+    /// Graphs of more accounts than this are not rebuilt inside `record`: their holder rebuilds
+    /// them when [`FleetGraph::rebuild_due`] says so (off the request path).
+    inline_rebuild_max: usize,
     /// Per root: the founders the fleet had before (see [`absorb`]), each a member of the
     /// fleet: at most one entry per member, bounded by the accounts held.
     former: HashMap<u32, Vec<u32>>,
@@ -218,7 +221,24 @@ impl FleetGraph {
             rebuilds: 0,
             cached: HashMap::default(),
             former: HashMap::default(),
+            inline_rebuild_max: usize::MAX,
         }
+    }
+
+    /// Leaves the rebuild of a graph of more than `accounts` accounts to its holder.
+    pub(crate) fn rebuild_inline_up_to(&mut self, accounts: usize) {
+        self.inline_rebuild_max = accounts;
+    }
+
+    /// Whether expired links should be dropped now (an hour of event time since the last
+    /// rebuild, or new link rules).
+    pub(crate) fn rebuild_due(&self) -> bool {
+        self.newest.saturating_sub(self.built_at) >= REBUILD_SECS
+    }
+
+    /// Rebuilds as of the newest event seen.
+    pub(crate) fn rebuild_now(&mut self) {
+        self.rebuild(self.newest);
     }
 
     /// Takes new link rules; the components are recomputed by the next event.
@@ -249,7 +269,7 @@ impl FleetGraph {
         if t > self.newest {
             self.newest = t;
         }
-        if self.newest.saturating_sub(self.built_at) >= REBUILD_SECS {
+        if self.rebuild_due() && self.accounts.len() <= self.inline_rebuild_max {
             self.rebuild(self.newest);
         }
         let Some(node) = self.node(&event.account_id, t) else {

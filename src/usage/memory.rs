@@ -4,12 +4,15 @@
 //! TTL of 7 days and a byte ceiling that evicts (never grows past it); sets saturate at fixed
 //! sizes, so one account's cost is bounded.
 
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use super::account::{self, AccountState, MAX_ACCOUNTS_PER_KEY, OwnFacts};
 use super::bounded::BoundedMap;
 use super::fleet::FleetGraph;
+use super::shared_fleets::SharedFleets;
 use super::window::{HISTORY_SECS, Recent};
 use super::{
     DAY, EventLocation, NetworkKey, PendingFleet, UsageEvent, UsageHistory, UsageLookup,
@@ -17,7 +20,6 @@ use super::{
 };
 use crate::classify::UsageFacts;
 use crate::policy::FleetRules;
-use crate::sharded::lock;
 
 /// The heap bytes of an `Arc<str>` key: its counts and its text.
 fn text_bytes(text: &Arc<str>) -> usize {
@@ -62,8 +64,8 @@ impl Account {
 type Sharing = Recent<Arc<str>>;
 
 pub struct UsageAggregator {
-    /// Fleets: the link graph (a fifth of `max_bytes`).
-    fleets: Mutex<FleetGraph>,
+    /// Fleets: the link graph (a fifth of `max_bytes`), rebuilt off the request path.
+    fleets: Arc<SharedFleets>,
     accounts: BoundedMap<Arc<str>, Account>,
     payments: BoundedMap<Arc<str>, Sharing>,
     networks: BoundedMap<NetworkKey, Sharing>,
@@ -85,7 +87,7 @@ impl UsageAggregator {
         let graph = max_bytes / 5;
         let maps = (max_bytes - graph) / MAP_OVERHEAD_PERCENT * 100;
         Self {
-            fleets: Mutex::new(FleetGraph::new(graph, FleetRules::default())),
+            fleets: SharedFleets::new(FleetGraph::new(graph, FleetRules::default())),
             accounts: BoundedMap::new(maps / 100 * 70, idle, |id, account| {
                 text_bytes(id) + account.state.heap_bytes() + account.read_bytes()
             }),
@@ -97,7 +99,7 @@ impl UsageAggregator {
     }
 
     pub fn record(&self, event: &UsageEvent, location: &EventLocation) {
-        lock(&self.fleets).record(event);
+        self.fleets.record(event);
         let (t, tick) = (event.timestamp, tick(event.timestamp));
         self.accounts.update(
             event.account_id.clone(),
@@ -158,7 +160,11 @@ impl UsageAggregator {
         });
         let mut facts = account::facts(known, payment, network, account_id.is_some())?;
         if let Some(id) = account_id {
-            (facts.fleet, facts.accounts_sharing_template) = lock(&self.fleets).facts(id, now);
+            match self.fleets.facts(id, now) {
+                Some(fleet) => (facts.fleet, facts.accounts_sharing_template) = fleet,
+                // The graph is being rebuilt: this decision goes without fleet facts, and says so.
+                None => facts.degraded = true,
+            }
         }
         Some(facts)
     }
@@ -172,6 +178,7 @@ impl UsageAggregator {
             payment_fingerprints,
             networks,
             bytes: account_bytes + payment_bytes + network_bytes,
+            degraded_reads: self.fleets.degraded_reads(),
             ..UsageStats::default()
         }
     }
@@ -202,11 +209,19 @@ impl UsageHistory for UsageAggregator {
     }
 
     fn set_fleet_rules(&self, rules: &FleetRules) {
-        lock(&self.fleets).set_rules(*rules);
+        self.fleets.with(|graph| graph.set_rules(*rules));
+    }
+
+    fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            while self.fleets.busy() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
     }
 
     fn fleet<'a>(&'a self, fleet_id: &'a str, now: i64) -> PendingFleet<'a> {
-        let report = lock(&self.fleets).report(fleet_id, now);
+        let report = self.fleets.with(|graph| graph.report(fleet_id, now));
         let fleet = report.map(|report| {
             super::fleet_from(report, |account| {
                 let mut usage = UsageFacts::default();

@@ -18,6 +18,7 @@ mod codec;
 pub mod fleet;
 pub mod memory;
 pub mod redis;
+mod shared_fleets;
 pub mod window;
 
 use std::future::Future;
@@ -247,7 +248,8 @@ pub trait UsageHistory: Send + Sync {
 
     fn stats(&self) -> UsageStats;
 
-    /// Waits until every event recorded before the call is written (a no-op in-process).
+    /// Waits until every event recorded before the call is written (in-process: until a fleet
+    /// rebuild in progress is done and the events it held back are applied).
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {})
     }
