@@ -923,10 +923,7 @@ async fn the_server_applies_retention_and_the_store_still_verifies() {
 async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
     let scenario = &scenarios()[0];
     let server = TestServer::start_with(scenario, reviewers).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = regionguard::store::now_ms();
     // a and b share a card, b and c a device: one fleet of three.
     let event = |account: &str, card: &str, device: &str, requests: u64| pb::UsageEvent {
         account_id: account.into(),
@@ -1109,10 +1106,7 @@ async fn a_fleet_is_listed_queued_and_overridden_by_its_id() {
 async fn a_fleet_allow_clears_what_the_fleet_raised_and_nothing_else() {
     let scenario = &scenarios()[0];
     let server = TestServer::start_with(scenario, reviewers).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = regionguard::store::now_ms();
     // Twelve accounts on one company card: a fleet past the policy's 10.
     let events: Vec<_> = (0..12)
         .map(|i| pb::UsageEvent {
@@ -1211,10 +1205,7 @@ async fn a_fleet_allow_clears_what_the_fleet_raised_and_nothing_else() {
 async fn a_denied_fleet_stays_denied_when_it_merges_into_an_older_one() {
     let scenario = &scenarios()[0];
     let server = TestServer::start_with(scenario, reviewers).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = regionguard::store::now_ms();
     let event = |account: &str, ago_ms: i64, card: &str, device: &str| pb::UsageEvent {
         account_id: account.into(),
         ip: scenario.ips.allowed.into(),

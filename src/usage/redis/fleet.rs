@@ -527,15 +527,8 @@ impl Graph {
         let accounts = self.generation_key(&new, "A");
         if let Some(old) = &old {
             let from = self.generation_key(old, "A");
-            let mut cursor = 0u64;
-            loop {
-                let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                    .arg(&from)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(conn)
-                    .await?;
+            let mut pages = HashPages::new(&from, 1000);
+            while let Some(items) = pages.next(conn).await? {
                 let mut pipe = redis::pipe();
                 for (account, activity) in &items {
                     if last_seen(activity).is_some_and(|t| t > newest - HISTORY_SECS) {
@@ -548,10 +541,6 @@ impl Graph {
                 }
                 let () = pipe.query_async(conn).await?;
                 self.renew(conn, me).await?;
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
             }
         }
         let () = redis::cmd("PEXPIRE")
@@ -609,18 +598,11 @@ impl Graph {
             }
             cursor = next;
         }
-        // Each new fleet keeps the ids its members' old fleets had.
+        // Each id follows its founder into the new generation.
         if let Some(old) = &old {
             let roots = self.generation_key(old, "r");
-            let mut cursor = 0u64;
-            loop {
-                let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                    .arg(&roots)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(CARRY_PAGE)
-                    .query_async(conn)
-                    .await?;
+            let mut pages = HashPages::new(&roots, CARRY_PAGE);
+            while let Some(items) = pages.next(conn).await? {
                 if !items.is_empty() {
                     let mut carry = self.call("carry");
                     carry.arg(GENERATION_TTL_MS).arg(old).arg(&new);
@@ -630,10 +612,6 @@ impl Graph {
                     let _: i64 = carry.query_async(conn).await?;
                 }
                 self.renew(conn, me).await?;
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
             }
         }
         let flipped: i64 = self
@@ -662,15 +640,8 @@ impl Graph {
     /// SCAN, so it works the same on Redis Cluster.
     async fn drop_generation(&self, conn: &mut ConnectionManager, old: &str) -> RedisResult<()> {
         let roots = self.generation_key(old, "r");
-        let mut cursor = 0u64;
-        loop {
-            let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                .arg(&roots)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
+        let mut pages = HashPages::new(&roots, 1000);
+        while let Some(items) = pages.next(conn).await? {
             if !items.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 for (root, _) in &items {
@@ -680,10 +651,6 @@ impl Graph {
                 }
                 let _: i64 = unlink.query_async(conn).await?;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         let _: i64 = redis::cmd("UNLINK")
             .arg(self.generation_key(old, "A"))
@@ -811,6 +778,43 @@ fn write_status(reply: &[String], mins: &str) -> RedisResult<WriteStatus> {
         rebuild_due: since >= REBUILD_SECS || (rules_differ && since >= RULES_REBUILD_SECS),
         epoch: reply.get(3).cloned().unwrap_or_default(),
     })
+}
+
+/// The fields of a hash, about `count` at a time (HSCAN: no keyspace scan, and a page a call,
+/// so a large hash never blocks Redis).
+struct HashPages<'a> {
+    key: &'a str,
+    count: usize,
+    /// The next cursor; none once the scan is done.
+    cursor: Option<u64>,
+}
+
+impl<'a> HashPages<'a> {
+    fn new(key: &'a str, count: usize) -> Self {
+        Self {
+            key,
+            count,
+            cursor: Some(0),
+        }
+    }
+
+    async fn next(
+        &mut self,
+        conn: &mut ConnectionManager,
+    ) -> RedisResult<Option<Vec<(String, String)>>> {
+        let Some(cursor) = self.cursor else {
+            return Ok(None);
+        };
+        let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(self.key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(self.count)
+            .query_async(conn)
+            .await?;
+        self.cursor = (next != 0).then_some(next);
+        Ok(Some(items))
+    }
 }
 
 /// The link kind a key (after the `l:` prefix) names: `KIND:VALUE`, KIND a digit.

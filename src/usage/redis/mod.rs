@@ -213,7 +213,7 @@ impl RedisUsage {
             graph: graph.clone(),
             rules: rules.clone(),
             limits: FleetLimits::for_accounts(settings.fleet_max_accounts),
-            rebuilding: Arc::default(),
+            rebuilding: Arc::new(tokio::sync::watch::Sender::new(false)),
             failed_at: Arc::default(),
         };
         tokio::spawn(Writer::new(writes.clone(), keys.clone(), counters.clone(), fleets).run(rx));

@@ -159,10 +159,21 @@ pub(super) struct Fleets {
     pub graph: Arc<Graph>,
     pub rules: Arc<Mutex<FleetRules>>,
     pub limits: FleetLimits,
-    /// Held by the rebuild in progress (at most one per process); a flush waits for it.
-    pub rebuilding: Arc<tokio::sync::Mutex<()>>,
+    /// Whether a rebuild is in progress here (at most one per process); a flush waits until
+    /// it is not. (A mutex that flushes also took made a due rebuild skip while a flush held
+    /// it for a moment.)
+    pub rebuilding: Arc<tokio::sync::watch::Sender<bool>>,
     /// When this process's last rebuild failed: the next waits [`REBUILD_BACKOFF`].
     pub failed_at: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+/// Marks the rebuild in progress done when dropped (however the rebuild ends).
+struct Running(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 /// After a failed rebuild, this process tries again no sooner (another replica may).
@@ -322,10 +333,10 @@ impl Writer {
             self.counters.written.fetch_add(events, Ordering::Relaxed);
             if !batch.flushes.is_empty() {
                 // A flush also waits for a fleet rebuild in progress (without holding up writes).
-                let rebuilding = self.fleets.rebuilding.clone();
+                let mut rebuilding = self.fleets.rebuilding.subscribe();
                 let flushes = std::mem::take(&mut batch.flushes);
                 tokio::spawn(async move {
-                    let _done = rebuilding.lock().await;
+                    let _ = rebuilding.wait_for(|running| !*running).await;
                     for done in flushes {
                         let _ = done.send(());
                     }
@@ -537,9 +548,10 @@ impl Writer {
         if lock(&self.fleets.failed_at).is_some_and(|at| at.elapsed() < REBUILD_BACKOFF) {
             return;
         }
-        let Ok(running) = self.fleets.rebuilding.clone().try_lock_owned() else {
+        if !self.fleets.rebuilding.send_if_modified(|running| !std::mem::replace(running, true)) {
             return;
-        };
+        }
+        let running = Running(self.fleets.rebuilding.clone());
         let failed_at = self.fleets.failed_at.clone();
         let (graph, mut conn) = (self.fleets.graph.clone(), self.conn.get());
         let (me, counters) = (format!("{:016x}", self.me.id), self.counters.clone());
