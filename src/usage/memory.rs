@@ -87,7 +87,7 @@ impl UsageAggregator {
         let graph = max_bytes / 5;
         let maps = (max_bytes - graph) / MAP_OVERHEAD_PERCENT * 100;
         Self {
-            fleets: SharedFleets::new(FleetGraph::new(graph, FleetRules::default())),
+            fleets: SharedFleets::new(FleetGraph::new(graph, FleetRules::default()), graph),
             accounts: BoundedMap::new(maps / 100 * 70, idle, |id, account| {
                 text_bytes(id) + account.state.heap_bytes() + account.read_bytes()
             }),
@@ -216,12 +216,21 @@ impl UsageHistory for UsageAggregator {
         Box::pin(async move {
             while self.fleets.busy() {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                // Whatever a rebuild left held is applied by the next holder: be it.
+                self.fleets.try_with(|_| ());
             }
         })
     }
 
     fn fleet<'a>(&'a self, fleet_id: &'a str, now: i64) -> PendingFleet<'a> {
-        let report = self.fleets.with(|graph| graph.report(fleet_id, now));
+        let Some(report) = self.fleets.try_with(|graph| graph.report(fleet_id, now)) else {
+            return Box::pin(async {
+                Err(
+                    "the fleet graph is being rebuilt (its hourly expiry); try again in a moment"
+                        .into(),
+                )
+            });
+        };
         let fleet = report.map(|report| {
             super::fleet_from(report, |account| {
                 let mut usage = UsageFacts::default();

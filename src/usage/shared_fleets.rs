@@ -19,45 +19,91 @@ use crate::sharded::lock;
 
 /// Graphs up to this many accounts are rebuilt inline (about 2 ms).
 pub(crate) const INLINE_REBUILD_ACCOUNTS: usize = 4_096;
-/// Events held while a rebuild runs, at most.
-const PENDING_MAX: usize = 65_536;
 
 pub(crate) struct SharedFleets {
     graph: Mutex<FleetGraph>,
+    /// Set by the one rebuild that runs, cleared under the `pending` lock once it has applied
+    /// every event held: an event is either held while it runs or applied by a lock holder.
     rebuilding: AtomicBool,
     pending: Mutex<Vec<UsageEvent>>,
     pending_len: AtomicUsize,
+    /// Events held at most: about a twentieth of the graph's share of memory.
+    pending_max: usize,
     /// Fleet reads answered without the graph while it was rebuilt.
     degraded: AtomicU64,
 }
 
+/// What a caller gets when it asks for the graph.
+enum Turn<'a> {
+    Graph(std::sync::MutexGuard<'a, FleetGraph>),
+    /// A rebuild holds it.
+    Rebuilding,
+}
+
+/// Clears the rebuild flag however the rebuild ends (a panic included), so that rebuilds go
+/// on and the events held are applied by the next holder.
+struct Rebuilding<'a>(&'a SharedFleets);
+
+impl Drop for Rebuilding<'_> {
+    fn drop(&mut self) {
+        let _pending = lock(&self.0.pending);
+        self.0.rebuilding.store(false, Ordering::Release);
+    }
+}
+
 impl SharedFleets {
-    pub(crate) fn new(mut graph: FleetGraph) -> Arc<Self> {
+    /// `graph` holds at most `max_bytes`.
+    pub(crate) fn new(mut graph: FleetGraph, max_bytes: u64) -> Arc<Self> {
         graph.rebuild_inline_up_to(INLINE_REBUILD_ACCOUNTS);
         Arc::new(Self {
             graph: Mutex::new(graph),
             rebuilding: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             pending_len: AtomicUsize::new(0),
+            // An event held costs a few hundred bytes with its strings.
+            pending_max: usize::try_from(max_bytes / 20 / 512)
+                .unwrap_or(usize::MAX)
+                .clamp(1_024, 65_536),
             degraded: AtomicU64::new(0),
         })
     }
 
-    /// Adds an event's links; while a rebuild runs, it waits in the pending list instead.
+    /// The graph, or word that a rebuild holds it: never waits on a rebuild. Other holders
+    /// keep it for microseconds, and are waited for.
+    fn turn(&self) -> Turn<'_> {
+        loop {
+            match self.graph.try_lock() {
+                Ok(graph) => return Turn::Graph(graph),
+                Err(TryLockError::Poisoned(poisoned)) => return Turn::Graph(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) if self.rebuilding.load(Ordering::Acquire) => {
+                    return Turn::Rebuilding;
+                }
+                Err(TryLockError::WouldBlock) => std::thread::yield_now(),
+            }
+        }
+    }
+
+    /// Adds an event's links; while a rebuild runs, it is held and applied after it.
     pub(crate) fn record(self: &Arc<Self>, event: &UsageEvent) {
-        let mut graph = match self.graph.try_lock() {
-            Ok(graph) => graph,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                if self.rebuilding.load(Ordering::Acquire) {
+        let mut graph = loop {
+            match self.turn() {
+                Turn::Graph(graph) => break graph,
+                Turn::Rebuilding => {
                     let mut pending = lock(&self.pending);
-                    if pending.len() < PENDING_MAX {
+                    // Checked again under the lock the rebuild clears its flag under.
+                    if !self.rebuilding.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    if pending.len() < self.pending_max {
                         pending.push(event.clone());
                         self.pending_len.store(pending.len(), Ordering::Release);
                         return;
                     }
+                    drop(pending);
+                    // Past the bound the event waits for the graph: memory stays bounded and
+                    // nothing is lost.
+                    break lock(&self.graph);
                 }
-                lock(&self.graph)
             }
         };
         self.apply_pending(&mut graph);
@@ -70,20 +116,34 @@ impl SharedFleets {
             if let Err(error) = spawned {
                 // No thread to be had: rebuild here rather than never.
                 tracing::warn!(%error, "fleet graph: no thread for the rebuild; rebuilding inline");
+                let _done = Rebuilding(self);
                 graph.rebuild_now();
-                self.rebuilding.store(false, Ordering::Release);
             }
         }
     }
 
     fn rebuild(&self) {
+        let done = Rebuilding(self);
         let mut graph = lock(&self.graph);
         let started = std::time::Instant::now();
         graph.rebuild_now();
-        self.apply_pending(&mut graph);
-        self.rebuilding.store(false, Ordering::Release);
-        // What arrived between the last look and the flag: applied now, not left for later.
-        self.apply_pending(&mut graph);
+        // Apply what was held, until nothing is: the flag is cleared under the pending lock,
+        // so no event can be held after the last look.
+        loop {
+            let events = {
+                let mut pending = lock(&self.pending);
+                if pending.is_empty() {
+                    self.rebuilding.store(false, Ordering::Release);
+                    break;
+                }
+                self.pending_len.store(0, Ordering::Release);
+                std::mem::take(&mut *pending)
+            };
+            for event in &events {
+                graph.record(event);
+            }
+        }
+        std::mem::forget(done);
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             accounts = graph.stats().accounts,
@@ -108,20 +168,25 @@ impl SharedFleets {
     /// The account's fleet and the accounts sharing its template; `None` while a rebuild
     /// holds the graph (the decision goes without fleet facts, marked degraded).
     pub(crate) fn facts(&self, account: &str, now: i64) -> Option<(Option<FleetFacts>, u32)> {
-        let mut graph = match self.graph.try_lock() {
-            Ok(graph) => graph,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) if self.rebuilding.load(Ordering::Acquire) => {
+        self.try_with(|graph| graph.facts(account, now))
+            .or_else(|| {
                 self.degraded.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(TryLockError::WouldBlock) => lock(&self.graph),
-        };
-        self.apply_pending(&mut graph);
-        Some(graph.facts(account, now))
+                None
+            })
     }
 
-    /// Runs `f` on the graph, waiting for it (reviewers' reads, rule changes).
+    /// Runs `f` on the graph; `None` while a rebuild holds it (reviewers' reads).
+    pub(crate) fn try_with<T>(&self, f: impl FnOnce(&mut FleetGraph) -> T) -> Option<T> {
+        match self.turn() {
+            Turn::Graph(mut graph) => {
+                self.apply_pending(&mut graph);
+                Some(f(&mut graph))
+            }
+            Turn::Rebuilding => None,
+        }
+    }
+
+    /// Runs `f` on the graph, waiting for it (rule changes, off the request path).
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut FleetGraph) -> T) -> T {
         let mut graph = lock(&self.graph);
         self.apply_pending(&mut graph);
@@ -166,7 +231,7 @@ mod tests {
     /// at once without fleet facts; once it is done, the event is in the graph.
     #[test]
     fn nobody_waits_on_a_rebuild() {
-        let fleets = SharedFleets::new(FleetGraph::new(64 << 20, FleetRules::default()));
+        let fleets = SharedFleets::new(FleetGraph::new(64 << 20, FleetRules::default()), 64 << 20);
         fleets.record(&event("a", "card-1", NOW));
         fleets.record(&event("b", "card-1", NOW));
         assert_eq!(fleets.facts("a", NOW).unwrap().0.unwrap().size, 2);
@@ -195,7 +260,8 @@ mod tests {
     /// A graph past the inline limit is rebuilt on a thread of its own, and keeps its fleets.
     #[test]
     fn a_large_graph_is_rebuilt_off_the_caller() {
-        let fleets = SharedFleets::new(FleetGraph::new(256 << 20, FleetRules::default()));
+        let fleets =
+            SharedFleets::new(FleetGraph::new(256 << 20, FleetRules::default()), 256 << 20);
         for i in 0..(INLINE_REBUILD_ACCOUNTS as i64 + 100) {
             let mut e = event(&format!("acct-{i}"), &format!("card-{}", i / 2), NOW);
             // A network of its own each: only the cards link, in pairs.
@@ -203,8 +269,19 @@ mod tests {
             fleets.record(&e);
         }
         let before = fleets.with(|g| g.stats().rebuilds);
-        // Two hours on: due; the caller returns, the rebuild runs beside it.
-        fleets.record(&event("late", "card-late", NOW + 7_200));
+        // Two hours on: due. The rebuild cannot finish while the pending list is held here, so
+        // `record` returning at all shows it did not rebuild in the caller.
+        let held = lock(&fleets.pending);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let caller = fleets.clone();
+        std::thread::spawn(move || {
+            caller.record(&event("late", "card-late", NOW + 7_200));
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the caller returned before the rebuild was done");
+        assert!(fleets.busy(), "the rebuild runs on");
+        drop(held);
         let started = std::time::Instant::now();
         while fleets.busy() {
             assert!(started.elapsed() < std::time::Duration::from_secs(30));

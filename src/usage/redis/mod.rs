@@ -286,6 +286,7 @@ impl Reads {
 
     /// One bounded read into the cache; `Err` when Redis did not answer in time (counted).
     async fn read(&self, q: &UsageQuery<'_>, timeout: Duration) -> Result<Option<UsageFacts>, ()> {
+        let asked = Instant::now();
         let network = NetworkKey::of(q.ip);
         let mut pipe = redis::pipe();
         if let Some(id) = q.account_id {
@@ -337,9 +338,17 @@ impl Reads {
         match self.answer(q, values) {
             Ok(facts) => {
                 self.skip_until_ms.store(0, Ordering::Relaxed);
-                let now = Instant::now();
+                let (now, hash) = (Instant::now(), self.hash_of(q));
+                // A slow refresh does not replace what a later read already put there.
+                let newer = self
+                    .cache
+                    .get(&hash, now)
+                    .is_some_and(|c| c.at > asked && c.key.answers(q));
+                if newer {
+                    return Ok(facts);
+                }
                 self.cache.insert(
-                    self.hash_of(q),
+                    hash,
                     Cached {
                         key: CacheKey::of(q),
                         at: now,

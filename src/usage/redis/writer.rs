@@ -548,7 +548,11 @@ impl Writer {
         if lock(&self.fleets.failed_at).is_some_and(|at| at.elapsed() < REBUILD_BACKOFF) {
             return;
         }
-        if !self.fleets.rebuilding.send_if_modified(|running| !std::mem::replace(running, true)) {
+        if !self
+            .fleets
+            .rebuilding
+            .send_if_modified(|running| !std::mem::replace(running, true))
+        {
             return;
         }
         let running = Running(self.fleets.rebuilding.clone());
