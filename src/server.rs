@@ -195,7 +195,9 @@ pub async fn run(
         .transpose()
         .map_err(ServeError::Console)?;
     let authorization = InterceptedService::new(
-        AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
+        crate::grpc::DecodeErrorsInvalid::new(
+            AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
+        ),
         gateway_gate.clone(),
     );
     let usage = MessageLimit::new(

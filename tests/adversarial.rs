@@ -344,6 +344,21 @@ async fn malformed_protobuf_is_invalid_argument_naming_the_problem() {
         garbage.message()
     );
 
+    // Envoy's Check too, though its server is envoy-types' own (prost's codec said INTERNAL).
+    let check = raw_unary::<CheckResponse>(
+        &server.channel,
+        "/envoy.service.auth.v3.Authorization/Check",
+        GARBAGE.to_vec(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(check.code(), Code::InvalidArgument, "{check:?}");
+    assert!(
+        check.message().contains("could not be decoded") && check.message().contains("wire type"),
+        "{}",
+        check.message()
+    );
+
     let text = raw_unary::<pb::ClassifyResponse>(&server.channel, CLASSIFY, not_utf8())
         .await
         .unwrap_err();

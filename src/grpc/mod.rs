@@ -13,6 +13,7 @@ mod limit;
 mod records;
 mod review;
 mod status;
+mod undecodable;
 mod usage;
 
 pub use classifier::ClassifierService;
@@ -20,6 +21,7 @@ pub use limit::MessageLimit;
 pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
 pub use status::{ApiError, MAX_MESSAGE_BYTES, bounded, excerpt};
+pub use undecodable::DecodeErrorsInvalid;
 pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.
