@@ -69,7 +69,15 @@ pub fn free_port() -> u16 {
 /// Starts `regionguard serve` on core 0 with the shipped policy and country database and
 /// `config` (TOML, after its own `metrics_listen` and `cache_capacity = 0`), and connects.
 pub async fn start(dir: &Path, name: &str, config: &str) -> Server {
-    let (port, metrics_port) = (free_port(), free_port());
+    // Both probes held at once, so the two ports differ (the kernel may hand a closed probe's
+    // port out again at once).
+    let (port, metrics_port) = {
+        let probes = [(); 2].map(|()| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        (
+            probes[0].local_addr().unwrap().port(),
+            probes[1].local_addr().unwrap().port(),
+        )
+    };
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(
         &file,
