@@ -684,24 +684,15 @@ impl Graph {
         };
         // Roots of components with two members or more, by their founders' ids.
         let roots = self.generation_key(&generation, "r");
-        let mut cursor = 0u64;
+        let mut pages = HashPages::new(&roots, 1000);
         let mut root = None;
-        while root.is_none() {
-            let (next, items): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                .arg(&roots)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
+        while root.is_none()
+            && let Some(items) = pages.next(conn).await?
+        {
             root = items.into_iter().find_map(|(root, info)| {
                 let founder = info.splitn(4, ',').nth(3)?;
                 (fleet_id(founder) == id).then_some(root)
             });
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         let Some(root) = root else {
             return Ok(None);
