@@ -37,6 +37,11 @@ fn liftable(reason: &Reason) -> bool {
             .any(|(k, v)| *k == "list" && v == ListKind::Unsupported.as_str())
 }
 
+/// The `cleared_by` evidence of a reason an override cleared.
+fn cleared_by(o: &OverrideFact) -> String {
+    format!("override:{}", o.id)
+}
+
 /// The fleet an override is on, if that is its scope.
 fn fleet_of(o: &OverrideFact) -> Option<&str> {
     o.scope.strip_prefix("fleet:")
@@ -74,9 +79,7 @@ pub(super) fn clear_allowed_fleets(
                 .any(|(k, v)| *k == "fleet_id" && *v == fleet.id)
             {
                 reason.contribution = 0;
-                reason
-                    .evidence
-                    .push(("cleared_by", format!("override:{}", o.id)));
+                reason.evidence.push(("cleared_by", cleared_by(o)));
             }
         }
     }
@@ -112,7 +115,7 @@ pub(super) fn apply(
         .iter()
         .filter(|o| o.action == OverrideAction::Allow && fleet_of(o).is_some())
     {
-        let cleared = format!("override:{}", fleet_allow.id);
+        let cleared = cleared_by(fleet_allow);
         let applied = reasons.iter().any(|r| {
             r.evidence
                 .iter()

@@ -287,11 +287,7 @@ impl FleetGraph {
                 self.nodes[root as usize].founder = node;
                 self.cached.remove(&root);
                 // The fleet's id changes with its founder: the old one is kept as a former id.
-                let former = self.former.entry(root).or_default();
-                former.retain(|n| *n != node);
-                if !former.contains(&founder) {
-                    former.push(founder);
-                }
+                add_former(&mut self.former, root, [founder], node);
             }
         }
         {
@@ -674,12 +670,27 @@ struct Merged {
 fn absorb(former: &mut HashMap<u32, Vec<u32>>, nodes: &[Node], merged: Merged) {
     let mut ids = former.remove(&merged.absorbed).unwrap_or_default();
     ids.extend(merged.lost);
-    if ids.is_empty() {
-        return;
+    if !ids.is_empty() {
+        add_former(
+            former,
+            merged.root,
+            ids,
+            nodes[merged.root as usize].founder,
+        );
     }
-    let founder = nodes[merged.root as usize].founder;
-    let kept = former.entry(merged.root).or_default();
-    kept.extend(ids.into_iter().filter(|&id| id != founder));
+}
+
+/// Adds `ids` to `root`'s former founders, never its current `founder` (which it drops, should
+/// an earlier founder have come back).
+fn add_former(
+    former: &mut HashMap<u32, Vec<u32>>,
+    root: u32,
+    ids: impl IntoIterator<Item = u32>,
+    founder: u32,
+) {
+    let kept = former.entry(root).or_default();
+    kept.extend(ids);
+    kept.retain(|&id| id != founder);
     kept.sort_unstable();
     kept.dedup();
 }

@@ -52,8 +52,9 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A database that cannot be reached at start does not stop the replica: it starts with the
 /// overrides it last read ([`super::last_overrides`]; a replica that never read any starts only
 /// with `start_without_overrides`, then with none), spools what must be kept, and migrates and
-/// checks the chain's keying when the database answers, before draining the spool. A database that answers and refuses (a keying that does not match, a
-/// failed migration) stops the start.
+/// checks the chain's keying when the database answers, before draining the spool. A
+/// database that answers and refuses (a keying that does not match, a failed migration) stops
+/// the start.
 pub fn open(
     url: &str,
     spool_dir: &Path,
@@ -89,9 +90,7 @@ pub fn open(
             };
             runtime.block_on(async move {
                 let start = async {
-                    let mut client = super::connect(&thread_config).await?;
-                    super::migrate(&mut client).await.map_err(pg_error)?;
-                    check_keying(&client, key.as_ref()).await?;
+                    let client = set_up(&thread_config, key.as_ref()).await?;
                     let overrides = super::load_overrides(&client).await.map_err(pg_error)?;
                     Ok::<_, StoreError>((client, overrides))
                 };
@@ -173,6 +172,18 @@ pub fn open(
         reads: Reads::Postgres(Reader::new(config).keeping_overrides_in(spool_path)),
         overrides,
     })
+}
+
+/// A connection to a database made ready for this replica: migrated, its chain keyed as this
+/// replica writes it.
+async fn set_up(
+    config: &tokio_postgres::Config,
+    key: Option<&ChainKey>,
+) -> Result<Client, StoreError> {
+    let mut client = super::connect(config).await?;
+    super::migrate(&mut client).await.map_err(pg_error)?;
+    check_keying(&client, key).await?;
+    Ok(client)
 }
 
 /// Every replica must write the chain the same way: with the key once the chain is keyed,
@@ -348,12 +359,11 @@ impl Writer {
             let (config, key) = (self.config.clone(), self.key.clone());
             let setup = self.setup_pending;
             self.reconnect = Some(tokio::spawn(async move {
-                let mut client = super::connect(&config).await?;
                 if setup {
-                    super::migrate(&mut client).await.map_err(pg_error)?;
-                    check_keying(&client, key.as_ref()).await?;
+                    set_up(&config, key.as_ref()).await
+                } else {
+                    super::connect(&config).await
                 }
-                Ok(client)
             }));
         }
         false

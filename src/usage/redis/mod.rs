@@ -13,8 +13,9 @@
 //! an account's state and both sharing counts, and answers are cached for `redis_cache_ms`.
 //! When Redis is slow or down, decisions go on from what this replica last read (or nothing),
 //! marked `degraded`; a failed read keeps the request path off Redis for a short back-off while
-//! the connection manager reconnects (and [`link`] replaces a connection that went silent). Writes never happen on the request path: events go
-//! through a bounded queue to one writer task that merges them per account and pipelines them;
+//! the connection manager reconnects (and [`link`] replaces a connection that went silent).
+//! Writes never happen on the request path: events go through a bounded queue to one writer
+//! task that merges them per account and pipelines them;
 //! a failed batch is retried with back-off, and an event that finds the queue full is counted
 //! as lost.
 
@@ -241,8 +242,8 @@ impl RedisUsage {
 }
 
 impl Reads {
-    /// Reads for `q` in the background (an entry past half its life that decisions still ask
-    /// for), so hot accounts never wait on Redis. Needs a runtime; without one, nothing.
+    /// Reads for `q` in the background (an entry past three quarters of its life that decisions
+    /// still ask for), so hot accounts never wait on Redis. Needs a runtime; without one, nothing.
     fn refresh(self: &Arc<Self>, q: &UsageQuery<'_>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -286,7 +287,7 @@ impl Reads {
 
     /// One bounded read into the cache; `Err` when Redis did not answer in time (counted).
     async fn read(&self, q: &UsageQuery<'_>, timeout: Duration) -> Result<Option<UsageFacts>, ()> {
-        let asked = Instant::now();
+        let (asked, hash) = (Instant::now(), self.hash_of(q));
         let network = NetworkKey::of(q.ip);
         let mut pipe = redis::pipe();
         if let Some(id) = q.account_id {
@@ -338,7 +339,7 @@ impl Reads {
         match self.answer(q, values) {
             Ok(facts) => {
                 self.skip_until_ms.store(0, Ordering::Relaxed);
-                let (now, hash) = (Instant::now(), self.hash_of(q));
+                let now = Instant::now();
                 // A slow refresh does not replace what a later read already put there.
                 let newer = self
                     .cache

@@ -482,9 +482,6 @@ impl Writer {
         while let Some(done) = shared.join_next().await {
             match done {
                 Ok((left, refused, result)) => {
-                    if result.is_ok() {
-                        self.conn.answered();
-                    }
                     self.refuse(refused);
                     batch.shared.extend(left);
                     if let Err(error) = result {
@@ -499,6 +496,9 @@ impl Writer {
         if let Some(task) = fleets {
             match task.await {
                 Ok((left, refused, result)) => {
+                    if result.is_ok() {
+                        self.conn.answered();
+                    }
                     self.refuse(refused);
                     batch.fleets.extend(left);
                     match result {
@@ -578,6 +578,14 @@ impl Writer {
     }
 }
 
+/// Drops an account's events because Redis refuses its key for good; how many were lost.
+fn refuse_account(id: &str, pending: &mut Pending, error: &redis::RedisError) -> usize {
+    tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: the account's key is refused; events lost");
+    let lost = pending.events.len();
+    pending.events.clear();
+    lost
+}
+
 /// What a chunk task needs.
 struct Chunk {
     link: Arc<Link>,
@@ -618,9 +626,7 @@ async fn write_accounts(
         let stored = match stored {
             Ok(stored) => stored,
             Err(error) if refused_for_good(&error) => {
-                tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: the account's key is refused; events lost");
-                lost += pending.events.len();
-                pending.events.clear();
+                lost += refuse_account(id, pending, &error);
                 continue;
             }
             Err(error) => {
@@ -699,9 +705,7 @@ async fn write_accounts(
                         }
                         // The script stopped before its SET: nothing was written.
                         Err(error) if refused_for_good(&error) => {
-                            tracing::warn!(account = %id, %error, events = pending.events.len(), "usage history in Redis: the account's key is refused; events lost");
-                            lost += pending.events.len();
-                            pending.events.clear();
+                            lost += refuse_account(id, pending, &error);
                         }
                         Err(error) => {
                             failed.get_or_insert(error);
@@ -728,7 +732,7 @@ const SHARED_COMMANDS: usize = 3;
 async fn write_shared(
     link: Arc<Link>,
     in_flight: Arc<Semaphore>,
-    shared: Shared,
+    mut shared: Shared,
 ) -> (Shared, u64, redis::RedisResult<()>) {
     let Ok(_permit) = in_flight.acquire_owned().await else {
         return (shared, 0, Ok(()));
@@ -772,7 +776,6 @@ async fn write_shared(
         }
     }
     drop(keys);
-    let mut shared = shared;
     shared.retain(|key, _| again.contains(key));
     (shared, refused, failed.map_or(Ok(()), Err))
 }
