@@ -127,5 +127,23 @@ async fn main() {
     let stored = load::metric(&servers[2].1, "regionguard_audit_recorded_total");
     let unrecorded = load::metric(&servers[2].1, "regionguard_audit_unrecorded_total");
     println!("must-record server: {stored} rows committed, {unrecorded} decisions not given");
+    // What a row costs on disk: the database file with its WAL (the WAL is cut back after
+    // checkpoints, so this is the table, its indexes and the pages' free space).
+    for (i, name) in [(1, "async"), (2, "wait")] {
+        let rows = load::metric(&servers[i].1, "regionguard_audit_recorded_total");
+        let db = regionguard::store::sqlite::db_path(&dir.path().join(name));
+        let bytes: u64 = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut path = db.clone().into_os_string();
+                path.push(suffix);
+                std::fs::metadata(path).ok().map(|m| m.len())
+            })
+            .sum();
+        println!(
+            "{name} store: {:.0} bytes on disk per row ({rows} rows)",
+            bytes as f64 / rows.max(1.0)
+        );
+    }
     assert_eq!(errors, 0);
 }

@@ -153,9 +153,9 @@ const RETENTION_PAUSE: Duration = Duration::from_millis(50);
 const BATCH: usize = 256;
 
 /// How long rows nobody waits for (ALLOW decisions outside `must_record`) may gather before
-/// they commit. A commit writes every page it dirtied to the WAL, 16 KB each (the table's last
+/// they commit. A commit writes every page it dirtied to the WAL, whole (the table's last
 /// page, one per index, the hourly counts), however few rows it holds: committing each
-/// millisecond's handful of rows wrote about 7 KB of WAL per row at 27k rows/s. A caller that
+/// millisecond's handful of rows wrote about 7 KB of WAL per row at 27k rows/s (16 KB pages). A caller that
 /// waits (a must-record decision, a reviewer, a flush) ends the gathering within
 /// [`GATHER_POLL`].
 const ASYNC_GATHER: Duration = Duration::from_millis(5);
