@@ -26,7 +26,7 @@ use crate::grpc::deadline::UnaryDeadlineLayer;
 use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
-use crate::grpc::{ClassifierService, MessageLimit, ReviewService, UsageService};
+use crate::grpc::{ClassifierService, MessageLimit, ReadPast, ReviewService, UsageService};
 use crate::metrics::{CallMetricsLayer, Metrics};
 use tonic::service::interceptor::InterceptedService;
 
@@ -200,15 +200,18 @@ pub async fn run(
         ),
         gateway_gate.clone(),
     );
+    // Report and ClassifyStream read past a message that does not decode (`read_past.rs`).
+    let usage_service = UsageService::new(engine.clone(), settings.limits.max_stream_messages)
+        .with_idle_timeout(Duration::from_millis(
+            settings.limits.stream_idle_timeout_ms.max(1),
+        ));
     let usage = MessageLimit::new(
         InterceptedService::new(
-            UsageServer::new(
-                UsageService::new(engine.clone(), settings.limits.max_stream_messages)
-                    .with_idle_timeout(Duration::from_millis(
-                        settings.limits.stream_idle_timeout_ms.max(1),
-                    )),
-            )
-            .max_decoding_message_size(limit),
+            ReadPast::new(
+                UsageServer::new(usage_service.clone()).max_decoding_message_size(limit),
+                usage_service,
+                limit,
+            ),
             gateway_gate.clone(),
         ),
         limit,
@@ -218,13 +221,15 @@ pub async fn run(
             .max_decoding_message_size(backstop),
         Gate::new(&settings.auth, Role::Reviewer),
     );
+    let classifier_service = ClassifierService::new(engine, audit)
+        .with_max_stream_messages(settings.limits.max_stream_messages);
     let classifier = MessageLimit::new(
         InterceptedService::new(
-            ClassifierServer::new(
-                ClassifierService::new(engine, audit)
-                    .with_max_stream_messages(settings.limits.max_stream_messages),
-            )
-            .max_decoding_message_size(limit),
+            ReadPast::new(
+                ClassifierServer::new(classifier_service.clone()).max_decoding_message_size(limit),
+                classifier_service,
+                limit,
+            ),
             gateway_gate,
         ),
         limit,

@@ -403,30 +403,36 @@ async fn malformed_protobuf_is_invalid_argument_naming_the_problem() {
 }
 
 #[tokio::test]
-async fn an_undecodable_stream_message_is_answered_and_named() {
+async fn an_undecodable_stream_message_is_answered_and_the_stream_goes_on() {
     let scenario = &scenarios()[0];
     let server = TestServer::start(scenario).await;
+    let allowed = || classify_bytes(scenario.ips.allowed);
     let bodies = vec![
-        classify_bytes(scenario.ips.allowed),
+        allowed(),
         not_utf8(),
-        classify_bytes(scenario.ips.allowed),
+        allowed(),
+        GARBAGE.to_vec(),
+        allowed(),
     ];
     let (answers, end) =
         raw_stream::<pb::ClassifyResponse>(&server.channel, CLASSIFY_STREAM, bodies).await;
-    assert!(answers[0].error.is_none(), "the first request is decided");
-    let error = answers
-        .get(1)
-        .and_then(|a| a.error.as_ref())
-        .expect("an error answer for the undecodable request");
-    assert_eq!(error.code, "INVALID_ARGUMENT");
-    assert!(error.message.contains("UTF-8"), "{}", error.message);
-    let status = end.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("request 1") && status.message().contains("UTF-8"),
-        "{}",
-        status.message()
-    );
+    end.expect("the stream ends as the client ended it");
+    assert_eq!(answers.len(), 5, "one answer per request: {answers:?}");
+    for (i, bad, detail) in [(1, &answers[1], "UTF-8"), (3, &answers[3], "wire type")] {
+        let error = bad.error.as_ref().expect("an error answer");
+        assert_eq!(error.code, "INVALID_ARGUMENT");
+        assert!(
+            error.message.starts_with(&format!("request {i}:"))
+                && error.message.contains("could not be decoded")
+                && error.message.contains(detail),
+            "{}",
+            error.message
+        );
+    }
+    for good in [&answers[0], &answers[2], &answers[4]] {
+        assert!(good.error.is_none(), "{good:?}");
+        assert!(!good.decision_id.is_empty(), "decided: {good:?}");
+    }
     server.shutdown().await;
 }
 
@@ -489,7 +495,7 @@ fn usage_event(account: &str) -> pb::UsageEvent {
 }
 
 #[tokio::test]
-async fn an_undecodable_usage_event_fails_the_report_saying_what_was_kept() {
+async fn an_undecodable_usage_event_is_rejected_by_index_and_the_report_goes_on() {
     let scenario = &scenarios()[0];
     let server = TestServer::start(scenario).await;
     let bodies = vec![
@@ -498,18 +504,21 @@ async fn an_undecodable_usage_event_fails_the_report_saying_what_was_kept() {
         usage_event("b").encode_to_vec(),
     ];
     let (summaries, end) = raw_stream::<pb::ReportSummary>(&server.channel, REPORT, bodies).await;
-    let status = end.expect_err("the stream cannot be read past the event: it must say so");
-    assert!(summaries.is_empty(), "{summaries:?}");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let message = status.message();
+    end.expect("the report is summed up");
+    let [summary] = summaries.as_slice() else {
+        panic!("one summary: {summaries:?}")
+    };
+    assert_eq!((summary.accepted, summary.rejected), (2, 1), "{summary:?}");
+    let rejection = &summary.rejections[0];
+    assert_eq!((rejection.index, rejection.field.as_str()), (1, "event"));
     assert!(
-        message.starts_with("event 1:")
-            && message.contains("could not be decoded")
-            && message.contains("1 accepted"),
-        "{message}"
+        rejection.message.contains("could not be decoded")
+            && rejection.message.contains("wire type"),
+        "{}",
+        rejection.message
     );
 
-    // An event over max_request_bytes, the same.
+    // An event over max_request_bytes is refused as it arrives: the call fails saying what was kept.
     let mut big = usage_event("c").encode_to_vec();
     prost::encoding::bytes::encode(1000, &vec![0u8; 300_000], &mut big);
     let bodies = vec![usage_event("d").encode_to_vec(), big];

@@ -10,6 +10,7 @@ use regionguard::auth::{AuthConfig, CallerConfig, Role};
 use regionguard::config::Config;
 use regionguard::grpc::pb::classifier_client::ClassifierClient;
 use regionguard::grpc::pb::review_client::ReviewClient;
+use regionguard::grpc::pb::{self, usage_client::UsageClient};
 use regionguard::server::{self, ServerSettings};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -200,10 +201,37 @@ async fn a_registered_client_certificate_identifies_its_caller() {
     let stranger = connect(&addr, Some(as_client(&pki.stranger)))
         .await
         .unwrap();
-    let refused = classify(stranger).await.unwrap_err();
+    let refused = classify(stranger.clone()).await.unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::Unauthenticated,
         "CA-signed but not registered: {refused:?}"
+    );
+    // The streams regionguard serves itself (they read past undecodable messages) are behind
+    // the same gate.
+    let streamed = match ClassifierClient::new(stranger.clone())
+        .classify_stream(tokio_stream::iter(vec![support::request("216.160.83.57")]))
+        .await
+    {
+        Err(status) => status,
+        Ok(answers) => answers.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(
+        streamed.code(),
+        tonic::Code::Unauthenticated,
+        "{streamed:?}"
+    );
+    let reported = UsageClient::new(stranger)
+        .report(tokio_stream::iter(vec![pb::UsageEvent {
+            account_id: "a".into(),
+            ip: "216.160.83.57".into(),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reported.code(),
+        tonic::Code::Unauthenticated,
+        "{reported:?}"
     );
 }

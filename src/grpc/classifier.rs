@@ -1,15 +1,19 @@
 //! `regionguard.v1.Classifier`: convert, call the engine, convert back.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, http};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::AuditTrail;
 use crate::engine::{ClassifyInput, Engine, Outcome};
 use crate::grpc::convert::{self, rejected, unreadable};
 use crate::grpc::pb::classifier_server::Classifier;
+use crate::grpc::read_past::{ReadPastCodec, Readable, StreamRoute};
 use crate::grpc::status::bounded;
 use crate::grpc::{ApiError, pb};
 
@@ -82,15 +86,46 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<Streaming<pb::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        let service = self.clone();
-        let mut requests = request.into_inner();
+        // Served by `StreamRoute::serve` below, which reads past an undecodable request; this
+        // path (the generated server's own) ends the stream at one.
+        let requests = request.into_inner().map(|item| item.map(Ok));
+        Ok(Response::new(self.clone().answer_stream(requests)))
+    }
+
+    async fn lookup_ip(
+        &self,
+        request: Request<pb::LookupIpRequest>,
+    ) -> Result<Response<pb::IpInfo>, Status> {
+        let ip = convert::parse_ip("ip", &request.get_ref().ip)?;
+        let (lookup, databases) = self.engine.lookup(ip).map_err(ApiError::from)?;
+        Ok(Response::new(pb::IpInfo {
+            ip: lookup.ip.to_string(),
+            found: lookup.record.found,
+            location: Some(convert::location(&lookup, &databases)),
+        }))
+    }
+}
+
+/// The method path the generated server routes ClassifyStream by.
+const CLASSIFY_STREAM: &str = "/regionguard.v1.Classifier/ClassifyStream";
+
+impl ClassifierService {
+    /// ClassifyStream's answers, in order, one for each request: a decision, or an error answer
+    /// (`error` set) for a request that is invalid or could not be read at all; either way the
+    /// stream goes on. It ends with an error after `max_stream_messages` requests, or when the
+    /// stream itself fails (a message over `max_request_bytes`, a broken connection).
+    fn answer_stream<S>(self, mut requests: S) -> ResponseStream
+    where
+        S: Stream<Item = Result<Readable<pb::ClassifyRequest>, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let mut seen = 0u64;
             while let Some(item) = requests.next().await {
                 seen += 1;
-                if seen > service.max_stream_messages {
-                    let limit = service.max_stream_messages;
+                let index = seen - 1;
+                if seen > self.max_stream_messages {
+                    let limit = self.max_stream_messages;
                     let _ = tx
                         .send(Err(Status::resource_exhausted(format!(
                             "stream: more than {limit} requests on one stream"
@@ -99,15 +134,18 @@ impl Classifier for ClassifierService {
                     break;
                 }
                 let answer = match item {
-                    Ok(request) => Ok(service
+                    Ok(Ok(request)) => Ok(self
                         .decide(&request)
                         .await
                         .unwrap_or_else(|error| rejected(&request.request_id, &error))),
-                    // A message that does not decode or is over max_request_bytes: tonic cannot
-                    // read a stream past it (it has lost the message boundaries), so it gets an
-                    // error answer of its own and the stream ends saying which request and why.
+                    // A request that does not decode: its own error answer, and on.
+                    Ok(Err(status)) => Ok(unreadable(&Status::new(
+                        status.code(),
+                        format!("request {index}: {}", status.message()),
+                    ))),
+                    // The stream itself failed (over max_request_bytes, say): nothing more can
+                    // be read, so the stream ends saying which request and why.
                     Err(status) => {
-                        let index = seen - 1;
                         let _ = tx.send(Ok(unreadable(&status))).await;
                         Err(Status::new(
                             status.code(),
@@ -124,20 +162,30 @@ impl Classifier for ClassifierService {
                 }
             }
         });
-        let responses = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(responses)))
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
+}
 
-    async fn lookup_ip(
-        &self,
-        request: Request<pb::LookupIpRequest>,
-    ) -> Result<Response<pb::IpInfo>, Status> {
-        let ip = convert::parse_ip("ip", &request.get_ref().ip)?;
-        let (lookup, databases) = self.engine.lookup(ip).map_err(ApiError::from)?;
-        Ok(Response::new(pb::IpInfo {
-            ip: lookup.ip.to_string(),
-            found: lookup.record.found,
-            location: Some(convert::location(&lookup, &databases)),
-        }))
+impl StreamRoute for ClassifierService {
+    const PATH: &'static str = CLASSIFY_STREAM;
+
+    fn serve(
+        self,
+        request: http::Request<Body>,
+        max_decoding: usize,
+    ) -> BoxFuture<http::Response<Body>, Infallible> {
+        Box::pin(async move {
+            let method = tower::service_fn(
+                move |call: Request<Streaming<Readable<pb::ClassifyRequest>>>| {
+                    let service = self.clone();
+                    async move {
+                        Ok::<_, Status>(Response::new(service.answer_stream(call.into_inner())))
+                    }
+                },
+            );
+            let mut grpc = tonic::server::Grpc::new(ReadPastCodec::default())
+                .apply_max_message_size_config(Some(max_decoding), None);
+            Ok(grpc.streaming(method, request).await)
+        })
     }
 }

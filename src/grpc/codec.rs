@@ -2,10 +2,18 @@
 //! a message that does not decode is the sender's error, INVALID_ARGUMENT naming what was wrong
 //! (prost's error names the field: `ClassifyRequest.ip: invalid string value: data is not UTF-8
 //! encoded`), not INTERNAL. Encoding is prost's own.
+//!
+//! [`ReadPastCodec`] is the same for request streams that go on past such a message: tonic hands
+//! a decoder exactly one message's bytes, so a message that does not decode can be skipped whole
+//! and the next one read as usual. Its items are the message or why it could not be read; the
+//! streaming methods served through it (`read_past.rs`) answer that one message with an error
+//! and go on. (A decoder that returns an error instead leaves tonic mid-message, and the stream
+//! ends there.)
 
 use std::marker::PhantomData;
 
 use prost::Message;
+use prost::bytes::Buf;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstEncoder};
@@ -49,9 +57,60 @@ impl<U: Message + Default> Decoder for WireDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf)
-            .map(Some)
-            .map_err(|error| ApiError::Undecodable(error).into())
+        read(buf).map(Some)
+    }
+}
+
+fn read<U: Message + Default>(buf: &mut DecodeBuf<'_>) -> Result<U, Status> {
+    U::decode(buf).map_err(|error| ApiError::Undecodable(error).into())
+}
+
+/// One message of a request stream read through [`ReadPastCodec`]: the message, or why it could
+/// not be read (INVALID_ARGUMENT naming what was wrong).
+pub type Readable<U> = Result<U, Status>;
+
+/// [`WireCodec`] for request streams that go on past a message that does not decode.
+#[derive(Debug, Clone)]
+pub struct ReadPastCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for ReadPastCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for ReadPastCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = Readable<U>;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ReadPastDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ReadPastDecoder(PhantomData)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadPastDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for ReadPastDecoder<U> {
+    type Item = Readable<U>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Readable<U>>, Status> {
+        let message = read(buf);
+        // What decoding left of an undecodable message: tonic reads the next message's header
+        // right after this one's last byte.
+        buf.advance(buf.remaining());
+        Ok(Some(message))
     }
 }
 

@@ -10,6 +10,7 @@ mod codec;
 pub mod convert;
 pub mod deadline;
 mod limit;
+mod read_past;
 mod records;
 mod review;
 mod status;
@@ -18,6 +19,7 @@ mod usage;
 
 pub use classifier::ClassifierService;
 pub use limit::MessageLimit;
+pub use read_past::ReadPast;
 pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
 pub use status::{ApiError, MAX_MESSAGE_BYTES, bounded, excerpt};

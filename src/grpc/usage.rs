@@ -2,8 +2,9 @@
 //!
 //! Each event is checked on its own: a bad one is counted and named (index, field, problem) and
 //! the stream goes on, so good events are never lost because a neighbour was bad. An event that
-//! cannot be read at all (undecodable, over `max_request_bytes`) fails the call, saying how many
-//! events before it were kept: tonic cannot read a stream past it, and a summary would hide that.
+//! does not decode is rejected the same way (field `event`; served through `read_past.rs`). An
+//! event over `max_request_bytes` fails the call, saying how many events before it were kept:
+//! it is refused as it arrives, nothing after it is read, and a summary would hide that.
 //!
 //! A report is not cut by the unary `request_timeout_ms`. It ends when the client ends it, at
 //! `max_stream_messages`, after `stream_idle_timeout_ms` without an event, or shortly before the
@@ -11,16 +12,21 @@
 //! when the server stopped reading first, `stopped` saying why. The client resends from event
 //! `accepted + rejected`; nothing is counted twice.
 
+use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio_stream::{Stream, StreamExt};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, http};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
 use crate::grpc::ApiError;
 use crate::grpc::convert::{MAX_ID_BYTES, identifier, parse_ip};
 use crate::grpc::pb::{self, usage_server::Usage};
+use crate::grpc::read_past::{ReadPastCodec, Readable, StreamRoute};
 use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
 use crate::usage::window::HISTORY_SECS;
@@ -32,6 +38,7 @@ const MAX_FUTURE_SECS: i64 = 300;
 const MAX_REQUESTS: u64 = 1_000_000;
 const MAX_TOKENS: u64 = 1_000_000_000;
 
+#[derive(Clone)]
 pub struct UsageService {
     engine: Arc<Engine>,
     max_stream_messages: u64,
@@ -158,6 +165,48 @@ impl Usage for UsageService {
         &self,
         request: Request<Streaming<pb::UsageEvent>>,
     ) -> Result<Response<pb::ReportSummary>, Status> {
+        // Served by `StreamRoute::serve` below, which reads past an undecodable event; this
+        // path (the generated server's own) fails the call at one.
+        self.report_events(request.map(|events| events.map(|item| item.map(Ok))))
+            .await
+    }
+}
+
+/// The method path the generated server routes Report by.
+const REPORT: &str = "/regionguard.v1.Usage/Report";
+
+impl StreamRoute for UsageService {
+    const PATH: &'static str = REPORT;
+
+    fn serve(
+        self,
+        request: http::Request<Body>,
+        max_decoding: usize,
+    ) -> BoxFuture<http::Response<Body>, Infallible> {
+        Box::pin(async move {
+            let method =
+                tower::service_fn(move |call: Request<Streaming<Readable<pb::UsageEvent>>>| {
+                    let service = self.clone();
+                    async move { service.report_events(call).await }
+                });
+            let mut grpc = tonic::server::Grpc::new(ReadPastCodec::default())
+                .apply_max_message_size_config(Some(max_decoding), None);
+            Ok(grpc.client_streaming(method, request).await)
+        })
+    }
+}
+
+impl UsageService {
+    /// Applies a report's events and sums them up. An event that is invalid or does not decode
+    /// is rejected by index and the stream goes on; a stream that fails (an event over
+    /// `max_request_bytes`, a broken connection) fails the call, saying what was kept.
+    async fn report_events<S>(
+        &self,
+        request: Request<S>,
+    ) -> Result<Response<pb::ReportSummary>, Status>
+    where
+        S: Stream<Item = Result<Readable<pb::UsageEvent>, Status>> + Unpin,
+    {
         if self.engine.usage().is_none() {
             return Err(Status::failed_precondition(
                 "usage history is turned off ([usage] enabled = false)",
@@ -173,7 +222,7 @@ impl Usage for UsageService {
                 at.saturating_duration_since(Instant::now())
                     .min(self.idle_timeout)
             });
-            let next = match tokio::time::timeout(wait, stream.message()).await {
+            let next = match tokio::time::timeout(wait, stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
                     let near_deadline = stop_at.is_some_and(|at| Instant::now() >= at);
@@ -191,12 +240,12 @@ impl Usage for UsageService {
                 }
             };
             let event = match next {
-                Ok(Some(event)) => event,
-                Ok(None) => break,
-                Err(status) => {
-                    // An event that does not decode or is over max_request_bytes: tonic cannot
-                    // read the stream past it, so the call fails saying what was kept, rather
-                    // than answer a summary that silently leaves out the rest.
+                Some(Ok(event)) => event,
+                None => break,
+                Some(Err(status)) => {
+                    // An event over max_request_bytes, a broken stream: nothing after it can be
+                    // read, so the call fails saying what was kept, rather than answer a
+                    // summary that silently leaves out the rest.
                     return Err(Status::new(
                         status.code(),
                         bounded(&format!(
@@ -220,6 +269,20 @@ impl Usage for UsageService {
                 );
                 break;
             }
+            let event = match event {
+                Ok(event) => event,
+                // An event that does not decode: rejected like an invalid one, and on.
+                Err(status) => {
+                    reject(
+                        &mut summary,
+                        index,
+                        "event".into(),
+                        status.message().to_owned(),
+                    );
+                    index += 1;
+                    continue;
+                }
+            };
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
