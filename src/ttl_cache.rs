@@ -74,7 +74,37 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     /// Inserts `value` for `key` as of `now`, making room in a full shard first.
     pub fn insert(&self, key: K, value: V, now: Instant) {
         let mut shard = self.shard(&key);
-        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+        self.make_room(&mut shard, &key, now);
+        shard.insert(key, (now, value));
+    }
+
+    /// As `insert`, unless the entry `key` holds is live and `keep` says to keep it; in one
+    /// look at the shard, so no insert can come between the look and the write. Whether it
+    /// inserted.
+    pub fn insert_unless(
+        &self,
+        key: K,
+        value: V,
+        now: Instant,
+        keep: impl FnOnce(&V) -> bool,
+    ) -> bool {
+        let mut shard = self.shard(&key);
+        let live = |(at, _): &(Instant, V)| now.saturating_duration_since(*at) < self.ttl;
+        if shard
+            .get(&key)
+            .is_some_and(|entry| live(entry) && keep(&entry.1))
+        {
+            return false;
+        }
+        self.make_room(&mut shard, &key, now);
+        shard.insert(key, (now, value));
+        true
+    }
+
+    /// In a full shard that does not hold `key`: drops the expired entries, then arbitrary
+    /// ones down to 7/8 full.
+    fn make_room(&self, shard: &mut Entries<K, V>, key: &K, now: Instant) {
+        if shard.len() >= self.per_shard && !shard.contains_key(key) {
             let ttl = self.ttl;
             shard.retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
             // Still more than 7/8 full with live entries: drop arbitrary ones down to 7/8, so
@@ -92,7 +122,6 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
                 });
             }
         }
-        shard.insert(key, (now, value));
     }
 
     /// Entries held, expired ones not yet removed included.
@@ -118,6 +147,24 @@ mod tests {
         cache.insert("a".to_owned(), 2, t0);
         cache.insert("a".to_owned(), 3, t0 + Duration::from_millis(10));
         assert_eq!(cache.get("a", t0 + Duration::from_millis(500)), Some(3));
+    }
+
+    #[test]
+    fn insert_unless_keeps_a_live_entry_it_is_told_to_keep_only() {
+        let cache = TtlCache::new(64, Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(
+            cache.insert_unless("k", 1, t0, |_| true),
+            "nothing there yet"
+        );
+        assert!(!cache.insert_unless("k", 2, t0, |held| *held == 1));
+        assert_eq!(cache.get("k", t0), Some(1));
+        assert!(cache.insert_unless("k", 3, t0, |held| *held == 2));
+        assert_eq!(cache.get("k", t0), Some(3));
+        // An expired entry is replaced whatever `keep` says.
+        let later = t0 + Duration::from_secs(2);
+        assert!(cache.insert_unless("k", 4, later, |_| true));
+        assert_eq!(cache.get("k", later), Some(4));
     }
 
     #[test]

@@ -341,14 +341,7 @@ impl Reads {
                 self.skip_until_ms.store(0, Ordering::Relaxed);
                 let now = Instant::now();
                 // A slow refresh does not replace what a later read already put there.
-                let newer = self
-                    .cache
-                    .get(&hash, now)
-                    .is_some_and(|c| c.at > asked && c.key.answers(q));
-                if newer {
-                    return Ok(facts);
-                }
-                self.cache.insert(
+                self.cache.insert_unless(
                     hash,
                     Cached {
                         key: CacheKey::of(q),
@@ -357,6 +350,7 @@ impl Reads {
                         refreshing: Arc::default(),
                     },
                     now,
+                    |held| held.at > asked && held.key.answers(q),
                 );
                 Ok(facts)
             }
@@ -687,6 +681,40 @@ impl OwnedQuery {
             ip: self.ip,
             payment_fingerprint: self.payment_fingerprint.as_deref(),
             now: self.now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query<'a>(account: Option<&'a str>, ip: &str, card: Option<&'a str>) -> UsageQuery<'a> {
+        UsageQuery {
+            account_id: account,
+            ip: ip.parse().unwrap(),
+            payment_fingerprint: card,
+            now: 1_790_000_000,
+        }
+    }
+
+    /// The read cache is keyed by a 64-bit hash; an entry whose hash matches another query's
+    /// must not answer it: the entry keeps what it was read for and is checked on every hit.
+    #[test]
+    fn a_cached_read_answers_the_query_it_was_read_for_only() {
+        let asked = query(Some("acct-1"), "203.0.113.7", Some("card-1"));
+        let key = CacheKey::of(&asked);
+        assert!(key.answers(&asked));
+        // The same /24 is the same network key: one read serves it.
+        assert!(key.answers(&query(Some("acct-1"), "203.0.113.200", Some("card-1"))));
+        for other in [
+            query(Some("acct-2"), "203.0.113.7", Some("card-1")),
+            query(None, "203.0.113.7", Some("card-1")),
+            query(Some("acct-1"), "198.51.100.7", Some("card-1")),
+            query(Some("acct-1"), "203.0.113.7", Some("card-2")),
+            query(Some("acct-1"), "203.0.113.7", None),
+        ] {
+            assert!(!key.answers(&other), "{other:?}");
         }
     }
 }
