@@ -13,7 +13,7 @@ use crate::audit::AuditTrail;
 use crate::engine::{ClassifyInput, Engine, Outcome};
 use crate::grpc::convert::{self, rejected, unreadable};
 use crate::grpc::pb::classifier_server::Classifier;
-use crate::grpc::read_past::{ReadPastCodec, Readable, StreamRoute};
+use crate::grpc::read_past::{self, Readable, StreamRoute};
 use crate::grpc::status::bounded;
 use crate::grpc::{ApiError, pb};
 
@@ -183,9 +183,9 @@ impl StreamRoute for ClassifierService {
                     }
                 },
             );
-            let mut grpc = tonic::server::Grpc::new(ReadPastCodec::default())
-                .apply_max_message_size_config(Some(max_decoding), None);
-            Ok(grpc.streaming(method, request).await)
+            Ok(read_past::grpc(max_decoding)
+                .streaming(method, request)
+                .await)
         })
     }
 }

@@ -35,6 +35,17 @@ pub trait StreamRoute: Clone + Send + 'static {
     ) -> BoxFuture<Response<Body>, Infallible>;
 }
 
+/// The gRPC handling a [`StreamRoute`] serves its method with: the generated servers' own (no
+/// compression, one message at most `max_decoding` bytes), through [`ReadPastCodec`].
+pub fn grpc<T, U>(max_decoding: usize) -> tonic::server::Grpc<ReadPastCodec<T, U>>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    tonic::server::Grpc::new(ReadPastCodec::default())
+        .apply_max_message_size_config(Some(max_decoding), None)
+}
+
 /// The generated server `S`, with the method `R` serves read past undecodable messages.
 #[derive(Clone)]
 pub struct ReadPast<S, R> {

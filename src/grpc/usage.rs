@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::grpc::ApiError;
 use crate::grpc::convert::{MAX_ID_BYTES, identifier, parse_ip};
 use crate::grpc::pb::{self, usage_server::Usage};
-use crate::grpc::read_past::{ReadPastCodec, Readable, StreamRoute};
+use crate::grpc::read_past::{self, Readable, StreamRoute};
 use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
 use crate::usage::window::HISTORY_SECS;
@@ -189,9 +189,9 @@ impl StreamRoute for UsageService {
                     let service = self.clone();
                     async move { service.report_events(call).await }
                 });
-            let mut grpc = tonic::server::Grpc::new(ReadPastCodec::default())
-                .apply_max_message_size_config(Some(max_decoding), None);
-            Ok(grpc.client_streaming(method, request).await)
+            Ok(read_past::grpc(max_decoding)
+                .client_streaming(method, request)
+                .await)
         })
     }
 }
