@@ -67,6 +67,44 @@ async fn rows_are_chained_queued_and_survive_reopening() {
 }
 
 #[tokio::test]
+async fn a_decision_recorded_twice_is_kept_once_and_the_chain_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    // Twice in one batch, and again in a later one.
+    for id in ["d1", "d1", "d2"] {
+        recorder
+            .decision(decision_row(id, "DENY"), None)
+            .await
+            .unwrap();
+    }
+    recorder.flush().await;
+    recorder
+        .decision(decision_row("d1", "DENY"), MUST)
+        .await
+        .expect("a repeat is answered as recorded: it is on record");
+    recorder
+        .decision(decision_row("d3", "REVIEW"), MUST)
+        .await
+        .unwrap();
+    recorder.flush().await;
+    let conn = open_for_reading(dir.path()).unwrap();
+    assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(3), "d1, d2, d3");
+    let seqs: Vec<(i64, String)> = conn
+        .prepare("SELECT seq, ref_id FROM audit_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        seqs,
+        [(1, "d1".into()), (2, "d2".into()), (3, "d3".into())],
+        "no gap where a repeat was skipped"
+    );
+    assert_eq!(open_items(&conn), 1);
+}
+
+#[tokio::test]
 async fn review_changes_commit_with_their_audit_row_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();

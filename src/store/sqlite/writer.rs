@@ -235,20 +235,15 @@ fn append(
     row: &AuditRow,
     key: Option<&ChainKey>,
 ) -> rusqlite::Result<bool> {
-    // Only a repeated (kind, ref_id) is skipped; any other conflict (a second writer on the same
-    // store, say) fails the batch rather than hide a row.
+    // Only a repeated (kind, ref_id) is skipped (the upsert clause names that index alone); any
+    // other conflict (a second writer on the same store, say) fails the batch rather than hide
+    // a row. One statement a row, not a look-up first: the insert finds the repeat itself.
     // Prepared once per connection (the statement cache), not parsed again for every row.
-    let exists: bool = tx
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM audit_log WHERE kind = ?1 AND ref_id = ?2)")?
-        .query_row(params![&row.kind, &row.ref_id], |r| r.get(0))?;
-    if exists {
-        return Ok(false);
-    }
     let next = *seq + 1;
     let hash = row.hash_with(next, prev, key);
     let inserted = tx.prepare_cached(
         "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (kind, ref_id) DO NOTHING",
     )?
     .execute(params![next, &row.kind, row.ref_id, row.recorded_at_ms, row.actor, row.account_id, row.verdict, row.country, row.reasons, row.body, *prev, hash])?;
     if inserted == 1 {
