@@ -126,7 +126,11 @@ async fn main() {
     );
     let stored = load::metric(&servers[2].1, "regionguard_audit_recorded_total");
     let unrecorded = load::metric(&servers[2].1, "regionguard_audit_unrecorded_total");
-    println!("must-record server: {stored} rows committed, {unrecorded} decisions not given");
+    let commits = load::metric(&servers[2].1, "regionguard_audit_commits_total");
+    println!(
+        "must-record server: {stored} rows committed in {commits} transactions ({:.1} a commit), {unrecorded} decisions not given",
+        stored / commits.max(1.0)
+    );
     // What a row costs on disk: the database file with its WAL (the WAL is cut back after
     // checkpoints, so this is the table, its indexes and the pages' free space).
     for (i, name) in [(1, "async"), (2, "wait")] {

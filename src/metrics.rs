@@ -405,6 +405,12 @@ impl Collector for EngineCollector {
             )?;
             counter(
                 e,
+                "audit_commits",
+                "Transactions the audit writer committed (rows a commit serves: recorded / commits)",
+                stats.commits,
+            )?;
+            counter(
+                e,
                 "audit_pruned",
                 "Audit rows removed by retention (store.retain_days)",
                 stats.pruned,

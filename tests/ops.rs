@@ -51,6 +51,7 @@ async fn metrics_count_calls_verdicts_reasons_and_show_state() {
         "regionguard_policy_info{version=\"2026-11-25+",
         "regionguard_reload_failures_total 0",
         "regionguard_audit_recorded_total",
+        "regionguard_audit_commits_total",
     ] {
         assert!(body.contains(expected), "missing {expected:?} in\n{body}");
     }

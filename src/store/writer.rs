@@ -116,6 +116,8 @@ pub struct RecorderStats {
     /// Must-record decisions whose row could not be committed: their callers got an error
     /// (Classify UNAVAILABLE, Check the `on_error` answer) instead of the decision.
     pub unrecorded: u64,
+    /// Transactions committed: `recorded / commits` is how many rows a commit serves.
+    pub commits: u64,
 }
 
 #[derive(Default)]
@@ -126,6 +128,7 @@ pub(crate) struct Counters {
     pub(crate) pruned: AtomicU64,
     pub(crate) spool_depth: AtomicU64,
     pub(crate) unrecorded: AtomicU64,
+    pub(crate) commits: AtomicU64,
 }
 
 /// The request path's handle on the writer.
@@ -260,6 +263,7 @@ impl Recorder {
             pruned: self.counters.pruned.load(Ordering::Relaxed),
             spool_depth: self.counters.spool_depth.load(Ordering::Relaxed),
             unrecorded: self.counters.unrecorded.load(Ordering::Relaxed),
+            commits: self.counters.commits.load(Ordering::Relaxed),
         }
     }
 }

@@ -382,6 +382,10 @@ impl Writer {
         if !self.spool.is_empty() || !self.connected().await {
             return self.away(items);
         }
+        // A batch of flushes alone has nothing to commit.
+        if items.is_empty() {
+            return;
+        }
         match self.commit(&items).await {
             Ok(done) => self.deliver(items, done.into_iter().map(Ok).collect()),
             Err(error) if matches!(error, StoreError::Unavailable(_)) => {
@@ -587,7 +591,10 @@ impl Writer {
             ));
         };
         match tokio::time::timeout(COMMIT_TIMEOUT, commit(client, items, key.as_ref())).await {
-            Ok(Ok(done)) => Ok(done),
+            Ok(Ok(done)) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(done)
+            }
             Ok(Err(Failure::Pg(error))) => Err(pg_error(error)),
             Ok(Err(Failure::Store(error))) => Err(error),
             Err(_) => {

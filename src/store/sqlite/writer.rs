@@ -506,10 +506,18 @@ fn run(
         }
         // One transaction for the batch; if it fails, each item alone, so that one bad row
         // costs only itself.
-        let outcomes: Vec<Result<Committed, rusqlite::Error>> = match commit(
-            &mut conn, &items, &mut seq, &mut prev, key,
-        ) {
-            Ok(done) => done.into_iter().map(Ok).collect(),
+        // A batch of flushes and retention requests alone has nothing to commit.
+        let batch = if items.is_empty() {
+            Ok(Vec::new())
+        } else {
+            commit(&mut conn, &items, &mut seq, &mut prev, key)
+        };
+        let outcomes: Vec<Result<Committed, rusqlite::Error>> = match batch {
+            Ok(done) if done.is_empty() => Vec::new(),
+            Ok(done) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                done.into_iter().map(Ok).collect()
+            }
             Err(error) => {
                 tracing::warn!(%error, items = items.len(), "audit batch failed; committing its items one by one");
                 items
@@ -522,7 +530,10 @@ fn run(
                             &mut prev,
                             key,
                         )
-                        .map(|mut done| done.remove(0))
+                        .map(|mut done| {
+                            counters.commits.fetch_add(1, Ordering::Relaxed);
+                            done.remove(0)
+                        })
                     })
                     .collect()
             }
