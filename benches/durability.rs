@@ -135,6 +135,10 @@ async fn main() {
     // checkpoints, so this is the table, its indexes and the pages' free space).
     for (i, name) in [(1, "async"), (2, "wait")] {
         let rows = load::metric(&servers[i].1, "regionguard_audit_recorded_total");
+        let dropped = load::metric(&servers[i].1, "regionguard_audit_dropped_total");
+        if dropped > 0.0 {
+            println!("{name} store: {dropped} rows left out under overflow");
+        }
         let db = regionguard::store::sqlite::db_path(&dir.path().join(name));
         let bytes: u64 = ["", "-wal"]
             .iter()
