@@ -201,6 +201,8 @@ pub async fn run(
         gateway_gate.clone(),
     );
     // Report and ClassifyStream read past a message that does not decode (`read_past.rs`).
+    // Those two methods are served with `read_past::grpc`'s settings, not the generated
+    // server's: compression turned on here would have to be turned on there too.
     let usage_service = UsageService::new(engine.clone(), settings.limits.max_stream_messages)
         .with_idle_timeout(Duration::from_millis(
             settings.limits.stream_idle_timeout_ms.max(1),

@@ -90,3 +90,40 @@ async fn a_stream_is_bounded_in_length() {
     assert_eq!((answered, status.code()), (3, Code::ResourceExhausted));
     server.shutdown().await;
 }
+
+/// A report past `max_stream_messages` stops there, and its summary's resume point
+/// (`accepted + rejected`) is the first event it did not apply.
+#[tokio::test]
+async fn a_report_past_its_length_bound_says_where_to_resume() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, |c| c.limits.max_stream_messages = 3).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let events: Vec<pb::UsageEvent> = (0..5)
+        .map(|i| pb::UsageEvent {
+            account_id: format!("acct-{i}"),
+            ip: scenario.ips.allowed.into(),
+            timestamp_unix_ms: now_ms,
+            request_count: 1,
+            ..Default::default()
+        })
+        .collect();
+    let summary = UsageClient::new(server.channel.clone())
+        .report(tokio_stream::iter(events))
+        .await
+        .expect("a summary")
+        .into_inner();
+    assert_eq!(
+        (summary.accepted, summary.rejected),
+        (3, 0),
+        "the fourth event is not applied, so it is not counted: {summary:?}"
+    );
+    assert!(
+        summary.stopped.contains("max_stream_messages")
+            && summary.stopped.contains("after 3 events"),
+        "{summary:?}"
+    );
+    server.shutdown().await;
+}

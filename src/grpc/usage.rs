@@ -258,14 +258,11 @@ impl UsageService {
                 }
             };
             if index >= self.max_stream_messages {
-                reject(
-                    &mut summary,
-                    index,
-                    "stream".into(),
-                    format!(
-                        "more than {} events on one stream; report the rest on a new stream",
-                        self.max_stream_messages
-                    ),
+                // Stopped, not rejected: this event is not applied, and a client resending from
+                // `accepted + rejected` must resend it too.
+                summary.stopped = format!(
+                    "more than {} events on one stream (max_stream_messages): stopped reading after {index} events; send the rest on a new stream",
+                    self.max_stream_messages
                 );
                 break;
             }

@@ -107,6 +107,31 @@ async fn a_decision_recorded_twice_is_kept_once_and_the_chain_goes_on() {
     assert_eq!(open_items(&conn), 1);
 }
 
+/// Only a repeated (kind, ref_id) is skipped: a row whose place in the chain is taken (a second
+/// writer on the same file) fails, and is never silently left out.
+#[tokio::test]
+async fn a_row_whose_place_is_taken_fails_rather_than_being_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 16, Overflow::Sample).unwrap();
+    recorder
+        .decision(decision_row("d1", "DENY"), MUST)
+        .await
+        .unwrap();
+    // Behind the writer's back, another connection takes seq 2.
+    let other = open_for_writing(dir.path()).unwrap();
+    other
+        .execute(
+            "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+             VALUES (2, 'decision', 'intruder', 0, '', '', 'ALLOW', '', '', '{}', '', '')",
+            [],
+        )
+        .unwrap();
+    let refused = recorder.decision(decision_row("d2", "DENY"), MUST).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let stats = recorder.stats();
+    assert_eq!((stats.failed, stats.unrecorded), (1, 1), "{stats:?}");
+}
+
 #[tokio::test]
 async fn review_changes_commit_with_their_audit_row_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();

@@ -163,8 +163,10 @@ const ASYNC_GATHER: Duration = Duration::from_millis(5);
 /// wait, at most.
 const GATHER_POLL: Duration = Duration::from_micros(250);
 
-/// At most this many yields gather a commit that callers wait on.
+/// At most this many yields, and this long, gather a commit that callers wait on (a yield to
+/// a busy thread can cost a time slice).
 const YIELD_ROUNDS: usize = 8;
+const YIELD_AT_MOST: Duration = Duration::from_millis(1);
 
 /// Whether somebody waits for this command's commit.
 fn waited_on(command: &Command) -> bool {
@@ -476,8 +478,12 @@ fn run(
         // costing a commit of its own (durability bench: 46 rows a commit instead of 11,
         // must-record throughput +10 %).
         if waiting {
+            let yielding = std::time::Instant::now();
             for _ in 0..YIELD_ROUNDS {
                 let before = commands.len();
+                if before >= BATCH || yielding.elapsed() >= YIELD_AT_MOST {
+                    break;
+                }
                 std::thread::yield_now();
                 while commands.len() < BATCH {
                     match rx.try_recv() {
