@@ -1024,6 +1024,33 @@ async fn both_adapters_keep_the_ids_a_fleet_had() {
     step(vec![linked("early", t0 + 2 * 3600, Some("card-old"), None)]).await;
     let rebuilt = fleet_of("young-2").await;
     assert_eq!((rebuilt.size, &rebuilt.formerly), (5, &expected));
+
+    // A reviewer asking for a former id (from an older decision) gets the fleet now.
+    for former in [&young.id, &old.id] {
+        for (adapter, history) in [
+            ("in-process", &local as &dyn UsageHistory),
+            ("Redis", &remote as &dyn UsageHistory),
+        ] {
+            let fleet = history
+                .fleet(former, now)
+                .await
+                .unwrap_or_else(|e| panic!("{adapter}: {e}"))
+                .unwrap_or_else(|| panic!("{adapter}: {former} not found"));
+            assert_eq!(
+                (&fleet.facts.id, fleet.facts.size),
+                (&rebuilt.id, 5),
+                "{adapter}"
+            );
+            assert!(fleet.facts.formerly.contains(former), "{adapter}");
+        }
+    }
+    for (adapter, history) in [
+        ("in-process", &local as &dyn UsageHistory),
+        ("Redis", &remote as &dyn UsageHistory),
+    ] {
+        let unknown = history.fleet("fl_0000000000000000", now).await;
+        assert!(matches!(unknown, Ok(None)), "{adapter}");
+    }
     assert_eq!(
         redis.command("GET former:{f}gen").as_deref(),
         Some("$1\r\n2\r\n"),

@@ -585,7 +585,8 @@ impl FleetGraph {
         }
     }
 
-    /// The fleet with this id, for reviewers: its members and the values linking them.
+    /// The fleet with this id, or that had it before (its `formerly`), for reviewers: its members
+    /// and the values linking them.
     pub fn report(&mut self, id: &str, now: i64) -> Option<FleetReport> {
         // Fleets decisions asked about are in the cache; others are found by their founders.
         let is_root = |n: u32| self.nodes[n as usize].parent == n;
@@ -594,14 +595,27 @@ impl FleetGraph {
             .iter()
             .find(|(root, c)| c.facts.id == id && is_root(**root))
             .map(|(root, _)| *root);
-        let root = cached.or_else(|| {
-            (0..self.nodes.len() as u32).find(|&n| {
-                let node = &self.nodes[n as usize];
-                node.parent == n
-                    && node.size >= 2
-                    && fleet_id(&self.nodes[node.founder as usize].account) == id
+        let is_fleet = |n: u32| is_root(n) && self.nodes[n as usize].size >= 2;
+        let root = cached
+            .or_else(|| {
+                (0..self.nodes.len() as u32).find(|&n| {
+                    is_fleet(n)
+                        && fleet_id(&self.nodes[self.nodes[n as usize].founder as usize].account)
+                            == id
+                })
             })
-        })?;
+            // An id the fleet had before (a decision's, from before a merge): the fleet now.
+            .or_else(|| {
+                self.former
+                    .iter()
+                    .find(|(root, founders)| {
+                        is_fleet(**root)
+                            && founders
+                                .iter()
+                                .any(|&f| fleet_id(&self.nodes[f as usize].account) == id)
+                    })
+                    .map(|(root, _)| *root)
+            })?;
         let facts = self.fleet_facts(root, now);
         let mut members = Vec::with_capacity(facts.size as usize);
         let mut in_fleet = vec![false; self.nodes.len()];

@@ -668,6 +668,34 @@ impl Graph {
 
     /// The fleet with this id, for reviewers: its members and the values linking them, as the
     /// in-process graph reports them.
+    /// The root of the fleet whose former founders (`G:k:ROOT`) include the one `id` names: the
+    /// roots a page at a time, their founder sets in one pipeline a page.
+    async fn root_that_was(
+        &self,
+        conn: &mut ConnectionManager,
+        generation: &str,
+        id: &str,
+    ) -> RedisResult<Option<String>> {
+        let roots = self.generation_key(generation, "r");
+        let mut pages = HashPages::new(&roots, 1000);
+        while let Some(items) = pages.next(conn).await? {
+            let mut pipe = redis::pipe();
+            for (root, _) in &items {
+                pipe.cmd("SMEMBERS")
+                    .arg(self.generation_key(generation, &format!("k:{root}")));
+            }
+            let founders: Vec<Vec<String>> = pipe.query_async(conn).await?;
+            let found = items
+                .into_iter()
+                .zip(founders)
+                .find(|(_, founders)| founders.iter().any(|f| fleet_id(f) == id));
+            if let Some(((root, _), _)) = found {
+                return Ok(Some(root));
+            }
+        }
+        Ok(None)
+    }
+
     pub(super) async fn report(
         &self,
         conn: &mut ConnectionManager,
@@ -694,8 +722,13 @@ impl Graph {
                 (fleet_id(founder) == id).then_some(root)
             });
         }
-        let Some(root) = root else {
-            return Ok(None);
+        let root = match root {
+            Some(root) => root,
+            // An id the fleet had before (a decision's, from before a merge): the fleet now.
+            None => match self.root_that_was(conn, &generation, id).await? {
+                Some(root) => root,
+                None => return Ok(None),
+            },
         };
         let mut pipe = redis::pipe();
         self.read(&mut pipe, &root, now);
