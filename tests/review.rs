@@ -1270,6 +1270,26 @@ async fn a_denied_fleet_stays_denied_when_it_merges_into_an_older_one() {
             .unwrap();
         assert_eq!(reason.evidence["override_id"], denied.id);
     }
+
+    // A reviewer following the denied decision's fleet id finds the fleet it is part of now.
+    let now_fleet = review(&server)
+        .get_fleet(as_caller(
+            pb::GetFleetRequest {
+                fleet_id: operators.fleet_id.clone(),
+            },
+            ALICE,
+        ))
+        .await
+        .expect("a former id finds the fleet that absorbed it")
+        .into_inner()
+        .summary
+        .unwrap();
+    assert_ne!(now_fleet.fleet_id, operators.fleet_id);
+    assert_eq!(now_fleet.size, 4);
+    assert_eq!(
+        now_fleet.former_fleet_ids,
+        std::slice::from_ref(&operators.fleet_id)
+    );
     server.shutdown().await;
 }
 
