@@ -26,7 +26,7 @@ use crate::grpc::deadline::UnaryDeadlineLayer;
 use crate::grpc::pb::review_server::ReviewServer;
 use crate::grpc::pb::usage_server::UsageServer;
 use crate::grpc::pb::{self, classifier_server::ClassifierServer};
-use crate::grpc::{ClassifierService, MessageLimit, ReadPast, ReviewService, UsageService};
+use crate::grpc::{ClassifierService, MessageLimit, ReviewService, Routed, UsageService};
 use crate::metrics::{CallMetricsLayer, Metrics};
 use tonic::service::interceptor::InterceptedService;
 
@@ -195,21 +195,25 @@ pub async fn run(
         .transpose()
         .map_err(ServeError::Console)?;
     let authorization = InterceptedService::new(
-        crate::grpc::DecodeErrorsInvalid::new(
-            AuthorizationServer::new(gateway).max_decoding_message_size(backstop),
+        // Check through this project's codec (`route.rs`): an undecodable request is the
+        // caller's error, INVALID_ARGUMENT.
+        Routed::new(
+            AuthorizationServer::new(gateway.clone()).max_decoding_message_size(backstop),
+            gateway,
+            backstop,
         ),
         gateway_gate.clone(),
     );
-    // Report and ClassifyStream read past a message that does not decode (`read_past.rs`).
-    // Those two methods are served with `read_past::grpc`'s settings, not the generated
-    // server's: compression turned on here would have to be turned on there too.
+    // Report and ClassifyStream read past a message that does not decode (`route.rs`).
+    // Routed methods are served with `route.rs`'s settings, not the generated server's:
+    // compression turned on here would have to be turned on there too.
     let usage_service = UsageService::new(engine.clone(), settings.limits.max_stream_messages)
         .with_idle_timeout(Duration::from_millis(
             settings.limits.stream_idle_timeout_ms.max(1),
         ));
     let usage = MessageLimit::new(
         InterceptedService::new(
-            ReadPast::new(
+            Routed::new(
                 UsageServer::new(usage_service.clone()).max_decoding_message_size(limit),
                 usage_service,
                 limit,
@@ -227,7 +231,7 @@ pub async fn run(
         .with_max_stream_messages(settings.limits.max_stream_messages);
     let classifier = MessageLimit::new(
         InterceptedService::new(
-            ReadPast::new(
+            Routed::new(
                 ClassifierServer::new(classifier_service.clone()).max_decoding_message_size(limit),
                 classifier_service,
                 limit,

@@ -10,11 +10,14 @@
 //! and, checked on every hit, the same usage history and matching overrides as the cached
 //! decision saw. A decision enters the cache only once it is recorded.
 
+use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, http};
 use tonic::{Request, Response, Status};
 
 use super::config::{GatewayConfig, OnError};
@@ -23,6 +26,7 @@ use super::response;
 use crate::audit::AuditTrail;
 use crate::classify::Flow;
 use crate::engine::{Engine, Outcome};
+use crate::grpc::route::{self, Route};
 use crate::policy::PolicyVersion;
 use crate::region::CountryCode;
 use crate::ttl_cache::TtlCache;
@@ -168,6 +172,26 @@ impl Authorization for GatewayService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(self.answer(request.get_ref()).await))
+    }
+}
+
+/// Check, decoded with this project's codec rather than the one envoy-types generates with, so
+/// that a request that does not decode is INVALID_ARGUMENT naming what was wrong, not INTERNAL.
+impl Route for GatewayService {
+    const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
+
+    fn serve(
+        self,
+        request: http::Request<Body>,
+        max_decoding: usize,
+    ) -> BoxFuture<http::Response<Body>, Infallible> {
+        Box::pin(async move {
+            let method = tower::service_fn(move |call: Request<CheckRequest>| {
+                let service = self.clone();
+                async move { service.check(call).await }
+            });
+            Ok(route::wire(max_decoding).unary(method, request).await)
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use crate::audit::AuditTrail;
 use crate::engine::{ClassifyInput, Engine, Outcome};
 use crate::grpc::convert::{self, rejected, unreadable};
 use crate::grpc::pb::classifier_server::Classifier;
-use crate::grpc::read_past::{self, Readable, StreamRoute};
+use crate::grpc::route::{self, Readable, Route};
 use crate::grpc::status::bounded;
 use crate::grpc::{ApiError, pb};
 
@@ -86,7 +86,7 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<Streaming<pb::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        // Served by `StreamRoute::serve` below, which reads past an undecodable request; this
+        // Served by `Route::serve` below, which reads past an undecodable request; this
         // path (the generated server's own) ends the stream at one.
         let requests = request.into_inner().map(|item| item.map(Ok));
         Ok(Response::new(self.clone().answer_stream(requests)))
@@ -166,7 +166,7 @@ impl ClassifierService {
     }
 }
 
-impl StreamRoute for ClassifierService {
+impl Route for ClassifierService {
     const PATH: &'static str = CLASSIFY_STREAM;
 
     fn serve(
@@ -183,7 +183,7 @@ impl StreamRoute for ClassifierService {
                     }
                 },
             );
-            Ok(read_past::grpc(max_decoding)
+            Ok(route::read_past(max_decoding)
                 .streaming(method, request)
                 .await)
         })

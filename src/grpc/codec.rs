@@ -6,7 +6,7 @@
 //! [`ReadPastCodec`] is the same for request streams that go on past such a message: tonic hands
 //! a decoder exactly one message's bytes, so a message that does not decode can be skipped whole
 //! and the next one read as usual. Its items are the message or why it could not be read; the
-//! streaming methods served through it (`read_past.rs`) answer that one message with an error
+//! streaming methods served through it (`route.rs`) answer that one message with an error
 //! and go on. (A decoder that returns an error instead leaves tonic mid-message, and the stream
 //! ends there.)
 

@@ -10,20 +10,18 @@ mod codec;
 pub mod convert;
 pub mod deadline;
 mod limit;
-mod read_past;
 mod records;
 mod review;
+pub mod route;
 mod status;
-mod undecodable;
 mod usage;
 
 pub use classifier::ClassifierService;
 pub use limit::MessageLimit;
-pub use read_past::ReadPast;
 pub use records::{encode_answer, replay_store, report_pb};
 pub use review::ReviewService;
+pub use route::Routed;
 pub use status::{ApiError, MAX_MESSAGE_BYTES, bounded, excerpt};
-pub use undecodable::DecodeErrorsInvalid;
 pub use usage::{UsageService, usage_event};
 
 /// Code generated from `proto/regionguard/v1/regionguard.proto`.

@@ -2,7 +2,7 @@
 //!
 //! Each event is checked on its own: a bad one is counted and named (index, field, problem) and
 //! the stream goes on, so good events are never lost because a neighbour was bad. An event that
-//! does not decode is rejected the same way (field `event`; served through `read_past.rs`). An
+//! does not decode is rejected the same way (field `event`; served through `route.rs`). An
 //! event over `max_request_bytes` fails the call, saying how many events before it were kept:
 //! it is refused as it arrives, nothing after it is read, and a summary would hide that.
 //!
@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::grpc::ApiError;
 use crate::grpc::convert::{MAX_ID_BYTES, identifier, parse_ip};
 use crate::grpc::pb::{self, usage_server::Usage};
-use crate::grpc::read_past::{self, Readable, StreamRoute};
+use crate::grpc::route::{self, Readable, Route};
 use crate::grpc::status::bounded;
 use crate::usage::UsageEvent;
 use crate::usage::window::HISTORY_SECS;
@@ -165,7 +165,7 @@ impl Usage for UsageService {
         &self,
         request: Request<Streaming<pb::UsageEvent>>,
     ) -> Result<Response<pb::ReportSummary>, Status> {
-        // Served by `StreamRoute::serve` below, which reads past an undecodable event; this
+        // Served by `Route::serve` below, which reads past an undecodable event; this
         // path (the generated server's own) fails the call at one.
         self.report_events(request.map(|events| events.map(|item| item.map(Ok))))
             .await
@@ -175,7 +175,7 @@ impl Usage for UsageService {
 /// The method path the generated server routes Report by.
 const REPORT: &str = "/regionguard.v1.Usage/Report";
 
-impl StreamRoute for UsageService {
+impl Route for UsageService {
     const PATH: &'static str = REPORT;
 
     fn serve(
@@ -189,7 +189,7 @@ impl StreamRoute for UsageService {
                     let service = self.clone();
                     async move { service.report_events(call).await }
                 });
-            Ok(read_past::grpc(max_decoding)
+            Ok(route::read_past(max_decoding)
                 .client_streaming(method, request)
                 .await)
         })
