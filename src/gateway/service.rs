@@ -10,14 +10,13 @@
 //! and, checked on every hit, the same usage history and matching overrides as the cached
 //! decision saw. A decision enters the cache only once it is recorded.
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode};
 use tonic::body::Body;
-use tonic::codegen::{BoxFuture, http};
+use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
 use super::config::{GatewayConfig, OnError};
@@ -180,17 +179,10 @@ impl Authorization for GatewayService {
 impl Route for GatewayService {
     const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
-    fn serve(
-        self,
-        request: http::Request<Body>,
-        max_decoding: usize,
-    ) -> BoxFuture<http::Response<Body>, Infallible> {
-        Box::pin(async move {
-            let method = tower::service_fn(move |call: Request<CheckRequest>| {
-                let service = self.clone();
-                async move { service.check(call).await }
-            });
-            Ok(route::wire(max_decoding).unary(method, request).await)
+    fn serve(self, request: http::Request<Body>, max_decoding: usize) -> route::Served {
+        route::wire_unary(request, max_decoding, move |call| {
+            let service = self.clone();
+            async move { service.check(call).await }
         })
     }
 }

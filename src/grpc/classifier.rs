@@ -1,12 +1,11 @@
 //! `regionguard.v1.Classifier`: convert, call the engine, convert back.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
-use tonic::codegen::{BoxFuture, http};
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::AuditTrail;
@@ -169,23 +168,10 @@ impl ClassifierService {
 impl Route for ClassifierService {
     const PATH: &'static str = CLASSIFY_STREAM;
 
-    fn serve(
-        self,
-        request: http::Request<Body>,
-        max_decoding: usize,
-    ) -> BoxFuture<http::Response<Body>, Infallible> {
-        Box::pin(async move {
-            let method = tower::service_fn(
-                move |call: Request<Streaming<Readable<pb::ClassifyRequest>>>| {
-                    let service = self.clone();
-                    async move {
-                        Ok::<_, Status>(Response::new(service.answer_stream(call.into_inner())))
-                    }
-                },
-            );
-            Ok(route::read_past(max_decoding)
-                .streaming(method, request)
-                .await)
+    fn serve(self, request: http::Request<Body>, max_decoding: usize) -> route::Served {
+        route::read_past_streaming(request, max_decoding, move |call: Request<Streaming<_>>| {
+            let service = self.clone();
+            async move { Ok(Response::new(service.answer_stream(call.into_inner()))) }
         })
     }
 }

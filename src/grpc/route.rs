@@ -14,13 +14,16 @@
 //!   (an undecodable request is INTERNAL there): through [`WireCodec`] it is INVALID_ARGUMENT
 //!   naming what was wrong, as on every service of ours.
 //!
-//! The routes are served with [`read_past`]'s or [`wire`]'s settings, which are the generated
+//! The routes are served with the settings of [`read_past_streaming`] and its siblings, which are the generated
 //! servers' own as this project configures them (no compression, one message at most
 //! `max_decoding` bytes).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::task::{Context, Poll};
 
+use tokio_stream::Stream;
+use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::codegen::http::{Request, Response};
@@ -36,31 +39,68 @@ pub trait Route: Clone + Send + 'static {
 
     /// Serves one call of the method; `max_decoding` bounds one message, as on the generated
     /// server.
-    fn serve(
-        self,
-        request: Request<Body>,
-        max_decoding: usize,
-    ) -> BoxFuture<Response<Body>, Infallible>;
+    fn serve(self, request: Request<Body>, max_decoding: usize) -> Served;
 }
 
-/// gRPC handling through [`ReadPastCodec`], for a stream that reads past undecodable messages.
-pub fn read_past<T, U>(max_decoding: usize) -> tonic::server::Grpc<ReadPastCodec<T, U>>
+/// The answer to a routed call, as [`Route::serve`] returns it.
+pub type Served = BoxFuture<Response<Body>, Infallible>;
+
+/// The generated servers' settings as this project configures them, with `codec`.
+fn grpc<C: tonic::codec::Codec + Default>(max_decoding: usize) -> tonic::server::Grpc<C> {
+    tonic::server::Grpc::new(C::default()).apply_max_message_size_config(Some(max_decoding), None)
+}
+
+/// A bidirectional stream read through [`ReadPastCodec`]: `handle` answers each call.
+pub fn read_past_streaming<T, U, F, Fut, S>(
+    request: Request<Body>,
+    max_decoding: usize,
+    handle: F,
+) -> Served
 where
     T: prost::Message + Send + 'static,
     U: prost::Message + Default + Send + 'static,
+    F: FnMut(tonic::Request<tonic::Streaming<Readable<U>>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>> + Send + 'static,
+    S: Stream<Item = Result<T, Status>> + Send + 'static,
 {
-    tonic::server::Grpc::new(ReadPastCodec::default())
-        .apply_max_message_size_config(Some(max_decoding), None)
+    Box::pin(async move {
+        let mut grpc = grpc::<ReadPastCodec<T, U>>(max_decoding);
+        Ok(grpc.streaming(tower::service_fn(handle), request).await)
+    })
 }
 
-/// gRPC handling through [`WireCodec`], for a method a foreign generated server carries.
-pub fn wire<T, U>(max_decoding: usize) -> tonic::server::Grpc<WireCodec<T, U>>
+/// A client stream read through [`ReadPastCodec`]: `handle` answers each call.
+pub fn read_past_client_streaming<T, U, F, Fut>(
+    request: Request<Body>,
+    max_decoding: usize,
+    handle: F,
+) -> Served
 where
     T: prost::Message + Send + 'static,
     U: prost::Message + Default + Send + 'static,
+    F: FnMut(tonic::Request<tonic::Streaming<Readable<U>>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
 {
-    tonic::server::Grpc::new(WireCodec::default())
-        .apply_max_message_size_config(Some(max_decoding), None)
+    Box::pin(async move {
+        let mut grpc = grpc::<ReadPastCodec<T, U>>(max_decoding);
+        Ok(grpc
+            .client_streaming(tower::service_fn(handle), request)
+            .await)
+    })
+}
+
+/// A unary call decoded with [`WireCodec`]: `handle` answers it.
+pub fn wire_unary<T, U, F, Fut>(request: Request<Body>, max_decoding: usize, handle: F) -> Served
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+    F: FnMut(tonic::Request<U>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
+{
+    Box::pin(async move {
+        let mut grpc = grpc::<WireCodec<T, U>>(max_decoding);
+        Ok(grpc.unary(tower::service_fn(handle), request).await)
+    })
 }
 
 /// The generated server `S`, with the method `R` serves in its place.

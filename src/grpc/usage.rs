@@ -12,14 +12,13 @@
 //! when the server stopped reading first, `stopped` saying why. The client resends from event
 //! `accepted + rejected`; nothing is counted twice.
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
-use tonic::codegen::{BoxFuture, http};
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
@@ -178,20 +177,10 @@ const REPORT: &str = "/regionguard.v1.Usage/Report";
 impl Route for UsageService {
     const PATH: &'static str = REPORT;
 
-    fn serve(
-        self,
-        request: http::Request<Body>,
-        max_decoding: usize,
-    ) -> BoxFuture<http::Response<Body>, Infallible> {
-        Box::pin(async move {
-            let method =
-                tower::service_fn(move |call: Request<Streaming<Readable<pb::UsageEvent>>>| {
-                    let service = self.clone();
-                    async move { service.report_events(call).await }
-                });
-            Ok(route::read_past(max_decoding)
-                .client_streaming(method, request)
-                .await)
+    fn serve(self, request: http::Request<Body>, max_decoding: usize) -> route::Served {
+        route::read_past_client_streaming(request, max_decoding, move |call| {
+            let service = self.clone();
+            async move { service.report_events(call).await }
         })
     }
 }
