@@ -2,6 +2,7 @@
 //! queries; one writer thread owns the write connection ([`writer`]). Reads open their own
 //! connections (WAL lets them run beside the writer) and run on blocking threads.
 
+mod account_index;
 pub mod retention;
 pub mod verify;
 pub mod writer;
@@ -26,6 +27,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/0003_decision_counts.sql"),
     ),
     (4, include_str!("../../../migrations/0004_queue_fleet.sql")),
+    (
+        5,
+        include_str!("../../../migrations/0005_account_index.sql"),
+    ),
 ];
 const DB_FILE: &str = "regionguard.sqlite3";
 
@@ -209,16 +214,48 @@ pub fn queue(conn: &Connection, f: &QueueFilter) -> rusqlite::Result<Vec<StoredD
     rows.collect()
 }
 
-/// An account's decisions, newest first (at most `limit`). `+a.kind` keeps SQLite on the
-/// account's index: on `(kind, seq)` it walked the whole log backwards for a rare account.
+/// An account's rows in `audit_account`, each joined to its decision.
+const ACCOUNT_SELECT: &str = concat!(
+    crate::store::decision_columns!(),
+    " FROM audit_account x CROSS JOIN audit_log a ON a.seq = x.seq LEFT JOIN review_queue q ON q.decision_id = a.ref_id"
+);
+
+/// An account's decisions, newest first (at most `limit`). The rows after
+/// `audit_account_through` are not in `audit_account` yet (the writer adds them in batches):
+/// they are looked for in the log's short tail first, then the older ones through
+/// `audit_account`, both in one read transaction.
 pub fn account_decisions(
     conn: &Connection,
     account_id: &str,
     limit: u32,
 ) -> rusqlite::Result<Vec<StoredDecision>> {
-    let mut stmt = conn.prepare(&format!("{DECISION_SELECT} WHERE +a.kind = 'decision' AND a.account_id = ?1 ORDER BY a.seq DESC LIMIT ?2"))?;
-    let rows = stmt.query_map(params![account_id, limit.clamp(1, 10_000)], stored)?;
-    rows.collect()
+    let limit = limit.clamp(1, 10_000);
+    let tx = conn.unchecked_transaction()?;
+    let through = account_index_through(&tx)?;
+    let mut rows = tx
+        .prepare(&format!("{DECISION_SELECT} WHERE a.seq > ?1 AND a.account_id = ?2 AND +a.kind = 'decision' ORDER BY a.seq DESC LIMIT ?3"))?
+        .query_map(params![through, account_id, limit], stored)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let left = limit as usize - rows.len().min(limit as usize);
+    if left > 0 {
+        let older = tx
+            .prepare(&format!("{ACCOUNT_SELECT} WHERE x.account_id = ?1 AND x.seq <= ?2 AND +a.kind = 'decision' ORDER BY x.seq DESC LIMIT ?3"))?
+            .query_map(params![account_id, through, left as i64], stored)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.extend(older);
+    }
+    Ok(rows)
+}
+
+/// Every row through this seq that has an account is in `audit_account`.
+pub(crate) fn account_index_through(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT seq FROM audit_account_through WHERE id = 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::unwrap_or_default)
 }
 
 /// Decisions recorded at or after `since_ms`, oldest first, after `after_seq` (for paging).

@@ -243,6 +243,11 @@ pub fn delete_chunk(tx: &Transaction<'_>, through: i64, limit: usize) -> rusqlit
         prune.execute(params![hour, verdict, country, reason])?;
     }
     tx.execute("DELETE FROM review_queue WHERE seq <= ?1", [upper])?;
+    tx.execute(
+        "DELETE FROM audit_account WHERE (account_id, seq) IN \
+         (SELECT account_id, seq FROM audit_log WHERE seq <= ?1 AND account_id <> '')",
+        [upper],
+    )?;
     tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [upper])
 }
 

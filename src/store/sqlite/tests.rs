@@ -402,6 +402,18 @@ async fn retention_removes_due_rows_and_the_rest_still_verifies() {
         "overrides are not log rows"
     );
     assert_eq!(recorder.stats().pruned, 31);
+    // The account index keeps no entry of a row that went, whether it took the row before or
+    // after retention, and still finds the rest.
+    index_caught_up(&conn).await;
+    let dangling: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit_account WHERE seq NOT IN (SELECT seq FROM audit_log)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(dangling, 0);
+    assert_eq!(account_decisions(&conn, "acct-1", 100).unwrap().len(), 10);
 
     // An override written into the table behind the writer's back is not laundered into the
     // next checkpoint's copy: that copy comes from the chain, and verify still names it.
@@ -547,4 +559,132 @@ async fn the_wal_stays_bounded_under_a_writer_that_never_pauses() {
         wal <= 2 * (64 << 20),
         "the WAL holds {wal} bytes after {written} bytes of rows"
     );
+}
+
+/// Waits until the writer's account index has every row (it adds them in batches, within about
+/// a second of a quiet spell).
+async fn index_caught_up(conn: &Connection) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let head = head(conn).unwrap().map_or(0, |(seq, _)| seq);
+        if account_index_through(conn).unwrap() >= head {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the account index did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn decision_of(account: &str, id: &str) -> writer::RowBuilder {
+    let row = AuditRow {
+        kind: "decision".into(),
+        ref_id: id.into(),
+        recorded_at_ms: now_ms(),
+        account_id: account.into(),
+        verdict: "ALLOW".into(),
+        body: "{}".into(),
+        ..Default::default()
+    };
+    Box::new(move || row)
+}
+
+/// An account's decisions are found newest first whether the account index has taken them yet
+/// (the log's tail) or not, and a page that spans both is in order.
+#[tokio::test]
+async fn an_accounts_decisions_are_found_before_and_after_the_index_takes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 64, Overflow::Sample).unwrap();
+    for i in 0..30 {
+        let account = if i % 2 == 0 { "acct-a" } else { "acct-b" };
+        recorder
+            .decision(decision_of(account, &format!("d{i}")), MUST)
+            .await
+            .unwrap();
+    }
+    recorder
+        .decision(decision_of("", "anonymous"), MUST)
+        .await
+        .unwrap();
+    let conn = open_for_reading(dir.path()).unwrap();
+    let ids = |account: &str, limit: u32| -> Vec<String> {
+        let rows = account_decisions(&conn, account, limit).unwrap();
+        assert!(rows.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+        assert!(rows.iter().all(|r| r.row.account_id == account));
+        rows.into_iter().map(|r| r.row.ref_id).collect()
+    };
+    let before = ids("acct-a", 100);
+    assert_eq!(before.len(), 15);
+    assert_eq!(before[0], "d28");
+
+    index_caught_up(&conn).await;
+    let indexed: i64 = conn
+        .query_row("SELECT count(*) FROM audit_account", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(indexed, 30, "every row with an account, once");
+    assert_eq!(ids("acct-a", 100), before);
+
+    // Newer rows, not taken yet: a page takes them first, then the indexed ones.
+    for i in 30..34 {
+        recorder
+            .decision(decision_of("acct-a", &format!("d{i}")), MUST)
+            .await
+            .unwrap();
+    }
+    assert_eq!(ids("acct-a", 6), ["d33", "d32", "d31", "d30", "d28", "d26"]);
+    assert_eq!(ids("acct-a", 100).len(), 19);
+    assert_eq!(ids("acct-b", 100).len(), 15);
+    assert!(ids("acct-c", 100).is_empty());
+    index_caught_up(&conn).await;
+    assert_eq!(ids("acct-a", 6), ["d33", "d32", "d31", "d30", "d28", "d26"]);
+}
+
+/// A store from before the account index (schema 4) has its rows taken in when it opens.
+#[tokio::test]
+async fn the_account_index_migration_takes_in_the_rows_already_there() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(db_path(dir.path())).unwrap();
+        conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)")
+            .unwrap();
+        for (version, sql) in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, 0)",
+                [version],
+            )
+            .unwrap();
+        }
+        for seq in 1..=5_i64 {
+            let account = ["acct-a", "acct-b", ""][seq as usize % 3];
+            conn.execute(
+                "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+                 VALUES (?1, 'decision', ?2, 0, '', ?3, 'ALLOW', '', '', '{}', '', '')",
+                params![seq, format!("d{seq}"), account],
+            )
+            .unwrap();
+        }
+    }
+    let conn = open_for_writing(dir.path()).unwrap();
+    assert_eq!(account_index_through(&conn).unwrap(), 5);
+    let found = |account: &str| -> Vec<i64> {
+        account_decisions(&conn, account, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    };
+    assert_eq!(found("acct-a"), [3]);
+    assert_eq!(found("acct-b"), [4, 1]);
+    let index: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE name = 'audit_log_account'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap();
+    assert_eq!(index, None, "the per-row index is gone");
 }

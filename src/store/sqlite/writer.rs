@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::mpsc;
 
+use super::account_index::AccountIndex;
 use super::{open_for_writing, retention};
 use crate::store::chain::{ChainKey, GENESIS, KEYED};
 use crate::store::writer::{
@@ -37,6 +38,10 @@ pub(crate) fn start(
         })?
         .unwrap_or((0, GENESIS.to_owned()));
     check_keying(&path, seq, &prev, key.as_ref())?;
+    let accounts = AccountIndex::load(&conn).map_err(|error| StoreError::Sqlite {
+        path: path.clone(),
+        error,
+    })?;
     // Checkpoints run beside the writer, not inside one of its commits: a commit that has to
     // copy the WAL back first is what callers waiting on it would see as their slowest answers.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
@@ -65,7 +70,15 @@ pub(crate) fn start(
                 sweeps: sweeps.clone(),
                 since: None,
             };
-            run(conn, rx, (seq, prev), key.as_ref(), &thread_counters, own);
+            let chain = (seq, prev);
+            run(
+                conn,
+                rx,
+                chain,
+                key.as_ref(),
+                &thread_counters,
+                (own, accounts),
+            );
             sweeps.writing.store(false, Ordering::Relaxed);
         })
         .map_err(|error| StoreError::Dir { path, error })?;
@@ -351,6 +364,10 @@ enum Committed {
     Review(Box<Result<Applied, StoreError>>),
 }
 
+/// What a transaction committed: per item, and the (account, seq) of its rows that have an
+/// account, for the account index.
+type Commit = (Vec<Committed>, Vec<(String, i64)>);
+
 /// Commits `items` in one transaction, continuing the chain at `seq`/`prev`, which move on only
 /// when the transaction commits.
 fn commit(
@@ -359,15 +376,22 @@ fn commit(
     seq: &mut i64,
     prev: &mut String,
     key: Option<&ChainKey>,
-) -> rusqlite::Result<Vec<Committed>> {
+) -> rusqlite::Result<Commit> {
     let (mut next_seq, mut next_prev) = (*seq, prev.clone());
     let tx = conn.transaction()?;
     let mut done = Vec::with_capacity(items.len());
+    let mut accounts = Vec::with_capacity(items.len());
+    let mut of_account = |row: &AuditRow, seq: i64| {
+        if !row.account_id.is_empty() {
+            accounts.push((row.account_id.clone(), seq));
+        }
+    };
     let mut counts = DecisionCounts::default();
     for item in items {
         match item {
             Item::Decision(row, _) => {
                 if append(&tx, &mut next_seq, &mut next_prev, row, key)? {
+                    of_account(row, next_seq);
                     counts.add(row);
                     if row.verdict == "REVIEW" {
                         tx.prepare_cached(
@@ -384,16 +408,15 @@ fn commit(
             }
             Item::Review { row, change } => {
                 tx.execute("SAVEPOINT review", [])?;
-                match apply(&tx, change) {
-                    Ok(applied)
-                        if append(
-                            &tx,
-                            &mut next_seq,
-                            &mut next_prev,
-                            &with_applied(row, change, &applied),
-                            key,
-                        )? =>
+                let applied = apply(&tx, change).map(|applied| {
+                    let row = with_applied(row, change, &applied);
+                    (applied, row)
+                });
+                match applied {
+                    Ok((applied, row))
+                        if append(&tx, &mut next_seq, &mut next_prev, &row, key)? =>
                     {
+                        of_account(&row, next_seq);
                         tx.execute("RELEASE review", [])?;
                         done.push(Committed::Review(Box::new(Ok(applied))));
                     }
@@ -424,7 +447,7 @@ fn commit(
     tx.commit()?;
     *seq = next_seq;
     *prev = next_prev;
-    Ok(done)
+    Ok((done, accounts))
 }
 
 fn run(
@@ -433,7 +456,7 @@ fn run(
     (mut seq, mut prev): (i64, String),
     key: Option<&ChainKey>,
     counters: &Counters,
-    mut own: OwnCheckpoint,
+    (mut own, mut accounts): (OwnCheckpoint, AccountIndex),
 ) {
     // A deletion a restart interrupted goes on.
     let mut pending = retention::pending(&conn).unwrap_or_else(|error| {
@@ -441,7 +464,13 @@ fn run(
         None
     });
     let mut last_chunk = std::time::Instant::now();
-    while let Some(first) = rx.blocking_recv() {
+    // Only to wait for a command with a time limit (see `next_command`).
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .inspect_err(|error| tracing::warn!(%error, "audit store: no timer; the account index catches up only while commands come"))
+        .ok();
+    while let Some(first) = next_command(&mut rx, &mut conn, &mut accounts, seq, timer.as_ref()) {
         let mut waiting = waited_on(&first);
         let mut commands = vec![first];
         while commands.len() < BATCH {
@@ -538,14 +567,15 @@ fn run(
         // costs only itself.
         // A batch of flushes and retention requests alone has nothing to commit.
         let batch = if items.is_empty() {
-            Ok(Vec::new())
+            Ok((Vec::new(), Vec::new()))
         } else {
             commit(&mut conn, &items, &mut seq, &mut prev, key)
         };
         let outcomes: Vec<Result<Committed, rusqlite::Error>> = match batch {
-            Ok(done) if done.is_empty() => Vec::new(),
-            Ok(done) => {
+            Ok((done, _)) if done.is_empty() => Vec::new(),
+            Ok((done, of_accounts)) => {
                 counters.commits.fetch_add(1, Ordering::Relaxed);
+                accounts.committed(of_accounts);
                 done.into_iter().map(Ok).collect()
             }
             Err(error) => {
@@ -560,8 +590,9 @@ fn run(
                             &mut prev,
                             key,
                         )
-                        .map(|mut done| {
+                        .map(|(mut done, of_accounts)| {
                             counters.commits.fetch_add(1, Ordering::Relaxed);
+                            accounts.committed(of_accounts);
                             done.remove(0)
                         })
                     })
@@ -609,7 +640,13 @@ fn run(
         for (cutoff_ms, min_interval_ms, done) in retains {
             let window = (cutoff_ms, min_interval_ms);
             let head = (&mut seq, &mut prev, key);
-            let result = retain(&mut conn, head, window, (&mut pending, &mut own), &rx);
+            let result = retain(
+                &mut conn,
+                head,
+                window,
+                (&mut pending, &mut own, &mut accounts),
+                &rx,
+            );
             if let Ok(deleted) = result {
                 counters.pruned.fetch_add(deleted, Ordering::Relaxed);
             }
@@ -622,6 +659,7 @@ fn run(
             }));
         }
         own.between_transactions(&conn, rx.is_empty());
+        accounts.step(&mut conn, seq);
         // Retention catching up: a chunk between batches at most every RETENTION_PAUSE (up to
         // 40k rows a second), so decisions never wait long behind it.
         if let Some(through) = pending.filter(|_| last_chunk.elapsed() >= RETENTION_PAUSE) {
@@ -634,6 +672,34 @@ fn run(
                     pending = None;
                 }
             }
+        }
+    }
+}
+
+/// The next command, waiting for one; while none comes, the account index catches up with the
+/// head when it is due (so it does not lag behind through a quiet spell). `timer` waits for a
+/// command at most until then.
+fn next_command(
+    rx: &mut mpsc::Receiver<Command>,
+    conn: &mut Connection,
+    accounts: &mut AccountIndex,
+    head: i64,
+    timer: Option<&tokio::runtime::Runtime>,
+) -> Option<Command> {
+    loop {
+        let (Some(pause), Some(timer)) = (accounts.idle_work(head), timer) else {
+            return rx.blocking_recv();
+        };
+        if pause.is_zero() {
+            match rx.try_recv() {
+                Ok(command) => return Some(command),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => accounts.step(conn, head),
+            }
+        } else if let Ok(command) =
+            timer.block_on(async { tokio::time::timeout(pause, rx.recv()).await })
+        {
+            return command;
         }
     }
 }
@@ -651,9 +717,10 @@ fn retain(
     conn: &mut Connection,
     (seq, prev, key): (&mut i64, &mut String, Option<&ChainKey>),
     (cutoff_ms, min_interval_ms): (i64, i64),
-    (pending, own): (&mut Option<i64>, &mut OwnCheckpoint),
+    (pending, own, accounts): (&mut Option<i64>, &mut OwnCheckpoint, &mut AccountIndex),
     rx: &mpsc::Receiver<Command>,
 ) -> rusqlite::Result<u64> {
+    accounts.catch_up(conn, *seq)?;
     let row = retention::checkpoint_row(
         conn,
         cutoff_ms,
