@@ -55,8 +55,9 @@ pub fn open_for_writing(dir: &Path) -> Result<Connection, StoreError> {
     let err = sqlite(&path);
     let mut conn = Connection::open(&path).map_err(&err)?;
     // 4 KB pages. Each commit writes every page it dirtied to the WAL, and the account index
-    // dirties a page of its own for nearly every row (account ids are spread over the index):
-    // on 16 KB pages a must-record commit of a few dozen rows wrote about 20 KB of WAL a row.
+    // then in every commit (now `audit_account`, filled in batches) dirtied a page of its own for
+    // nearly every row: on 16 KB pages a must-record commit of a few dozen rows wrote about
+    // 20 KB of WAL a row.
     // Measured in one run of the durability bench: must-record throughput +29 % and p99 47 →
     // 16 ms for about 15 % more bytes on disk per row (rows of ~2 KB leave more of a 4 KB page
     // empty). Takes effect only when the file is created: an existing store keeps its pages.

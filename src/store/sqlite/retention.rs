@@ -5,7 +5,7 @@
 //! hash), the cutoff, and the overrides as the chain says they stand (the previous checkpoint's
 //! copy plus the reviewer rows since; never the table itself, so an edit to the table is not
 //! laundered into the copy). At most one checkpoint a `min_interval` (a day in the server). Then it deletes the rows through that seq a chunk at a time, with their
-//! queue items, between its normal batches. `verify` starts the chain at the checkpoint's hash:
+//! queue items and `audit_account` entries, between its normal batches. `verify` starts the chain at the checkpoint's hash:
 //! rows missing without a checkpoint that covers them are still deletions, and a checkpoint
 //! cannot be added or edited without breaking the chain after it.
 //!
