@@ -417,6 +417,13 @@ impl Collector for EngineCollector {
             )?;
             gauge(
                 e,
+                "audit_account_index_behind_rows",
+                "Audit rows past the SQLite account index's mark, read from the log's tail by account lookups (under about 10,000 while the writer keeps up)",
+                &[],
+                stats.account_index_behind as f64,
+            )?;
+            gauge(
+                e,
                 "store_spool_depth",
                 "Decisions waiting in the local spool for the PostgreSQL store to come back",
                 &[],

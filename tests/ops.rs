@@ -52,6 +52,7 @@ async fn metrics_count_calls_verdicts_reasons_and_show_state() {
         "regionguard_reload_failures_total 0",
         "regionguard_audit_recorded_total",
         "regionguard_audit_commits_total",
+        "regionguard_audit_account_index_behind_rows",
     ] {
         assert!(body.contains(expected), "missing {expected:?} in\n{body}");
     }

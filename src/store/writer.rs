@@ -118,6 +118,9 @@ pub struct RecorderStats {
     pub unrecorded: u64,
     /// Transactions committed: `recorded / commits` is how many rows a commit serves.
     pub commits: u64,
+    /// Rows past the SQLite account index's mark, which account lookups read from the log's
+    /// tail (it stays under about 10,000 while the writer keeps up).
+    pub account_index_behind: u64,
 }
 
 #[derive(Default)]
@@ -129,6 +132,7 @@ pub(crate) struct Counters {
     pub(crate) spool_depth: AtomicU64,
     pub(crate) unrecorded: AtomicU64,
     pub(crate) commits: AtomicU64,
+    pub(crate) account_index_behind: AtomicU64,
 }
 
 /// The request path's handle on the writer.
@@ -264,6 +268,7 @@ impl Recorder {
             spool_depth: self.counters.spool_depth.load(Ordering::Relaxed),
             unrecorded: self.counters.unrecorded.load(Ordering::Relaxed),
             commits: self.counters.commits.load(Ordering::Relaxed),
+            account_index_behind: self.counters.account_index_behind.load(Ordering::Relaxed),
         }
     }
 }

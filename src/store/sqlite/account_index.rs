@@ -76,6 +76,11 @@ impl AccountIndex {
         }
     }
 
+    /// Rows past the mark (`head`: the last committed seq).
+    pub(super) fn behind(&self, head: i64) -> u64 {
+        (head - self.through).max(0) as u64
+    }
+
     /// Whether there is work for a quiet writer, and how long until it is due: `None` when the
     /// index is up to date with `head`.
     pub(super) fn idle_work(&self, head: i64) -> Option<Duration> {

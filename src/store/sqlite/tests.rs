@@ -618,8 +618,10 @@ async fn an_accounts_decisions_are_found_before_and_after_the_index_takes_them()
     let before = ids("acct-a", 100);
     assert_eq!(before.len(), 15);
     assert_eq!(before[0], "d28");
+    assert_eq!(recorder.stats().account_index_behind, 31);
 
     index_caught_up(&conn).await;
+    assert_eq!(recorder.stats().account_index_behind, 0);
     let indexed: i64 = conn
         .query_row("SELECT count(*) FROM audit_account", [], |r| r.get(0))
         .unwrap();

@@ -470,7 +470,13 @@ fn run(
         .build()
         .inspect_err(|error| tracing::warn!(%error, "audit store: no timer; the account index catches up only while commands come"))
         .ok();
-    while let Some(first) = next_command(&mut rx, &mut conn, &mut accounts, seq, timer.as_ref()) {
+    while let Some(first) = next_command(
+        &mut rx,
+        &mut conn,
+        &mut accounts,
+        seq,
+        (timer.as_ref(), counters),
+    ) {
         let mut waiting = waited_on(&first);
         let mut commands = vec![first];
         while commands.len() < BATCH {
@@ -660,6 +666,9 @@ fn run(
         }
         own.between_transactions(&conn, rx.is_empty());
         accounts.step(&mut conn, seq);
+        counters
+            .account_index_behind
+            .store(accounts.behind(seq), Ordering::Relaxed);
         // Retention catching up: a chunk between batches at most every RETENTION_PAUSE (up to
         // 40k rows a second), so decisions never wait long behind it.
         if let Some(through) = pending.filter(|_| last_chunk.elapsed() >= RETENTION_PAUSE) {
@@ -684,7 +693,7 @@ fn next_command(
     conn: &mut Connection,
     accounts: &mut AccountIndex,
     head: i64,
-    timer: Option<&tokio::runtime::Runtime>,
+    (timer, counters): (Option<&tokio::runtime::Runtime>, &Counters),
 ) -> Option<Command> {
     loop {
         let (Some(pause), Some(timer)) = (accounts.idle_work(head), timer) else {
@@ -694,7 +703,12 @@ fn next_command(
             match rx.try_recv() {
                 Ok(command) => return Some(command),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => accounts.step(conn, head),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    accounts.step(conn, head);
+                    counters
+                        .account_index_behind
+                        .store(accounts.behind(head), Ordering::Relaxed);
+                }
             }
         } else if let Ok(command) =
             timer.block_on(async { tokio::time::timeout(pause, rx.recv()).await })
