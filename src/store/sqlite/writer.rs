@@ -605,6 +605,10 @@ fn run(
                     .collect()
             }
         };
+        // Before the callers hear of their rows: a caller then reads a count that has them.
+        counters
+            .account_index_behind
+            .store(accounts.behind(seq), Ordering::Relaxed);
         for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
             match (outcome, reply) {
                 (Ok(Committed::Decision), _) => {
