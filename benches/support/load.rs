@@ -57,13 +57,22 @@ impl Drop for Server {
     }
 }
 
-/// A loopback port free at the time of asking.
+/// A loopback port free at the time of asking, and never one handed out before in this run:
+/// the kernel may give a closed probe's port again at once, and the gateways bench's smoke run
+/// once failed so (its second nginx could not bind a port its first already listened on).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Starts `regionguard serve` on core 0 with the shipped policy and country database and
