@@ -10,11 +10,13 @@
 //! after it in the log's tail (`account_decisions`). What is in memory is only a cache of that
 //! tail: after a restart, or a failed slice, it is read again from the log.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
 use super::account_index_through;
+use crate::store::writer::Counters;
 
 /// A batch starts once this many rows are past the mark, or [`EVERY`] after the last one.
 const ROWS: i64 = 8_192;
@@ -76,9 +78,12 @@ impl AccountIndex {
         }
     }
 
-    /// Rows past the mark (`head`: the last committed seq).
-    pub(super) fn behind(&self, head: i64) -> u64 {
-        (head - self.through).max(0) as u64
+    /// Sets the gauge of rows past the mark (`head`: the last committed seq).
+    pub(super) fn report(&self, counters: &Counters, head: i64) {
+        let behind = (head - self.through).max(0) as u64;
+        counters
+            .account_index_behind
+            .store(behind, Ordering::Relaxed);
     }
 
     /// Whether there is work for a quiet writer, and how long until it is due: `None` when the

@@ -606,9 +606,7 @@ fn run(
             }
         };
         // Before the callers hear of their rows: a caller then reads a count that has them.
-        counters
-            .account_index_behind
-            .store(accounts.behind(seq), Ordering::Relaxed);
+        accounts.report(counters, seq);
         for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
             match (outcome, reply) {
                 (Ok(Committed::Decision), _) => {
@@ -670,9 +668,7 @@ fn run(
         }
         own.between_transactions(&conn, rx.is_empty());
         accounts.step(&mut conn, seq);
-        counters
-            .account_index_behind
-            .store(accounts.behind(seq), Ordering::Relaxed);
+        accounts.report(counters, seq);
         // Retention catching up: a chunk between batches at most every RETENTION_PAUSE (up to
         // 40k rows a second), so decisions never wait long behind it.
         if let Some(through) = pending.filter(|_| last_chunk.elapsed() >= RETENTION_PAUSE) {
@@ -709,9 +705,7 @@ fn next_command(
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     accounts.step(conn, head);
-                    counters
-                        .account_index_behind
-                        .store(accounts.behind(head), Ordering::Relaxed);
+                    accounts.report(counters, head);
                 }
             }
         } else if let Ok(command) =
