@@ -31,6 +31,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/0005_account_index.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/0006_decision_row_indexes.sql"),
+    ),
 ];
 const DB_FILE: &str = "regionguard.sqlite3";
 
@@ -259,6 +263,11 @@ pub(crate) fn account_index_through(conn: &Connection) -> rusqlite::Result<i64> 
     .map(Option::unwrap_or_default)
 }
 
+/// `+a.kind`: the log is walked by seq; through audit_log_ref SQLite would take every
+/// decision and sort them, for every page.
+const DECISIONS_SINCE: &str =
+    "WHERE +a.kind = 'decision' AND a.recorded_at_ms >= ?1 AND a.seq > ?2 ORDER BY a.seq LIMIT ?3";
+
 /// Decisions recorded at or after `since_ms`, oldest first, after `after_seq` (for paging).
 pub fn decisions_since(
     conn: &Connection,
@@ -266,7 +275,7 @@ pub fn decisions_since(
     after_seq: i64,
     limit: u32,
 ) -> rusqlite::Result<Vec<StoredDecision>> {
-    let mut stmt = conn.prepare(&format!("{DECISION_SELECT} WHERE a.kind = 'decision' AND a.recorded_at_ms >= ?1 AND a.seq > ?2 ORDER BY a.seq LIMIT ?3"))?;
+    let mut stmt = conn.prepare(&format!("{DECISION_SELECT} {DECISIONS_SINCE}"))?;
     let rows = stmt.query_map(params![since_ms, after_seq, limit], stored)?;
     rows.collect()
 }

@@ -39,13 +39,17 @@ pub struct Checkpoint {
 
 pub const KIND: &str = "checkpoint";
 
+/// `kind <> 'decision'` is audit_log_kind's condition: it lets SQLite use that index.
+pub(super) const LATEST: &str = "SELECT seq, body FROM audit_log WHERE kind = ?1 AND kind <> 'decision' ORDER BY seq DESC LIMIT 1";
+/// Reviewer rows after a seq, in order (the columns go before it).
+pub(super) const REVIEWS_AFTER: &str =
+    "FROM audit_log WHERE kind = 'review' AND kind <> 'decision' AND seq > ?1 ORDER BY seq";
+
 /// The latest checkpoint and its seq: `Err` when its body cannot be read.
 pub fn latest(conn: &Connection) -> rusqlite::Result<Option<(i64, Result<Checkpoint, String>)>> {
-    conn.query_row(
-        "SELECT seq, body FROM audit_log WHERE kind = ?1 ORDER BY seq DESC LIMIT 1",
-        [KIND],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-    )
+    conn.query_row(LATEST, [KIND], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })
     .optional()
     .map(|found| {
         found.map(|(seq, body)| {
@@ -100,10 +104,7 @@ fn overrides_from_chain(
         ),
         None => (0, Expected::default(), false),
     };
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {} FROM audit_log WHERE kind = 'review' AND seq > ?1 ORDER BY seq",
-        super::ROW_COLUMNS
-    ))?;
+    let mut stmt = conn.prepare(&format!("SELECT {} {REVIEWS_AFTER}", super::ROW_COLUMNS))?;
     let mut rows = stmt.query([after])?;
     while let Some(r) = rows.next()? {
         let (seq, row, _, _) = read_row(r)?;

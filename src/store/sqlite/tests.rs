@@ -698,3 +698,49 @@ async fn the_account_index_migration_takes_in_the_rows_already_there() {
         .unwrap();
     assert_eq!(index, None, "the per-row index is gone");
 }
+
+/// The log's own queries read what they need through an index or by seq: none scans the log or
+/// sorts it (schema 6 left decision rows out of audit_log_kind, which the export used to walk).
+#[test]
+fn the_logs_queries_neither_scan_nor_sort_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open_for_writing(dir.path()).unwrap();
+    let plan = |sql: &str| -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let count = stmt.parameter_count();
+        let steps = stmt
+            .query_map(rusqlite::params_from_iter((0..count).map(|_| 0)), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        steps.join("; ")
+    };
+    for (what, sql, uses) in [
+        (
+            "the latest checkpoint",
+            retention::LATEST.to_string(),
+            "audit_log_kind",
+        ),
+        (
+            "reviewer rows after a checkpoint",
+            format!("SELECT seq {}", retention::REVIEWS_AFTER),
+            "audit_log_kind",
+        ),
+        (
+            "a page of the export",
+            format!("{DECISION_SELECT} {DECISIONS_SINCE}"),
+            "INTEGER PRIMARY KEY",
+        ),
+    ] {
+        let plan = plan(&sql);
+        assert!(plan.contains(uses), "{what}: {plan}");
+        assert!(
+            !plan.contains("SCAN a")
+                && !plan.contains("SCAN audit_log")
+                && !plan.contains("TEMP B-TREE"),
+            "{what}: {plan}"
+        );
+    }
+}

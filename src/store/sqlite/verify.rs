@@ -234,7 +234,7 @@ fn check_queue(conn: &Connection, resolutions: u64) -> rusqlite::Result<Result<(
 fn resolved_ids(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
     let mut stmt = conn.prepare(
         "SELECT json_extract(body, '$.applied.queue_item.decision_id') FROM audit_log \
-         WHERE kind = 'review' AND json_extract(body, '$.applied.queue_item.decision_id') IS NOT NULL",
+         WHERE kind = 'review' AND kind <> 'decision' AND json_extract(body, '$.applied.queue_item.decision_id') IS NOT NULL",
     )?;
     let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
     ids.collect()
