@@ -106,6 +106,17 @@ impl AuditRow {
     }
 }
 
+/// Names the rows missing between two that are there.
+fn gap(after: i64, seq: i64) -> String {
+    let (first, last) = (after + 1, seq - 1);
+    let missing = if first == last {
+        format!("row seq {first} is missing")
+    } else {
+        format!("rows seq {first} to {last} are missing")
+    };
+    format!("{missing} (deleted): row seq {after} is followed by row seq {seq}")
+}
+
 /// Why the chain does not hold, naming the row.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChainBreak {
@@ -124,7 +135,8 @@ pub enum ChainBreak {
         ref_id: String,
         expected_prev: i64,
     },
-    #[error("rows seq {after} to {seq} are missing (deleted)")]
+    /// Rows between `after` and `seq` (both present) are gone.
+    #[error("{}", gap(*after, *seq))]
     Gap { after: i64, seq: i64 },
     #[error(
         "the chain starts at row seq {seq}: the rows before it are missing and no retention checkpoint covers them (deleted)"
@@ -316,6 +328,14 @@ mod tests {
         let mut deleted = chain(5);
         deleted.remove(2);
         assert_eq!(verify(deleted), Err(ChainBreak::Gap { after: 2, seq: 4 }));
+        assert_eq!(
+            ChainBreak::Gap { after: 2, seq: 4 }.to_string(),
+            "row seq 3 is missing (deleted): row seq 2 is followed by row seq 4"
+        );
+        assert_eq!(
+            ChainBreak::Gap { after: 2, seq: 6 }.to_string(),
+            "rows seq 3 to 5 are missing (deleted): row seq 2 is followed by row seq 6"
+        );
 
         // Deleting the last row and renumbering cannot hide: the hashes bind seq.
         let mut renumbered = chain(5);

@@ -234,7 +234,7 @@ async fn direct_edits_and_deletions_are_detected() {
             .map(|v| v.rows)
             .unwrap_err()
             .to_string(),
-        "rows seq 3 to 5 are missing (deleted)"
+        "row seq 4 is missing (deleted): row seq 3 is followed by row seq 5"
     );
 }
 
