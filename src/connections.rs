@@ -1,10 +1,13 @@
 //! The connections of the gRPC port and of the forward-auth port, bounded so that nobody can
 //! take the service down without sending a byte.
 //!
-//! A connection is *pending* from its accept until its peer sends its first bytes (the HTTP/2
-//! preface, or a TLS ClientHello); only then is it handed to the HTTP/2 server, which is where
-//! a connection starts to cost buffers and a task of its own. So:
-//! - a pending connection that sends nothing within `handshake_timeout` is closed;
+//! A connection is *pending* from its accept until its peer has sent the opening of its
+//! protocol whole ([`Opening`]: the HTTP/2 preface, a TLS ClientHello record, or on an HTTP
+//! port the first request's head); only then is it handed to the server, which is where a
+//! connection starts to cost buffers and a task of its own. The bytes read meanwhile are given
+//! to the server first ([`Connection`]'s reads). So:
+//! - a pending connection that has not sent its opening within `handshake_timeout` is closed
+//!   (a byte at a time does not keep it: the time counts from the accept);
 //! - at most `max_pending` are pending: the oldest is closed to make room for a new one, so a
 //!   flood of silent connections can never lock a real client (a health check) out;
 //! - at most `max_connections` are served; one more is closed at once;
@@ -36,16 +39,59 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
 }
 
+/// What a connection must have sent, whole, before it is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// The gRPC port: the HTTP/2 client preface (24 bytes), or a TLS record (the ClientHello).
+    Http2,
+    /// An HTTP port (forward-auth, the console): the first request's head, up to its blank
+    /// line, or the HTTP/2 preface (h2c), or a TLS record.
+    Http,
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// At most this much is read before a connection is served: a longer request head is the
+/// server's to refuse (431), and a TLS record is at most 5 + 16,384 + 2,048 bytes.
+const MAX_OPENING: usize = 5 + 16_384 + 2_048;
+
+impl Opening {
+    /// Whether `read` holds the whole opening (or as much as is read before serving).
+    fn complete(self, read: &[u8]) -> bool {
+        if read.len() >= MAX_OPENING {
+            return true;
+        }
+        match read.first() {
+            None => false,
+            // A TLS handshake record: its header, then as many bytes as it says.
+            Some(0x16) => {
+                read.len() >= 5
+                    && read.len() >= 5 + usize::from(u16::from_be_bytes([read[3], read[4]]))
+            }
+            Some(_)
+                if self == Opening::Http2
+                    || PREFACE.starts_with(&read[..read.len().min(PREFACE.len())]) =>
+            {
+                read.len() >= PREFACE.len()
+            }
+            Some(_) => {
+                read.windows(4).any(|w| w == b"\r\n\r\n") || read.windows(2).any(|w| w == b"\n\n")
+            }
+        }
+    }
+}
+
 /// Counters for the metrics port and tests.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
+    /// The port's name in logs and metrics ("gRPC", "forward-auth", "console").
+    pub port: &'static str,
     /// Connections being served now.
     pub open: AtomicU64,
-    /// Connections accepted that have not sent anything yet.
+    /// Connections accepted that have not sent their opening whole yet.
     pub pending: AtomicU64,
     /// Closed because `max_connections` were being served.
     pub shed_full: AtomicU64,
-    /// Closed for sending nothing within the handshake timeout.
+    /// Closed for not sending their opening within the handshake timeout.
     pub shed_silent: AtomicU64,
     /// Closed while still silent to make room for a newer connection (`max_pending`).
     pub shed_evicted: AtomicU64,
@@ -56,6 +102,13 @@ pub struct ConnectionStats {
 }
 
 impl ConnectionStats {
+    pub fn for_port(port: &'static str) -> Self {
+        Self {
+            port,
+            ..Self::default()
+        }
+    }
+
     fn shed(&self, counter: &AtomicU64, why: &'static str) {
         counter.fetch_add(1, Ordering::Relaxed);
         // try_lock: a shedding connection that finds another logging skips the line.
@@ -71,7 +124,8 @@ impl ConnectionStats {
                 shed_full = self.shed_full.load(Ordering::Relaxed),
                 shed_silent = self.shed_silent.load(Ordering::Relaxed),
                 shed_evicted = self.shed_evicted.load(Ordering::Relaxed),
-                "shedding connections on the gRPC port (logged at most once a second)"
+                "shedding connections on the {} port (logged at most once a second)",
+                self.port
             );
         }
     }
@@ -80,6 +134,9 @@ impl ConnectionStats {
 /// A served connection: the socket, and its place among `max_connections`.
 pub struct Connection {
     stream: TcpStream,
+    /// What was read while the connection was pending, given to the server's first reads.
+    opening: Vec<u8>,
+    given: usize,
     _slot: OwnedSemaphorePermit,
     stats: Arc<ConnectionStats>,
 }
@@ -104,7 +161,18 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.given < this.opening.len() {
+            let n = buf.remaining().min(this.opening.len() - this.given);
+            buf.put_slice(&this.opening[this.given..this.given + n]);
+            this.given += n;
+            if this.given == this.opening.len() {
+                this.opening = Vec::new();
+                this.given = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -160,22 +228,23 @@ impl Drop for Pending {
 /// server drops the stream.
 pub fn incoming(
     listener: TcpListener,
-    limits: ConnectionLimits,
+    (limits, opening): (ConnectionLimits, Opening),
     stats: Arc<ConnectionStats>,
 ) -> impl tokio_stream::Stream<Item = io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, limits, stats, tx));
+    tokio::spawn(accept_loop(listener, (limits, opening), stats, tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// [`incoming`] as an axum listener (the forward-auth port): the same limits, counted in
-/// `stats`; the stream's errors are counted where they happen, so they are skipped here.
+/// [`incoming`] as an axum listener (the forward-auth and console ports): the same limits,
+/// an HTTP opening, counted in `stats`; the stream's errors are counted where they happen, so
+/// they are skipped here.
 pub fn listener(
     listener: TcpListener,
     limits: ConnectionLimits,
     stats: Arc<ConnectionStats>,
 ) -> Limited {
-    Limited(Box::pin(incoming(listener, limits, stats)))
+    Limited(Box::pin(incoming(listener, (limits, Opening::Http), stats)))
 }
 
 /// The accept loop's connections as an axum listener.
@@ -208,7 +277,7 @@ impl axum::serve::Listener for Limited {
 
 async fn accept_loop(
     listener: TcpListener,
-    limits: ConnectionLimits,
+    (limits, opening): (ConnectionLimits, Opening),
     stats: Arc<ConnectionStats>,
     tx: mpsc::Sender<io::Result<Connection>>,
 ) {
@@ -254,16 +323,20 @@ async fn accept_loop(
         let guard = Pending(stats.clone());
         let (slots, stats, tx) = (slots.clone(), stats.clone(), tx.clone());
         let task = tokio::spawn(async move {
-            let mut first = [0u8; 1];
-            let spoke = tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first));
+            let mut stream = stream;
+            let mut read = Vec::new();
+            let spoke = tokio::time::timeout(
+                limits.handshake_timeout,
+                read_opening(&mut stream, opening, &mut read),
+            );
             match spoke.await {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(true)) => {}
                 Ok(_) => return, // closed by the peer, or failed
                 Err(_) => {
                     drop(guard);
                     stats.shed(
                         &stats.shed_silent,
-                        "nothing sent within the handshake timeout",
+                        "opening not sent within the handshake timeout",
                     );
                     return;
                 }
@@ -276,6 +349,8 @@ async fn accept_loop(
             stats.open.fetch_add(1, Ordering::Relaxed);
             let connection = Connection {
                 stream,
+                opening: read,
+                given: 0,
                 _slot: slot,
                 stats,
             };
@@ -283,6 +358,25 @@ async fn accept_loop(
         });
         pending.push_back(task.abort_handle());
     }
+}
+
+/// Reads into `read` until it holds `opening` whole: `false` when the peer closed first.
+async fn read_opening(
+    stream: &mut TcpStream,
+    opening: Opening,
+    read: &mut Vec<u8>,
+) -> io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 2_048];
+    while !opening.complete(read) {
+        let room = chunk.len().min(MAX_OPENING - read.len());
+        let n = stream.read(&mut chunk[..room]).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        read.extend_from_slice(&chunk[..n]);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -301,7 +395,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(ConnectionStats::default());
-        (addr, stats.clone(), incoming(listener, limits, stats))
+        (
+            addr,
+            stats.clone(),
+            incoming(listener, (limits, Opening::Http2), stats),
+        )
     }
 
     #[tokio::test]
@@ -341,6 +439,94 @@ mod tests {
         assert_eq!(stats.open.load(Ordering::Relaxed), 0);
     }
 
+    #[test]
+    fn an_opening_is_whole_when_its_protocol_says() {
+        use Opening::{Http, Http2};
+        assert!(!Http2.complete(b""));
+        assert!(!Http2.complete(&PREFACE[..23]));
+        assert!(Http2.complete(PREFACE));
+        assert!(!Http2.complete(b"x"), "one byte is not an opening");
+        let head = b"GET /check HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(!Http.complete(&head[..head.len() - 2]));
+        assert!(Http.complete(head));
+        assert!(!Http.complete(&PREFACE[..20]), "h2c on an HTTP port");
+        assert!(Http.complete(PREFACE));
+        // A TLS record of 512 bytes: its header and all of it.
+        let mut record = vec![0x16, 3, 1, 2, 0];
+        assert!(!Http2.complete(&record));
+        record.resize(5 + 512, 0);
+        assert!(!Http2.complete(&record[..record.len() - 1]));
+        assert!(Http2.complete(&record) && Http.complete(&record));
+        assert!(
+            Http.complete(&vec![b'a'; MAX_OPENING]),
+            "the server refuses what is too long"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_opening_sent_a_byte_at_a_time_does_not_outlast_the_handshake_timeout() {
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_pending: 8,
+            handshake_timeout: Duration::from_millis(400),
+        };
+        let (addr, stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let mut trickler = TcpStream::connect(addr).await.unwrap();
+        // 20 bytes 50 ms apart: about a second, past the timeout, never 50 ms silent.
+        let mut closed = false;
+        for byte in PREFACE.iter().take(20) {
+            if trickler.write_all(&[*byte]).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            closed || {
+                use tokio::io::AsyncReadExt;
+                let mut byte = [0u8; 1];
+                matches!(trickler.read(&mut byte).await, Ok(0) | Err(_))
+            },
+            "the trickling connection is closed"
+        );
+        assert_eq!(stats.shed_silent.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.open.load(Ordering::Relaxed), 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), incoming.next())
+                .await
+                .is_err(),
+            "nothing was served"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_reads_the_opening_and_what_follows_as_sent() {
+        use tokio::io::AsyncReadExt;
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_pending: 8,
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let (addr, _stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&PREFACE[..10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut sent = PREFACE[10..].to_vec();
+        sent.extend_from_slice(b"and the frames after it");
+        client.write_all(&sent).await.unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let expected = [PREFACE, b"and the frames after it"].concat();
+        let mut got = vec![0u8; expected.len()];
+        served.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        client.write_all(b"!").await.unwrap();
+        let mut more = [0u8; 1];
+        served.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"!");
+    }
+
     #[tokio::test]
     async fn past_max_connections_a_new_one_is_closed() {
         let limits = ConnectionLimits {
@@ -354,7 +540,7 @@ mod tests {
         let mut clients = Vec::new();
         for _ in 0..3 {
             let mut client = TcpStream::connect(addr).await.unwrap();
-            client.write_all(b"x").await.unwrap();
+            client.write_all(PREFACE).await.unwrap();
             clients.push(client);
         }
         for _ in 0..2 {

@@ -140,8 +140,9 @@ impl Metrics {
             registry.register_collector(Box::new(EngineCollector { engine, audit }));
         }
     }
-    /// Adds the scrape-time collector over the gRPC port's connections.
-    pub fn watch_connections(&self, stats: Arc<ConnectionStats>) {
+    /// Adds the scrape-time collector over the ports' connections: the first is the gRPC
+    /// port's (its series have no `port` label), the others are labelled with their port.
+    pub fn watch_connections(&self, stats: Vec<Arc<ConnectionStats>>) {
         if let Ok(mut registry) = self.registry.lock() {
             registry.register_collector(Box::new(ConnectionCollector(stats)));
         }
@@ -214,43 +215,77 @@ fn counter(
     c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
-/// The gRPC port's connections (`connections::ConnectionStats`), read at scrape time.
+/// The ports' connections (`connections::ConnectionStats`), read at scrape time: one family
+/// per metric, the gRPC port's series unlabelled (as before the other ports were counted),
+/// the others with `port`.
 #[derive(Debug)]
-struct ConnectionCollector(Arc<ConnectionStats>);
+struct ConnectionCollector(Vec<Arc<ConnectionStats>>);
+
+impl ConnectionCollector {
+    fn labels(
+        stats: &ConnectionStats,
+        first: bool,
+        more: Option<(&str, &str)>,
+    ) -> Vec<(String, String)> {
+        let port = (!first).then(|| ("port".to_owned(), stats.port.to_lowercase()));
+        port.into_iter()
+            .chain(more.map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect()
+    }
+}
 
 impl Collector for ConnectionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = &self.0;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
-            &mut encoder,
-            "connections_open",
-            "Connections being served on the gRPC port",
-            &[],
-            load(&stats.open) as f64,
-        )?;
-        gauge(
-            &mut encoder,
-            "connections_pending",
-            "Connections accepted on the gRPC port that have not sent anything yet",
-            &[],
-            load(&stats.pending) as f64,
-        )?;
-        let shed = [
-            ("max_connections", load(&stats.shed_full)),
-            ("handshake_timeout", load(&stats.shed_silent)),
-            ("max_pending_connections", load(&stats.shed_evicted)),
-            ("accept_error", load(&stats.accept_errors)),
+        let ports = || self.0.iter().enumerate().map(|(i, s)| (i == 0, s.as_ref()));
+        let gauges: [(
+            &str,
+            &str,
+            fn(&ConnectionStats) -> &std::sync::atomic::AtomicU64,
+        ); 2] = [
+            (
+                "connections_open",
+                "Connections being served, on the gRPC port (no label) and the others (port)",
+                |s| &s.open,
+            ),
+            (
+                "connections_pending",
+                "Connections accepted that have not sent their opening (HTTP/2 preface, TLS ClientHello, HTTP request head) whole yet",
+                |s| &s.pending,
+            ),
         ];
+        for (name, help, field) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (first, stats) in ports() {
+                ConstGauge::new(load(field(stats)) as f64)
+                    .encode(family.encode_family(&Self::labels(stats, first, None))?)?;
+            }
+        }
         let mut family = encoder.encode_descriptor(
             "connections_shed",
-            "Connections closed on the gRPC port for a limit, by reason (accept_error: accepts that failed)",
+            "Connections closed for a limit, by reason (accept_error: accepts that failed), on the gRPC port (no port label) and the others (port)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
-        for (reason, value) in shed {
-            ConstCounter::new(value)
-                .encode(family.encode_family(&vec![("reason", reason.to_owned())])?)?;
+        for (first, stats) in ports() {
+            let shed = [
+                ("max_connections", load(&stats.shed_full)),
+                ("handshake_timeout", load(&stats.shed_silent)),
+                ("max_pending_connections", load(&stats.shed_evicted)),
+                ("accept_error", load(&stats.accept_errors)),
+            ];
+            for (reason, value) in shed {
+                ConstCounter::new(value).encode(family.encode_family(&Self::labels(
+                    stats,
+                    first,
+                    Some(("reason", reason)),
+                ))?)?;
+            }
         }
         Ok(())
     }

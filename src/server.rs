@@ -255,6 +255,7 @@ pub async fn run(
         set_health(&health, false).await;
         let _ = began.send(true);
     };
+    let mut watched = vec![Arc::new(ConnectionStats::for_port("gRPC"))];
     // Forward-auth and the console: the gRPC port's connection limits (counts of their own);
     // they stop accepting when shutdown begins and drain like the gRPC port.
     let side_tasks: Vec<_> = [
@@ -265,11 +266,10 @@ pub async fn run(
     .flatten()
     .map(|((listener, app), what)| {
         let mut began = began_rx.clone();
-        let listener = crate::connections::listener(
-            listener,
-            settings.limits.connection_limits(),
-            Arc::new(ConnectionStats::default()),
-        );
+        let stats = Arc::new(ConnectionStats::for_port(what));
+        watched.push(stats.clone());
+        let listener =
+            crate::connections::listener(listener, settings.limits.connection_limits(), stats);
         let app = app.into_make_service_with_connect_info::<crate::console::Peer>();
         tokio::spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -282,11 +282,18 @@ pub async fn run(
     })
     .collect();
     let limits = settings.limits;
-    let connections = Arc::new(ConnectionStats::default());
+    let connections = watched[0].clone();
     if let Some(metrics) = &metrics {
-        metrics.watch_connections(connections.clone());
+        metrics.watch_connections(watched);
     }
-    let incoming = crate::connections::incoming(listener, limits.connection_limits(), connections);
+    let incoming = crate::connections::incoming(
+        listener,
+        (
+            limits.connection_limits(),
+            crate::connections::Opening::Http2,
+        ),
+        connections,
+    );
     let keepalive = (limits.keepalive_interval_ms > 0)
         .then(|| Duration::from_millis(limits.keepalive_interval_ms));
     let mut builder = Server::builder();

@@ -245,6 +245,85 @@ async fn a_network_override_is_not_bypassed_by_the_gateway_cache() {
     assert_eq!(verdict(&second), "DENY", "the override holds: {second:?}");
 }
 
+/// #12 defect 3, the slow kind: connections that send the start of their opening and then
+/// stall (a byte of the HTTP/2 preface; an HTTP request line without its headers' end) held
+/// a served slot each until the HTTP/2 keepalive gave up (40 s), so `max_connections` of them
+/// locked every client out. They are closed after `handshake_timeout_ms`, on the gRPC and the
+/// forward-auth port alike, counted per port, and the health check answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out() {
+    use std::io::{Read, Write};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let forward_auth = format!("127.0.0.1:{}", support::free_port());
+    let config = format!(
+        "[limits]\nmax_connections = 8\nhandshake_timeout_ms = 1000\n[forward_auth]\nlisten = \"{forward_auth}\"\n"
+    );
+    let replica = Replica::start_under(dir.path(), "rg", &config, &[], None).await;
+    let grpc = replica.addr.trim_start_matches("http://").to_owned();
+    let open_stalled = |addr: &str, opening: &[u8], n: usize| -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                stream.write_all(opening).unwrap();
+                stream
+            })
+            .collect()
+    };
+    let mut stalled = open_stalled(&grpc, b"PRI * HTTP", 16);
+    stalled.extend(open_stalled(&forward_auth, b"GET /check HTTP/1.1\r\n", 16));
+    // Past the handshake timeout, with the stalled connections still open on the client side.
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_millis(2_500) {
+        let channel = tonic::transport::Channel::from_shared(replica.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("a new connection is served");
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("the health check answers while stalled connections are open");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The forward-auth port serves a whole request on a new connection too.
+    let mut client = std::net::TcpStream::connect(&forward_auth).unwrap();
+    client
+        .write_all(b"GET /check HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 216.160.83.57\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    // Each stalled connection was closed by the server.
+    for mut stream in stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(stream.read(&mut byte), Ok(0) | Err(_)),
+            "a stalled connection is closed"
+        );
+    }
+    assert_eq!(
+        replica.metric("regionguard_connections_shed_total{reason=\"handshake_timeout\"}"),
+        16.0
+    );
+    assert_eq!(
+        replica.metric(
+            "regionguard_connections_shed_total{port=\"forward-auth\",reason=\"handshake_timeout\"}"
+        ),
+        16.0
+    );
+    assert!(answered >= 10, "{answered} health checks");
+    assert!(
+        replica.log().contains("forward-auth port"),
+        "the shedding is logged"
+    );
+}
+
 /// #12 defect 3, as reproduced (scaled to a server allowed 1,024 file descriptors): thousands
 /// of TCP connections that send nothing. The health check answers throughout, on new
 /// connections; the silent ones are closed (oldest first past `max_pending_connections`, the
