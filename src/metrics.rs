@@ -215,6 +215,9 @@ fn counter(
     c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
+/// One of a port's gauges.
+type Field = fn(&ConnectionStats) -> &std::sync::atomic::AtomicU64;
+
 /// The ports' connections (`connections::ConnectionStats`), read at scrape time: one family
 /// per metric, the gRPC port's series unlabelled (as before the other ports were counted),
 /// the others with `port`.
@@ -238,11 +241,7 @@ impl Collector for ConnectionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let ports = || self.0.iter().enumerate().map(|(i, s)| (i == 0, s.as_ref()));
-        let gauges: [(
-            &str,
-            &str,
-            fn(&ConnectionStats) -> &std::sync::atomic::AtomicU64,
-        ); 2] = [
+        let gauges: [(&str, &str, Field); 2] = [
             (
                 "connections_open",
                 "Connections being served, on the gRPC port (no label) and the others (port)",
