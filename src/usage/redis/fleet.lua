@@ -368,6 +368,11 @@ if mode == 'write' then
     redis.call('PEXPIRE', gen.r, ttl)
   end
   redis.call('PEXPIRE', base .. 'index', ttl)
+  -- The bookkeeping too: it outlives every key a write touches, so when it expires the graph
+  -- has been idle that long and all of it is gone (a new epoch, as after a Redis that lost it).
+  for _, key in ipairs({ 'newest', 'gen', 'genseq', 'gens', 'built', 'rules', 'epoch', 'refused' }) do
+    redis.call('PEXPIRE', base .. key, ttl)
+  end
   return { tostring(newest), redis.call('GET', base .. 'built') or '', redis.call('GET', base .. 'rules') or '',
            redis.call('GET', base .. 'epoch') or '' }
 end
@@ -520,10 +525,11 @@ if mode == 'flip' then
   if redis.call('GET', base .. 'lock') ~= ARGV[3] then
     return 0
   end
-  redis.call('SET', base .. 'gen', ARGV[4])
+  -- KEEPTTL: the writes gave these their TTL; a plain SET would take it away.
+  redis.call('SET', base .. 'gen', ARGV[4], 'KEEPTTL')
   redis.call('DEL', base .. 'building')
-  redis.call('SET', base .. 'built', ARGV[5])
-  redis.call('SET', base .. 'rules', ARGV[6])
+  redis.call('SET', base .. 'built', ARGV[5], 'KEEPTTL')
+  redis.call('SET', base .. 'rules', ARGV[6], 'KEEPTTL')
   redis.call('DEL', base .. 'lock')
   return 1
 end
