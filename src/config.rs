@@ -150,8 +150,8 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Connections accepted that have sent nothing yet; past it, the oldest is closed.
     pub max_pending_connections: usize,
-    /// A connection that has sent nothing (no HTTP/2 preface, no TLS hello) for this long is
-    /// closed.
+    /// A connection that has not sent its opening whole (the HTTP/2 preface, a TLS hello, an
+    /// HTTP request head) this long after its accept is closed.
     pub handshake_timeout_ms: u64,
     /// HTTP/2 flow-control windows: how much a stream, and a connection in all, may send ahead
     /// of the server reading it. h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM) when small
@@ -163,6 +163,9 @@ pub struct LimitsConfig {
     pub keepalive_interval_ms: u64,
     /// A connection whose peer does not answer a ping within this is closed.
     pub keepalive_timeout_ms: u64,
+    /// A served connection with nothing to do for this long is closed: on the gRPC port no
+    /// call in flight (pings do not count), on the HTTP ports nothing read or written. 0: never.
+    pub idle_timeout_ms: u64,
 }
 
 impl LimitsConfig {
@@ -172,6 +175,8 @@ impl LimitsConfig {
             max_connections: self.max_connections,
             max_pending: self.max_pending_connections,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms.max(1)),
+            idle_timeout: (self.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.idle_timeout_ms)),
         }
     }
 
@@ -208,6 +213,7 @@ impl Default for LimitsConfig {
             connection_window_bytes: 32 << 20,
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }

@@ -15,7 +15,10 @@
 //!
 //! Every connection closed for a limit is counted by reason ([`ConnectionStats`]) and logged,
 //! at most once a second. Connections that stop answering once served are the HTTP/2
-//! keepalive's business (`[limits] keepalive_*`, set on the server).
+//! keepalive's business (`[limits] keepalive_*`, set on the server). A served connection with
+//! nothing to do for `idle_timeout` is closed ([`Activity`]): on the gRPC port, no call in
+//! flight (counted by [`ActivityLayer`], up to the end of a response's body), whatever pings
+//! pass; on the HTTP ports, nothing read or written.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,14 +32,107 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
+use tonic::codegen::http;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// How many connections a port takes, and how long a silent one may stay.
+/// How many connections a port takes, and how long a silent or idle one may stay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
     pub max_pending: usize,
     pub handshake_timeout: Duration,
+    /// A served connection with nothing to do this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Milliseconds since the first call in this process: cheap to store in an atomic.
+fn now_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What a served connection is doing, for its idle timeout.
+#[derive(Debug)]
+pub struct Activity {
+    /// Calls whose response has not ended yet (the gRPC port).
+    in_flight: AtomicU64,
+    /// When the connection last did something ([`now_ms`]).
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            last_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// A call begins; it ends when the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// How long the connection has had nothing to do: `None` while a call is in flight.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = self.last_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(now_ms().saturating_sub(last)))
+    }
+}
+
+/// A call in flight on a connection.
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // The time first: a connection seen with no call in flight has its last call's end.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Closes a connection once it has been idle for `after`: polled while its reads wait.
+struct IdleClose {
+    after: Duration,
+    activity: Arc<Activity>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleClose {
+    fn new(after: Duration, activity: Arc<Activity>) -> Self {
+        Self {
+            after,
+            activity,
+            timer: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+
+    /// Whether the connection has been idle for long enough; if not, the timer is set for when
+    /// it might be (moved on lazily, when it fires: activity costs no timer update).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        use std::future::Future;
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let wait = match self.activity.idle_for() {
+                None => self.after,
+                Some(idle) if idle >= self.after => return true,
+                Some(idle) => self.after - idle,
+            };
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + wait);
+        }
+    }
 }
 
 /// What a connection must have sent, whole, before it is served.
@@ -97,6 +193,8 @@ pub struct ConnectionStats {
     pub shed_evicted: AtomicU64,
     /// Accepts that failed (out of file descriptors, mostly).
     pub accept_errors: AtomicU64,
+    /// Closed after `idle_timeout` with nothing to do (not logged: it is routine).
+    pub closed_idle: AtomicU64,
     /// When the last shedding line was logged.
     last_log: std::sync::Mutex<Option<Instant>>,
 }
@@ -137,8 +235,20 @@ pub struct Connection {
     /// What was read while the connection was pending, given to the server's first reads.
     opening: Vec<u8>,
     given: usize,
+    activity: Arc<Activity>,
+    /// The HTTP ports: reads and writes are the activity (the gRPC port counts calls).
+    touch_on_io: bool,
+    idle: Option<IdleClose>,
     _slot: OwnedSemaphorePermit,
     stats: Arc<ConnectionStats>,
+}
+
+/// A served connection's address and activity, in every request's extensions (under TLS,
+/// inside tonic's `TlsConnectInfo`).
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    activity: Arc<Activity>,
 }
 
 impl Drop for Connection {
@@ -148,10 +258,13 @@ impl Drop for Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            tcp: self.stream.connect_info(),
+            activity: self.activity.clone(),
+        }
     }
 }
 
@@ -172,7 +285,23 @@ impl AsyncRead for Connection {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => {
+                if this.idle.as_mut().is_some_and(|idle| idle.expired(cx)) {
+                    // Nothing in flight and nothing read: end of stream, so the server closes.
+                    this.idle = None;
+                    this.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+            ready => {
+                if this.touch_on_io {
+                    this.activity.touch();
+                }
+                ready
+            }
+        }
     }
 }
 
@@ -182,7 +311,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if self.touch_on_io && written.is_ready() {
+            self.activity.touch();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -347,16 +480,101 @@ async fn accept_loop(
                 return;
             };
             stats.open.fetch_add(1, Ordering::Relaxed);
+            let activity = Arc::new(Activity::new());
+            let idle = limits
+                .idle_timeout
+                .map(|after| IdleClose::new(after, activity.clone()));
             let connection = Connection {
                 stream,
                 opening: read,
                 given: 0,
+                activity,
+                touch_on_io: opening == Opening::Http,
+                idle,
                 _slot: slot,
                 stats,
             };
             let _ = tx.send(Ok(connection)).await;
         });
         pending.push_back(task.abort_handle());
+    }
+}
+
+/// Counts the calls in flight on each connection of the gRPC port, up to the end of each
+/// response's body, for the idle timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct ActivityLayer;
+
+impl<S> tower::Layer<S> for ActivityLayer {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Tracked<S> {
+        Tracked(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Tracked<S>(S);
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let extensions = request.extensions();
+        let info = extensions.get::<ConnectionInfo>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
+                .map(|tls| tls.get_ref())
+        });
+        let busy = info.map(|info| info.activity.begin());
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match busy {
+                Some(busy) => {
+                    response.map(|body| tonic::body::Body::new(Guarded { body, _busy: busy }))
+                }
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that holds its call in flight until it is dropped.
+struct Guarded {
+    body: tonic::body::Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Guarded {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -408,6 +626,7 @@ mod tests {
             max_connections: 4,
             max_pending: 8,
             handshake_timeout: Duration::from_millis(300),
+            idle_timeout: None,
         };
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
@@ -469,6 +688,7 @@ mod tests {
             max_connections: 4,
             max_pending: 8,
             handshake_timeout: Duration::from_millis(400),
+            idle_timeout: None,
         };
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
@@ -507,6 +727,7 @@ mod tests {
             max_connections: 4,
             max_pending: 8,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: None,
         };
         let (addr, _stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
@@ -528,11 +749,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_served_connection_is_closed_once_idle_and_not_while_a_call_is_in_flight() {
+        use tokio::io::AsyncReadExt;
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_pending: 8,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_millis(300)),
+        };
+        let (addr, stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(PREFACE).await.unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let mut preface = [0u8; 24];
+        served.read_exact(&mut preface).await.unwrap();
+        // A call in flight for a second: the connection stays.
+        let busy = served.connect_info().activity.begin();
+        let started = Instant::now();
+        let mut byte = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_secs(1), served.read(&mut byte)).await;
+        assert!(waited.is_err(), "open while a call is in flight");
+        drop(busy);
+        // Then idle: closed (end of stream) about 300 ms after the call ended.
+        let n = tokio::time::timeout(Duration::from_secs(5), served.read(&mut byte))
+            .await
+            .expect("closed once idle")
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(started.elapsed() >= Duration::from_millis(1_250));
+        assert_eq!(stats.closed_idle.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
     async fn past_max_connections_a_new_one_is_closed() {
         let limits = ConnectionLimits {
             max_connections: 2,
             max_pending: 8,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: None,
         };
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);

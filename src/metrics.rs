@@ -267,7 +267,7 @@ impl Collector for ConnectionCollector {
         }
         let mut family = encoder.encode_descriptor(
             "connections_shed",
-            "Connections closed for a limit, by reason (accept_error: accepts that failed), on the gRPC port (no port label) and the others (port)",
+            "Connections closed for a limit, by reason (accept_error: accepts that failed; idle_timeout: served, then idle), on the gRPC port (no port label) and the others (port)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -277,6 +277,7 @@ impl Collector for ConnectionCollector {
                 ("handshake_timeout", load(&stats.shed_silent)),
                 ("max_pending_connections", load(&stats.shed_evicted)),
                 ("accept_error", load(&stats.accept_errors)),
+                ("idle_timeout", load(&stats.closed_idle)),
             ];
             for (reason, value) in shed {
                 ConstCounter::new(value).encode(family.encode_family(&Self::labels(

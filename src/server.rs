@@ -301,6 +301,7 @@ pub async fn run(
         builder = builder.tls_config(tls)?;
     }
     let server = builder
+        .layer(crate::connections::ActivityLayer)
         .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
         .load_shed(true)
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))

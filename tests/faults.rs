@@ -324,6 +324,64 @@ async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out(
     );
 }
 
+/// #12 defect 3, idle connections: a served connection with nothing to do for
+/// `idle_timeout_ms` is closed, on the gRPC port whatever pings pass (they kept it open for
+/// ever before), and on the forward-auth port after its keep-alive request; a client's next
+/// call simply connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_the_next_call_connects_again() {
+    use std::io::{Read, Write};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let forward_auth = format!("127.0.0.1:{}", support::free_port());
+    let config = format!(
+        "[limits]\nidle_timeout_ms = 600\nkeepalive_interval_ms = 100\n[forward_auth]\nlisten = \"{forward_auth}\"\n"
+    );
+    let replica = Replica::start_under(dir.path(), "rg", &config, &[], None).await;
+    let mut health = HealthClient::new(replica.channel().await);
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("a first call");
+    let mut client = std::net::TcpStream::connect(&forward_auth).unwrap();
+    client
+        .write_all(b"GET /check HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 216.160.83.57\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 4_096];
+    let n = client.read(&mut answer).unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // Idle (the server pings the gRPC client every 100 ms, and it answers): both are closed.
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(client.read(&mut answer), Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after the idle timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        replica.metric("regionguard_connections_shed_total{reason=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        replica.metric(
+            "regionguard_connections_shed_total{port=\"forward-auth\",reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+    // The same client calls again: its channel connects anew.
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the next call connects again");
+}
+
 /// #12 defect 3, as reproduced (scaled to a server allowed 1,024 file descriptors): thousands
 /// of TCP connections that send nothing. The health check answers throughout, on new
 /// connections; the silent ones are closed (oldest first past `max_pending_connections`, the
