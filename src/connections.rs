@@ -1,5 +1,5 @@
-//! The connections of the gRPC port and of the forward-auth port, bounded so that nobody can
-//! take the service down without sending a byte.
+//! The connections of the gRPC port and of the HTTP ports (forward-auth, console, ops),
+//! bounded so that nobody can take the service down without sending a byte.
 //!
 //! A connection is *pending* from its accept until its peer has sent the opening of its
 //! protocol whole ([`Opening`]: the HTTP/2 preface, a TLS ClientHello record, or on an HTTP
@@ -369,7 +369,7 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// [`incoming`] as an axum listener (the forward-auth and console ports): the same limits,
+/// [`incoming`] as an axum listener (the forward-auth, console and ops ports): the same limits,
 /// an HTTP opening, counted in `stats`; the stream's errors are counted where they happen, so
 /// they are skipped here.
 pub fn listener(

@@ -132,12 +132,20 @@ pub async fn run(
                 engine.set_overrides(crate::overrides::OverrideIndex::new(all))
             }));
     }
+    // Every port's connections, counted apart (the gRPC port's first).
+    let mut watched = vec![Arc::new(ConnectionStats::for_port("gRPC"))];
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(ops) = ops {
         ops.metrics.watch(engine.clone(), audit.clone());
         let app = crate::metrics::router(ops.metrics.clone());
+        // The gRPC port's connection limits here too: a flood of silent or idle connections
+        // must not keep a load balancer's probe of /readyz out.
+        let stats = Arc::new(ConnectionStats::for_port("ops"));
+        watched.push(stats.clone());
+        let listener =
+            crate::connections::listener(ops.listener, settings.limits.connection_limits(), stats);
         tokio::spawn(async move {
-            let served = axum::serve(ops.listener, app).with_graceful_shutdown(async {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async {
                 let _ = ops_stopped.await;
             });
             if let Err(error) = served.await {
@@ -255,7 +263,6 @@ pub async fn run(
         set_health(&health, false).await;
         let _ = began.send(true);
     };
-    let mut watched = vec![Arc::new(ConnectionStats::for_port("gRPC"))];
     // Forward-auth and the console: the gRPC port's connection limits (counts of their own);
     // they stop accepting when shutdown begins and drain like the gRPC port.
     let side_tasks: Vec<_> = [

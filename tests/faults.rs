@@ -248,8 +248,9 @@ async fn a_network_override_is_not_bypassed_by_the_gateway_cache() {
 /// #12 defect 3, the slow kind: connections that send the start of their opening and then
 /// stall (a byte of the HTTP/2 preface; an HTTP request line without its headers' end) held
 /// a served slot each until the HTTP/2 keepalive gave up (40 s), so `max_connections` of them
-/// locked every client out. They are closed after `handshake_timeout_ms`, on the gRPC and the
-/// forward-auth port alike, counted per port, and the health check answers throughout.
+/// locked every client out. They are closed after `handshake_timeout_ms`, on the gRPC, the
+/// forward-auth and the ops port alike, counted per port, and the health check answers
+/// throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out() {
     use std::io::{Read, Write};
@@ -272,6 +273,11 @@ async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out(
     };
     let mut stalled = open_stalled(&grpc, b"PRI * HTTP", 16);
     stalled.extend(open_stalled(&forward_auth, b"GET /check HTTP/1.1\r\n", 16));
+    stalled.extend(open_stalled(
+        &replica.metrics,
+        b"GET /readyz HTTP/1.1\r\n",
+        4,
+    ));
     // Past the handshake timeout, with the stalled connections still open on the client side.
     let started = std::time::Instant::now();
     let mut answered = 0;
@@ -316,6 +322,12 @@ async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out(
             "regionguard_connections_shed_total{port=\"forward-auth\",reason=\"handshake_timeout\"}"
         ),
         16.0
+    );
+    assert_eq!(
+        replica.metric(
+            "regionguard_connections_shed_total{port=\"ops\",reason=\"handshake_timeout\"}"
+        ),
+        4.0
     );
     assert!(answered >= 10, "{answered} health checks");
     assert!(

@@ -16,7 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_regionguard");
 pub struct Replica {
     pub child: Child,
     pub addr: String,
-    metrics: String,
+    pub metrics: String,
     log: PathBuf,
 }
 
