@@ -215,7 +215,7 @@ impl Gate {
         if !self.by_certificate {
             return Ok(None);
         }
-        let Some(certs) = request.peer_certs() else {
+        let Some(certs) = crate::connections::peer_certs(request.extensions()) else {
             return Ok(None);
         };
         let Some(leaf) = certs.first() else {

@@ -244,11 +244,21 @@ pub struct Connection {
 }
 
 /// A served connection's address and activity, in every request's extensions (under TLS,
-/// inside tonic's `TlsConnectInfo`).
+/// inside tonic's `TlsConnectInfo`). tonic's `Request::remote_addr` and `peer_certs` look for
+/// its own types and so find nothing: read them through this type ([`peer_certs`]).
 #[derive(Clone, Debug)]
 pub struct ConnectionInfo {
     pub tcp: TcpConnectInfo,
     activity: Arc<Activity>,
+}
+
+type PeerCerts = Arc<Vec<tonic::transport::CertificateDer<'static>>>;
+
+/// The client's certificate chain on a TLS connection that presented one.
+pub fn peer_certs(extensions: &http::Extensions) -> Option<PeerCerts> {
+    extensions
+        .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()?
+        .peer_certs()
 }
 
 impl Drop for Connection {

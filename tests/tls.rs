@@ -65,15 +65,25 @@ async fn start_with(
     mutual: bool,
     auth: AuthConfig,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_tuned(pki, mutual, auth, |_| {}).await
+}
+
+async fn start_tuned(
+    pki: &Pki,
+    mutual: bool,
+    auth: AuthConfig,
+    tune: impl FnOnce(&mut Config),
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().join("city.mmdb");
     std::fs::write(&location, support::fixtures::city_db()).unwrap();
-    let config = Config {
+    let mut config = Config {
         location_db: Some(location),
         metrics_listen: None,
         auth,
         ..Config::default()
     };
+    tune(&mut config);
     let loaded = regionguard::app::load(&config).unwrap();
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.0, &pki.server.1));
     if mutual {
@@ -234,4 +244,37 @@ async fn a_registered_client_certificate_identifies_its_caller() {
         tonic::Code::Unauthenticated,
         "{reported:?}"
     );
+}
+
+/// Under TLS too, a call in flight keeps its connection past the idle timeout (the calls are
+/// counted through tonic's TLS connect info); an idle one is then closed and the next call
+/// connects again.
+#[tokio::test]
+async fn a_stream_in_flight_outlives_the_idle_timeout_under_tls() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let pki = pki();
+    let (addr, _stop) = start_tuned(&pki, false, AuthConfig::default(), |config| {
+        config.limits.idle_timeout_ms = 300;
+    })
+    .await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    let channel = connect(&addr, Some(tls)).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the first status");
+    // Well past the idle timeout, the stream is still open: no error, no end.
+    let waited = tokio::time::timeout(Duration::from_millis(1_200), watch.message()).await;
+    assert!(waited.is_err(), "the stream in flight was cut: {waited:?}");
+    drop(watch);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the next call connects again");
 }
