@@ -542,12 +542,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let extensions = request.extensions();
-        let info = extensions.get::<ConnectionInfo>().or_else(|| {
-            extensions
-                .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
-                .map(|tls| tls.get_ref())
-        });
+        // Under TLS tonic inserts the connection's own info beside its `TlsConnectInfo`.
+        let info = request.extensions().get::<ConnectionInfo>();
         let busy = info.map(|info| info.activity.begin());
         let response = self.0.call(request);
         Box::pin(async move {
