@@ -626,14 +626,22 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn silent_connections_are_evicted_and_time_out_and_a_talker_gets_through() {
-        let limits = ConnectionLimits {
+    /// Four served, eight pending.
+    fn four_of_eight(
+        handshake_timeout: Duration,
+        idle_timeout: Option<Duration>,
+    ) -> ConnectionLimits {
+        ConnectionLimits {
             max_connections: 4,
             max_pending: 8,
-            handshake_timeout: Duration::from_millis(300),
-            idle_timeout: None,
-        };
+            handshake_timeout,
+            idle_timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_evicted_and_time_out_and_a_talker_gets_through() {
+        let limits = four_of_eight(Duration::from_millis(300), None);
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
         let mut silent = Vec::new();
@@ -690,12 +698,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_opening_sent_a_byte_at_a_time_does_not_outlast_the_handshake_timeout() {
-        let limits = ConnectionLimits {
-            max_connections: 4,
-            max_pending: 8,
-            handshake_timeout: Duration::from_millis(400),
-            idle_timeout: None,
-        };
+        let limits = four_of_eight(Duration::from_millis(400), None);
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
         let mut trickler = TcpStream::connect(addr).await.unwrap();
@@ -729,12 +732,7 @@ mod tests {
     #[tokio::test]
     async fn the_server_reads_the_opening_and_what_follows_as_sent() {
         use tokio::io::AsyncReadExt;
-        let limits = ConnectionLimits {
-            max_connections: 4,
-            max_pending: 8,
-            handshake_timeout: Duration::from_secs(5),
-            idle_timeout: None,
-        };
+        let limits = four_of_eight(Duration::from_secs(5), None);
         let (addr, _stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -757,12 +755,7 @@ mod tests {
     #[tokio::test]
     async fn a_served_connection_is_closed_once_idle_and_not_while_a_call_is_in_flight() {
         use tokio::io::AsyncReadExt;
-        let limits = ConnectionLimits {
-            max_connections: 4,
-            max_pending: 8,
-            handshake_timeout: Duration::from_secs(5),
-            idle_timeout: Some(Duration::from_millis(300)),
-        };
+        let limits = four_of_eight(Duration::from_secs(5), Some(Duration::from_millis(300)));
         let (addr, stats, incoming) = listen(limits).await;
         tokio::pin!(incoming);
         let mut client = TcpStream::connect(addr).await.unwrap();

@@ -245,6 +245,14 @@ async fn a_network_override_is_not_bypassed_by_the_gateway_cache() {
     assert_eq!(verdict(&second), "DENY", "the override holds: {second:?}");
 }
 
+/// A replica with `limits` under `[limits]` and the forward-auth port on, and that port.
+async fn with_forward_auth(dir: &Path, limits: &str) -> (Replica, String) {
+    let forward_auth = format!("127.0.0.1:{}", support::free_port());
+    let config = format!("[limits]\n{limits}\n[forward_auth]\nlisten = \"{forward_auth}\"\n");
+    let replica = Replica::start_under(dir, "rg", &config, &[], None).await;
+    (replica, forward_auth)
+}
+
 /// #12 defect 3, the slow kind: connections that send the start of their opening and then
 /// stall (a byte of the HTTP/2 preface; an HTTP request line without its headers' end) held
 /// a served slot each until the HTTP/2 keepalive gave up (40 s), so `max_connections` of them
@@ -256,11 +264,11 @@ async fn connections_that_stall_in_their_opening_are_closed_and_lock_nobody_out(
     use std::io::{Read, Write};
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let dir = tempfile::tempdir().unwrap();
-    let forward_auth = format!("127.0.0.1:{}", support::free_port());
-    let config = format!(
-        "[limits]\nmax_connections = 8\nhandshake_timeout_ms = 1000\n[forward_auth]\nlisten = \"{forward_auth}\"\n"
-    );
-    let replica = Replica::start_under(dir.path(), "rg", &config, &[], None).await;
+    let (replica, forward_auth) = with_forward_auth(
+        dir.path(),
+        "max_connections = 8\nhandshake_timeout_ms = 1000",
+    )
+    .await;
     let grpc = replica.addr.trim_start_matches("http://").to_owned();
     let open_stalled = |addr: &str, opening: &[u8], n: usize| -> Vec<std::net::TcpStream> {
         (0..n)
@@ -345,11 +353,11 @@ async fn idle_connections_are_closed_and_the_next_call_connects_again() {
     use std::io::{Read, Write};
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let dir = tempfile::tempdir().unwrap();
-    let forward_auth = format!("127.0.0.1:{}", support::free_port());
-    let config = format!(
-        "[limits]\nidle_timeout_ms = 600\nkeepalive_interval_ms = 100\n[forward_auth]\nlisten = \"{forward_auth}\"\n"
-    );
-    let replica = Replica::start_under(dir.path(), "rg", &config, &[], None).await;
+    let (replica, forward_auth) = with_forward_auth(
+        dir.path(),
+        "idle_timeout_ms = 600\nkeepalive_interval_ms = 100",
+    )
+    .await;
     let mut health = HealthClient::new(replica.channel().await);
     health
         .check(HealthCheckRequest::default())
