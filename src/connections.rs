@@ -15,10 +15,12 @@
 //!
 //! Every connection closed for a limit is counted by reason ([`ConnectionStats`]) and logged,
 //! at most once a second. Connections that stop answering once served are the HTTP/2
-//! keepalive's business (`[limits] keepalive_*`, set on the server). A served connection with
-//! nothing to do for `idle_timeout` is closed ([`Activity`]): on the gRPC port, no call in
-//! flight (counted by [`ActivityLayer`], up to the end of a response's body), whatever pings
-//! pass; on the HTTP ports, nothing read or written.
+//! keepalive's business (`[limits] keepalive_*`, set on the server). A served connection is
+//! watched ([`Watch`], checked whenever its reads or writes wait): closed once it has had
+//! nothing to do for `idle_timeout` ([`Activity`]: on the gRPC port no call in flight, counted
+//! by [`ActivityLayer`] up to the end of a response's body, whatever pings pass; on the HTTP
+//! ports nothing written); on the HTTP ports each request head after an answer has the
+//! handshake timeout to end; under TLS so has the client's side of the handshake.
 
 use std::collections::VecDeque;
 use std::io;
@@ -99,38 +101,224 @@ impl Drop for Busy {
     }
 }
 
-/// Closes a connection once it has been idle for `after`: polled while its reads wait.
-struct IdleClose {
-    after: Duration,
-    activity: Arc<Activity>,
-    timer: Pin<Box<tokio::time::Sleep>>,
+/// Why a served connection was closed by its [`Watch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lapse {
+    /// Its TLS handshake, or an HTTP request head, was not sent whole within the handshake
+    /// timeout.
+    Handshake,
+    /// Nothing to do for the idle timeout.
+    Idle,
 }
 
-impl IdleClose {
-    fn new(after: Duration, activity: Arc<Activity>) -> Self {
-        Self {
-            after,
+/// Where an HTTP/1 connection is between requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// Answered: the next request may come (the idle timeout runs from the last write).
+    Awaited,
+    /// A request head is arriving, since `since`, and has until the handshake timeout to end
+    /// (`started`: something other than an empty line came; `window`: the last bytes read, for
+    /// a blank line split between reads).
+    Reading {
+        since: Instant,
+        started: bool,
+        window: [u8; 4],
+    },
+    /// Its head read whole, a request is being answered since `since`: bounded by the idle
+    /// timeout (a body that never comes, an answer that never goes).
+    Answering { since: Instant },
+}
+
+impl Head {
+    /// Reads on through `bytes`; `Answering` once a head has ended.
+    fn read(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || matches!(self, Head::Answering { .. }) {
+            return;
+        }
+        if *self == Head::Awaited {
+            *self = Head::Reading {
+                since: Instant::now(),
+                started: false,
+                window: [0; 4],
+            };
+        }
+        let Head::Reading {
+            started, window, ..
+        } = self
+        else {
+            return;
+        };
+        for &b in bytes {
+            if !*started {
+                if matches!(b, b'\r' | b'\n') {
+                    continue;
+                }
+                *started = true;
+            }
+            window.rotate_left(1);
+            window[3] = b;
+            if window == b"\r\n\r\n" || window[2..] == *b"\n\n" {
+                *self = Head::Answering {
+                    since: Instant::now(),
+                };
+                return;
+            }
+        }
+    }
+}
+
+/// What a served connection may not outlast, checked whenever its reads or writes wait (a
+/// client that stops reading is caught too), with one timer moved on lazily.
+struct Watch {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    activity: Arc<Activity>,
+    idle: Option<Duration>,
+    /// The handshake timeout: for a TLS handshake and for each HTTP/1 request head.
+    limit: Duration,
+    served: Instant,
+    /// The gRPC port under TLS, until the client has sent its first application-data record
+    /// (its side of the handshake is over): what is left of the record being read.
+    tls: Option<TlsRecords>,
+    /// HTTP/1 on an HTTP port; `None` for h2c and the gRPC port.
+    head: Option<Head>,
+    /// The HTTP ports: what the server writes is the activity (the gRPC port counts calls).
+    writes_count: bool,
+    /// A state changed that may bring a deadline nearer: look again before trusting the timer.
+    moved: bool,
+}
+
+/// TLS record headers in the client's bytes, to see its first application-data record.
+#[derive(Debug, Default)]
+struct TlsRecords {
+    header: [u8; 5],
+    have: usize,
+    /// Payload bytes of the current record still to skip.
+    skip: usize,
+}
+
+impl TlsRecords {
+    /// Reads on; `true` once an application-data record (type 23) has begun.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 5 {
+                if self.header[0] == 23 {
+                    return true;
+                }
+                self.skip = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.have = 0;
+            }
+        }
+        false
+    }
+}
+
+impl Watch {
+    fn new(
+        limits: ConnectionLimits,
+        opening: Opening,
+        first: &[u8],
+        activity: Arc<Activity>,
+    ) -> Option<Self> {
+        let tls = first.first() == Some(&0x16);
+        let h2 = first.starts_with(PREFACE);
+        let head = (opening == Opening::Http && !h2 && !tls).then_some(Head::Answering {
+            since: Instant::now(),
+        });
+        let tls = (opening == Opening::Http2 && tls).then(TlsRecords::default);
+        if limits.idle_timeout.is_none() && head.is_none() && tls.is_none() {
+            return None;
+        }
+        let served = Instant::now();
+        Some(Self {
+            timer: Box::pin(tokio::time::sleep_until(
+                (served + limits.handshake_timeout).into(),
+            )),
             activity,
-            timer: Box::pin(tokio::time::sleep(after)),
+            idle: limits.idle_timeout,
+            limit: limits.handshake_timeout,
+            served,
+            tls,
+            head,
+            writes_count: opening == Opening::Http,
+            moved: true,
+        })
+    }
+
+    fn read(&mut self, bytes: &[u8]) {
+        if let Some(tls) = &mut self.tls
+            && tls.feed(bytes)
+        {
+            self.tls = None;
+            self.moved = true;
+        }
+        if let Some(head) = &mut self.head {
+            let before = std::mem::discriminant(head);
+            head.read(bytes);
+            self.moved |= before != std::mem::discriminant(head);
         }
     }
 
-    /// Whether the connection has been idle for long enough; if not, the timer is set for when
-    /// it might be (moved on lazily, when it fires: activity costs no timer update).
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+    fn wrote(&mut self) {
+        if self.writes_count {
+            self.activity.touch();
+        }
+        if let Some(head) = &mut self.head
+            && *head != Head::Awaited
+        {
+            *head = Head::Awaited;
+            self.moved = true;
+        }
+    }
+
+    /// The nearest deadline, or the lapse when one has passed.
+    fn due(&self) -> Result<Instant, Lapse> {
+        let now = Instant::now();
+        let mut next = now + self.limit;
+        let mut at = |deadline: Instant, lapse| {
+            if deadline <= now {
+                return Err(lapse);
+            }
+            next = next.min(deadline);
+            Ok(())
+        };
+        if self.tls.is_some() {
+            at(self.served + self.limit, Lapse::Handshake)?;
+        }
+        match (self.head, self.idle) {
+            (Some(Head::Reading { since, .. }), _) => at(since + self.limit, Lapse::Handshake)?,
+            (Some(Head::Answering { since }), Some(after)) => at(since + after, Lapse::Idle)?,
+            (Some(Head::Answering { .. }), None) => {}
+            (Some(Head::Awaited) | None, Some(after)) => match self.activity.idle_for() {
+                Some(idle) => at(now + after.saturating_sub(idle), Lapse::Idle)?,
+                // A call in flight: look again an idle timeout from now (calls end unseen).
+                None => at(now + after, Lapse::Idle)?,
+            },
+            (_, None) => {}
+        }
+        Ok(next)
+    }
+
+    /// Whether a deadline has passed; if not, the timer is set for the nearest one.
+    fn lapsed(&mut self, cx: &mut Context<'_>) -> Option<Lapse> {
         use std::future::Future;
         loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
+            if !std::mem::take(&mut self.moved) && self.timer.as_mut().poll(cx).is_pending() {
+                return None;
             }
-            let wait = match self.activity.idle_for() {
-                None => self.after,
-                Some(idle) if idle >= self.after => return true,
-                Some(idle) => self.after - idle,
-            };
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + wait);
+            match self.due() {
+                Err(lapse) => return Some(lapse),
+                Ok(next) => self.timer.as_mut().reset(next.into()),
+            }
         }
     }
 }
@@ -151,6 +339,16 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_OPENING: usize = 5 + 16_384 + 2_048;
 
 impl Opening {
+    /// Whether `read` can only be something the port does not speak: on the gRPC port, bytes
+    /// that are neither the HTTP/2 preface nor a TLS record (an HTTP/1 probe, say). Closed at
+    /// once rather than held until the handshake timeout, or handed to HTTP/2, which would
+    /// wait for the rest of a preface that never comes.
+    fn refused(self, read: &[u8]) -> bool {
+        self == Opening::Http2
+            && read.first().is_some_and(|b| *b != 0x16)
+            && !PREFACE.starts_with(&read[..read.len().min(PREFACE.len())])
+    }
+
     /// Whether `read` holds the whole opening (or as much as is read before serving).
     fn complete(self, read: &[u8]) -> bool {
         if read.len() >= MAX_OPENING {
@@ -163,17 +361,25 @@ impl Opening {
                 read.len() >= 5
                     && read.len() >= 5 + usize::from(u16::from_be_bytes([read[3], read[4]]))
             }
-            Some(_)
-                if self == Opening::Http2
-                    || PREFACE.starts_with(&read[..read.len().min(PREFACE.len())]) =>
-            {
+            Some(_) if PREFACE.starts_with(&read[..read.len().min(PREFACE.len())]) => {
                 read.len() >= PREFACE.len()
             }
+            Some(_) if self == Opening::Http2 => read.len() >= PREFACE.len(),
+            // A request head: something, then its blank line (empty lines before it are
+            // skipped, as servers do, so they do not make an opening).
             Some(_) => {
-                read.windows(4).any(|w| w == b"\r\n\r\n") || read.windows(2).any(|w| w == b"\n\n")
+                let start = read.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+                start.is_some_and(|start| head_end(&read[start..]).is_some())
             }
         }
     }
+}
+
+/// Where the blank line ending an HTTP/1 head is in `read` (CRLF CRLF, or LF LF).
+fn head_end(read: &[u8]) -> Option<usize> {
+    read.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| read.windows(2).position(|w| w == b"\n\n"))
 }
 
 /// Counters for the metrics port and tests.
@@ -236,9 +442,7 @@ pub struct Connection {
     opening: Vec<u8>,
     given: usize,
     activity: Arc<Activity>,
-    /// The HTTP ports: reads and writes are the activity (the gRPC port counts calls).
-    touch_on_io: bool,
-    idle: Option<IdleClose>,
+    watch: Option<Watch>,
     _slot: OwnedSemaphorePermit,
     stats: Arc<ConnectionStats>,
 }
@@ -287,7 +491,11 @@ impl AsyncRead for Connection {
         let this = &mut *self;
         if this.given < this.opening.len() {
             let n = buf.remaining().min(this.opening.len() - this.given);
-            buf.put_slice(&this.opening[this.given..this.given + n]);
+            let given = &this.opening[this.given..this.given + n];
+            buf.put_slice(given);
+            if let Some(watch) = &mut this.watch {
+                watch.read(given);
+            }
             this.given += n;
             if this.given == this.opening.len() {
                 this.opening = Vec::new();
@@ -295,22 +503,19 @@ impl AsyncRead for Connection {
             }
             return Poll::Ready(Ok(()));
         }
+        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Pending => {
-                if this.idle.as_mut().is_some_and(|idle| idle.expired(cx)) {
-                    // Nothing in flight and nothing read: end of stream, so the server closes.
-                    this.idle = None;
-                    this.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Pending
+            Poll::Pending if this.lapsed(cx) => {
+                // End of stream, so the server closes the connection.
+                Poll::Ready(Ok(()))
             }
-            ready => {
-                if this.touch_on_io {
-                    this.activity.touch();
+            Poll::Ready(Ok(())) => {
+                if let Some(watch) = &mut this.watch {
+                    watch.read(&buf.filled()[before..]);
                 }
-                ready
+                Poll::Ready(Ok(()))
             }
+            other => other,
         }
     }
 }
@@ -321,11 +526,19 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if self.touch_on_io && written.is_ready() {
-            self.activity.touch();
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Pending if this.lapsed(cx) => Poll::Ready(Err(lapsed())),
+            Poll::Ready(Ok(n)) => {
+                if let Some(watch) = &mut this.watch
+                    && n > 0
+                {
+                    watch.wrote();
+                }
+                Poll::Ready(Ok(n))
+            }
+            other => other,
         }
-        written
     }
 
     fn poll_write_vectored(
@@ -333,7 +546,19 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending if this.lapsed(cx) => Poll::Ready(Err(lapsed())),
+            Poll::Ready(Ok(n)) => {
+                if let Some(watch) = &mut this.watch
+                    && n > 0
+                {
+                    watch.wrote();
+                }
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
     }
 
     /// Not vectored, on measurement: over a vectored socket h2 chains every DATA payload of 256
@@ -349,12 +574,39 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_flush(cx) {
+            Poll::Pending if this.lapsed(cx) => Poll::Ready(Err(lapsed())),
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+impl Connection {
+    /// Whether the connection's watch has found a deadline passed (counted, once).
+    fn lapsed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(lapse) = self.watch.as_mut().and_then(|watch| watch.lapsed(cx)) else {
+            return false;
+        };
+        self.watch = None;
+        let counter = match lapse {
+            Lapse::Handshake => &self.stats.shed_silent,
+            Lapse::Idle => &self.stats.closed_idle,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+fn lapsed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "connection closed: handshake, request head or idle timeout",
+    )
 }
 
 /// Decrements a gauge when dropped: a pending connection's task may end any way (spoke, timed
@@ -491,16 +743,13 @@ async fn accept_loop(
             };
             stats.open.fetch_add(1, Ordering::Relaxed);
             let activity = Arc::new(Activity::new());
-            let idle = limits
-                .idle_timeout
-                .map(|after| IdleClose::new(after, activity.clone()));
+            let watch = Watch::new(limits, opening, &read, activity.clone());
             let connection = Connection {
                 stream,
                 opening: read,
                 given: 0,
                 activity,
-                touch_on_io: opening == Opening::Http,
-                idle,
+                watch,
                 _slot: slot,
                 stats,
             };
@@ -584,7 +833,8 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// Reads into `read` until it holds `opening` whole: `false` when the peer closed first.
+/// Reads into `read` until it holds `opening` whole: `false` when the peer closed first, or
+/// sent what the port does not speak.
 async fn read_opening(
     stream: &mut TcpStream,
     opening: Opening,
@@ -599,6 +849,9 @@ async fn read_opening(
             return Ok(false);
         }
         read.extend_from_slice(&chunk[..n]);
+        if opening.refused(read) {
+            return Ok(false);
+        }
     }
     Ok(true)
 }
@@ -678,7 +931,18 @@ mod tests {
         assert!(!Http2.complete(b""));
         assert!(!Http2.complete(&PREFACE[..23]));
         assert!(Http2.complete(PREFACE));
-        assert!(!Http2.complete(b"x"), "one byte is not an opening");
+        assert!(!Http2.complete(b"P"), "one byte is not an opening");
+        assert!(!Http2.refused(b"PRI * HT") && !Http2.refused(&[0x16]));
+        assert!(
+            Http2.refused(b"GET / HTTP/1.0"),
+            "an HTTP/1 probe on the gRPC port"
+        );
+        assert!(!Http.refused(b"GET / HTTP/1.0"));
+        assert!(
+            !Http.complete(b"\r\n\r\n"),
+            "empty lines are not a request head"
+        );
+        assert!(Http.complete(b"\r\nGET / HTTP/1.0\n\n"));
         let head = b"GET /check HTTP/1.1\r\nHost: a\r\n\r\n";
         assert!(!Http.complete(&head[..head.len() - 2]));
         assert!(Http.complete(head));
@@ -778,6 +1042,133 @@ mod tests {
         assert_eq!(n, 0);
         assert!(started.elapsed() >= Duration::from_millis(1_250));
         assert_eq!(stats.closed_idle.load(Ordering::Relaxed), 1);
+    }
+
+    /// `listen` with an opening of one's choice.
+    async fn listen_for(
+        limits: ConnectionLimits,
+        opening: Opening,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<ConnectionStats>,
+        impl tokio_stream::Stream<Item = io::Result<Connection>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ConnectionStats::default());
+        (
+            addr,
+            stats.clone(),
+            incoming(listener, (limits, opening), stats),
+        )
+    }
+
+    /// An HTTP client that stops reading holds its connection no longer than the idle timeout:
+    /// the server's writes wait, and the watch is looked at there too.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
+        use tokio::io::AsyncReadExt;
+        let limits = four_of_eight(Duration::from_secs(5), Some(Duration::from_millis(300)));
+        let (addr, stats, incoming) = listen_for(limits, Opening::Http).await;
+        tokio::pin!(incoming);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4_096).unwrap();
+        let mut client = socket.connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let mut head = [0u8; 25];
+        served.read_exact(&mut head).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let written = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Err(error) = served.write_all(&chunk).await {
+                    return error;
+                }
+            }
+        })
+        .await
+        .expect("the writes stop once the client has not read for the idle timeout");
+        assert_eq!(written.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(stats.closed_idle.load(Ordering::Relaxed), 1);
+        drop(client);
+    }
+
+    /// After an answer, the next request head has the handshake timeout to arrive whole: a
+    /// byte at a time does not keep the connection (each byte read used to count as activity).
+    #[tokio::test]
+    async fn a_request_head_sent_a_byte_at_a_time_after_an_answer_is_cut() {
+        use tokio::io::AsyncReadExt;
+        let limits = four_of_eight(Duration::from_millis(400), Some(Duration::from_secs(60)));
+        let (addr, stats, incoming) = listen_for(limits, Opening::Http).await;
+        tokio::pin!(incoming);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let mut head = [0u8; 18];
+        served.read_exact(&mut head).await.unwrap();
+        served
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET /next HTTP/1.1\r\nX-A: aaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                if client.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), served.read_to_end(&mut rest))
+            .await
+            .expect("the trickled head is cut");
+        assert!(read.is_ok() && rest.len() < 40, "{read:?} {}", rest.len());
+        assert_eq!(stats.shed_silent.load(Ordering::Relaxed), 1);
+        trickle.abort();
+    }
+
+    /// Under TLS the client's side of the handshake must be over within the handshake timeout
+    /// (its first application-data record): a ClientHello alone does not hold a served slot.
+    #[tokio::test]
+    async fn a_tls_hello_alone_does_not_hold_a_slot_and_a_finished_handshake_stays() {
+        use tokio::io::AsyncReadExt;
+        let limits = four_of_eight(Duration::from_millis(400), None);
+        let (addr, stats, incoming) = listen(limits).await;
+        tokio::pin!(incoming);
+        let hello = |n: u16| {
+            let mut record = vec![0x16, 3, 1];
+            record.extend_from_slice(&n.to_be_bytes());
+            record.resize(5 + usize::from(n), 1);
+            record
+        };
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        silent.write_all(&hello(200)).await.unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), served.read_to_end(&mut all))
+            .await
+            .expect("closed at the handshake timeout")
+            .unwrap();
+        assert_eq!(all.len(), 205);
+        assert_eq!(stats.shed_silent.load(Ordering::Relaxed), 1);
+        // A hello, a change-cipher-spec record, then application data: the handshake is over.
+        let mut done = TcpStream::connect(addr).await.unwrap();
+        let mut sent = hello(100);
+        sent.extend_from_slice(&[0x14, 3, 3, 0, 1, 1, 0x17, 3, 3, 0, 2, 9, 9]);
+        done.write_all(&sent).await.unwrap();
+        let mut served = incoming.next().await.unwrap().unwrap();
+        let mut got = vec![0u8; sent.len()];
+        served.read_exact(&mut got).await.unwrap();
+        let mut byte = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(900), served.read(&mut byte)).await;
+        assert!(
+            waited.is_err(),
+            "still open past the handshake timeout: {waited:?}"
+        );
+        assert_eq!(stats.shed_silent.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
