@@ -541,18 +541,8 @@ impl AsyncWrite for Connection {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_write(cx, buf) {
-            Poll::Pending if this.lapsed(cx) => Poll::Ready(Err(lapsed())),
-            Poll::Ready(Ok(n)) => {
-                if let Some(watch) = &mut this.watch
-                    && n > 0
-                {
-                    watch.wrote();
-                }
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.after_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -561,18 +551,8 @@ impl AsyncWrite for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Pending if this.lapsed(cx) => Poll::Ready(Err(lapsed())),
-            Poll::Ready(Ok(n)) => {
-                if let Some(watch) = &mut this.watch
-                    && n > 0
-                {
-                    watch.wrote();
-                }
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.after_write(cx, written)
     }
 
     /// Not vectored, on measurement: over a vectored socket h2 chains every DATA payload of 256
@@ -601,6 +581,27 @@ impl AsyncWrite for Connection {
 }
 
 impl Connection {
+    /// A write's outcome, seen by the watch: bytes written are activity; a write that waits
+    /// past a deadline fails.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Pending if self.lapsed(cx) => Poll::Ready(Err(lapsed())),
+            Poll::Ready(Ok(n)) => {
+                if let Some(watch) = &mut self.watch
+                    && n > 0
+                {
+                    watch.wrote();
+                }
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
     /// Whether the connection's watch has found a deadline passed (counted, once).
     fn lapsed(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(lapse) = self.watch.as_mut().and_then(|watch| watch.lapsed(cx)) else {
