@@ -884,14 +884,7 @@ mod tests {
         Arc<ConnectionStats>,
         impl tokio_stream::Stream<Item = io::Result<Connection>>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stats = Arc::new(ConnectionStats::default());
-        (
-            addr,
-            stats.clone(),
-            incoming(listener, (limits, Opening::Http2), stats),
-        )
+        listen_for(limits, Opening::Http2).await
     }
 
     /// Four served, eight pending.
