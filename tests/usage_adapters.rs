@@ -120,33 +120,10 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
     assert_eq!(remote.stats().written_events, events.len() as u64);
     assert_eq!(remote.stats().pending_events, 0);
 
-    let mut questions: Vec<(Option<String>, IpAddr, Option<String>)> = Vec::new();
-    for account in 0..40u64 {
-        let id = Some(format!("acct-{account}"));
-        questions.push((id.clone(), ip(account * 13), None));
-        questions.push((
-            id.clone(),
-            ip(3),
-            Some(format!("card-shared-{}", account % 2)),
-        ));
-        questions.push((id, ip(401 + account), Some(format!("card-{account}"))));
-    }
-    questions.push((Some("newcomer".into()), ip(7), Some("card-shared-1".into())));
-    questions.push((None, ip(7), Some("card-shared-0".into())));
-    questions.push((
-        Some("stranger".into()),
-        "203.0.113.9".parse().unwrap(),
-        None,
-    ));
-
     let (mut known, mut fleets, mut templates) = (0, 0, 0);
-    for (account, ip, card) in &questions {
-        let q = UsageQuery {
-            account_id: account.as_deref(),
-            ip: *ip,
-            payment_fingerprint: card.as_deref(),
-            now,
-        };
+    for question in &questions() {
+        let q = question.query(now);
+        let Question(account, ip, card) = question;
         let expected = local.facts(q.account_id, q.ip, q.payment_fingerprint, now);
         fleets += usize::from(expected.as_ref().is_some_and(|f| f.fleet.is_some()));
         templates += usize::from(
@@ -185,6 +162,158 @@ async fn in_process_and_redis_adapters_give_the_same_facts() {
     assert!(remote.stats().backend_errors == 0);
 }
 
+/// An account (or none), the address it asks from, its card (or none).
+struct Question(Option<String>, IpAddr, Option<String>);
+
+impl Question {
+    fn query(&self, now: i64) -> UsageQuery<'_> {
+        UsageQuery {
+            account_id: self.0.as_deref(),
+            ip: self.1,
+            payment_fingerprint: self.2.as_deref(),
+            now,
+        }
+    }
+}
+
+/// Questions of every shape (with and without account and card) about the accounts of
+/// `events`, and about strangers.
+fn questions() -> Vec<Question> {
+    let mut questions = Vec::new();
+    for account in 0..40u64 {
+        let id = Some(format!("acct-{account}"));
+        questions.push(Question(id.clone(), ip(account * 13), None));
+        questions.push(Question(
+            id.clone(),
+            ip(3),
+            Some(format!("card-shared-{}", account % 2)),
+        ));
+        questions.push(Question(
+            id,
+            ip(401 + account),
+            Some(format!("card-{account}")),
+        ));
+    }
+    questions.push(Question(
+        Some("newcomer".into()),
+        ip(7),
+        Some("card-shared-1".into()),
+    ));
+    questions.push(Question(None, ip(7), Some("card-shared-0".into())));
+    questions.push(Question(
+        Some("stranger".into()),
+        "203.0.113.9".parse().unwrap(),
+        None,
+    ));
+    questions
+}
+
+/// Entries past three quarters of their life are read again in the background while they
+/// answer: each must get its own query's facts (questions of every shape, all refreshed at
+/// once) and be in place before the entry it replaces expires, so that a hot account sees new
+/// history without a decision ever waiting on Redis.
+#[tokio::test(flavor = "current_thread")]
+async fn hot_entries_are_read_again_in_the_background_before_they_expire() {
+    let ttl = Duration::from_secs(3);
+    let redis = RedisServer::start();
+    let remote = RedisUsage::start(&RedisSettings {
+        cache_ttl: ttl,
+        ..settings(&redis, "batch:")
+    })
+    .unwrap();
+    let local = UsageAggregator::new(256 << 20);
+    let now = now();
+    for (event, location) in &events(now) {
+        assert!(UsageHistory::record(&local, event, location));
+        assert!(remote.record(event, location));
+    }
+    remote.flush().await;
+    let questions = questions();
+    let facts_of = |local: &UsageAggregator, q: &UsageQuery<'_>| {
+        without_former_ids(local.facts(q.account_id, q.ip, q.payment_fingerprint, now))
+    };
+
+    // First pass: every entry read and cached.
+    let cached_from = std::time::Instant::now();
+    for question in &questions {
+        let q = question.query(now);
+        assert_eq!(
+            without_former_ids(remote.facts(q).resolve().await),
+            facts_of(&local, &q)
+        );
+    }
+    let cached_until = std::time::Instant::now();
+    assert!(
+        cached_until - cached_from < ttl / 4,
+        "the first pass took {:?}: too long to tell a refresh from an expiry",
+        cached_until - cached_from
+    );
+    // New history for every account, which only a read from Redis can show.
+    for account in 0..40u64 {
+        let event = UsageEvent {
+            account_id: format!("acct-{account}").into(),
+            ip: ip(account * 13),
+            timestamp: now,
+            api_key_id: None,
+            requests: 1_000 + account,
+            input_tokens: 0,
+            output_tokens: 0,
+            payment_fingerprint: None,
+            device_id: None,
+            prompt_fingerprint: None,
+            organization_domain: None,
+        };
+        let location = location(account * 13);
+        assert!(UsageHistory::record(&local, &event, &location));
+        assert!(remote.record(&event, &location));
+    }
+    remote.flush().await;
+
+    // Second pass, every entry past three quarters of its life: answered from the cache as it
+    // was, each asking for a refresh.
+    tokio::time::sleep_until((cached_until + ttl / 4 * 3).into()).await;
+    let mut changed = 0;
+    for question in &questions {
+        let q = question.query(now);
+        let got = without_former_ids(remote.facts(q).resolve().await);
+        let new = facts_of(&local, &q);
+        if got != new {
+            changed += 1;
+        }
+    }
+    assert!(
+        changed > 40,
+        "the new history must change most answers ({changed})"
+    );
+
+    // Before any first-pass entry can expire, every answer is the new history: refreshed.
+    loop {
+        let stale: Vec<String> = questions
+            .iter()
+            .filter_map(|question| {
+                let q = question.query(now);
+                let got = match remote.facts(q) {
+                    regionguard::usage::UsageLookup::Ready(facts) => facts,
+                    regionguard::usage::UsageLookup::Pending(_) => {
+                        panic!("{q:?}: not answered from the cache: its entry expired before a background read replaced it")
+                    }
+                };
+                (without_former_ids(got) != facts_of(&local, &q)).then(|| format!("{q:?}"))
+            })
+            .collect();
+        if stale.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < cached_from + ttl,
+            "not refreshed before the entries expired: {stale:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(remote.stats().backend_errors, 0);
+    assert_eq!(remote.stats().degraded_reads, 0);
+}
+
 /// The facts without the fleet's former ids: those name the fleets that existed on the way to
 /// this one, so they depend on the order in which links arrived, which batching changes (the
 /// ids themselves are compared in `both_adapters_keep_the_ids_a_fleet_had`).
@@ -201,15 +330,19 @@ fn without_former_ids(
 
 /// A Redis usage history on `redis` under `prefix`, answering every read from Redis.
 fn history_on(redis: &RedisServer, prefix: &str) -> RedisUsage {
-    RedisUsage::start(&RedisSettings {
+    RedisUsage::start(&settings(redis, prefix)).unwrap()
+}
+
+/// Settings for `redis` under `prefix`, answering every read from Redis.
+fn settings(redis: &RedisServer, prefix: &str) -> RedisSettings {
+    RedisSettings {
         url: redis.url(),
         prefix: prefix.into(),
         timeout: Duration::from_secs(2),
         cache_ttl: Duration::ZERO,
         max_pending_events: 100_000,
         fleet_max_accounts: 1_000_000,
-    })
-    .unwrap()
+    }
 }
 
 /// What the history holds of an account that has some, asked from `ip`.
