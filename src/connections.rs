@@ -380,20 +380,15 @@ impl Opening {
             }
             Some(_) if self == Opening::Http2 => read.len() >= PREFACE.len(),
             // A request head: something, then its blank line (empty lines before it are
-            // skipped, as servers do, so they do not make an opening).
+            // skipped, as servers do, so they do not make an opening). Read as the watch reads
+            // each later head.
             Some(_) => {
-                let start = read.iter().position(|b| !matches!(b, b'\r' | b'\n'));
-                start.is_some_and(|start| head_end(&read[start..]).is_some())
+                let mut head = Head::Awaited;
+                head.read(read);
+                matches!(head, Head::Answering { .. })
             }
         }
     }
-}
-
-/// Where the blank line ending an HTTP/1 head is in `read` (CRLF CRLF, or LF LF).
-fn head_end(read: &[u8]) -> Option<usize> {
-    read.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .or_else(|| read.windows(2).position(|w| w == b"\n\n"))
 }
 
 /// Counters for the metrics port and tests.
