@@ -251,17 +251,9 @@ async fn hot_entries_are_read_again_in_the_background_before_they_expire() {
     // New history for every account, which only a read from Redis can show.
     for account in 0..40u64 {
         let event = UsageEvent {
-            account_id: format!("acct-{account}").into(),
             ip: ip(account * 13),
-            timestamp: now,
-            api_key_id: None,
             requests: 1_000 + account,
-            input_tokens: 0,
-            output_tokens: 0,
-            payment_fingerprint: None,
-            device_id: None,
-            prompt_fingerprint: None,
-            organization_domain: None,
+            ..linked(&format!("acct-{account}"), now, None, None)
         };
         let location = location(account * 13);
         assert!(UsageHistory::record(&local, &event, &location));
