@@ -11,6 +11,30 @@ use ipnetwork::IpNetwork;
 use crate::classify::{FleetFacts, OverrideAction, OverrideFact};
 use crate::store::OverrideRecord;
 
+/// The form a domain override is matched in, on both sides: lowercase, without the trailing
+/// dot of a fully qualified name (`Example.COM.` is `example.com`).
+pub fn canonical_domain(domain: &str) -> String {
+    domain
+        .strip_suffix('.')
+        .unwrap_or(domain)
+        .to_ascii_lowercase()
+}
+
+/// The form a network override is matched in: an IPv4 network written IPv4-mapped
+/// (`::ffff:9.9.9.0/120`) is that IPv4 network (`9.9.9.0/24`), as a request's IPv4-mapped
+/// address is its IPv4 address; otherwise it could never match.
+pub fn canonical_network(network: IpNetwork) -> IpNetwork {
+    match network {
+        IpNetwork::V6(v6) if v6.prefix() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnetwork::Ipv4Network::new(v4, v6.prefix() - 96)
+                .map(IpNetwork::V4)
+                .unwrap_or(network),
+            None => network,
+        },
+        other => other,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct OverrideIndex {
     by_account: HashMap<String, Vec<OverrideRecord>>,
@@ -33,7 +57,7 @@ impl OverrideIndex {
                     .push(record),
                 "domain" => index
                     .by_domain
-                    .entry(record.value.to_ascii_lowercase())
+                    .entry(canonical_domain(&record.value))
                     .or_default()
                     .push(record),
                 "fleet" => index
@@ -42,7 +66,7 @@ impl OverrideIndex {
                     .or_default()
                     .push(record),
                 "network" => match record.value.parse::<IpNetwork>() {
-                    Ok(network) => index.networks.push((network, record)),
+                    Ok(network) => index.networks.push((canonical_network(network), record)),
                     Err(error) => {
                         tracing::warn!(id = %record.id, %error, "skipping network override with a bad value")
                     }
@@ -80,7 +104,7 @@ impl OverrideIndex {
             .into_iter()
             .flatten();
         let domains = domain
-            .and_then(|d| self.by_domain.get(&d.to_ascii_lowercase()))
+            .and_then(|d| self.by_domain.get(&canonical_domain(d)))
             .into_iter()
             .flatten();
         // A DENY follows the fleet through the ids it had; an ALLOW holds for its current id
@@ -96,6 +120,7 @@ impl OverrideIndex {
             .flatten()
             .filter(|r| r.action == "DENY");
         let fleets = current.chain(former);
+        let ip = ip.to_canonical();
         let networks = self
             .networks
             .iter()
@@ -153,6 +178,39 @@ mod tests {
             formerly: formerly.iter().map(|f| f.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    /// A domain written fully qualified and a network written IPv4-mapped match the requests
+    /// they name, on either side, in whatever form (hostile pass: both were accepted and never
+    /// matched).
+    #[test]
+    fn trailing_dots_and_ipv4_mapped_networks_match_what_they_name() {
+        let index = OverrideIndex::new([
+            record("1", "domain", "Trail.COM.", "DENY", None),
+            record("2", "domain", "plain.com", "DENY", None),
+            record("3", "network", "::ffff:9.9.9.0/120", "DENY", None),
+            record("4", "network", "4.4.4.0/24", "DENY", None),
+        ]);
+        let ids = |domain: &str, ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            let matched = index.matching(None, Some(domain), ip, None, 0);
+            matched.into_iter().map(|o| o.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids("trail.com", "203.0.113.1"), ["1"]);
+        assert_eq!(ids("plain.com.", "203.0.113.1"), ["2"]);
+        assert_eq!(ids("x.org", "9.9.9.9"), ["3"]);
+        assert_eq!(ids("x.org", "::ffff:9.9.9.9"), ["3"]);
+        assert_eq!(ids("x.org", "::ffff:4.4.4.4"), ["4"]);
+        assert!(ids("x.org", "9.9.10.1").is_empty());
+        assert_eq!(
+            canonical_network("::ffff:9.9.9.0/120".parse().unwrap()).to_string(),
+            "9.9.9.0/24"
+        );
+        // A wider IPv6 network is IPv6 space, not IPv4's, and stays as written.
+        assert_eq!(
+            canonical_network("::ffff:0.0.0.0/95".parse().unwrap()).to_string(),
+            "::ffff:0.0.0.0/95"
+        );
     }
 
     #[test]

@@ -252,6 +252,64 @@ async fn overrides_change_the_next_decision_and_expire() {
     server.shutdown().await;
 }
 
+/// Overrides written as a fully qualified domain (`Trail.COM.`) or an IPv4-mapped network
+/// (`::ffff:A.B.C.0/120`) are kept in the form requests are matched in, and apply (both were
+/// accepted and never matched anything).
+#[tokio::test]
+async fn a_fully_qualified_domain_and_an_ipv4_mapped_network_are_matched_as_written() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let ip: std::net::Ipv4Addr = scenario.ips.allowed.parse().expect("an IPv4 address");
+    let [a, b, c, _] = ip.octets();
+    let set = |scope: &str, value: String| pb::SetOverrideRequest {
+        scope: scope.into(),
+        value,
+        action: "DENY".into(),
+        reason: "hostile pass".into(),
+        ..Default::default()
+    };
+    let domain = review(&server)
+        .set_override(as_caller(set("domain", "Trail.COM.".into()), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(domain.value, "trail.com");
+    for written in ["trail.com", "TRAIL.com."] {
+        let mut asked = account(scenario.ips.allowed, "acct-trail");
+        asked.account.as_mut().unwrap().organization = Some(pb::Organization {
+            domain: written.into(),
+            ..Default::default()
+        });
+        let denied = server.classify(asked).await.unwrap();
+        assert_eq!(verdict(&denied), Verdict::Deny, "{written}");
+    }
+    // Without a domain the address is allowed, until the network override.
+    assert_eq!(
+        verdict(
+            &server
+                .classify(request(scenario.ips.allowed))
+                .await
+                .unwrap()
+        ),
+        Verdict::Allow
+    );
+    let network = review(&server)
+        .set_override(as_caller(
+            set("network", format!("::ffff:{a}.{b}.{c}.0/120")),
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(network.value, format!("{a}.{b}.{c}.0/24"));
+    for client in [ip.to_string(), format!("::ffff:{ip}")] {
+        let denied = server.classify(request(&client)).await.unwrap();
+        assert_eq!(verdict(&denied), Verdict::Deny, "{client}");
+        assert!(denied.reasons.iter().any(|r| r.code == "OVERRIDE_DENY"));
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_override_cannot_lift_a_sanctions_deny_by_default() {
     let scenario = &scenarios()[0];

@@ -369,18 +369,16 @@ impl Review for ReviewService {
                     )
                     .into());
                 }
-                value = value.to_ascii_lowercase()
+                value = crate::overrides::canonical_domain(&value)
             }
             "network" => {
-                value = value
-                    .parse::<IpNetwork>()
-                    .map_err(|e| {
-                        ApiError::invalid(
-                            "value",
-                            format!("{:?} is not a CIDR network: {e}", excerpt(&value)),
-                        )
-                    })?
-                    .to_string()
+                let network = value.parse::<IpNetwork>().map_err(|e| {
+                    ApiError::invalid(
+                        "value",
+                        format!("{:?} is not a CIDR network: {e}", excerpt(&value)),
+                    )
+                })?;
+                value = crate::overrides::canonical_network(network).to_string()
             }
             "fleet" => {
                 value = fleet_id("value", &value)?;
