@@ -235,6 +235,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(code) => code,
+        // The reader of the output went away (`| head`): nothing is left to say to anyone.
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("regionguard: {error:#}");
             // 78 = EX_CONFIG: the operator must fix something before a retry helps.
@@ -256,14 +266,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let ip = convert::parse_ip("ip", &ip)?;
             let (lookup, databases) = loaded.engine.lookup(ip)?;
             let location = convert::location(&lookup, &databases);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&location_json(
-                    &lookup.ip.to_string(),
-                    lookup.record.found,
-                    &location
-                ))?
-            );
+            reviewer_cli::print_line(&serde_json::to_string_pretty(&location_json(
+                &lookup.ip.to_string(),
+                lookup.record.found,
+                &location,
+            ))?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Review {
@@ -461,10 +468,7 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let loaded = app::load(&args.data.config()?)?;
     let outcome = runtime.block_on(loaded.engine.classify(&input))?;
     let response = pb::ClassifyResponse::from(outcome);
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&response_json(&response))?
-    );
+    reviewer_cli::print_line(&serde_json::to_string_pretty(&response_json(&response))?)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -83,8 +83,14 @@ fn authorised<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
 }
 
 fn print<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    Ok(print_line(&serde_json::to_string_pretty(value)?)?)
+}
+
+/// Writes a line of output, and says so when it cannot: `println!` panics when the reader has
+/// gone (`regionguard review export | head`); the caller ends quietly instead (see `main`).
+pub fn print_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}")
 }
 
 pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::Result<ExitCode> {
@@ -199,7 +205,7 @@ pub async fn review(addr: &str, token: &str, command: ReviewCommand) -> anyhow::
                 .await?
                 .into_inner();
             while let Some(record) = stream.message().await? {
-                println!("{}", serde_json::to_string(&record)?);
+                print_line(&serde_json::to_string(&record)?)?;
             }
         }
     }

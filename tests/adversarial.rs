@@ -947,3 +947,27 @@ async fn unassigned_subdivisions_are_refused() {
     );
     server.shutdown().await;
 }
+
+// ---- the CLI's reader goes away ----
+
+/// `regionguard … | head` closes the pipe before the output is written: the command ends
+/// quietly (hostile pass: it panicked with a backtrace, "failed printing to stdout").
+#[test]
+fn the_cli_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    std::fs::write(&db, support::fixtures::city_db()).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["lookup", "81.2.69.142", "--location-db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the databases are even loaded: the one write fails.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}
