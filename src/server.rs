@@ -172,7 +172,7 @@ pub async fn run(
     // Every service but health and reflection sits behind the caller check for its role.
     // Classifier and Usage messages are held to max_request_bytes as received (MessageLimit,
     // RESOURCE_EXHAUSTED before decoding); Check and Review, whose messages the limit does not
-    // describe, get 4x that as a backstop.
+    // describe, get 4x that as a backstop (Review's as received too).
     let limit = settings.max_request_bytes;
     let backstop = limit.saturating_mul(4);
     let gateway_gate = Gate::new(&settings.auth, Role::Gateway);
@@ -230,10 +230,15 @@ pub async fn run(
         ),
         limit,
     );
-    let review = InterceptedService::new(
-        ReviewServer::new(ReviewService::new(engine.clone(), audit.clone()))
-            .max_decoding_message_size(backstop),
-        Gate::new(&settings.auth, Role::Reviewer),
+    // As received, too: past the backstop a reviewer's message (a Replay's policy, say) gets
+    // RESOURCE_EXHAUSTED like any other, not the generated server's OUT_OF_RANGE.
+    let review = MessageLimit::new(
+        InterceptedService::new(
+            ReviewServer::new(ReviewService::new(engine.clone(), audit.clone()))
+                .max_decoding_message_size(backstop),
+            Gate::new(&settings.auth, Role::Reviewer),
+        ),
+        backstop,
     );
     let classifier_service = ClassifierService::new(engine, audit)
         .with_max_stream_messages(settings.limits.max_stream_messages);

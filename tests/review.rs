@@ -310,6 +310,33 @@ async fn a_fully_qualified_domain_and_an_ipv4_mapped_network_are_matched_as_writ
     server.shutdown().await;
 }
 
+/// A reviewer's message past the Review service's limit (4 × `max_request_bytes`) is refused
+/// as received with RESOURCE_EXHAUSTED, as every other service's is (hostile pass: a 2 MB
+/// Replay got the generated server's OUT_OF_RANGE).
+#[tokio::test]
+async fn a_review_message_past_its_limit_is_resource_exhausted() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let huge = pb::ReplayRequest {
+        policy_toml: format!("{}\n#{}", scenario.policy, "x".repeat(4 * 262_144)),
+        ..Default::default()
+    };
+    let refused = review(&server)
+        .replay(as_caller(huge, ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("max_request_bytes"),
+        "{refused:?}"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_override_cannot_lift_a_sanctions_deny_by_default() {
     let scenario = &scenarios()[0];
