@@ -651,6 +651,57 @@ async fn an_accounts_decisions_are_found_before_and_after_the_index_takes_them()
     assert_eq!(ids("acct-a", 6), ["d33", "d32", "d31", "d30", "d28", "d26"]);
 }
 
+/// The account index is held to the log by `verify`: an entry deleted would hide a decision
+/// from reviewers asking by account while the chain itself verifies (hostile pass), an entry
+/// added would lend an account another's row.
+#[tokio::test]
+async fn verify_holds_the_account_index_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start(dir.path(), 64, Overflow::Sample).unwrap();
+    for i in 0..6 {
+        recorder
+            .decision(
+                decision_of(&format!("acct-{}", i % 2), &format!("d{i}")),
+                MUST,
+            )
+            .await
+            .unwrap();
+    }
+    let conn = open_for_reading(dir.path()).unwrap();
+    index_caught_up(&conn).await;
+    drop(recorder);
+    assert_eq!(verify(&conn).unwrap().map(|v| v.rows), Ok(6));
+    let edit = Connection::open(db_path(dir.path())).unwrap();
+    let problem = |sql: &str, undo: &str| {
+        edit.execute_batch(sql).unwrap();
+        let found = verify(&conn).unwrap().unwrap_err().to_string();
+        edit.execute_batch(undo).unwrap();
+        assert!(verify(&conn).unwrap().is_ok(), "undone: {sql}");
+        found
+    };
+    assert_eq!(
+        problem(
+            "DELETE FROM audit_account WHERE account_id = 'acct-0' AND seq = 3",
+            "INSERT INTO audit_account VALUES ('acct-0', 3)",
+        ),
+        "audit_account: \"acct-0\" row seq 3: missing (deleted): the account's row is not found by account"
+    );
+    assert_eq!(
+        problem(
+            "INSERT INTO audit_account VALUES ('acct-1', 3)",
+            "DELETE FROM audit_account WHERE account_id = 'acct-1' AND seq = 3",
+        ),
+        "audit_account: \"acct-1\" row seq 3: names a row the log does not hold for that account"
+    );
+    assert_eq!(
+        problem(
+            "UPDATE audit_account_through SET seq = 60",
+            "UPDATE audit_account_through SET seq = 6",
+        ),
+        "audit_account_through: seq 60: marks rows as indexed past the log's last row (seq 6)"
+    );
+}
+
 /// A store from before the account index (schema 4) has its rows taken in when it opens.
 #[tokio::test]
 async fn the_account_index_migration_takes_in_the_rows_already_there() {

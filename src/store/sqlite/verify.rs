@@ -1,6 +1,6 @@
 //! `verify`: the chain walked in one read snapshot (resuming at a retention checkpoint,
 //! checking keyed rows with the chain key), then the `overrides` and `review_queue` tables
-//! held to it.
+//! and the account index (`audit_account`) held to it.
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -136,7 +136,59 @@ pub fn verify_keyed(
     if let Err(b) = check_queue(&tx, resolutions_matched)? {
         return broken(b);
     }
+    if let Err(b) = check_account_index(&tx)? {
+        return broken(b);
+    }
     Ok(Ok(verified))
+}
+
+/// The account index against the log: every row with an account, through the index's mark,
+/// has its entry, and every entry its row. Reviewers find an account's decisions through it,
+/// so an entry deleted would hide a decision from them while the chain itself verifies.
+fn check_account_index(conn: &Connection) -> rusqlite::Result<Result<(), Broken>> {
+    let through = super::account_index_through(conn)?;
+    let head: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM audit_log", [], |r| {
+        r.get(0)
+    })?;
+    if through > head {
+        return broken(TableMismatch {
+            table: "audit_account_through",
+            key: format!("seq {through}"),
+            problem: format!("marks rows as indexed past the log's last row (seq {head})"),
+        });
+    }
+    let missing: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT l.seq, l.account_id FROM audit_log l WHERE l.seq <= ?1 AND l.account_id <> '' \
+             AND NOT EXISTS (SELECT 1 FROM audit_account a WHERE a.account_id = l.account_id AND a.seq = l.seq) \
+             ORDER BY l.seq LIMIT 1",
+            [through],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((seq, account)) = missing {
+        return broken(TableMismatch {
+            table: "audit_account",
+            key: format!("{account:?} row seq {seq}"),
+            problem: "missing (deleted): the account's row is not found by account".into(),
+        });
+    }
+    let stray: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT a.seq, a.account_id FROM audit_account a WHERE NOT EXISTS \
+             (SELECT 1 FROM audit_log l WHERE l.seq = a.seq AND l.account_id = a.account_id) LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match stray {
+        Some((seq, account)) => broken(TableMismatch {
+            table: "audit_account",
+            key: format!("{account:?} row seq {seq}"),
+            problem: "names a row the log does not hold for that account".into(),
+        }),
+        None => Ok(Ok(())),
+    }
 }
 
 fn queue_item(conn: &Connection, decision_id: &str) -> rusqlite::Result<Option<QueueState>> {
