@@ -274,6 +274,13 @@ async fn a_fully_qualified_domain_and_an_ipv4_mapped_network_are_matched_as_writ
         .unwrap()
         .into_inner();
     assert_eq!(domain.value, "trail.com");
+    // A root with nothing before it names no domain (it would match requests without one).
+    let root = review(&server)
+        .set_override(as_caller(set("domain", ".".into()), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(root.code(), tonic::Code::InvalidArgument, "{root:?}");
+    assert!(root.message().starts_with("value: "), "{root:?}");
     for written in ["trail.com", "TRAIL.com."] {
         let mut asked = account(scenario.ips.allowed, "acct-trail");
         asked.account.as_mut().unwrap().organization = Some(pb::Organization {

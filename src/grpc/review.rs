@@ -359,6 +359,7 @@ impl Review for ReviewService {
                 if !value
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+                    || crate::overrides::canonical_domain(&value).is_empty()
                 {
                     return Err(ApiError::invalid(
                         "value",
