@@ -308,9 +308,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading {}", file.display()))?;
             match policy::parse_policy(&text, &file.display().to_string()) {
                 Ok(policy) => {
-                    println!("ok: {} version {}", file.display(), policy.version());
+                    let version = policy.version();
+                    reviewer_cli::print_line(&format!("ok: {} version {version}", file.display()))?;
                     for (region, list) in policy.listed_regions() {
-                        println!("  {:<12} {region}", list.as_str());
+                        reviewer_cli::print_line(&format!("  {:<12} {region}", list.as_str()))?;
                     }
                     Ok(ExitCode::SUCCESS)
                 }

@@ -257,14 +257,10 @@ pub fn audit_verify(
                 match &report.expected_row_hash {
                     Some(found) if found == hash => {}
                     Some(_) => {
-                        println!("BROKEN: row seq {seq} does not have the recorded head hash");
-                        return Ok(ExitCode::from(1));
+                        return Ok(head_broken(seq, false));
                     }
                     None => {
-                        println!(
-                            "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
-                        );
-                        return Ok(ExitCode::from(1));
+                        return Ok(head_broken(seq, true));
                     }
                 }
             }
@@ -284,8 +280,7 @@ pub fn audit_verify(
     if let Some((seq, hash)) = expected {
         match store::row_hash(&conn, seq)? {
             Some(found) if found != hash => {
-                println!("BROKEN: row seq {seq} does not have the recorded head hash");
-                return Ok(ExitCode::from(1));
+                return Ok(head_broken(seq, false));
             }
             Some(_) => {}
             None => match store::retention::latest(&conn)? {
@@ -295,15 +290,11 @@ pub fn audit_verify(
                     "the recorded head seq {seq} is older than retention kept; record the new head"
                 )),
                 Some((_, Ok(c))) if seq == c.through_seq && c.through_hash != hash => {
-                    println!("BROKEN: row seq {seq} does not have the recorded head hash");
-                    return Ok(ExitCode::from(1));
+                    return Ok(head_broken(seq, false));
                 }
                 Some((_, Ok(c))) if seq == c.through_seq => {}
                 _ => {
-                    println!(
-                        "BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)"
-                    );
-                    return Ok(ExitCode::from(1));
+                    return Ok(head_broken(seq, true));
                 }
             },
         }
@@ -320,6 +311,22 @@ pub fn audit_verify(
     ))
 }
 
+/// A line of verify's report: printed if anyone reads it. The exit code is the verdict either
+/// way (a reader that went away must not turn BROKEN into success).
+fn say(line: &str) {
+    let _ = print_line(line);
+}
+
+/// The expected head (`--expect-head`) is not in the log as recorded: changed, or gone.
+fn head_broken(seq: i64, gone: bool) -> ExitCode {
+    say(&if gone {
+        format!("BROKEN: row seq {seq} recorded as the head is gone (rows deleted from the end)")
+    } else {
+        format!("BROKEN: row seq {seq} does not have the recorded head hash")
+    });
+    ExitCode::from(1)
+}
+
 /// Prints what verify found (either adapter) and gives the exit code.
 fn verify_outcome(
     result: Result<store::Verified, store::Broken>,
@@ -334,7 +341,7 @@ fn verify_outcome(
         lines.splice(1..1, notes.into_iter().map(|note| format!("  {note}")));
     }
     for line in lines {
-        println!("{line}");
+        say(&line);
     }
     if ok {
         ExitCode::SUCCESS
@@ -347,10 +354,10 @@ fn verify_outcome(
 pub fn adopt_key(data_dir: &Path, key_file: &Path) -> anyhow::Result<ExitCode> {
     let key = store::ChainKey::from_file(key_file).map_err(anyhow::Error::msg)?;
     let seq = store::sqlite::writer::adopt_key(data_dir, &key)?;
-    println!(
+    print_line(&format!(
         "keyed: row seq {seq} and every row after it carry an HMAC under {}; start the server with [store] chain_key_file = that file",
         key_file.display()
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

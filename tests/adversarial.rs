@@ -970,4 +970,52 @@ fn the_cli_ends_quietly_when_its_reader_goes_away() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
+
+    // `policy check` lists many lines: `| head -1` closes the pipe part-way.
+    let policy = Command::new(BIN)
+        .args(["policy", "check", "data/policy.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = closed_early(policy);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && out.status.success(),
+        "{stderr}"
+    );
+
+    // A verdict is its exit code whoever reads the report: BROKEN stays 1.
+    let store = tempfile::tempdir().unwrap();
+    drop(
+        regionguard::store::writer::Recorder::start(
+            store.path(),
+            1,
+            regionguard::store::writer::Overflow::Sample,
+        )
+        .unwrap(),
+    );
+    let mut verify = Command::new(BIN)
+        .args(["audit", "verify", "--expect-head", "5:abc", "--data-dir"])
+        .arg(store.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(verify.stdout.take());
+    let out = verify.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
+
+/// Reads the first line of `child`'s output, closes the pipe, and waits for it.
+fn closed_early(mut child: std::process::Child) -> std::process::Output {
+    use std::io::BufRead;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.is_empty());
+    child.wait_with_output().unwrap()
 }
