@@ -81,6 +81,10 @@ impl Replica {
         replica
     }
 
+    /// Until the server says it is ready (`/readyz`: every port it serves is accepting). The
+    /// gRPC port alone was not enough: it is bound first, and a connection to it succeeds while
+    /// the forward-auth and console ports are still to be bound (a test on a slow machine was
+    /// refused by the forward-auth port after this returned).
     async fn wait_ready(&mut self) {
         for _ in 0..400 {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -89,17 +93,32 @@ impl Replica {
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
-            if Channel::from_shared(self.addr.clone())
-                .unwrap()
-                .connect()
-                .await
-                .is_ok()
+            if self.ops_status("/readyz") == Some(200)
+                && Channel::from_shared(self.addr.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .is_ok()
             {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("replica at {} did not start", self.addr);
+    }
+
+    /// The status of a GET on the ops port, if it answers.
+    fn ops_status(&self, path: &str) -> Option<u16> {
+        let mut stream = std::net::TcpStream::connect(&self.metrics).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer.split(' ').nth(1)?.parse().ok()
     }
 
     pub async fn channel(&self) -> Channel {
