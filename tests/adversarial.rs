@@ -957,28 +957,22 @@ fn the_cli_ends_quietly_when_its_reader_goes_away() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("city.mmdb");
     std::fs::write(&db, support::fixtures::city_db()).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["lookup", "81.2.69.142", "--location-db"])
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Closed before the databases are even loaded: the one write fails.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = closed_at_once(piped(
+        Command::new(BIN)
+            .args(["lookup", "81.2.69.142", "--location-db"])
+            .arg(&db),
+    ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 
     // `policy check` lists many lines: `| head -1` closes the pipe part-way.
-    let policy = Command::new(BIN)
-        .args(["policy", "check", "data/policy.toml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = closed_early(policy);
+    let out = closed_early(piped(Command::new(BIN).args([
+        "policy",
+        "check",
+        "data/policy.toml",
+    ])));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("panicked") && out.status.success(),
@@ -995,18 +989,29 @@ fn the_cli_ends_quietly_when_its_reader_goes_away() {
         )
         .unwrap(),
     );
-    let mut verify = Command::new(BIN)
-        .args(["audit", "verify", "--expect-head", "5:abc", "--data-dir"])
-        .arg(store.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(verify.stdout.take());
-    let out = verify.wait_with_output().unwrap();
+    let out = closed_at_once(piped(
+        Command::new(BIN)
+            .args(["audit", "verify", "--expect-head", "5:abc", "--data-dir"])
+            .arg(store.path()),
+    ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
+
+/// `command` started with its output and errors piped to this test.
+fn piped(command: &mut Command) -> std::process::Child {
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Closes `child`'s output pipe at once, and waits for it.
+fn closed_at_once(mut child: std::process::Child) -> std::process::Output {
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
 }
 
 /// Reads the first line of `child`'s output, closes the pipe, and waits for it.

@@ -356,10 +356,11 @@ impl Review for ReviewService {
             }
             "domain" => {
                 identifier("value", &value, MAX_ID_BYTES)?;
+                let canonical = crate::overrides::canonical_domain(&value);
                 if !value
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
-                    || crate::overrides::canonical_domain(&value).is_empty()
+                    || canonical.is_empty()
                 {
                     return Err(ApiError::invalid(
                         "value",
@@ -370,7 +371,7 @@ impl Review for ReviewService {
                     )
                     .into());
                 }
-                value = crate::overrides::canonical_domain(&value)
+                value = canonical
             }
             "network" => {
                 let network = value.parse::<IpNetwork>().map_err(|e| {
