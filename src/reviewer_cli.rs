@@ -375,7 +375,7 @@ pub fn replay(
         StoreSource::Sqlite(dir) => {
             // Fail here, naming the directory, rather than on the first page.
             store::open_for_reading(&dir)?;
-            store::Reads::Sqlite { dir }
+            store::Reads::sqlite_at(dir)
         }
         StoreSource::Postgres(url) => store::postgres::reads(&url)?,
     };

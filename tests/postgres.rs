@@ -447,7 +447,9 @@ async fn verify_names_an_override_edited_behind_the_api_and_a_head_cut_from_the_
 }
 
 /// The listener resyncs every override on reconnect: a change it was never notified of (made
-/// here behind the API, without NOTIFY) applies once its connection comes back.
+/// here as the writer makes one, the table row with its chained reviewer row, but without
+/// NOTIFY) applies once its connection comes back. A row written into the table alone is
+/// never enforced: what the audit log does not record did not happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overrides_are_resynced_when_the_listener_reconnects() {
     let mut pg = PgServer::start_new().await;
@@ -477,11 +479,14 @@ async fn overrides_are_resynced_when_the_listener_reconnects() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     db.execute(
-        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms)          VALUES ('o-quiet', 'account', 'acct-r', 'DENY', 'dba', 'no notify', $1)",
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+         VALUES ('o-planted', 'account', 'acct-p', 'DENY', 'dba', 'not on record', $1)",
         &[&regionguard::store::now_ms()],
     )
     .await
     .unwrap();
+    let planted = account(ALLOWED, "acct-p", pb::Flow::ApiRequest);
+    change_on_record_without_notify(&db, "o-quiet", "acct-r").await;
     drop(db);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut client = replica.classifier().await;
@@ -496,6 +501,65 @@ async fn overrides_are_resynced_when_the_listener_reconnects() {
     support::record(format_args!(
         "postgres: overrides resynced {took:?} after the database restarted"
     ));
+    let answer = client.classify(planted).await.unwrap().into_inner();
+    assert!(
+        !codes(&answer).contains(&"OVERRIDE_DENY"),
+        "an override the audit log does not record is not enforced"
+    );
+}
+
+/// Sets a DENY override on `account_id` as the writer does (the table row, and the reviewer row
+/// that records it chained after the head, in one transaction), without notifying anyone.
+async fn change_on_record_without_notify(db: &tokio_postgres::Client, id: &str, account_id: &str) {
+    use regionguard::store::{AuditRow, OverrideRecord, chain::GENESIS};
+    let now = regionguard::store::now_ms();
+    let record = OverrideRecord {
+        id: id.into(),
+        scope: "account".into(),
+        value: account_id.into(),
+        action: "DENY".into(),
+        reviewer: "dba".into(),
+        reason: "no notify".into(),
+        created_at_ms: now,
+        expires_at_ms: None,
+        removed_at_ms: None,
+        removed_by: String::new(),
+    };
+    let row = AuditRow {
+        kind: "review".into(),
+        ref_id: format!("quiet-{id}"),
+        recorded_at_ms: now,
+        actor: "dba".into(),
+        reasons: "SetOverride".into(),
+        body: serde_json::json!({ "rpc": "SetOverride", "request": {}, "applied": { "override": record } })
+            .to_string(),
+        ..Default::default()
+    };
+    let (seq, prev): (i64, String) = db
+        .query_opt(
+            "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map_or((0, GENESIS.to_owned()), |r| (r.get(0), r.get(1)));
+    let hash = row.hash(seq + 1, &prev);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute(
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+         VALUES ($1, $2, $3, $4, $5, '', '', '', $6, $7, $8, $9)",
+        &[&(seq + 1), &row.kind, &row.ref_id, &now, &row.actor, &row.reasons, &row.body, &prev, &hash],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+         VALUES ($1, 'account', $2, 'DENY', 'dba', 'no notify', $3)",
+        &[&id, &account_id, &now],
+    )
+    .await
+    .unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,6 +252,74 @@ async fn overrides_change_the_next_decision_and_expire() {
     server.shutdown().await;
 }
 
+/// An override written into the store's table behind the Review API is not enforced, and one
+/// deleted there is not lifted: the server enforces the overrides the audit log records.
+#[tokio::test]
+async fn overrides_written_around_the_review_api_change_no_decision() {
+    let scenario = &scenarios()[0];
+    let server = TestServer::start_with(scenario, reviewers).await;
+    let set = |value: &str, action: &str| pb::SetOverrideRequest {
+        scope: "account".into(),
+        value: value.into(),
+        action: action.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let kept = review(&server)
+        .set_override(as_caller(set("acct-shell", "DENY"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    let db = rusqlite::Connection::open(regionguard::store::db_path(&server.data_dir())).unwrap();
+    db.execute_batch(&format!(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+           VALUES ('planted', 'account', 'acct-cn', 'ALLOW', 'alice@compliance', 'x', 1);
+         DELETE FROM overrides WHERE id = '{}';",
+        kept.id
+    ))
+    .unwrap();
+    // The next change reloads the overrides.
+    review(&server)
+        .set_override(as_caller(set("acct-other", "DENY"), ALICE))
+        .await
+        .unwrap();
+    let cn = server
+        .classify(account(scenario.ips.unsupported, "acct-cn"))
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(&cn),
+        Verdict::Deny,
+        "the planted ALLOW is not enforced"
+    );
+    assert!(!codes(&cn).contains(&"OVERRIDE_ALLOW"));
+    let shell = server
+        .classify(account(scenario.ips.allowed, "acct-shell"))
+        .await
+        .unwrap();
+    assert!(
+        codes(&shell).contains(&"OVERRIDE_DENY"),
+        "the deleted DENY still holds: {:?}",
+        codes(&shell)
+    );
+    let history = review(&server)
+        .get_account(as_caller(
+            pb::GetAccountRequest {
+                account_id: "acct-cn".into(),
+                limit: 0,
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history.overrides.is_empty(),
+        "reviewers see what is enforced"
+    );
+    server.shutdown().await;
+}
+
 /// Overrides written as a fully qualified domain (`Trail.COM.`) or an IPv4-mapped network
 /// (`::ffff:A.B.C.0/120`) are kept in the form requests are matched in, and apply (both were
 /// accepted and never matched anything).

@@ -169,6 +169,71 @@ impl Expected {
     }
 }
 
+/// The overrides the audit chain records, kept current by reading only the reviewer rows
+/// appended since the last read (`after`). These, not the table, are what the engine enforces
+/// and reviewers are shown: a row written into the `overrides` table around the Review API (or
+/// one changed or deleted there) changes nothing, and is reported. When the chain cannot say
+/// (a changing call recorded before rows carried their change, or a change that cannot be
+/// read), the table stands, as `verify` then leaves the tables unchecked.
+#[derive(Clone, Debug, Default)]
+pub struct OnRecord {
+    after: i64,
+    expected: Expected,
+}
+
+/// What [`OnRecord::resolve`] found: the overrides to enforce, and the first way the table
+/// differs from the chain, if it does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub overrides: Vec<OverrideRecord>,
+    pub off_record: Option<TableMismatch>,
+}
+
+impl OnRecord {
+    /// Starting at a retention checkpoint (row `seq`) and its copy of the overrides.
+    pub fn from_checkpoint(seq: i64, overrides: Vec<OverrideRecord>, legacy: bool) -> Self {
+        let mut expected = Expected::from_overrides(overrides);
+        if legacy {
+            expected.legacy = Some(seq);
+        }
+        Self {
+            after: seq,
+            expected,
+        }
+    }
+
+    /// The last row read; the next read starts after it.
+    pub fn after(&self) -> i64 {
+        self.after
+    }
+
+    /// Takes one reviewer row after [`OnRecord::after`], in chain order.
+    pub fn observe(&mut self, seq: i64, row: &AuditRow) {
+        // A resolution is checked by `verify`, not here.
+        let _ = self.expected.observe(seq, row);
+        self.after = self.after.max(seq);
+    }
+
+    /// The overrides to enforce, given what the table holds.
+    pub fn resolve(&self, table: Vec<OverrideRecord>) -> Resolved {
+        if self.expected.legacy.is_some() || self.expected.unreadable.is_some() {
+            return Resolved {
+                overrides: table,
+                off_record: None,
+            };
+        }
+        let off_record = self.expected.check_overrides(&table).err();
+        let overrides = match off_record {
+            None => table,
+            Some(_) => self.expected.clone().into_overrides(),
+        };
+        Resolved {
+            overrides,
+            off_record,
+        }
+    }
+}
+
 /// A resolution from the chain against its queue item as the table holds it.
 pub fn check_resolution(
     resolution: &Resolution,
@@ -309,6 +374,65 @@ mod tests {
         // A checkpoint's copy stands for rows retention removed.
         let resumed = Expected::from_overrides(vec![removed.clone()]);
         assert_eq!(resumed.check_overrides(&[removed]), Ok(()));
+    }
+
+    #[test]
+    fn the_overrides_enforced_are_the_ones_the_chain_records() {
+        let mut on_record = OnRecord::default();
+        on_record.observe(
+            3,
+            &reviewer_row(serde_json::json!({ "override": record() })),
+        );
+        assert_eq!(on_record.after(), 3);
+        assert_eq!(
+            on_record.resolve(vec![record()]),
+            Resolved {
+                overrides: vec![record()],
+                off_record: None
+            }
+        );
+        let planted = OverrideRecord {
+            id: "o2".into(),
+            value: "acct-2".into(),
+            ..record()
+        };
+        let resolved = on_record.resolve(vec![record(), planted.clone()]);
+        assert_eq!(resolved.overrides, vec![record()], "planted: not enforced");
+        assert!(
+            resolved
+                .off_record
+                .unwrap()
+                .to_string()
+                .starts_with("overrides: o2: no reviewer row"),
+        );
+        let resolved = on_record.resolve(Vec::new());
+        assert_eq!(
+            resolved.overrides,
+            vec![record()],
+            "deleted: still enforced"
+        );
+        assert!(resolved.off_record.is_some());
+
+        // When the chain cannot say, the table stands.
+        let legacy = OnRecord::from_checkpoint(9, Vec::new(), true);
+        assert_eq!(legacy.after(), 9);
+        assert_eq!(
+            legacy.resolve(vec![planted.clone()]).overrides,
+            vec![planted.clone()]
+        );
+        let mut unrecorded = OnRecord::default();
+        unrecorded.observe(
+            1,
+            &AuditRow {
+                kind: "review".into(),
+                body: serde_json::json!({ "rpc": "SetOverride", "request": {} }).to_string(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            unrecorded.resolve(vec![planted.clone()]).overrides,
+            vec![planted]
+        );
     }
 
     fn open() -> QueueState {

@@ -37,12 +37,15 @@ pub mod sqlite;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
 pub use chain::{AuditRow, ChainBreak, ChainKey};
 
+use crate::sharded::lock;
 pub use consistency::TableMismatch;
+use consistency::{OnRecord, Resolved};
 // The SQLite adapter's direct API (the CLI's verify and replay, tests), at its old paths.
 pub use sqlite::verify::{verify, verify_keyed};
 pub use sqlite::{
@@ -135,15 +138,21 @@ pub fn open(
     match backend {
         Backend::Sqlite { dir } => {
             let recorder = writer::Recorder::start_keyed(dir, capacity, overflow, key)?;
+            let reads = Reads::sqlite_at(dir.clone());
+            let Reads::Sqlite { on_record, .. } = &reads else {
+                unreachable!("a SQLite store's reads are SQLite's")
+            };
             let overrides = open_for_reading(dir).and_then(|c| {
-                overrides(&c).map_err(|error| StoreError::Sqlite {
-                    path: dir.display().to_string(),
-                    error,
-                })
+                sqlite::retention::overrides_on_record(&c, &mut lock(on_record))
+                    .map(enforced)
+                    .map_err(|error| StoreError::Sqlite {
+                        path: dir.display().to_string(),
+                        error,
+                    })
             })?;
             Ok(Opened {
                 recorder,
-                reads: Reads::Sqlite { dir: dir.clone() },
+                reads,
                 overrides,
             })
         }
@@ -164,11 +173,35 @@ pub fn open(
 /// The store's read side, whichever adapter runs.
 #[derive(Clone)]
 pub enum Reads {
-    Sqlite { dir: PathBuf },
+    Sqlite {
+        dir: PathBuf,
+        /// The overrides the chain records, as far as this side has read it.
+        on_record: Arc<Mutex<OnRecord>>,
+    },
     Postgres(postgres::Reader),
 }
 
+/// The overrides to enforce, reporting a table that differs from the chain: a row written,
+/// changed or deleted around the Review API.
+pub(crate) fn enforced(resolved: Resolved) -> Vec<OverrideRecord> {
+    if let Some(mismatch) = &resolved.off_record {
+        tracing::error!(
+            %mismatch,
+            "the overrides table differs from the audit log: enforcing the overrides the log records (run `regionguard audit verify`)"
+        );
+    }
+    resolved.overrides
+}
+
 impl Reads {
+    /// The read side of the SQLite store in `dir`.
+    pub fn sqlite_at(dir: PathBuf) -> Self {
+        Reads::Sqlite {
+            dir,
+            on_record: Arc::default(),
+        }
+    }
+
     /// Runs a SQLite read on a blocking thread with its own connection.
     async fn sqlite<T: Send + 'static>(
         dir: &Path,
@@ -190,7 +223,7 @@ impl Reads {
     pub async fn decision(&self, decision_id: &str) -> Result<Option<StoredDecision>, StoreError> {
         let id = decision_id.to_owned();
         match self {
-            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| decision(c, &id)).await,
+            Reads::Sqlite { dir, .. } => Self::sqlite(dir, move |c| decision(c, &id)).await,
             Reads::Postgres(pg) => pg.decision(&id).await,
         }
     }
@@ -199,7 +232,7 @@ impl Reads {
     pub async fn queue(&self, filter: &QueueFilter) -> Result<Vec<StoredDecision>, StoreError> {
         let f = filter.clone();
         match self {
-            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| queue(c, &f)).await,
+            Reads::Sqlite { dir, .. } => Self::sqlite(dir, move |c| queue(c, &f)).await,
             Reads::Postgres(pg) => pg.queue(&f).await,
         }
     }
@@ -212,7 +245,7 @@ impl Reads {
     ) -> Result<Vec<StoredDecision>, StoreError> {
         let id = account_id.to_owned();
         match self {
-            Reads::Sqlite { dir } => {
+            Reads::Sqlite { dir, .. } => {
                 Self::sqlite(dir, move |c| account_decisions(c, &id, limit)).await
             }
             Reads::Postgres(pg) => pg.account_decisions(&id, limit).await,
@@ -227,17 +260,24 @@ impl Reads {
         limit: u32,
     ) -> Result<Vec<StoredDecision>, StoreError> {
         match self {
-            Reads::Sqlite { dir } => {
+            Reads::Sqlite { dir, .. } => {
                 Self::sqlite(dir, move |c| decisions_since(c, since_ms, after_seq, limit)).await
             }
             Reads::Postgres(pg) => pg.decisions_since(since_ms, after_seq, limit).await,
         }
     }
 
-    /// Every override, removed and expired ones included.
+    /// Every override the audit log records ([`OnRecord`]), removed and expired ones included.
     pub async fn overrides(&self) -> Result<Vec<OverrideRecord>, StoreError> {
         match self {
-            Reads::Sqlite { dir } => Self::sqlite(dir, overrides).await,
+            Reads::Sqlite { dir, on_record } => {
+                let on_record = on_record.clone();
+                Self::sqlite(dir, move |c| {
+                    sqlite::retention::overrides_on_record(c, &mut lock(&on_record))
+                })
+                .await
+                .map(enforced)
+            }
             Reads::Postgres(pg) => pg.overrides().await,
         }
     }
@@ -247,7 +287,9 @@ impl Reads {
     pub async fn dashboard(&self, since_ms: i64) -> Result<Dashboard, StoreError> {
         let since = since_ms / HOUR_MS * HOUR_MS;
         match self {
-            Reads::Sqlite { dir } => Self::sqlite(dir, move |c| sqlite::dashboard(c, since)).await,
+            Reads::Sqlite { dir, .. } => {
+                Self::sqlite(dir, move |c| sqlite::dashboard(c, since)).await
+            }
             Reads::Postgres(pg) => pg.dashboard(since).await,
         }
     }
@@ -256,7 +298,7 @@ impl Reads {
     /// it saw.
     pub async fn verify(&self, key: Option<ChainKey>) -> Result<VerifyReport, StoreError> {
         match self {
-            Reads::Sqlite { dir } => {
+            Reads::Sqlite { dir, .. } => {
                 Self::sqlite(dir, move |c| {
                     Ok(VerifyReport {
                         head: sqlite::head(c)?,

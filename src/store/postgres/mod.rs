@@ -24,7 +24,10 @@ use tokio_postgres::{Client, NoTls, Row};
 
 pub use writer::open;
 
-use super::{AuditRow, OverrideRecord, QueueFilter, QueueState, StoreError, StoredDecision};
+use super::consistency::{OnRecord, Resolved};
+use super::{
+    AuditRow, OverrideRecord, QueueFilter, QueueState, StoreError, StoredDecision, enforced,
+};
 
 /// Versioned migrations, applied in order, each once.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -309,6 +312,39 @@ pub(crate) async fn load_overrides(
         .collect()
 }
 
+/// The overrides to enforce ([`OnRecord`]): `on_record` is first brought up to the chain's
+/// head (PostgreSQL keeps every row: no retention), then held against the table. The two are
+/// read in two statements; a reviewer change committed between them would look like a table
+/// that differs, so a difference is read once more before it counts.
+pub(crate) async fn overrides_on_record(
+    client: &impl tokio_postgres::GenericClient,
+    on_record: &tokio::sync::Mutex<OnRecord>,
+) -> Result<Resolved, tokio_postgres::Error> {
+    let mut on_record = on_record.lock().await;
+    let mut resolved = None;
+    for _ in 0..2 {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM audit_log WHERE kind = 'review' AND seq > $1 ORDER BY seq"
+                ),
+                &[&on_record.after()],
+            )
+            .await?;
+        for r in &rows {
+            let (seq, row, _, _) = read_row(r)?;
+            on_record.observe(seq, &row);
+        }
+        let now = on_record.resolve(load_overrides(client).await?);
+        let settled = now.off_record.is_none();
+        resolved = Some(now);
+        if settled {
+            break;
+        }
+    }
+    Ok(resolved.expect("read at least once"))
+}
+
 /// The read side alone (for the command line): connects when first used.
 pub fn reads(url: &str) -> Result<super::Reads, StoreError> {
     Ok(super::Reads::Postgres(Reader::new(parse_url(url)?)))
@@ -323,6 +359,9 @@ pub struct Reader {
     /// Where the override listener keeps its copy of the overrides (a serving replica's
     /// spool directory; none for the command line).
     overrides_copy: Option<Arc<std::path::Path>>,
+    /// The overrides the chain records, as far as this side has read it (shared with the
+    /// override listener).
+    on_record: Arc<tokio::sync::Mutex<OnRecord>>,
 }
 
 impl Reader {
@@ -331,6 +370,7 @@ impl Reader {
             config: Arc::new(config),
             client: Arc::default(),
             overrides_copy: None,
+            on_record: Arc::default(),
         }
     }
 
@@ -476,8 +516,13 @@ impl Reader {
 
     pub async fn overrides(&self) -> Result<Vec<OverrideRecord>, StoreError> {
         let client = self.client().await?;
-        match tokio::time::timeout(QUERY_TIMEOUT, load_overrides(&*client)).await {
-            Ok(rows) => rows.map_err(pg_error),
+        match tokio::time::timeout(
+            QUERY_TIMEOUT,
+            overrides_on_record(&*client, &self.on_record),
+        )
+        .await
+        {
+            Ok(resolved) => resolved.map(enforced).map_err(pg_error),
             Err(_) => Err(timed_out()),
         }
     }
@@ -498,13 +543,14 @@ impl Reader {
                 apply(all)
             }),
         };
+        let on_record = self.on_record.clone();
         tokio::spawn(async move {
             // Short: a change made while the listener is away applies when it is back.
             const FIRST: Duration = Duration::from_millis(100);
             let mut backoff = FIRST;
             loop {
                 let mut listening = false;
-                if let Err(error) = listen(&config, &*apply, &mut listening).await {
+                if let Err(error) = listen(&config, (&*apply, &on_record), &mut listening).await {
                     tracing::warn!(%error, "override listener: no PostgreSQL connection; reconnecting (overrides resync then)");
                 }
                 if listening {
@@ -518,9 +564,15 @@ impl Reader {
 }
 
 /// One listening session: returns when its connection ends.
+/// Where a resync's overrides go, and what the chain said at the last one.
+type Resync<'a> = (
+    &'a (dyn Fn(Vec<OverrideRecord>) + Send + Sync),
+    &'a tokio::sync::Mutex<OnRecord>,
+);
+
 async fn listen(
     config: &tokio_postgres::Config,
-    apply: &(dyn Fn(Vec<OverrideRecord>) + Send + Sync),
+    apply: Resync<'_>,
     listening: &mut bool,
 ) -> Result<(), StoreError> {
     // Named apart from the writer's and the reads' sessions in pg_stat_activity.
@@ -573,14 +625,12 @@ async fn listen(
     result
 }
 
-async fn resync(
-    client: &Client,
-    apply: &(dyn Fn(Vec<OverrideRecord>) + Send + Sync),
-) -> Result<(), StoreError> {
-    let all = match tokio::time::timeout(QUERY_TIMEOUT, load_overrides(client)).await {
-        Ok(rows) => rows.map_err(pg_error)?,
-        Err(_) => return Err(timed_out()),
-    };
+async fn resync(client: &Client, (apply, on_record): Resync<'_>) -> Result<(), StoreError> {
+    let all =
+        match tokio::time::timeout(QUERY_TIMEOUT, overrides_on_record(client, on_record)).await {
+            Ok(resolved) => enforced(resolved.map_err(pg_error)?),
+            Err(_) => return Err(timed_out()),
+        };
     apply(all);
     Ok(())
 }

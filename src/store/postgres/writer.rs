@@ -91,7 +91,11 @@ pub fn open(
             runtime.block_on(async move {
                 let start = async {
                     let client = set_up(&thread_config, key.as_ref()).await?;
-                    let overrides = super::load_overrides(&client).await.map_err(pg_error)?;
+                    let on_record = tokio::sync::Mutex::default();
+                    let overrides = super::overrides_on_record(&client, &on_record)
+                        .await
+                        .map(crate::store::enforced)
+                        .map_err(pg_error)?;
                     Ok::<_, StoreError>((client, overrides))
                 };
                 let (client, overrides) = match start.await {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::read_row;
 use crate::store::OverrideRecord;
 use crate::store::chain::AuditRow;
-use crate::store::consistency::Expected;
+use crate::store::consistency::{Expected, OnRecord, Resolved};
 
 /// What a checkpoint row's body holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,14 +104,50 @@ fn overrides_from_chain(
         ),
         None => (0, Expected::default(), false),
     };
-    let mut stmt = conn.prepare(&format!("SELECT {} {REVIEWS_AFTER}", super::ROW_COLUMNS))?;
+    reviews_after(conn, after, |seq, row| drop(expected.observe(seq, row)))?;
+    let legacy = legacy || expected.legacy().is_some();
+    Ok((expected.into_overrides(), legacy))
+}
+
+/// Hands every reviewer row after `after` to `each`, in chain order.
+fn reviews_after(
+    conn: &Connection,
+    after: i64,
+    mut each: impl FnMut(i64, &AuditRow),
+) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {} {REVIEWS_AFTER}", super::ROW_COLUMNS))?;
     let mut rows = stmt.query([after])?;
     while let Some(r) = rows.next()? {
         let (seq, row, _, _) = read_row(r)?;
-        expected.observe(seq, &row);
+        each(seq, &row);
     }
-    let legacy = legacy || expected.legacy().is_some();
-    Ok((expected.into_overrides(), legacy))
+    Ok(())
+}
+
+/// The overrides to enforce ([`OnRecord`]): `on_record` is first brought up to the chain's
+/// head, from the latest checkpoint when one was written since it last read (the rows before
+/// it may be gone), then held against the table, all in one read snapshot.
+pub fn overrides_on_record(
+    conn: &Connection,
+    on_record: &mut OnRecord,
+) -> rusqlite::Result<Resolved> {
+    let tx = conn.unchecked_transaction()?;
+    match latest(&tx)? {
+        Some((seq, Ok(c))) if seq > on_record.after() => {
+            *on_record = OnRecord::from_checkpoint(seq, c.overrides, c.legacy);
+        }
+        // An unreadable checkpoint: the chain cannot say (verify names it); the table stands.
+        Some((seq, Err(_))) if seq > on_record.after() => {
+            *on_record = OnRecord::from_checkpoint(seq, Vec::new(), true);
+        }
+        _ => {}
+    }
+    reviews_after(&tx, on_record.after(), |seq, row| {
+        on_record.observe(seq, row)
+    })?;
+    let table = super::overrides(&tx)?;
+    Ok(on_record.resolve(table))
 }
 
 /// The checkpoint row to append for `cutoff_ms`: when the latest checkpoint is at least

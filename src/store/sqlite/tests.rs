@@ -313,6 +313,105 @@ fn reviewer_row(id: &str) -> AuditRow {
     }
 }
 
+fn account_override(id: &str, value: &str, action: &str) -> OverrideRecord {
+    OverrideRecord {
+        id: id.into(),
+        scope: "account".into(),
+        value: value.into(),
+        action: action.into(),
+        reviewer: "alice".into(),
+        reason: "test".into(),
+        created_at_ms: now_ms(),
+        expires_at_ms: None,
+        removed_at_ms: None,
+        removed_by: String::new(),
+    }
+}
+
+/// What the store hands the engine is what the chain records: a row planted in the overrides
+/// table, one edited and one deleted there change nothing, read incrementally, after reopening
+/// and after a retention checkpoint (from which the read then starts).
+#[tokio::test]
+async fn the_overrides_enforced_are_the_chains_not_the_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = crate::store::Backend::Sqlite {
+        dir: dir.path().to_path_buf(),
+    };
+    let opened = crate::store::open(&backend, 64, Overflow::Sample, None).unwrap();
+    let (recorder, reads) = (opened.recorder, opened.reads);
+    let set = |id: &str, value: &str, action: &str| {
+        Change::SetOverride(account_override(id, value, action))
+    };
+    recorder
+        .review(reviewer_row("r1"), set("kept", "acct-1", "DENY"))
+        .await
+        .unwrap();
+    recorder
+        .review(reviewer_row("r2"), set("edited", "acct-2", "DENY"))
+        .await
+        .unwrap();
+    let ids = |all: &[OverrideRecord]| {
+        let mut ids: Vec<String> = all
+            .iter()
+            .map(|o| format!("{}={}", o.id, o.action))
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        ids(&reads.overrides().await.unwrap()),
+        ["edited=DENY", "kept=DENY"]
+    );
+
+    let raw = Connection::open(db_path(dir.path())).unwrap();
+    raw.execute_batch(
+        "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms) \
+           VALUES ('planted', 'account', 'acct-9', 'ALLOW', 'alice', 'x', 1);
+         UPDATE overrides SET action = 'ALLOW' WHERE id = 'edited';
+         DELETE FROM overrides WHERE id = 'kept';",
+    )
+    .unwrap();
+    // A change through the writer after the tampering is read on top of what was read before.
+    recorder
+        .review(reviewer_row("r3"), set("later", "acct-3", "DENY"))
+        .await
+        .unwrap();
+    let expected = ["edited=DENY", "kept=DENY", "later=DENY"];
+    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    assert!(
+        overrides(&raw).unwrap().iter().any(|o| o.id == "planted"),
+        "the table still holds what was written into it"
+    );
+    recorder.flush().await;
+    drop(recorder);
+
+    let reopened = crate::store::open(&backend, 64, Overflow::Sample, None).unwrap();
+    assert_eq!(ids(&reopened.overrides), expected, "read whole on opening");
+
+    // After a checkpoint the read starts from its copy, which comes from the chain too.
+    reopened
+        .recorder
+        .decision(decision_at("d1", "ALLOW", now_ms() - 1000), MUST)
+        .await
+        .unwrap();
+    assert!(
+        reopened
+            .recorder
+            .retain(now_ms(), std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        ids(&crate::store::Reads::sqlite_at(dir.path().to_path_buf())
+            .overrides()
+            .await
+            .unwrap()),
+        expected
+    );
+    assert_eq!(ids(&reopened.reads.overrides().await.unwrap()), expected);
+}
+
 /// Retention removes what is due, never an open queue item's decision, and leaves a store that
 /// verifies, tables included (the override whose setting row went is vouched for by the
 /// checkpoint); a row missing beyond what the checkpoint covers is still a deletion.
