@@ -506,6 +506,39 @@ async fn overrides_are_resynced_when_the_listener_reconnects() {
         !codes(&answer).contains(&"OVERRIDE_DENY"),
         "an override the audit log does not record is not enforced"
     );
+    // Deleted from the table, the recorded override still holds, and is removed through the
+    // Review API as it was set; the table row comes back, marked removed.
+    let db = pg.client().await;
+    db.execute("DELETE FROM overrides WHERE id = 'o-quiet'", &[])
+        .await
+        .unwrap();
+    // The writer reconnects after the restart when it next has work: until then, UNAVAILABLE.
+    let started = Instant::now();
+    loop {
+        let removed = replica
+            .review()
+            .await
+            .remove_override(as_alice(pb::RemoveOverrideRequest {
+                id: "o-quiet".into(),
+                reason: "done".into(),
+            }))
+            .await;
+        match removed {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::Unavailable => {
+                assert!(started.elapsed() < Duration::from_secs(20), "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    until(&replica, &probe, |r| !codes(r).contains(&"OVERRIDE_DENY")).await;
+    let removed_by: String = db
+        .query_one("SELECT removed_by FROM overrides WHERE id = 'o-quiet'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(removed_by, "alice@compliance");
 }
 
 /// Sets a DENY override on `account_id` as the writer does (the table row, and the reviewer row
@@ -535,6 +568,14 @@ async fn change_on_record_without_notify(db: &tokio_postgres::Client, id: &str, 
             .to_string(),
         ..Default::default()
     };
+    // Under the chain's lock, as every writer appends.
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&regionguard::store::postgres::CHAIN_LOCK],
+    )
+    .await
+    .unwrap();
     let (seq, prev): (i64, String) = db
         .query_opt(
             "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
@@ -544,7 +585,6 @@ async fn change_on_record_without_notify(db: &tokio_postgres::Client, id: &str, 
         .unwrap()
         .map_or((0, GENESIS.to_owned()), |r| (r.get(0), r.get(1)));
     let hash = row.hash(seq + 1, &prev);
-    db.batch_execute("BEGIN").await.unwrap();
     db.execute(
         "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
          VALUES ($1, $2, $3, $4, $5, '', '', '', $6, $7, $8, $9)",

@@ -317,6 +317,34 @@ async fn overrides_written_around_the_review_api_change_no_decision() {
         history.overrides.is_empty(),
         "reviewers see what is enforced"
     );
+    // The DENY deleted from the table is lifted the way it was set, and put back as removed.
+    review(&server)
+        .remove_override(as_caller(
+            pb::RemoveOverrideRequest {
+                id: kept.id.clone(),
+                reason: "done".into(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap();
+    let shell = server
+        .classify(account(scenario.ips.allowed, "acct-shell"))
+        .await
+        .unwrap();
+    assert!(
+        !codes(&shell).contains(&"OVERRIDE_DENY"),
+        "{:?}",
+        codes(&shell)
+    );
+    let removed_at: Option<i64> = db
+        .query_row(
+            "SELECT removed_at_ms FROM overrides WHERE id = ?1",
+            [&kept.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(removed_at.is_some());
     server.shutdown().await;
 }
 

@@ -106,6 +106,26 @@ impl AuditRow {
     }
 }
 
+/// Whether one row holds where it stands, for a reader that takes rows one at a time (the
+/// overrides on record) rather than walking the chain: linked to the hash of the row before it
+/// (`predecessor`: none when that row is not there; row 1 follows [`GENESIS`]), hashed as
+/// written, under `key` when keyed, and keyed when the row before it was.
+pub fn check_row(
+    seq: i64,
+    row: &AuditRow,
+    (prev_hash, row_hash): (&str, &str),
+    predecessor: Option<&str>,
+    key: Option<&ChainKey>,
+) -> Result<(), ChainBreak> {
+    let predecessor = if seq == 1 { Some(GENESIS) } else { predecessor };
+    let Some(predecessor) = predecessor else {
+        return Err(ChainBreak::Unanchored { seq });
+    };
+    Walker::resume(seq - 1, predecessor.to_owned())
+        .with_key(key.cloned())
+        .push(seq, row, prev_hash, row_hash)
+}
+
 /// Names the rows missing between two that are there.
 fn gap(after: i64, seq: i64) -> String {
     let (first, last) = (after + 1, seq - 1);
@@ -290,6 +310,58 @@ mod tests {
             walker.push(seq, &row, &prev_hash, &row_hash)?;
         }
         walker.finish()
+    }
+
+    #[test]
+    fn a_row_alone_holds_only_where_it_stands() {
+        let rows = chain(3);
+        let (seq, row, prev, hash) = &rows[1];
+        let at = (prev.as_str(), hash.as_str());
+        assert_eq!(check_row(*seq, row, at, Some(&rows[0].3), None), Ok(()));
+        let (one, first, genesis, first_hash) = &rows[0];
+        assert_eq!(
+            check_row(*one, first, (genesis, first_hash), None, None),
+            Ok(())
+        );
+        assert_eq!(
+            check_row(*seq, row, at, None, None),
+            Err(ChainBreak::Unanchored { seq: 2 }),
+            "planted far past the head"
+        );
+        assert!(matches!(
+            check_row(*seq, row, at, Some(&rows[2].3), None),
+            Err(ChainBreak::Unlinked { .. })
+        ));
+        let edited = AuditRow {
+            body: "{}".into(),
+            ..row.clone()
+        };
+        assert!(matches!(
+            check_row(*seq, &edited, at, Some(&rows[0].3), None),
+            Err(ChainBreak::Edited { .. })
+        ));
+        // After a keyed row only keyed rows, and only with the key.
+        let key = ChainKey::new(&[7u8; 32]).unwrap();
+        let keyed_hash = first.hash_with(1, GENESIS, Some(&key));
+        assert_eq!(
+            check_row(
+                2,
+                row,
+                (&keyed_hash, &row.hash(2, &keyed_hash)),
+                Some(&keyed_hash),
+                Some(&key)
+            ),
+            Err(ChainBreak::Downgraded { seq: 2 })
+        );
+        let keyed = row.hash_with(2, &keyed_hash, Some(&key));
+        let at = (keyed_hash.as_str(), keyed.as_str());
+        assert_eq!(check_row(2, row, at, Some(&keyed_hash), Some(&key)), Ok(()));
+        assert_eq!(
+            check_row(2, row, at, Some(&keyed_hash), None),
+            Err(ChainBreak::NeedsKey { seq: 2 })
+        );
+        let other = ChainKey::new(&[8u8; 32]).unwrap();
+        assert!(check_row(2, row, at, Some(&keyed_hash), Some(&other)).is_err());
     }
 
     fn chain(n: i64) -> Vec<(i64, AuditRow, String, String)> {

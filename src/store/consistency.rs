@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::chain::AuditRow;
+use super::chain::{AuditRow, ChainKey};
 use super::{OverrideRecord, QueueState};
 
 /// A table that does not match the chain, naming the row.
@@ -172,13 +172,17 @@ impl Expected {
 /// The overrides the audit chain records, kept current by reading only the reviewer rows
 /// appended since the last read (`after`). These, not the table, are what the engine enforces
 /// and reviewers are shown: a row written into the `overrides` table around the Review API (or
-/// one changed or deleted there) changes nothing, and is reported. When the chain cannot say
-/// (a changing call recorded before rows carried their change, or a change that cannot be
-/// read), the table stands, as `verify` then leaves the tables unchecked.
+/// one changed or deleted there) changes nothing, and is reported. A reviewer row is taken only
+/// when it holds where it stands ([`super::chain::check_row`]: linked to the row before it,
+/// hashed as written, keyed with `key` on a keyed chain); one that does not is skipped, and the
+/// next read starts after the last row taken. When the chain cannot say (a changing call
+/// recorded before rows carried their change, or a change that cannot be read), the table
+/// stands, as `verify` then leaves the tables unchecked.
 #[derive(Clone, Debug, Default)]
 pub struct OnRecord {
     after: i64,
     expected: Expected,
+    key: Option<ChainKey>,
 }
 
 /// What [`OnRecord::resolve`] found: the overrides to enforce, and the first way the table
@@ -190,33 +194,54 @@ pub struct Resolved {
 }
 
 impl OnRecord {
-    /// Starting at a retention checkpoint (row `seq`) and its copy of the overrides.
-    pub fn from_checkpoint(seq: i64, overrides: Vec<OverrideRecord>, legacy: bool) -> Self {
+    /// Nothing read yet; keyed rows are checked with `key`.
+    pub fn keyed(key: Option<ChainKey>) -> Self {
+        Self {
+            key,
+            ..Self::default()
+        }
+    }
+
+    pub fn key(&self) -> Option<&ChainKey> {
+        self.key.as_ref()
+    }
+
+    /// Starts again at a retention checkpoint (row `seq`) and its copy of the overrides.
+    pub fn restart_at(&mut self, seq: i64, overrides: Vec<OverrideRecord>, legacy: bool) {
         let mut expected = Expected::from_overrides(overrides);
         if legacy {
             expected.legacy = Some(seq);
         }
-        Self {
-            after: seq,
-            expected,
-        }
+        self.expected = expected;
+        self.after = seq;
     }
 
-    /// The last row read; the next read starts after it.
+    /// The last row taken; the next read starts after it.
     pub fn after(&self) -> i64 {
         self.after
     }
 
-    /// Takes one reviewer row after [`OnRecord::after`], in chain order.
+    /// Takes one reviewer row after [`OnRecord::after`], in chain order, once it holds.
     pub fn observe(&mut self, seq: i64, row: &AuditRow) {
         // A resolution is checked by `verify`, not here.
         let _ = self.expected.observe(seq, row);
         self.after = self.after.max(seq);
     }
 
+    fn says(&self) -> bool {
+        self.expected.legacy.is_none() && self.expected.unreadable.is_none()
+    }
+
+    /// Override `id` as the chain records it: `Some(None)` when it records none, `None` when
+    /// the chain cannot say (the table then stands).
+    pub fn recorded(&self, id: &str) -> Option<Option<OverrideRecord>> {
+        self.says()
+            .then(|| self.expected.overrides.get(id).cloned())
+    }
+
     /// The overrides to enforce, given what the table holds.
     pub fn resolve(&self, table: Vec<OverrideRecord>) -> Resolved {
-        if self.expected.legacy.is_some() || self.expected.unreadable.is_some() {
+        if !self.says() {
             return Resolved {
                 overrides: table,
                 off_record: None,
@@ -405,6 +430,8 @@ mod tests {
                 .to_string()
                 .starts_with("overrides: o2: no reviewer row"),
         );
+        assert_eq!(on_record.recorded("o1"), Some(Some(record())));
+        assert_eq!(on_record.recorded("o2"), Some(None));
         let resolved = on_record.resolve(Vec::new());
         assert_eq!(
             resolved.overrides,
@@ -414,7 +441,8 @@ mod tests {
         assert!(resolved.off_record.is_some());
 
         // When the chain cannot say, the table stands.
-        let legacy = OnRecord::from_checkpoint(9, Vec::new(), true);
+        let mut legacy = OnRecord::default();
+        legacy.restart_at(9, Vec::new(), true);
         assert_eq!(legacy.after(), 9);
         assert_eq!(
             legacy.resolve(vec![planted.clone()]).overrides,
@@ -433,6 +461,7 @@ mod tests {
             unrecorded.resolve(vec![planted.clone()]).overrides,
             vec![planted]
         );
+        assert_eq!(unrecorded.recorded("o2"), None, "the chain cannot say");
     }
 
     fn open() -> QueueState {

@@ -137,8 +137,11 @@ pub fn open(
 ) -> Result<Opened, StoreError> {
     match backend {
         Backend::Sqlite { dir } => {
+            let reads = Reads::Sqlite {
+                dir: dir.clone(),
+                on_record: Arc::new(Mutex::new(OnRecord::keyed(key.clone()))),
+            };
             let recorder = writer::Recorder::start_keyed(dir, capacity, overflow, key)?;
-            let reads = Reads::sqlite_at(dir.clone());
             let Reads::Sqlite { on_record, .. } = &reads else {
                 unreachable!("a SQLite store's reads are SQLite's")
             };
@@ -194,7 +197,8 @@ pub(crate) fn enforced(resolved: Resolved) -> Vec<OverrideRecord> {
 }
 
 impl Reads {
-    /// The read side of the SQLite store in `dir`.
+    /// The read side of the SQLite store in `dir`, without the chain key (the command line's
+    /// reads: keyed reviewer rows are not taken as overrides on record without it).
     pub fn sqlite_at(dir: PathBuf) -> Self {
         Reads::Sqlite {
             dir,

@@ -24,6 +24,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 pub use writer::open;
 
+use super::chain::{ChainKey, check_row};
 use super::consistency::{OnRecord, Resolved};
 use super::{
     AuditRow, OverrideRecord, QueueFilter, QueueState, StoreError, StoredDecision, enforced,
@@ -47,7 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// Session lock held while migrating ("rg-migr").
 const MIGRATION_LOCK: i64 = 0x0072_672d_6d69_6772;
 /// Transaction lock every writer takes before it reads the chain head ("rg-chain").
-pub(crate) const CHAIN_LOCK: i64 = 0x7267_2d63_6861_696e;
+pub const CHAIN_LOCK: i64 = 0x7267_2d63_6861_696e;
 /// The channel override changes are announced on.
 pub const CHANNEL: &str = "regionguard_overrides";
 /// The listener session's `application_name`.
@@ -323,18 +324,7 @@ pub(crate) async fn overrides_on_record(
     let mut on_record = on_record.lock().await;
     let mut resolved = None;
     for _ in 0..2 {
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM audit_log WHERE kind = 'review' AND seq > $1 ORDER BY seq"
-                ),
-                &[&on_record.after()],
-            )
-            .await?;
-        for r in &rows {
-            let (seq, row, _, _) = read_row(r)?;
-            on_record.observe(seq, &row);
-        }
+        take_reviews(client, &mut on_record, None).await?;
         let now = on_record.resolve(load_overrides(client).await?);
         let settled = now.off_record.is_none();
         resolved = Some(now);
@@ -343,6 +333,71 @@ pub(crate) async fn overrides_on_record(
         }
     }
     Ok(resolved.expect("read at least once"))
+}
+
+/// Override `id` as the chain records it ([`OnRecord::recorded`]), read inside the writer's
+/// transaction (after the chain lock, so every change before is committed and seen).
+pub(crate) async fn recorded_override(
+    client: &impl tokio_postgres::GenericClient,
+    id: &str,
+    key: Option<&ChainKey>,
+) -> Result<Option<Option<OverrideRecord>>, tokio_postgres::Error> {
+    let mut view = OnRecord::keyed(key.cloned());
+    take_reviews(client, &mut view, Some(id)).await?;
+    Ok(view.recorded(id))
+}
+
+/// Takes the reviewer rows after `on_record`'s last (only those that may change override
+/// `only`, when given: its own changes, and changing calls that do not record what they
+/// changed), each once it holds where it stands.
+async fn take_reviews(
+    client: &impl tokio_postgres::GenericClient,
+    on_record: &mut OnRecord,
+    only: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    let columns = ROW_COLUMNS
+        .split(", ")
+        .map(|c| format!("r.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Each row with the hash of the row before it.
+    let select = format!(
+        "SELECT {columns}, p.row_hash FROM audit_log r LEFT JOIN audit_log p ON p.seq = r.seq - 1 \
+         WHERE r.kind = 'review' AND r.seq > $1"
+    );
+    let after = on_record.after();
+    let rows = match only {
+        None => {
+            client
+                .query(&format!("{select} ORDER BY r.seq"), &[&after])
+                .await?
+        }
+        Some(id) => {
+            let sql = format!(
+                "{select} AND (strpos(r.body, $2) > 0 OR (strpos(r.body, '\"applied\"') = 0 \
+                 AND (strpos(r.body, '\"SetOverride\"') > 0 OR strpos(r.body, '\"RemoveOverride\"') > 0))) ORDER BY r.seq"
+            );
+            client.query(&sql, &[&after, &id]).await?
+        }
+    };
+    for r in &rows {
+        let (seq, row, prev_hash, row_hash) = read_row(r)?;
+        let predecessor: Option<String> = r.try_get(12)?;
+        match check_row(
+            seq,
+            &row,
+            (&prev_hash, &row_hash),
+            predecessor.as_deref(),
+            on_record.key(),
+        ) {
+            Ok(()) => on_record.observe(seq, &row),
+            Err(broken) => tracing::error!(
+                %broken,
+                "audit log: a reviewer row does not hold; the override change it records is not taken"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The read side alone (for the command line): connects when first used.
@@ -359,9 +414,11 @@ pub struct Reader {
     /// Where the override listener keeps its copy of the overrides (a serving replica's
     /// spool directory; none for the command line).
     overrides_copy: Option<Arc<std::path::Path>>,
-    /// The overrides the chain records, as far as this side has read it (shared with the
-    /// override listener).
+    /// The overrides the chain records, as far as this side has read it (the override
+    /// listener keeps its own, so that neither waits on the other's queries).
     on_record: Arc<tokio::sync::Mutex<OnRecord>>,
+    /// What keyed reviewer rows are checked with.
+    key: Option<ChainKey>,
 }
 
 impl Reader {
@@ -371,7 +428,15 @@ impl Reader {
             client: Arc::default(),
             overrides_copy: None,
             on_record: Arc::default(),
+            key: None,
         }
+    }
+
+    /// Checks keyed reviewer rows with `key` before taking their overrides as on record.
+    pub(crate) fn checking_with(mut self, key: Option<ChainKey>) -> Self {
+        self.on_record = Arc::new(tokio::sync::Mutex::new(OnRecord::keyed(key.clone())));
+        self.key = key;
+        self
     }
 
     /// Keeps a copy of the overrides the listener reads in `dir` ([`last_overrides`]).
@@ -543,7 +608,7 @@ impl Reader {
                 apply(all)
             }),
         };
-        let on_record = self.on_record.clone();
+        let on_record = tokio::sync::Mutex::new(OnRecord::keyed(self.key.clone()));
         tokio::spawn(async move {
             // Short: a change made while the listener is away applies when it is back.
             const FIRST: Duration = Duration::from_millis(100);

@@ -31,6 +31,7 @@ use tokio_postgres::{Client, Transaction};
 use super::last_overrides;
 use super::{CHAIN_LOCK, CHANNEL, Reader, is_unavailable, pg_error};
 use crate::store::chain::{ChainKey, GENESIS, KEYED};
+use crate::store::consistency::OnRecord;
 use crate::store::spool::Spool;
 use crate::store::writer::{
     Applied, Change, Command, Counters, Keep, Overflow, Recorder, ReviewCommand, with_applied,
@@ -70,6 +71,7 @@ pub fn open(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (ready, started) = std::sync::mpsc::channel();
     let thread_config = config.clone();
+    let reads_key = key.clone();
     let thread_counters = counters.clone();
     let redacted = super::redact(url);
     let spool_path = spool_dir.clone();
@@ -91,7 +93,7 @@ pub fn open(
             runtime.block_on(async move {
                 let start = async {
                     let client = set_up(&thread_config, key.as_ref()).await?;
-                    let on_record = tokio::sync::Mutex::default();
+                    let on_record = tokio::sync::Mutex::new(OnRecord::keyed(key.clone()));
                     let overrides = super::overrides_on_record(&client, &on_record)
                         .await
                         .map(crate::store::enforced)
@@ -173,7 +175,11 @@ pub fn open(
     tracing::info!(url = %redacted, spool = %spool_path.display(), "postgres store open");
     Ok(crate::store::Opened {
         recorder: Recorder::from_parts(tx, overflow, counters),
-        reads: Reads::Postgres(Reader::new(config).keeping_overrides_in(spool_path)),
+        reads: Reads::Postgres(
+            Reader::new(config)
+                .checking_with(reads_key)
+                .keeping_overrides_in(spool_path),
+        ),
         overrides,
     })
 }
@@ -787,7 +793,7 @@ async fn commit(
             Item::Review(review) => {
                 pending.insert(&tx).await?;
                 tx.batch_execute("SAVEPOINT review").await?;
-                let outcome = match apply(&tx, &review.change).await {
+                let outcome = match apply(&tx, &review.change, key).await {
                     Ok(applied) => {
                         let row = with_applied(&review.row, &review.change, &applied);
                         let hash = row.hash_with(seq + 1, &prev, key);
@@ -831,7 +837,11 @@ async fn commit(
     Ok(done)
 }
 
-async fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, Failure> {
+async fn apply(
+    tx: &Transaction<'_>,
+    change: &Change,
+    key: Option<&ChainKey>,
+) -> Result<Applied, Failure> {
     match change {
         Change::None => Ok(Applied::Nothing),
         Change::SetOverride(record) => {
@@ -843,17 +853,25 @@ async fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, Failure
             Ok(Applied::Override(record.clone()))
         }
         Change::RemoveOverride { id, by, at_ms } => {
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "SELECT {} FROM overrides WHERE id = $1 FOR UPDATE",
-                        super::OVERRIDE_COLUMNS
-                    ),
-                    &[id],
-                )
-                .await?;
-            let mut record: OverrideRecord = match row {
-                Some(row) => super::read_override(&row)?,
+            // The override as the audit log records it (the one enforced), not as the table
+            // holds it: a row deleted or edited there can still be removed, and is put back
+            // as recorded. The table only when the log cannot say.
+            let recorded = match super::recorded_override(tx, id, key).await? {
+                Some(recorded) => recorded,
+                None => tx
+                    .query_opt(
+                        &format!(
+                            "SELECT {} FROM overrides WHERE id = $1 FOR UPDATE",
+                            super::OVERRIDE_COLUMNS
+                        ),
+                        &[id],
+                    )
+                    .await?
+                    .map(|row| super::read_override(&row))
+                    .transpose()?,
+            };
+            let mut record: OverrideRecord = match recorded {
+                Some(record) => record,
                 None => {
                     return Err(Failure::Store(StoreError::NotFound(format!(
                         "override {id} does not exist"
@@ -866,13 +884,17 @@ async fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, Failure
                     record.removed_by
                 ))));
             }
-            tx.execute(
-                "UPDATE overrides SET removed_at_ms = $2, removed_by = $3 WHERE id = $1",
-                &[id, at_ms, by],
-            )
-            .await?;
             record.removed_at_ms = Some(*at_ms);
             record.removed_by = by.clone();
+            tx.execute(
+                "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms, expires_at_ms, removed_at_ms, removed_by) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, \
+                 value = excluded.value, action = excluded.action, reviewer = excluded.reviewer, reason = excluded.reason, \
+                 created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms, \
+                 removed_at_ms = excluded.removed_at_ms, removed_by = excluded.removed_by",
+                &[&record.id, &record.scope, &record.value, &record.action, &record.reviewer, &record.reason, &record.created_at_ms, &record.expires_at_ms, &record.removed_at_ms, &record.removed_by],
+            )
+            .await?;
             Ok(Applied::Override(record))
         }
         Change::Resolve {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::read_row;
 use crate::store::OverrideRecord;
 use crate::store::chain::AuditRow;
+use crate::store::chain::{ChainBreak, ChainKey, check_row};
 use crate::store::consistency::{Expected, OnRecord, Resolved};
 
 /// What a checkpoint row's body holds.
@@ -104,48 +105,132 @@ fn overrides_from_chain(
         ),
         None => (0, Expected::default(), false),
     };
-    reviews_after(conn, after, |seq, row| drop(expected.observe(seq, row)))?;
+    reviews_after(conn, (after, None), |seq, row, _| {
+        let _ = expected.observe(seq, row);
+        Ok(())
+    })?;
     let legacy = legacy || expected.legacy().is_some();
     Ok((expected.into_overrides(), legacy))
 }
 
-/// Hands every reviewer row after `after` to `each`, in chain order.
+/// Reviewer rows after a seq that may change override `?2`: its own changes, and changing
+/// calls that do not record what they changed (which make the chain unable to say).
+const OVERRIDE_REVIEWS_AFTER: &str = "FROM audit_log WHERE kind = 'review' AND kind <> 'decision' AND seq > ?1 \
+     AND (instr(body, ?2) > 0 OR (instr(body, '\"applied\"') = 0 \
+     AND (instr(body, '\"SetOverride\"') > 0 OR instr(body, '\"RemoveOverride\"') > 0))) ORDER BY seq";
+
+/// Hands every reviewer row after `after` (only those that may change override `only`, when
+/// given) to `each`, in chain order, with its `(prev_hash, row_hash)`.
 fn reviews_after(
     conn: &Connection,
-    after: i64,
-    mut each: impl FnMut(i64, &AuditRow),
+    (after, only): (i64, Option<&str>),
+    mut each: impl FnMut(i64, &AuditRow, (&str, &str)) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<()> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {} {REVIEWS_AFTER}", super::ROW_COLUMNS))?;
-    let mut rows = stmt.query([after])?;
+    let columns = super::ROW_COLUMNS;
+    let mut stmt;
+    let mut rows = match only {
+        None => {
+            stmt = conn.prepare_cached(&format!("SELECT {columns} {REVIEWS_AFTER}"))?;
+            stmt.query(params![after])?
+        }
+        Some(id) => {
+            stmt = conn.prepare_cached(&format!("SELECT {columns} {OVERRIDE_REVIEWS_AFTER}"))?;
+            stmt.query(params![after, id])?
+        }
+    };
     while let Some(r) = rows.next()? {
-        let (seq, row, _, _) = read_row(r)?;
-        each(seq, &row);
+        let (seq, row, prev_hash, row_hash) = read_row(r)?;
+        each(seq, &row, (&prev_hash, &row_hash))?;
     }
     Ok(())
 }
 
-/// The overrides to enforce ([`OnRecord`]): `on_record` is first brought up to the chain's
-/// head, from the latest checkpoint when one was written since it last read (the rows before
-/// it may be gone), then held against the table, all in one read snapshot.
+/// The hash of row `seq`, if it is there.
+fn hash_of(conn: &Connection, seq: i64) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT row_hash FROM audit_log WHERE seq = ?1")?
+        .query_row([seq], |r| r.get(0))
+        .optional()
+}
+
+/// Whether `row` (at `seq`) holds where it stands ([`check_row`]).
+fn holds(
+    conn: &Connection,
+    seq: i64,
+    row: &AuditRow,
+    hashes: (&str, &str),
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<Result<(), ChainBreak>> {
+    let predecessor = hash_of(conn, seq - 1)?;
+    Ok(check_row(seq, row, hashes, predecessor.as_deref(), key))
+}
+
+/// Brings `on_record` up to the chain's head as `conn` sees it (a snapshot, or the writer's
+/// transaction): from the latest checkpoint when one was written since it last read (the rows
+/// before it may be gone), then every reviewer row after, each taken once it holds.
+pub(crate) fn catch_up(conn: &Connection, on_record: &mut OnRecord) -> rusqlite::Result<()> {
+    catch_up_on(conn, on_record, None)
+}
+
+/// Override `id` as the chain records it ([`OnRecord::recorded`]), read inside the writer's
+/// transaction: from the latest checkpoint's copy, then the rows that may change it.
+pub(crate) fn recorded_override(
+    conn: &Connection,
+    id: &str,
+    key: Option<&ChainKey>,
+) -> rusqlite::Result<Option<Option<OverrideRecord>>> {
+    let mut view = OnRecord::keyed(key.cloned());
+    catch_up_on(conn, &mut view, Some(id))?;
+    Ok(view.recorded(id))
+}
+
+fn catch_up_on(
+    conn: &Connection,
+    on_record: &mut OnRecord,
+    only: Option<&str>,
+) -> rusqlite::Result<()> {
+    if let Some((seq, checkpoint)) = latest(conn)?
+        && seq > on_record.after()
+    {
+        let (row, hashes) = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM audit_log WHERE seq = ?1",
+                super::ROW_COLUMNS
+            ))?
+            .query_row([seq], |r| {
+                read_row(r).map(|(_, row, prev, hash)| (row, (prev, hash)))
+            })?;
+        match holds(conn, seq, &row, (&hashes.0, &hashes.1), on_record.key())? {
+            Ok(()) => match checkpoint {
+                Ok(c) => on_record.restart_at(seq, c.overrides, c.legacy),
+                // Unreadable: the chain cannot say (verify names it); the table stands.
+                Err(_) => on_record.restart_at(seq, Vec::new(), true),
+            },
+            Err(broken) => tracing::error!(
+                %broken,
+                "audit log: a retention checkpoint does not hold; the overrides are read past it"
+            ),
+        }
+    }
+    reviews_after(conn, (on_record.after(), only), |seq, row, hashes| {
+        match holds(conn, seq, row, hashes, on_record.key())? {
+            Ok(()) => on_record.observe(seq, row),
+            Err(broken) => tracing::error!(
+                %broken,
+                "audit log: a reviewer row does not hold; the override change it records is not taken"
+            ),
+        }
+        Ok(())
+    })
+}
+
+/// The overrides to enforce ([`OnRecord`]): `on_record` brought up to the chain's head, then
+/// held against the table, in one read snapshot.
 pub fn overrides_on_record(
     conn: &Connection,
     on_record: &mut OnRecord,
 ) -> rusqlite::Result<Resolved> {
     let tx = conn.unchecked_transaction()?;
-    match latest(&tx)? {
-        Some((seq, Ok(c))) if seq > on_record.after() => {
-            *on_record = OnRecord::from_checkpoint(seq, c.overrides, c.legacy);
-        }
-        // An unreadable checkpoint: the chain cannot say (verify names it); the table stands.
-        Some((seq, Err(_))) if seq > on_record.after() => {
-            *on_record = OnRecord::from_checkpoint(seq, Vec::new(), true);
-        }
-        _ => {}
-    }
-    reviews_after(&tx, on_record.after(), |seq, row| {
-        on_record.observe(seq, row)
-    })?;
+    catch_up(&tx, on_record)?;
     let table = super::overrides(&tx)?;
     Ok(on_record.resolve(table))
 }

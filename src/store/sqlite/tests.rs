@@ -382,13 +382,94 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         overrides(&raw).unwrap().iter().any(|o| o.id == "planted"),
         "the table still holds what was written into it"
     );
+    // A reviewer row written around the writer, far past the head, is not taken, and the
+    // next read still starts after the last row taken.
+    let head: i64 = raw
+        .query_row("SELECT MAX(seq) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    let forged = AuditRow {
+        body: serde_json::json!({ "rpc": "SetOverride", "applied": { "override": account_override("forged", "acct-9", "ALLOW") } })
+            .to_string(),
+        ..reviewer_row("forged")
+    };
+    raw.execute(
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+         VALUES (?1, 'review', 'forged', 0, 'x', '', '', '', 'SetOverride', ?2, 'x', ?3)",
+        params![head + 1000, forged.body, forged.hash(head + 1000, "x")],
+    )
+    .unwrap();
+    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    recorder
+        .review(reviewer_row("r4"), set("after-forged", "acct-4", "DENY"))
+        .await
+        .unwrap();
+    let mut expected = expected.to_vec();
+    expected.insert(0, "after-forged=DENY");
+    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    raw.execute("DELETE FROM audit_log WHERE ref_id = 'forged'", [])
+        .unwrap();
+
+    // What was deleted or edited in the table can still be removed through the writer, which
+    // puts the row back as the log records it.
+    let remove = |id: &str| Change::RemoveOverride {
+        id: id.into(),
+        by: "bob".into(),
+        at_ms: now_ms(),
+    };
+    for (n, id) in ["kept", "edited"].into_iter().enumerate() {
+        match recorder
+            .review(reviewer_row(&format!("rm{n}")), remove(id))
+            .await
+        {
+            Ok(Applied::Override(removed)) => {
+                assert_eq!(
+                    (removed.action.as_str(), removed.removed_by.as_str()),
+                    ("DENY", "bob")
+                );
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(
+        recorder
+            .review(reviewer_row("rm-planted"), remove("planted"))
+            .await
+            .is_err(),
+        "not on record: nothing to remove"
+    );
+    raw.execute("DELETE FROM overrides WHERE id = 'planted'", [])
+        .unwrap();
+    let conn = open_for_reading(dir.path()).unwrap();
+    assert!(
+        verify(&conn).unwrap().is_ok(),
+        "the table agrees with the log again"
+    );
+    let removed: Vec<String> = reads
+        .overrides()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.removed_at_ms.is_some())
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(removed.len(), 2, "{removed:?}");
     recorder.flush().await;
     drop(recorder);
 
     let reopened = crate::store::open(&backend, 64, Overflow::Sample, None).unwrap();
     assert_eq!(ids(&reopened.overrides), expected, "read whole on opening");
 
-    // After a checkpoint the read starts from its copy, which comes from the chain too.
+    // After a checkpoint the read starts from its copy, which comes from the chain too; a
+    // reader that last read before it takes the changes in between from that copy.
+    reopened
+        .recorder
+        .review(
+            reviewer_row("r5"),
+            set("before-checkpoint", "acct-5", "DENY"),
+        )
+        .await
+        .unwrap();
+    expected.insert(1, "before-checkpoint=DENY");
     reopened
         .recorder
         .decision(decision_at("d1", "ALLOW", now_ms() - 1000), MUST)
@@ -410,6 +491,11 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         expected
     );
     assert_eq!(ids(&reopened.reads.overrides().await.unwrap()), expected);
+    assert_eq!(
+        ids(&reads.overrides().await.unwrap()),
+        expected,
+        "an older reader"
+    );
 }
 
 /// Retention removes what is due, never an open queue item's decision, and leaves a store that

@@ -271,7 +271,11 @@ fn append(
     Ok(inserted == 1)
 }
 
-fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
+fn apply(
+    tx: &Transaction<'_>,
+    change: &Change,
+    key: Option<&ChainKey>,
+) -> Result<Applied, StoreError> {
     let sql = |error| StoreError::Sqlite {
         path: "store".into(),
         error,
@@ -287,8 +291,14 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
             Ok(Applied::Override(record.clone()))
         }
         Change::RemoveOverride { id, by, at_ms } => {
-            let mut record = super::override_by_id(tx, id)
-                .map_err(sql)?
+            // The override as the audit log records it (the one enforced), not as the table
+            // holds it: a row deleted or edited there can still be removed, and is put back
+            // as recorded. The table only when the log cannot say.
+            let recorded = match retention::recorded_override(tx, id, key).map_err(sql)? {
+                Some(recorded) => recorded,
+                None => super::override_by_id(tx, id).map_err(sql)?,
+            };
+            let mut record = recorded
                 .ok_or_else(|| StoreError::NotFound(format!("override {id} does not exist")))?;
             if record.removed_at_ms.is_some() {
                 return Err(StoreError::Conflict(format!(
@@ -296,13 +306,17 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<Applied, StoreError> {
                     record.removed_by
                 )));
             }
-            tx.execute(
-                "UPDATE overrides SET removed_at_ms = ?2, removed_by = ?3 WHERE id = ?1",
-                params![id, at_ms, by],
-            )
-            .map_err(sql)?;
             record.removed_at_ms = Some(*at_ms);
             record.removed_by = by.clone();
+            tx.execute(
+                "INSERT INTO overrides (id, scope, value, action, reviewer, reason, created_at_ms, expires_at_ms, removed_at_ms, removed_by) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, \
+                 value = excluded.value, action = excluded.action, reviewer = excluded.reviewer, reason = excluded.reason, \
+                 created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms, \
+                 removed_at_ms = excluded.removed_at_ms, removed_by = excluded.removed_by",
+                params![record.id, record.scope, record.value, record.action, record.reviewer, record.reason, record.created_at_ms, record.expires_at_ms, record.removed_at_ms, record.removed_by],
+            )
+            .map_err(sql)?;
             Ok(Applied::Override(record))
         }
         Change::Resolve {
@@ -408,7 +422,7 @@ fn commit(
             }
             Item::Review { row, change } => {
                 tx.execute("SAVEPOINT review", [])?;
-                let applied = apply(&tx, change).map(|applied| {
+                let applied = apply(&tx, change, key).map(|applied| {
                     let row = with_applied(row, change, &applied);
                     (applied, row)
                 });
