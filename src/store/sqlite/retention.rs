@@ -92,10 +92,12 @@ fn due_through(conn: &Connection, cutoff_ms: i64, covered: i64) -> rusqlite::Res
 }
 
 /// The overrides as the chain says they stand: the latest checkpoint's copy, then every
-/// reviewer row after that checkpoint. `legacy` when a change was not recorded in its row.
+/// reviewer row after that checkpoint that holds where it stands (a row written around the
+/// writer is not laundered into the copy). `legacy` when a change was not recorded in its row.
 fn overrides_from_chain(
     conn: &Connection,
     latest: Option<&(i64, Checkpoint)>,
+    key: Option<&ChainKey>,
 ) -> rusqlite::Result<(Vec<OverrideRecord>, bool)> {
     let (after, mut expected, legacy) = match latest {
         Some((seq, c)) => (
@@ -105,8 +107,14 @@ fn overrides_from_chain(
         ),
         None => (0, Expected::default(), false),
     };
-    reviews_after(conn, (after, None), |seq, row, _| {
-        let _ = expected.observe(seq, row);
+    reviews_after(conn, (after, None), |seq, row, hashes| {
+        match holds(conn, seq, row, hashes, key)? {
+            Ok(()) => drop(expected.observe(seq, row)),
+            Err(broken) => tracing::error!(
+                %broken,
+                "audit retention: a reviewer row does not hold; the checkpoint's copy of the overrides leaves it out"
+            ),
+        }
         Ok(())
     })?;
     let legacy = legacy || expected.legacy().is_some();
@@ -239,6 +247,7 @@ pub fn overrides_on_record(
 /// `min_interval_ms` old and more rows are due than it covered.
 pub fn checkpoint_row(
     conn: &Connection,
+    key: Option<&ChainKey>,
     cutoff_ms: i64,
     min_interval_ms: i64,
     now_ms: i64,
@@ -270,7 +279,7 @@ pub fn checkpoint_row(
         [through],
         |r| r.get(0),
     )?;
-    let (overrides, legacy) = overrides_from_chain(conn, latest.as_ref())?;
+    let (overrides, legacy) = overrides_from_chain(conn, latest.as_ref(), key)?;
     let checkpoint = Checkpoint {
         through_seq: through,
         through_hash,

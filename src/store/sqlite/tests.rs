@@ -475,6 +475,12 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         .decision(decision_at("d1", "ALLOW", now_ms() - 1000), MUST)
         .await
         .unwrap();
+    // Nor is a row edited into a reviewer's laundered into the checkpoint's copy.
+    raw.execute(
+        "UPDATE audit_log SET kind = 'review', body = ?1 WHERE kind = 'decision' AND ref_id = 'd1'",
+        [&forged.body],
+    )
+    .unwrap();
     assert!(
         reopened
             .recorder
@@ -496,6 +502,11 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         expected,
         "an older reader"
     );
+    let copy = match retention::latest(&raw).unwrap() {
+        Some((_, Ok(checkpoint))) => checkpoint.overrides,
+        other => panic!("{other:?}"),
+    };
+    assert!(copy.iter().all(|o| o.id != "forged"), "{copy:?}");
 }
 
 /// Retention removes what is due, never an open queue item's decision, and leaves a store that

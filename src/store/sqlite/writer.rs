@@ -749,6 +749,7 @@ fn retain(
     accounts.catch_up(conn, *seq)?;
     let row = retention::checkpoint_row(
         conn,
+        key,
         cutoff_ms,
         min_interval_ms,
         super::now_ms(),
