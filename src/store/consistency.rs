@@ -228,6 +228,12 @@ impl OnRecord {
         self.after = self.after.max(seq);
     }
 
+    /// Starts the next read after `seq`: every row up to it that could change an override
+    /// has been taken.
+    pub fn skip_to(&mut self, seq: i64) {
+        self.after = self.after.max(seq);
+    }
+
     fn says(&self) -> bool {
         self.expected.legacy.is_none() && self.expected.unreadable.is_none()
     }

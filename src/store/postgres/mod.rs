@@ -366,36 +366,59 @@ async fn take_reviews(
          WHERE r.kind = 'review' AND r.seq > $1"
     );
     let after = on_record.after();
+    // Most reviewer rows are reads (the console's pages, lists): only the rows that can change
+    // an override, or make the chain unable to say, are sent. The newest reviewer row, read
+    // first, bounds them (rows committed later come after it) and is where the next read
+    // starts once it holds.
+    let newest = client
+        .query_opt(&format!("{select} ORDER BY r.seq DESC LIMIT 1"), &[&after])
+        .await?;
+    let Some(newest) = newest else {
+        return Ok(());
+    };
+    let newest_seq: i64 = newest.try_get(0)?;
     let rows = match only {
         None => {
-            client
-                .query(&format!("{select} ORDER BY r.seq"), &[&after])
-                .await?
+            let sql = format!(
+                "{select} AND r.seq <= $2 AND (strpos(r.body, '\"override\"') > 0 OR (strpos(r.body, '\"applied\"') = 0 \
+                 AND (strpos(r.body, '\"SetOverride\"') > 0 OR strpos(r.body, '\"RemoveOverride\"') > 0 \
+                 OR strpos(r.body, '\"Resolve\"') > 0))) ORDER BY r.seq"
+            );
+            client.query(&sql, &[&after, &newest_seq]).await?
         }
         Some(id) => {
             let sql = format!(
-                "{select} AND (strpos(r.body, $2) > 0 OR (strpos(r.body, '\"applied\"') = 0 \
+                "{select} AND r.seq <= $2 AND (strpos(r.body, $3) > 0 OR (strpos(r.body, '\"applied\"') = 0 \
                  AND (strpos(r.body, '\"SetOverride\"') > 0 OR strpos(r.body, '\"RemoveOverride\"') > 0))) ORDER BY r.seq"
             );
-            client.query(&sql, &[&after, &id]).await?
+            client.query(&sql, &[&after, &newest_seq, &id]).await?
         }
     };
-    for r in &rows {
+    let holds = |r: &Row, on_record: &OnRecord| -> Result<_, tokio_postgres::Error> {
         let (seq, row, prev_hash, row_hash) = read_row(r)?;
         let predecessor: Option<String> = r.try_get(12)?;
-        match check_row(
+        let holds = check_row(
             seq,
             &row,
             (&prev_hash, &row_hash),
             predecessor.as_deref(),
             on_record.key(),
-        ) {
-            Ok(()) => on_record.observe(seq, &row),
-            Err(broken) => tracing::error!(
+        );
+        Ok((seq, row, holds))
+    };
+    for r in &rows {
+        match holds(r, on_record)? {
+            (seq, row, Ok(())) => on_record.observe(seq, &row),
+            (_, _, Err(broken)) => tracing::error!(
                 %broken,
                 "audit log: a reviewer row does not hold; the override change it records is not taken"
             ),
         }
+    }
+    // Past the rows not sent too, when the newest holds (a row planted far past the head does
+    // not, and must not hide the rows the writers add before it).
+    if let (seq, _, Ok(())) = holds(&newest, on_record)? {
+        on_record.skip_to(seq);
     }
     Ok(())
 }
