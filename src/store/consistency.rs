@@ -54,6 +54,8 @@ pub struct Expected {
     overrides: HashMap<String, OverrideRecord>,
     /// A reviewer row whose change cannot be read.
     unreadable: Option<(i64, String)>,
+    /// Such a row changed an override: the overrides cannot be told from the chain.
+    unreadable_override: bool,
     /// The first row of a changing call written before rows recorded their change: the tables
     /// cannot be held to the chain.
     legacy: Option<i64>,
@@ -95,7 +97,10 @@ impl Expected {
         if let Some(record) = applied.get("override") {
             match serde_json::from_value::<OverrideRecord>(record.clone()) {
                 Ok(record) => drop(self.overrides.insert(record.id.clone(), record)),
-                Err(e) => drop(self.unreadable.get_or_insert((seq, e.to_string()))),
+                Err(e) => {
+                    self.unreadable_override = true;
+                    self.unreadable.get_or_insert((seq, e.to_string()));
+                }
             }
             return None;
         }
@@ -122,6 +127,12 @@ impl Expected {
     /// The first row that predates recorded changes, if any: the tables cannot be checked.
     pub fn legacy(&self) -> Option<i64> {
         self.legacy
+    }
+
+    /// Whether the overrides can be told from the rows observed: none predates recorded
+    /// changes, and every override change could be read.
+    pub fn overrides_known(&self) -> bool {
+        self.legacy.is_none() && !self.unreadable_override
     }
 
     /// A reviewer row whose change cannot be read.
@@ -235,7 +246,7 @@ impl OnRecord {
     }
 
     fn says(&self) -> bool {
-        self.expected.legacy.is_none() && self.expected.unreadable.is_none()
+        self.expected.overrides_known()
     }
 
     /// Override `id` as the chain records it: `Some(None)` when it records none, `None` when
@@ -468,6 +479,19 @@ mod tests {
             vec![planted]
         );
         assert_eq!(unrecorded.recorded("o2"), None, "the chain cannot say");
+        // An unreadable resolution says nothing about overrides; an unreadable override does.
+        let mut queue_garbled = on_record.clone();
+        queue_garbled.observe(
+            5,
+            &reviewer_row(serde_json::json!({ "queue_item": { "state": 7 } })),
+        );
+        assert_eq!(queue_garbled.recorded("o1"), Some(Some(record())));
+        let mut garbled = on_record.clone();
+        garbled.observe(
+            6,
+            &reviewer_row(serde_json::json!({ "override": { "id": 3 } })),
+        );
+        assert_eq!(garbled.recorded("o1"), None);
     }
 
     fn open() -> QueueState {

@@ -117,7 +117,8 @@ fn overrides_from_chain(
         }
         Ok(())
     })?;
-    let legacy = legacy || expected.legacy().is_some();
+    // A copy the chain cannot vouch for says so, and stays so in every later checkpoint.
+    let legacy = legacy || !expected.overrides_known();
     Ok((expected.into_overrides(), legacy))
 }
 
