@@ -107,7 +107,7 @@ fn overrides_from_chain(
         ),
         None => (0, Expected::default(), false),
     };
-    reviews_after(conn, (after, None), |seq, row, hashes| {
+    reviews_after(conn, (after, Reviews::All), |seq, row, hashes| {
         match holds(conn, seq, row, hashes, key)? {
             Ok(()) => drop(expected.observe(seq, row)),
             Err(broken) => tracing::error!(
@@ -124,25 +124,46 @@ fn overrides_from_chain(
 
 /// Reviewer rows after a seq that may change override `?2`: its own changes, and changing
 /// calls that do not record what they changed (which make the chain unable to say).
-const OVERRIDE_REVIEWS_AFTER: &str = "FROM audit_log WHERE kind = 'review' AND kind <> 'decision' AND seq > ?1 \
+pub(super) const OVERRIDE_REVIEWS_AFTER: &str = "FROM audit_log WHERE kind = 'review' AND kind <> 'decision' AND seq > ?1 \
      AND (instr(body, ?2) > 0 OR (instr(body, '\"applied\"') = 0 \
      AND (instr(body, '\"SetOverride\"') > 0 OR instr(body, '\"RemoveOverride\"') > 0))) ORDER BY seq";
 
-/// Hands every reviewer row after `after` (only those that may change override `only`, when
-/// given) to `each`, in chain order, with its `(prev_hash, row_hash)`.
+/// Reviewer rows after a seq that may change any override, or make the chain unable to say
+/// (most reviewer rows are reads: the console's pages, lists).
+pub(super) const OVERRIDES_REVIEWS_AFTER: &str = "FROM audit_log WHERE kind = 'review' AND kind <> 'decision' AND seq > ?1 \
+     AND (instr(body, '\"override\"') > 0 OR (instr(body, '\"applied\"') = 0 \
+     AND (instr(body, '\"SetOverride\"') > 0 OR instr(body, '\"RemoveOverride\"') > 0 OR instr(body, '\"Resolve\"') > 0))) \
+     ORDER BY seq";
+
+/// Which reviewer rows [`reviews_after`] hands over.
+#[derive(Clone, Copy)]
+enum Reviews<'a> {
+    All,
+    /// Those that may change an override.
+    Overrides,
+    /// Those that may change this override.
+    Override(&'a str),
+}
+
+/// Hands the reviewer rows after `after` to `each`, in chain order, with their
+/// `(prev_hash, row_hash)`.
 fn reviews_after(
     conn: &Connection,
-    (after, only): (i64, Option<&str>),
+    (after, which): (i64, Reviews<'_>),
     mut each: impl FnMut(i64, &AuditRow, (&str, &str)) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<()> {
     let columns = super::ROW_COLUMNS;
     let mut stmt;
-    let mut rows = match only {
-        None => {
+    let mut rows = match which {
+        Reviews::All => {
             stmt = conn.prepare_cached(&format!("SELECT {columns} {REVIEWS_AFTER}"))?;
             stmt.query(params![after])?
         }
-        Some(id) => {
+        Reviews::Overrides => {
+            stmt = conn.prepare_cached(&format!("SELECT {columns} {OVERRIDES_REVIEWS_AFTER}"))?;
+            stmt.query(params![after])?
+        }
+        Reviews::Override(id) => {
             stmt = conn.prepare_cached(&format!("SELECT {columns} {OVERRIDE_REVIEWS_AFTER}"))?;
             stmt.query(params![after, id])?
         }
@@ -220,7 +241,8 @@ fn catch_up_on(
             ),
         }
     }
-    reviews_after(conn, (on_record.after(), only), |seq, row, hashes| {
+    let which = only.map_or(Reviews::Overrides, Reviews::Override);
+    reviews_after(conn, (on_record.after(), which), |seq, row, hashes| {
         match holds(conn, seq, row, hashes, on_record.key())? {
             Ok(()) => on_record.observe(seq, row),
             Err(broken) => tracing::error!(
@@ -229,7 +251,23 @@ fn catch_up_on(
             ),
         }
         Ok(())
-    })
+    })?;
+    // Past the rows not handed over too, when the newest reviewer row holds (one planted far
+    // past the head does not, and must not hide the rows the writer adds before it).
+    let newest = conn
+        .prepare_cached(&format!(
+            "SELECT {} FROM audit_log WHERE kind = 'review' AND kind <> 'decision' ORDER BY seq DESC LIMIT 1",
+            super::ROW_COLUMNS
+        ))?
+        .query_row([], read_row)
+        .optional()?;
+    if let Some((seq, row, prev, hash)) = newest
+        && seq > on_record.after()
+        && holds(conn, seq, &row, (&prev, &hash), on_record.key())?.is_ok()
+    {
+        on_record.skip_to(seq);
+    }
+    Ok(())
 }
 
 /// The overrides to enforce ([`OnRecord`]): `on_record` brought up to the chain's head, then

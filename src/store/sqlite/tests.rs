@@ -976,6 +976,16 @@ fn the_logs_queries_neither_scan_nor_sort_it() {
             "audit_log_kind",
         ),
         (
+            "reviewer rows that may change an override",
+            format!("SELECT seq {}", retention::OVERRIDES_REVIEWS_AFTER),
+            "audit_log_kind",
+        ),
+        (
+            "reviewer rows that may change one override",
+            format!("SELECT seq {}", retention::OVERRIDE_REVIEWS_AFTER),
+            "audit_log_kind",
+        ),
+        (
             "a page of the export",
             format!("{DECISION_SELECT} {DECISIONS_SINCE}"),
             "INTEGER PRIMARY KEY",
