@@ -107,9 +107,12 @@ impl AuditRow {
 }
 
 /// Whether one row holds where it stands, for a reader that takes rows one at a time (the
-/// overrides on record) rather than walking the chain: linked to the hash of the row before it
-/// (`predecessor`: none when that row is not there; row 1 follows [`GENESIS`]), hashed as
-/// written, under `key` when keyed, and keyed when the row before it was.
+/// overrides on record) rather than walking the chain. A keyed row vouches for itself: its
+/// HMAC under `key` covers its seq and the hash before it, so only a keyholder wrote it there
+/// (a row before it deleted or edited is a break for `verify` to name, not a reason to drop
+/// this one). A plain row must be linked to the hash of the row before it (`predecessor`: none
+/// when that row is not there; row 1 follows [`GENESIS`]), must not follow a keyed row, and must
+/// be hashed as written.
 pub fn check_row(
     seq: i64,
     row: &AuditRow,
@@ -117,6 +120,15 @@ pub fn check_row(
     predecessor: Option<&str>,
     key: Option<&ChainKey>,
 ) -> Result<(), ChainBreak> {
+    if row_hash.starts_with(KEYED) {
+        let Some(key) = key else {
+            return Err(ChainBreak::NeedsKey { seq });
+        };
+        if row.hash_with(seq, prev_hash, Some(key)) != row_hash {
+            return Err(ChainBreak::NotKeyedWith { seq });
+        }
+        return Ok(());
+    }
     let predecessor = if seq == 1 { Some(GENESIS) } else { predecessor };
     let Some(predecessor) = predecessor else {
         return Err(ChainBreak::Unanchored { seq });
@@ -124,6 +136,23 @@ pub fn check_row(
     Walker::resume(seq - 1, predecessor.to_owned())
         .with_key(key.cloned())
         .push(seq, row, prev_hash, row_hash)
+}
+
+/// Whether `key` is the key of the chain whose last rows are `rows` (`(seq, row, prev_hash,
+/// row_hash)`, newest first): `Ok` when none of them is keyed, or one keyed row holds under it;
+/// else the newest keyed row's break.
+pub fn key_matches(
+    rows: &[(i64, AuditRow, String, String)],
+    key: &ChainKey,
+) -> Result<(), ChainBreak> {
+    let mut first_break = None;
+    for (seq, row, prev_hash, row_hash) in rows.iter().filter(|r| r.3.starts_with(KEYED)) {
+        match check_row(*seq, row, (prev_hash, row_hash), None, Some(key)) {
+            Ok(()) => return Ok(()),
+            Err(broken) => drop(first_break.get_or_insert(broken)),
+        }
+    }
+    first_break.map_or(Ok(()), Err)
 }
 
 /// Names the rows missing between two that are there.
@@ -170,6 +199,10 @@ pub enum ChainBreak {
         "row seq {seq}, the first keyed row, does not match its keyed hash: the key is not this chain's, or the row was edited"
     )]
     KeyMismatch { seq: i64 },
+    #[error(
+        "row seq {seq} does not match its keyed hash: the key is not this chain's, or the row was edited"
+    )]
+    NotKeyedWith { seq: i64 },
     #[error("row seq {seq} is keyed: pass the chain key (--key-file) to verify it")]
     NeedsKey { seq: i64 },
     #[error("row seq {seq} is not keyed but follows keyed rows (written without the key)")]
@@ -362,6 +395,11 @@ mod tests {
         );
         let other = ChainKey::new(&[8u8; 32]).unwrap();
         assert!(check_row(2, row, at, Some(&keyed_hash), Some(&other)).is_err());
+        assert_eq!(
+            check_row(2, row, at, None, Some(&key)),
+            Ok(()),
+            "a keyed row vouches for itself when the row before it is gone"
+        );
     }
 
     fn chain(n: i64) -> Vec<(i64, AuditRow, String, String)> {

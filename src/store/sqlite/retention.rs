@@ -60,6 +60,48 @@ pub fn latest(conn: &Connection) -> rusqlite::Result<Option<(i64, Result<Checkpo
     })
 }
 
+/// What [`vouched`] found: the checkpoint (its seq, its body or why it cannot be read), none,
+/// or `Err` with the latest's seq when there are checkpoints and none holds.
+pub type Vouched = Result<Option<(i64, Result<Checkpoint, String>)>, i64>;
+
+/// The latest retention checkpoint that holds where it stands ([`check_row`]), what the
+/// writer's retention and the overrides on record go on from. A checkpoint row that does not
+/// hold (written around the writer, or edited) is passed over and named in the log: nothing is
+/// deleted on its word, and its copy of the overrides counts for nothing. `Err(seq)` when
+/// there are checkpoints, the latest at `seq`, and none of the last few holds.
+pub fn vouched(conn: &Connection, key: Option<&ChainKey>) -> rusqlite::Result<Vouched> {
+    let seqs: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT seq FROM audit_log WHERE kind = ?1 AND kind <> 'decision' ORDER BY seq DESC LIMIT 16",
+        )?
+        .query_map([KIND], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for &seq in &seqs {
+        let (row, prev, hash) = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM audit_log WHERE seq = ?1",
+                super::ROW_COLUMNS
+            ))?
+            .query_row([seq], |r| {
+                read_row(r).map(|(_, row, prev, hash)| (row, prev, hash))
+            })?;
+        match holds(conn, seq, &row, (&prev, &hash), key)? {
+            Ok(()) => {
+                let checkpoint = serde_json::from_str(&row.body).map_err(|e| e.to_string());
+                return Ok(Ok(Some((seq, checkpoint))));
+            }
+            Err(broken) => tracing::error!(
+                %broken,
+                "audit log: a retention checkpoint does not hold; passed over"
+            ),
+        }
+    }
+    Ok(match seqs.first() {
+        None => Ok(None),
+        Some(&latest) => Err(latest),
+    })
+}
+
 /// The last seq rows may be deleted through for `cutoff_ms`: every row before the first one
 /// recorded at or after the cutoff, before the first open queue item, and before the newest row
 /// (the head must stay to continue the chain from). The scan starts after what is already
@@ -218,28 +260,15 @@ fn catch_up_on(
     on_record: &mut OnRecord,
     only: Option<&str>,
 ) -> rusqlite::Result<()> {
-    if let Some((seq, checkpoint)) = latest(conn)?
-        && seq > on_record.after()
-    {
-        let (row, hashes) = conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM audit_log WHERE seq = ?1",
-                super::ROW_COLUMNS
-            ))?
-            .query_row([seq], |r| {
-                read_row(r).map(|(_, row, prev, hash)| (row, (prev, hash)))
-            })?;
-        match holds(conn, seq, &row, (&hashes.0, &hashes.1), on_record.key())? {
-            Ok(()) => match checkpoint {
-                Ok(c) => on_record.restart_at(seq, c.overrides, c.legacy),
-                // Unreadable: the chain cannot say (verify names it); the table stands.
-                Err(_) => on_record.restart_at(seq, Vec::new(), true),
-            },
-            Err(broken) => tracing::error!(
-                %broken,
-                "audit log: a retention checkpoint does not hold; the overrides are read past it"
-            ),
-        }
+    match vouched(conn, on_record.key())? {
+        Ok(Some((seq, checkpoint))) if seq > on_record.after() => match checkpoint {
+            Ok(c) => on_record.restart_at(seq, c.overrides, c.legacy),
+            // Unreadable: the chain cannot say (verify names it); the table stands.
+            Err(_) => on_record.restart_at(seq, Vec::new(), true),
+        },
+        // Checkpoints, and none holds: what they carried cannot be told; the table stands.
+        Err(seq) if seq > on_record.after() => on_record.restart_at(seq, Vec::new(), true),
+        _ => {}
     }
     let which = only.map_or(Reviews::Overrides, Reviews::Override);
     reviews_after(conn, (on_record.after(), which), |seq, row, hashes| {
@@ -292,11 +321,12 @@ pub fn checkpoint_row(
     now_ms: i64,
     ref_id: String,
 ) -> rusqlite::Result<Option<AuditRow>> {
-    let latest = match latest(conn)? {
-        Some((seq, Ok(checkpoint))) => Some((seq, checkpoint)),
-        // An unreadable checkpoint: verify names it; nothing is deleted past it.
-        Some((_, Err(_))) => return Ok(None),
-        None => None,
+    let latest = match vouched(conn, key)? {
+        Ok(Some((seq, Ok(checkpoint)))) => Some((seq, checkpoint)),
+        // An unreadable checkpoint, or none that holds: verify names it; nothing is deleted
+        // past it.
+        Ok(Some((_, Err(_)))) | Err(_) => return Ok(None),
+        Ok(None) => None,
     };
     if let Some((seq, _)) = &latest {
         let written: i64 = conn.query_row(
@@ -370,8 +400,8 @@ fn implausible(seq: i64, row: &AuditRow, c: &Checkpoint) -> Option<String> {
 }
 
 /// Rows still to delete under the latest checkpoint: `Some(through_seq)` while any remain.
-pub fn pending(conn: &Connection) -> rusqlite::Result<Option<i64>> {
-    let Some((_, Ok(checkpoint))) = latest(conn)? else {
+pub fn pending(conn: &Connection, key: Option<&ChainKey>) -> rusqlite::Result<Option<i64>> {
+    let Ok(Some((_, Ok(checkpoint)))) = vouched(conn, key)? else {
         return Ok(None);
     };
     let first: Option<i64> = conn.query_row("SELECT MIN(seq) FROM audit_log", [], |r| r.get(0))?;

@@ -509,6 +509,139 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
     assert!(copy.iter().all(|o| o.id != "forged"), "{copy:?}");
 }
 
+/// On a keyed chain, someone who can write the file but lacks the key cannot move the
+/// overrides: a checkpoint appended around the writer is passed over (nothing is deleted on its
+/// word, and the next checkpoint does not copy it), a keyed reviewer row whose neighbour was
+/// deleted still counts, and a server started with another key is refused.
+#[tokio::test]
+async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ChainKey::new(&[5; 32]).unwrap();
+    let backend = crate::store::Backend::Sqlite {
+        dir: dir.path().to_path_buf(),
+    };
+    let open = || crate::store::open(&backend, 64, Overflow::Sample, Some(key.clone()));
+    let ids = |all: &[OverrideRecord]| {
+        let mut ids: Vec<String> = all
+            .iter()
+            .map(|o| format!("{}={}", o.id, o.action))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let opened = open().unwrap();
+    let old = now_ms() - 10 * 86_400_000;
+    let mut set_row = reviewer_row("r1");
+    set_row.recorded_at_ms = old;
+    let mut kept = account_override("kept", "acct-1", "DENY");
+    kept.created_at_ms = old;
+    opened
+        .recorder
+        .review(set_row, Change::SetOverride(kept))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        opened
+            .recorder
+            .decision(decision_at(&format!("d{i}"), "ALLOW", old + i), MUST)
+            .await
+            .unwrap();
+    }
+    opened
+        .recorder
+        .review(
+            reviewer_row("r2"),
+            Change::SetOverride(account_override("late", "acct-2", "DENY")),
+        )
+        .await
+        .unwrap();
+    assert!(
+        opened
+            .recorder
+            .retain(now_ms() - 86_400_000, std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            > 0
+    );
+    opened
+        .recorder
+        .decision(decision_at("mid", "ALLOW", now_ms()), MUST)
+        .await
+        .unwrap();
+    opened
+        .recorder
+        .review(
+            reviewer_row("r3"),
+            Change::SetOverride(account_override("later", "acct-3", "DENY")),
+        )
+        .await
+        .unwrap();
+    opened.recorder.flush().await;
+    drop(opened);
+    let raw = Connection::open(db_path(dir.path())).unwrap();
+    let count = |raw: &Connection| -> i64 {
+        raw.query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = count(&raw);
+
+    // A checkpoint appended without the key, claiming every row is due and another override.
+    let (head, head_hash): (i64, String) = raw
+        .query_row(
+            "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let forged = retention::Checkpoint {
+        through_seq: head,
+        through_hash: head_hash.clone(),
+        cutoff_ms: now_ms(),
+        overrides: vec![account_override("forged", "acct-9", "ALLOW")],
+        legacy: false,
+    };
+    raw.execute(
+        "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+         VALUES (?1, 'checkpoint', 'forged', ?2, 'regionguard', '', '', '', '', ?3, ?4, ?5)",
+        params![head + 1, now_ms(), serde_json::to_string(&forged).unwrap(), head_hash, format!("k1:{}", "0".repeat(64))],
+    )
+    .unwrap();
+    // And the decision row before the later override's reviewer row deleted.
+    assert_eq!(
+        raw.execute("DELETE FROM audit_log WHERE ref_id = 'mid'", [])
+            .unwrap(),
+        1
+    );
+
+    let reopened = open().unwrap();
+    let expected = ["kept=DENY", "late=DENY", "later=DENY"];
+    assert_eq!(ids(&reopened.overrides), expected);
+    reopened
+        .recorder
+        .decision(decision_at("new", "ALLOW", now_ms()), MUST)
+        .await
+        .unwrap();
+    reopened.recorder.flush().await;
+    assert_eq!(
+        count(&raw),
+        before + 1,
+        "the forged row in, the deleted one out, the new one in: nothing deleted on the forged checkpoint's word"
+    );
+    drop(reopened);
+    raw.execute("DELETE FROM audit_log WHERE ref_id = 'forged'", [])
+        .unwrap();
+
+    let other = ChainKey::new(&[6; 32]).unwrap();
+    let refused = crate::store::open(&backend, 64, Overflow::Sample, Some(other))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        refused.contains("the configured chain key is not the audit chain's"),
+        "{refused}"
+    );
+}
+
 /// Retention removes what is due, never an open queue item's decision, and leaves a store that
 /// verifies, tables included (the override whose setting row went is vouched for by the
 /// checkpoint); a row missing beyond what the checkpoint covers is still a deletion.

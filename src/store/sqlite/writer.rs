@@ -38,6 +38,7 @@ pub(crate) fn start(
         })?
         .unwrap_or((0, GENESIS.to_owned()));
     check_keying(&path, seq, &prev, key.as_ref())?;
+    check_key(&conn, &path, seq, key.as_ref())?;
     let accounts = AccountIndex::load(&conn).map_err(|error| StoreError::Sqlite {
         path: path.clone(),
         error,
@@ -208,6 +209,40 @@ fn check_keying(
         ))),
         _ => Ok(()),
     }
+}
+
+/// The configured key must be the chain's: a server started with another key would take none
+/// of the chain's reviewer rows (its overrides on record) and write rows that no verify with
+/// the chain's key accepts. Of the last rows, one keyed with it is enough (the head alone could
+/// be a row written around the writer, which verify names).
+fn check_key(
+    conn: &Connection,
+    path: &str,
+    seq: i64,
+    key: Option<&ChainKey>,
+) -> Result<(), StoreError> {
+    let Some(key) = key.filter(|_| seq > 0) else {
+        return Ok(());
+    };
+    let sql = |error| StoreError::Sqlite {
+        path: path.to_owned(),
+        error,
+    };
+    let last = conn
+        .prepare(&format!(
+            "SELECT {} FROM audit_log ORDER BY seq DESC LIMIT 16",
+            super::ROW_COLUMNS
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_map([], super::read_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql)?;
+    crate::store::chain::key_matches(&last, key).map_err(|broken| {
+        StoreError::Conflict(format!(
+            "{path}: the configured chain key is not the audit chain's: {broken}; set [store] chain_key_file to the key the chain was written with"
+        ))
+    })
 }
 
 /// Keys an existing plain store: appends a keyed `keying` row after its head, from which every
@@ -473,7 +508,7 @@ fn run(
     (mut own, mut accounts): (OwnCheckpoint, AccountIndex),
 ) {
     // A deletion a restart interrupted goes on.
-    let mut pending = retention::pending(&conn).unwrap_or_else(|error| {
+    let mut pending = retention::pending(&conn, key).unwrap_or_else(|error| {
         tracing::error!(%error, "audit retention: cannot tell what is left to delete; the next run will");
         None
     });
@@ -759,7 +794,7 @@ fn retain(
         commit(conn, &[Item::Decision(row, Keep::Optional)], seq, prev, key)?;
     }
     // Recomputed each time, so a deletion an error stopped goes on.
-    *pending = retention::pending(conn)?;
+    *pending = retention::pending(conn, key)?;
     let mut deleted = 0;
     while let Some(through) = *pending {
         if !rx.is_empty() {
