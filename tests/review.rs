@@ -57,6 +57,21 @@ async fn explain(server: &TestServer, decision_id: &str) -> pb::DecisionRecord {
         .into_inner()
 }
 
+/// An account's decisions and overrides, as Alice asks for them.
+async fn account_history(server: &TestServer, account_id: &str) -> pb::AccountHistory {
+    review(server)
+        .get_account(as_caller(
+            pb::GetAccountRequest {
+                account_id: account_id.to_owned(),
+                limit: 0,
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn account(ip: &str, account_id: &str) -> pb::ClassifyRequest {
     pb::ClassifyRequest {
         account: Some(pb::Account {
@@ -236,17 +251,7 @@ async fn overrides_change_the_next_decision_and_expire() {
         "expired"
     );
 
-    let history = review(&server)
-        .get_account(as_caller(
-            pb::GetAccountRequest {
-                account_id: "acct-cn".into(),
-                limit: 0,
-            },
-            ALICE,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let history = account_history(&server, "acct-cn").await;
     assert_eq!(history.overrides.len(), 1);
     assert!(history.overrides[0].removed_at_unix_ms > 0);
     server.shutdown().await;
@@ -302,17 +307,7 @@ async fn overrides_written_around_the_review_api_change_no_decision() {
         "the deleted DENY still holds: {:?}",
         codes(&shell)
     );
-    let history = review(&server)
-        .get_account(as_caller(
-            pb::GetAccountRequest {
-                account_id: "acct-cn".into(),
-                limit: 0,
-            },
-            ALICE,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let history = account_history(&server, "acct-cn").await;
     assert!(
         history.overrides.is_empty(),
         "reviewers see what is enforced"

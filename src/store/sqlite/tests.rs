@@ -328,6 +328,27 @@ fn account_override(id: &str, value: &str, action: &str) -> OverrideRecord {
     }
 }
 
+/// `id=ACTION` of each override, sorted.
+fn override_ids(all: &[OverrideRecord]) -> Vec<String> {
+    let mut ids: Vec<String> = all
+        .iter()
+        .map(|o| format!("{}={}", o.id, o.action))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Sets an account override through `recorder`, as reviewer row `row` records it.
+async fn set_account_override(recorder: &Recorder, row: &str, id: &str, value: &str) {
+    recorder
+        .review(
+            reviewer_row(row),
+            Change::SetOverride(account_override(id, value, "DENY")),
+        )
+        .await
+        .unwrap();
+}
+
 /// What the store hands the engine is what the chain records: a row planted in the overrides
 /// table, one edited and one deleted there change nothing, read incrementally, after reopening
 /// and after a retention checkpoint (from which the read then starts).
@@ -350,16 +371,8 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         .review(reviewer_row("r2"), set("edited", "acct-2", "DENY"))
         .await
         .unwrap();
-    let ids = |all: &[OverrideRecord]| {
-        let mut ids: Vec<String> = all
-            .iter()
-            .map(|o| format!("{}={}", o.id, o.action))
-            .collect();
-        ids.sort();
-        ids
-    };
     assert_eq!(
-        ids(&reads.overrides().await.unwrap()),
+        override_ids(&reads.overrides().await.unwrap()),
         ["edited=DENY", "kept=DENY"]
     );
 
@@ -377,7 +390,7 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         .await
         .unwrap();
     let expected = ["edited=DENY", "kept=DENY", "later=DENY"];
-    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    assert_eq!(override_ids(&reads.overrides().await.unwrap()), expected);
     assert!(
         overrides(&raw).unwrap().iter().any(|o| o.id == "planted"),
         "the table still holds what was written into it"
@@ -398,14 +411,14 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
         params![head + 1000, forged.body, forged.hash(head + 1000, "x")],
     )
     .unwrap();
-    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    assert_eq!(override_ids(&reads.overrides().await.unwrap()), expected);
     recorder
         .review(reviewer_row("r4"), set("after-forged", "acct-4", "DENY"))
         .await
         .unwrap();
     let mut expected = expected.to_vec();
     expected.insert(0, "after-forged=DENY");
-    assert_eq!(ids(&reads.overrides().await.unwrap()), expected);
+    assert_eq!(override_ids(&reads.overrides().await.unwrap()), expected);
     raw.execute("DELETE FROM audit_log WHERE ref_id = 'forged'", [])
         .unwrap();
 
@@ -457,7 +470,11 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
     drop(recorder);
 
     let reopened = crate::store::open(&backend, 64, Overflow::Sample, None).unwrap();
-    assert_eq!(ids(&reopened.overrides), expected, "read whole on opening");
+    assert_eq!(
+        override_ids(&reopened.overrides),
+        expected,
+        "read whole on opening"
+    );
 
     // After a checkpoint the read starts from its copy, which comes from the chain too; a
     // reader that last read before it takes the changes in between from that copy.
@@ -490,15 +507,20 @@ async fn the_overrides_enforced_are_the_chains_not_the_tables() {
             > 0
     );
     assert_eq!(
-        ids(&crate::store::Reads::sqlite_at(dir.path().to_path_buf())
-            .overrides()
-            .await
-            .unwrap()),
+        override_ids(
+            &crate::store::Reads::sqlite_at(dir.path().to_path_buf())
+                .overrides()
+                .await
+                .unwrap()
+        ),
         expected
     );
-    assert_eq!(ids(&reopened.reads.overrides().await.unwrap()), expected);
     assert_eq!(
-        ids(&reads.overrides().await.unwrap()),
+        override_ids(&reopened.reads.overrides().await.unwrap()),
+        expected
+    );
+    assert_eq!(
+        override_ids(&reads.overrides().await.unwrap()),
         expected,
         "an older reader"
     );
@@ -521,14 +543,6 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
         dir: dir.path().to_path_buf(),
     };
     let open = || crate::store::open(&backend, 64, Overflow::Sample, Some(key.clone()));
-    let ids = |all: &[OverrideRecord]| {
-        let mut ids: Vec<String> = all
-            .iter()
-            .map(|o| format!("{}={}", o.id, o.action))
-            .collect();
-        ids.sort();
-        ids
-    };
     let opened = open().unwrap();
     let old = now_ms() - 10 * 86_400_000;
     let mut set_row = reviewer_row("r1");
@@ -547,14 +561,7 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
             .await
             .unwrap();
     }
-    opened
-        .recorder
-        .review(
-            reviewer_row("r2"),
-            Change::SetOverride(account_override("late", "acct-2", "DENY")),
-        )
-        .await
-        .unwrap();
+    set_account_override(&opened.recorder, "r2", "late", "acct-2").await;
     assert!(
         opened
             .recorder
@@ -568,14 +575,7 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
         .decision(decision_at("mid", "ALLOW", now_ms()), MUST)
         .await
         .unwrap();
-    opened
-        .recorder
-        .review(
-            reviewer_row("r3"),
-            Change::SetOverride(account_override("later", "acct-3", "DENY")),
-        )
-        .await
-        .unwrap();
+    set_account_override(&opened.recorder, "r3", "later", "acct-3").await;
     opened.recorder.flush().await;
     drop(opened);
     let raw = Connection::open(db_path(dir.path())).unwrap();
@@ -615,7 +615,7 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
 
     let reopened = open().unwrap();
     let expected = ["kept=DENY", "late=DENY", "later=DENY"];
-    assert_eq!(ids(&reopened.overrides), expected);
+    assert_eq!(override_ids(&reopened.overrides), expected);
     reopened
         .recorder
         .decision(decision_at("new", "ALLOW", now_ms()), MUST)
