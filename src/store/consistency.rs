@@ -184,8 +184,8 @@ impl Expected {
 /// appended since the last read (`after`). These, not the table, are what the engine enforces
 /// and reviewers are shown: a row written into the `overrides` table around the Review API (or
 /// one changed or deleted there) changes nothing, and is reported. A reviewer row is taken only
-/// when it holds where it stands ([`super::chain::check_row`]: linked to the row before it,
-/// hashed as written, keyed with `key` on a keyed chain); one that does not is skipped, and the
+/// when it holds where it stands ([`super::chain::check_row`]: keyed under `key`, or plain,
+/// linked to the row before it and hashed as written); one that does not is skipped, and the
 /// next read starts after the last row taken. When the chain cannot say (a changing call
 /// recorded before rows carried their change, or a change that cannot be read), the table
 /// stands, as `verify` then leaves the tables unchecked.

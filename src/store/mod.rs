@@ -137,16 +137,10 @@ pub fn open(
 ) -> Result<Opened, StoreError> {
     match backend {
         Backend::Sqlite { dir } => {
-            let reads = Reads::Sqlite {
-                dir: dir.clone(),
-                on_record: Arc::new(Mutex::new(OnRecord::keyed(key.clone()))),
-            };
+            let on_record = Arc::new(Mutex::new(OnRecord::keyed(key.clone())));
             let recorder = writer::Recorder::start_keyed(dir, capacity, overflow, key)?;
-            let Reads::Sqlite { on_record, .. } = &reads else {
-                unreachable!("a SQLite store's reads are SQLite's")
-            };
             let overrides = open_for_reading(dir).and_then(|c| {
-                sqlite::retention::overrides_on_record(&c, &mut lock(on_record))
+                sqlite::retention::overrides_on_record(&c, &mut lock(&on_record))
                     .map(enforced)
                     .map_err(|error| StoreError::Sqlite {
                         path: dir.display().to_string(),
@@ -155,7 +149,10 @@ pub fn open(
             })?;
             Ok(Opened {
                 recorder,
-                reads,
+                reads: Reads::Sqlite {
+                    dir: dir.clone(),
+                    on_record,
+                },
                 overrides,
             })
         }
