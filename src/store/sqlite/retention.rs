@@ -133,6 +133,18 @@ fn due_through(conn: &Connection, cutoff_ms: i64, covered: i64) -> rusqlite::Res
     Ok(through)
 }
 
+/// Whether the log holds every row from `from` to its head. Retention deletes only rows before
+/// its latest checkpoint, so from that checkpoint (or from row 1, before the first) a missing
+/// row was deleted around the writer.
+fn whole_from(conn: &Connection, from: i64) -> rusqlite::Result<bool> {
+    let (count, head): (i64, Option<i64>) = conn.query_row(
+        "SELECT COUNT(*), MAX(seq) FROM audit_log WHERE seq >= ?1",
+        [from],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(head.is_none_or(|head| count == head - from + 1))
+}
+
 /// The overrides as the chain says they stand: the latest checkpoint's copy, then every
 /// reviewer row after that checkpoint that holds where it stands (a row written around the
 /// writer is not laundered into the copy). `legacy` when a change was not recorded in its row.
@@ -262,12 +274,33 @@ fn catch_up_on(
 ) -> rusqlite::Result<()> {
     match vouched(conn, on_record.key())? {
         Ok(Some((seq, checkpoint))) if seq > on_record.after() => match checkpoint {
-            Ok(c) => on_record.restart_at(seq, c.overrides, c.legacy),
-            // Unreadable: the chain cannot say (verify names it); the table stands.
-            Err(_) => on_record.restart_at(seq, Vec::new(), true),
+            Ok(c) if whole_from(conn, seq)? => {
+                on_record.restart_at(seq, c.overrides, c.legacy);
+            }
+            // A row after it is missing (retention never deletes one): what the log says
+            // since cannot be told. Unreadable: the same. Verify names either; the table stands.
+            _ => {
+                tracing::error!(
+                    checkpoint_seq = seq,
+                    "audit log: rows are missing after the latest retention checkpoint, or it cannot be read; the overrides are taken from the table (run `regionguard audit verify`)"
+                );
+                on_record.restart_at(seq, Vec::new(), true);
+            }
         },
         // Checkpoints, and none holds: what they carried cannot be told; the table stands.
         Err(seq) if seq > on_record.after() => on_record.restart_at(seq, Vec::new(), true),
+        // No checkpoint, yet the first rows are gone: the same.
+        Ok(None) if on_record.after() == 0 => {
+            let first: Option<i64> =
+                conn.query_row("SELECT MIN(seq) FROM audit_log", [], |r| r.get(0))?;
+            if let Some(first) = first.filter(|&first| first > 1) {
+                tracing::error!(
+                    first_seq = first,
+                    "audit log: its first rows are missing and no retention checkpoint covers them; the overrides are taken from the table (run `regionguard audit verify`)"
+                );
+                on_record.restart_at(first - 1, Vec::new(), true);
+            }
+        }
         _ => {}
     }
     let which = only.map_or(Reviews::Overrides, Reviews::Override);
@@ -337,6 +370,16 @@ pub fn checkpoint_row(
         if now_ms.saturating_sub(written) < min_interval_ms {
             return Ok(None);
         }
+    }
+    // What this checkpoint vouches for must be whole: a row deleted around the writer since the
+    // last checkpoint would be laundered into one that verify then starts from.
+    let from = latest.as_ref().map_or(1, |(seq, _)| *seq);
+    if !whole_from(conn, from)? {
+        tracing::error!(
+            from_seq = from,
+            "audit retention: rows are missing from the log (deleted around the writer); no rows are removed until `regionguard audit verify` passes"
+        );
+        return Ok(None);
     }
     let covered = latest.as_ref().map_or(0, |(_, c)| c.through_seq);
     let through = due_through(conn, cutoff_ms, covered)?;

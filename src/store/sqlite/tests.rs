@@ -640,6 +640,23 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
         refused.contains("the configured chain key is not the audit chain's"),
         "{refused}"
     );
+
+    // The checkpoint deleted: what it carried cannot be told from the log, so the table stands
+    // (intact here), and retention removes nothing, nor vouches for the gap, until verify passes.
+    raw.execute("DELETE FROM audit_log WHERE kind = 'checkpoint'", [])
+        .unwrap();
+    let reopened = open().unwrap();
+    assert_eq!(override_ids(&reopened.overrides), expected);
+    let before = count(&raw);
+    assert_eq!(
+        reopened
+            .recorder
+            .retain(now_ms(), std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(count(&raw), before, "no checkpoint over the gap");
 }
 
 /// Retention removes what is due, never an open queue item's decision, and leaves a store that
