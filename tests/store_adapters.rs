@@ -271,6 +271,14 @@ async fn suite(backend: Backend, verifier: Verifier, name: &str) {
         "{name}: {:?}",
         refused.err()
     );
+    // Nor with another key: it would take none of the chain's overrides on record.
+    let other = regionguard::store::ChainKey::new(&[0x42; 32]).unwrap();
+    let refused = store::open(&backend, 8, Overflow::Sample, Some(other));
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("is not the audit chain's")),
+        "{name}: {:?}",
+        refused.err()
+    );
     // With it, the same chain goes on, and the overrides come back for the engine.
     let reopened = store::open(&backend, 8, Overflow::Sample, Some(key.clone())).unwrap();
     assert_eq!(reopened.overrides.len(), 1, "{name}");

@@ -138,23 +138,6 @@ pub fn check_row(
         .push(seq, row, prev_hash, row_hash)
 }
 
-/// Whether `key` is the key of the chain whose last rows are `rows` (`(seq, row, prev_hash,
-/// row_hash)`, newest first): `Ok` when none of them is keyed, or one keyed row holds under it;
-/// else the newest keyed row's break.
-pub fn key_matches(
-    rows: &[(i64, AuditRow, String, String)],
-    key: &ChainKey,
-) -> Result<(), ChainBreak> {
-    let mut first_break = None;
-    for (seq, row, prev_hash, row_hash) in rows.iter().filter(|r| r.3.starts_with(KEYED)) {
-        match check_row(*seq, row, (prev_hash, row_hash), None, Some(key)) {
-            Ok(()) => return Ok(()),
-            Err(broken) => drop(first_break.get_or_insert(broken)),
-        }
-    }
-    first_break.map_or(Ok(()), Err)
-}
-
 /// Names the rows missing between two that are there.
 fn gap(after: i64, seq: i64) -> String {
     let (first, last) = (after + 1, seq - 1);

@@ -200,30 +200,41 @@ async fn set_up(
 /// and only onto a keyed chain with one (keying an existing plain chain is not supported on
 /// PostgreSQL; start keyed from the first row).
 async fn check_keying(client: &Client, key: Option<&ChainKey>) -> Result<(), StoreError> {
-    let last = client
-        .query(
-            &format!(
-                "SELECT {} FROM audit_log ORDER BY seq DESC LIMIT 16",
-                super::ROW_COLUMNS
-            ),
+    let head = client
+        .query_opt(
+            "SELECT seq, row_hash FROM audit_log ORDER BY seq DESC LIMIT 1",
             &[],
         )
         .await
-        .map_err(pg_error)?
-        .iter()
-        .map(super::read_row)
-        .collect::<Result<Vec<_>, _>>()
         .map_err(pg_error)?;
-    let Some((seq, _, _, hash)) = last.first() else {
-        return Ok(());
-    };
-    let (seq, hash) = (*seq, hash.clone());
-    if let Some(key) = key
-        && let Err(broken) = crate::store::chain::key_matches(&last, key)
-    {
-        return Err(StoreError::Conflict(format!(
-            "postgres store: the configured chain key is not the audit chain's: {broken}; every replica must use the [store] chain_key_file the chain was written with"
-        )));
+    let Some(head) = head else { return Ok(()) };
+    let (seq, hash): (i64, String) = (
+        head.try_get(0).map_err(pg_error)?,
+        head.try_get(1).map_err(pg_error)?,
+    );
+    // The first keyed row still in the log is the one asked (rows appended at the end cannot
+    // make the right key look wrong, nor one row written under another key a wrong one right).
+    if let Some(key) = key {
+        let first_keyed = client
+            .query_opt(
+                &format!(
+                    "SELECT {} FROM audit_log WHERE row_hash LIKE '{KEYED}%' ORDER BY seq LIMIT 1",
+                    super::ROW_COLUMNS
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        if let Some(first) = first_keyed {
+            let (seq, row, prev, hash) = super::read_row(&first).map_err(pg_error)?;
+            if let Err(broken) =
+                crate::store::chain::check_row(seq, &row, (&prev, &hash), None, Some(key))
+            {
+                return Err(StoreError::Conflict(format!(
+                    "postgres store: the configured chain key is not the audit chain's: {broken}; every replica must use the [store] chain_key_file the chain was written with"
+                )));
+            }
+        }
     }
     match (key, hash.starts_with(KEYED)) {
         (Some(_), false) => Err(StoreError::Conflict(format!(

@@ -631,6 +631,22 @@ async fn a_keyed_chain_keeps_its_overrides_against_the_file_writer() {
     raw.execute("DELETE FROM audit_log WHERE ref_id = 'forged'", [])
         .unwrap();
 
+    // Junk keyed rows appended at the end do not make the right key look wrong.
+    let head: i64 = raw
+        .query_row("SELECT MAX(seq) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    for n in 1..=20 {
+        raw.execute(
+            "INSERT INTO audit_log (seq, kind, ref_id, recorded_at_ms, actor, account_id, verdict, country, reasons, body, prev_hash, row_hash) \
+             VALUES (?1, 'decision', ?2, 0, '', '', 'ALLOW', '', '', '{}', 'x', ?3)",
+            params![head + n, format!("junk{n}"), format!("k1:{n:064}")],
+        )
+        .unwrap();
+    }
+    drop(open().unwrap());
+    raw.execute("DELETE FROM audit_log WHERE ref_id LIKE 'junk%'", [])
+        .unwrap();
+
     let other = ChainKey::new(&[6; 32]).unwrap();
     let refused = crate::store::open(&backend, 64, Overflow::Sample, Some(other))
         .err()

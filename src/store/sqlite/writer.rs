@@ -213,8 +213,9 @@ fn check_keying(
 
 /// The configured key must be the chain's: a server started with another key would take none
 /// of the chain's reviewer rows (its overrides on record) and write rows that no verify with
-/// the chain's key accepts. Of the last rows, one keyed with it is enough (the head alone could
-/// be a row written around the writer, which verify names).
+/// the chain's key accepts. The first keyed row still in the log is the one asked: rows
+/// appended around the writer at the end cannot make the right key look wrong, nor a row
+/// written once under another key make a wrong one look right.
 fn check_key(
     conn: &Connection,
     path: &str,
@@ -224,21 +225,24 @@ fn check_key(
     let Some(key) = key.filter(|_| seq > 0) else {
         return Ok(());
     };
-    let sql = |error| StoreError::Sqlite {
-        path: path.to_owned(),
-        error,
+    let first_keyed = conn
+        .query_row(
+            &format!(
+                "SELECT {} FROM audit_log WHERE row_hash LIKE '{KEYED}%' ORDER BY seq LIMIT 1",
+                super::ROW_COLUMNS
+            ),
+            [],
+            super::read_row,
+        )
+        .optional()
+        .map_err(|error| StoreError::Sqlite {
+            path: path.to_owned(),
+            error,
+        })?;
+    let Some((seq, row, prev, hash)) = first_keyed else {
+        return Ok(());
     };
-    let last = conn
-        .prepare(&format!(
-            "SELECT {} FROM audit_log ORDER BY seq DESC LIMIT 16",
-            super::ROW_COLUMNS
-        ))
-        .and_then(|mut stmt| {
-            stmt.query_map([], super::read_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(sql)?;
-    crate::store::chain::key_matches(&last, key).map_err(|broken| {
+    crate::store::chain::check_row(seq, &row, (&prev, &hash), None, Some(key)).map_err(|broken| {
         StoreError::Conflict(format!(
             "{path}: the configured chain key is not the audit chain's: {broken}; set [store] chain_key_file to the key the chain was written with"
         ))
