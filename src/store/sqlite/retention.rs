@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::read_row;
 use crate::store::OverrideRecord;
 use crate::store::chain::AuditRow;
-use crate::store::chain::{ChainBreak, ChainKey, check_row};
+use crate::store::chain::{ChainBreak, ChainKey, KEYED, check_row};
 use crate::store::consistency::{Expected, OnRecord, Resolved};
 
 /// What a checkpoint row's body holds.
@@ -70,25 +70,18 @@ pub type Vouched = Result<Option<(i64, Result<Checkpoint, String>)>, i64>;
 /// deleted on its word, and its copy of the overrides counts for nothing. `Err(seq)` when
 /// there are checkpoints, the latest at `seq`, and none of the last few holds.
 pub fn vouched(conn: &Connection, key: Option<&ChainKey>) -> rusqlite::Result<Vouched> {
-    let seqs: Vec<i64> = conn
-        .prepare_cached(
-            "SELECT seq FROM audit_log WHERE kind = ?1 AND kind <> 'decision' ORDER BY seq DESC LIMIT 16",
-        )?
-        .query_map([KIND], |r| r.get(0))?
+    let rows: Vec<(i64, AuditRow, String, String)> = conn
+        .prepare_cached(&format!(
+            "SELECT {} FROM audit_log WHERE kind = ?1 AND kind <> 'decision' ORDER BY seq DESC LIMIT 16",
+            super::ROW_COLUMNS
+        ))?
+        .query_map([KIND], read_row)?
         .collect::<rusqlite::Result<_>>()?;
-    for &seq in &seqs {
-        let (row, prev, hash) = conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM audit_log WHERE seq = ?1",
-                super::ROW_COLUMNS
-            ))?
-            .query_row([seq], |r| {
-                read_row(r).map(|(_, row, prev, hash)| (row, prev, hash))
-            })?;
-        match holds(conn, seq, &row, (&prev, &hash), key)? {
+    for (seq, row, prev, hash) in &rows {
+        match holds(conn, *seq, row, (prev, hash), key)? {
             Ok(()) => {
                 let checkpoint = serde_json::from_str(&row.body).map_err(|e| e.to_string());
-                return Ok(Ok(Some((seq, checkpoint))));
+                return Ok(Ok(Some((*seq, checkpoint))));
             }
             Err(broken) => tracing::error!(
                 %broken,
@@ -96,9 +89,9 @@ pub fn vouched(conn: &Connection, key: Option<&ChainKey>) -> rusqlite::Result<Vo
             ),
         }
     }
-    Ok(match seqs.first() {
+    Ok(match rows.first() {
         None => Ok(None),
-        Some(&latest) => Err(latest),
+        Some((latest, ..)) => Err(*latest),
     })
 }
 
@@ -244,7 +237,11 @@ fn holds(
     hashes: (&str, &str),
     key: Option<&ChainKey>,
 ) -> rusqlite::Result<Result<(), ChainBreak>> {
-    let predecessor = hash_of(conn, seq - 1)?;
+    // A keyed row vouches for itself: the row before it is not asked for.
+    let predecessor = match hashes.1.starts_with(KEYED) {
+        true => None,
+        false => hash_of(conn, seq - 1)?,
+    };
     Ok(check_row(seq, row, hashes, predecessor.as_deref(), key))
 }
 
